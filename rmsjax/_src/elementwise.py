@@ -201,15 +201,42 @@ def run(
         param_leaves = _flatten_like(rule.name, "parameters", treedef, params)
 
     new_shared, context = rule.step_shared(shared)
+    step_leaf = leaf_stepper(rule, context, apply, leaves)
     out_leaves = []
     new_slot_lists: list[list] = [[] for _ in range(rule.num_slots)]
     for i, (g, p) in enumerate(zip(leaves, param_leaves)):
-        g, slots = rule.update_leaf(g, tuple(s[i] for s in slot_lists), context, p)
-        out_leaves.append(base.apply_leaf(p, g) if apply else g)
+        g, slots = step_leaf(g, tuple(s[i] for s in slot_lists), p)
+        out_leaves.append(g)
         for k, s in enumerate(slots):
             new_slot_lists[k].append(s)
     new_state = rule.to_state(new_shared, [treedef.unflatten(s) for s in new_slot_lists])
     return treedef.unflatten(out_leaves), new_state
+
+
+def leaf_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any]) -> Callable:
+    """``(g, slots, param) -> (update or new param, slots)`` for one leaf.
+
+    Under a trace (inside ``jit``, ``grad``, ``vmap``...) the per-leaf step is itself
+    wrapped in ``jax.jit``: JAX then traces and lowers it once per distinct leaf shape and
+    dtype, and every other leaf of that shape is a call to the same function, which XLA
+    inlines before it optimizes. The compiled program, and so every number, is the same
+    as with the step written out leaf by leaf; a model with thousands of same-shaped
+    leaves traces and lowers in a fraction of the time. Outside a trace the leaves run
+    op by op, as any eager JAX code does.
+    """
+
+    def step(g, slots, param):
+        update, slots = rule.update_leaf(g, slots, context, param)
+        return (base.apply_leaf(param, update) if apply else update), slots
+
+    return jit_under_trace(step, leaves)
+
+
+def jit_under_trace(fn: Callable, leaves: Sequence[Any]) -> Callable:
+    """``jax.jit(fn)`` when ``leaves`` are tracers (see :func:`leaf_stepper`), else ``fn``."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return jax.jit(fn)
+    return fn
 
 
 def stateless_rule(

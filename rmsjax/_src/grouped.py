@@ -198,23 +198,20 @@ def grouped(
             param_leaves = elementwise._flatten_like(rule.name, "parameters", treedef, params)
 
         new_shared, context = rule.step_shared(shared)
-        in_axes = (0, 0, None, 0 if rule.needs_params else None)
-        step_block = jax.vmap(rule.update_leaf, in_axes=in_axes)
+        step_leaf = elementwise.leaf_stepper(rule, context, apply, leaves)
+        step_block = _block_stepper(rule, context, apply, leaves)
         out_leaves: list = [None] * len(leaves)
         new_blocks: list[list] = [[] for _ in range(rule.num_slots)]
         for b, block in enumerate(blocks):
             own = tuple(s[b] for s in slot_trees)
+            ps = [None if param_leaves is None else param_leaves[i] for i in block]
             if len(block) == 1:  # exactly the per-leaf step
-                i = block[0]
-                p = None if param_leaves is None else param_leaves[i]
-                u, slots = rule.update_leaf(leaves[i], own, context, p)
-                out_leaves[i] = base.apply_leaf(p, u) if apply else u
+                out, slots = step_leaf(leaves[block[0]], own, ps[0])
+                out_leaves[block[0]] = out
             else:
-                g = jnp.stack([leaves[i] for i in block])
-                p = jnp.stack([param_leaves[i] for i in block]) if rule.needs_params else None
-                u, slots = step_block(g, own, context, p)
-                for row, i in enumerate(block):
-                    out_leaves[i] = base.apply_leaf(param_leaves[i], u[row]) if apply else u[row]
+                outs, slots = step_block([leaves[i] for i in block], own, ps)
+                for i, out in zip(block, outs):
+                    out_leaves[i] = out
             for k, s in enumerate(slots):
                 new_blocks[k].append(s)
         new_state = rule.to_state(new_shared, [tuple(s) for s in new_blocks])
@@ -231,6 +228,26 @@ def grouped(
     update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
     update_fn.grouped_layout = (rule, layout)  # type: ignore[attr-defined]
     return base.GradientTransformation(init_fn, update_fn)
+
+
+def _block_stepper(rule, context, apply: bool, leaves: list):
+    """``(gradient leaves, block slots, parameter leaves) -> (outputs, block slots)`` for
+    one block: the leaves are stacked, the rule runs under ``jax.vmap``, and each row
+    is handed back (added to its parameter when ``apply``). Like
+    :func:`elementwise.leaf_stepper`, it is jitted under a trace, so each block shape is
+    traced and lowered once."""
+    in_axes = (0, 0, None, 0 if rule.needs_params else None)
+    step = jax.vmap(rule.update_leaf, in_axes=in_axes)
+
+    def block_step(gs, own, ps):
+        p = jnp.stack(ps) if rule.needs_params else None
+        u, slots = step(jnp.stack(gs), own, context, p)
+        rows = [u[row] for row in range(len(gs))]
+        if apply:
+            rows = [base.apply_leaf(p_row, u_row) for p_row, u_row in zip(ps, rows)]
+        return rows, slots
+
+    return elementwise.jit_under_trace(block_step, leaves)
 
 
 def _check_blocks(blocks, leaves, slot_trees, slots_match_leaf) -> None:
