@@ -31,6 +31,7 @@ from rmsjax._src.factored import ScaleByFactoredRmsState as ScaleByFactoredRmsSt
 from rmsjax._src.factored import factored_rmsprop as factored_rmsprop
 from rmsjax._src.factored import scale_by_factored_rms as scale_by_factored_rms
 from rmsjax._src.grouped import GroupedState as GroupedState
+from rmsjax._src.grouped import auto_block_size as auto_block_size
 from rmsjax._src.grouped import group_state as group_state
 from rmsjax._src.grouped import grouped as grouped
 from rmsjax._src.grouped import leaf_blocks as leaf_blocks
@@ -101,6 +102,7 @@ __all__ = [
     "apply_if_finite",
     "apply_updates",
     "as_optax",
+    "auto_block_size",
     "bytes_per_device",
     "chain",
     "clip",

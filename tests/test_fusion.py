@@ -188,6 +188,37 @@ def test_grouped_block_layout():
     assert state.inner[0].count.shape == ()
 
 
+def test_grouped_default_block_size_follows_the_group_size():
+    # 300 vectors of one shape: more than 256 leaves, so blocks of 16 (18 full ones and
+    # one of 12); 5 leaves of another shape: one block; the big leaf alone.
+    params = {
+        "many": [jnp.full((3,), i, jnp.float32) for i in range(300)],
+        "few": [jnp.ones((2, 2)) * i for i in range(5)],
+        "big": jnp.ones(5000),
+    }
+    assert [rj.auto_block_size(n) for n in (1, 256, 257, 1024, 1025, 10**6)] == [
+        8,
+        8,
+        16,
+        16,
+        32,
+        32,
+    ]
+    blocks = rj.leaf_blocks(params)
+    assert [len(b) for b in blocks] == [1] + [5] + [16] * 18 + [12]
+    tx, gtx = rj.rmsprop(0.01, momentum=0.9), rj.grouped(rj.rmsprop(0.01, momentum=0.9))
+    state, gstate = tx.init(params), gtx.init(params)
+    assert [b.shape for b in gstate.inner[0].nu] == [(5000,), (5, 2, 2)] + [(16, 3)] * 18 + [
+        (12, 3)
+    ]
+    p1 = p2 = params
+    for g in trees.gradient_sequence(params, 3, seed=8):
+        p1, state = jax.jit(lambda p, s, g: rj.update_and_apply(tx, g, s, p))(p1, state, g)
+        p2, gstate = jax.jit(lambda p, s, g: rj.update_and_apply(gtx, g, s, p))(p2, gstate, g)
+    assert_trees_equal(p2, p1)
+    assert_trees_equal(rj.ungroup_state(gtx, gstate, params), state)
+
+
 def test_grouped_inside_a_chain_with_a_global_rule():
     params = repeated_params()
     grads = trees.gradient_sequence(params, 20, seed=5)
@@ -260,8 +291,10 @@ def test_no_step_recompiles(name, alias, parts, grouped):
 def test_grouped_needs_an_elementwise_chain():
     with pytest.raises(TypeError, match="elementwise"):
         rj.grouped(rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.1)))
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match=r"block_size must be an integer >= 1 or None, got 0"):
         rj.grouped(rj.rmsprop(0.1), block_size=0)
+    with pytest.raises(ValueError, match=r"max_stacked_size must be an integer >= 1, got 2.5"):
+        rj.grouped(rj.rmsprop(0.1), max_stacked_size=2.5)
 
 
 def test_grouped_state_mismatch_errors():
