@@ -13,7 +13,8 @@ parameters and the optimizer state donated, and measures:
 * compile time: tracing, lowering and compiling a fresh function, from a cleared cache;
 * bandwidth: the bytes the step must move (parameters, gradients and state read, and
   parameters and state written) over its median time, as a fraction of a streaming
-  kernel (a donated ``a * s + b`` over as many elements) measured in the same process.
+  kernel (a donated ``a * s + b`` over as many elements as the largest tree) timed in
+  turn with the contenders of the same row.
 
 Contenders: ``optax`` (``tx.update`` then ``optax.apply_updates``); ``rmsjax``
 (the fused chain with ``rmsjax.update_and_apply``, per-leaf state);
@@ -208,23 +209,25 @@ def block(tree: Any) -> None:
         leaf.block_until_ready()
 
 
-def streaming_bandwidth(elements: int, rounds: int) -> float:
-    """GB/s of a donated ``a * s + b`` over ``elements`` float32s (12 bytes each)."""
+STREAM = "stream"  # the streaming kernel, timed in every row among the contenders
+
+
+def streaming_runner(elements: int) -> Callable[[], None]:
+    """One call of a donated ``a * s + b`` over ``elements`` float32s (12 bytes each)."""
 
     def triad(a, b):
         return a * jnp.float32(0.999) + b
 
     f = jax.jit(triad, donate_argnums=0)
-    a = jnp.ones(elements, jnp.float32)
+    carry = {"a": jnp.ones(elements, jnp.float32)}
     b = jnp.full(elements, 1e-3, jnp.float32)
-    a = f(a, b)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        a = f(a, b)
-        a.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 3 * FLOAT32_BYTES * elements / statistics.median(times) / 1e9
+
+    def run():
+        carry["a"] = f(carry["a"], b)
+        carry["a"].block_until_ready()
+
+    run()
+    return run
 
 
 def compile_seconds(contender: Contender, params, grads) -> float:
@@ -247,6 +250,7 @@ class Row:
     step_ms: dict[str, float] = field(default_factory=dict)
     compile_s: dict[str, float] = field(default_factory=dict)
     bandwidth: dict[str, float] = field(default_factory=dict)  # fraction of streaming
+    stream_gbs: float = 0.0  # the streaming kernel, measured among this row's contenders
 
 
 def measure(
@@ -254,7 +258,7 @@ def measure(
     shape: str,
     rounds: int,
     compile_repeats: int,
-    stream_gbs: float,
+    stream_elements: int,
     with_torch: bool,
     names: list[str] | None,
     block_size: int | None = None,
@@ -300,6 +304,9 @@ def measure(
             runner.step()
             runners[f"torch-{mode}"] = runner.step
 
+    # The streaming kernel takes its turn with the contenders, so that the bandwidth
+    # fractions compare timings taken under the same load.
+    runners[STREAM] = streaming_runner(stream_elements)
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
     for r in range(rounds):
@@ -311,6 +318,8 @@ def measure(
             runners[name]()
             times[name].append(time.perf_counter() - start)
     moved = (ALGORITHMS[algorithm]["reads"] + ALGORITHMS[algorithm]["writes"]) * FLOAT32_BYTES
+    stream_gbs = 3 * FLOAT32_BYTES * stream_elements / statistics.median(times.pop(STREAM)) / 1e9
+    row.stream_gbs = stream_gbs
     for name, values in times.items():
         seconds = statistics.median(values)
         row.step_ms[name] = seconds * 1e3
@@ -324,7 +333,7 @@ def measure(
 # --------------------------------------------------------------------------- reports
 
 
-def machine_lines(stream_gbs: float, stream_elements: int) -> list[str]:
+def machine_lines(rows: list[Row], stream_elements: int) -> list[str]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -348,12 +357,15 @@ def machine_lines(stream_gbs: float, stream_elements: int) -> list[str]:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    speeds = [row.stream_gbs for row in rows]
     return [
         f"- Machine: {cpu}, {os.cpu_count()} CPU cores{memory}; "
         f"JAX backend `{jax.default_backend()}` ({devices}).",
         f"- Python {platform.python_version()}; {', '.join(versions)}; rmsjax {rj.__version__}.",
         f"- Streaming bandwidth (donated `a * s + b`, {stream_elements / 2**20:.0f}M float32, "
-        f"12 bytes per element): **{stream_gbs:.1f} GB/s**.",
+        "12 bytes per element, timed in every row in turn with the contenders): median "
+        f"**{statistics.median(speeds):.1f} GB/s** over the rows, from {min(speeds):.1f} to "
+        f"{max(speeds):.1f}; each row's bandwidth fractions use that row's own figure.",
     ]
 
 
@@ -395,7 +407,7 @@ def table(rows: list[Row], names: list[str]) -> list[str]:
     return lines
 
 
-def step_bound_ms(row: Row, stream_gbs: float) -> float | None:
+def step_bound_ms(row: Row) -> float | None:
     """The fastest step this machine allows with per-leaf parameters and gradients: the
     measured floor (``p - lr * g``, 12 bytes per parameter, no state) plus the time the
     algorithm's extra bytes take at the streaming bandwidth. None without a floor."""
@@ -403,10 +415,10 @@ def step_bound_ms(row: Row, stream_gbs: float) -> float | None:
         return None
     algorithm = ALGORITHMS[row.algorithm]
     extra = (algorithm["reads"] + algorithm["writes"] - 3) * FLOAT32_BYTES * row.count * row.size
-    return row.step_ms[FLOOR] + extra / (stream_gbs * 1e9) * 1e3
+    return row.step_ms[FLOOR] + extra / (row.stream_gbs * 1e9) * 1e3
 
 
-def targets(rows: list[Row], contender: str, stream_gbs: float) -> list[str]:
+def targets(rows: list[Row], contender: str) -> list[str]:
     """The issue's targets, checked on ``contender`` against optax in the same run, with
     the best this machine allows (see :func:`step_bound_ms` and :func:`kernel_traffic`)."""
     lines = []
@@ -429,7 +441,7 @@ def targets(rows: list[Row], contender: str, stream_gbs: float) -> list[str]:
         elif row.count >= 1000:
             ok = step <= 0.6 and compile_ratio <= 0.5
             bound, out_of_reach = "-", False
-            best_ms = step_bound_ms(row, stream_gbs)
+            best_ms = step_bound_ms(row)
             if best_ms is not None:
                 best_step = best_ms / row.step_ms["optax"]
                 best_compile = row.compile_s[FLOOR] / row.compile_s["optax"]
@@ -452,7 +464,7 @@ def targets(rows: list[Row], contender: str, stream_gbs: float) -> list[str]:
     ]
 
 
-def kernel_traffic(rows: list[Row], stream_gbs: float) -> list[str]:
+def kernel_traffic(rows: list[Row]) -> list[str]:
     """For one-leaf rows: the bytes XLA CPU's kernels move, over the step time."""
     lines = []
     for row in rows:
@@ -463,7 +475,7 @@ def kernel_traffic(rows: list[Row], stream_gbs: float) -> list[str]:
         for name in ("optax", "rmsjax", "rmsjax.grouped"):
             if name in row.step_ms:
                 gbs = arrays * FLOAT32_BYTES * row.size / (row.step_ms[name] / 1e3) / 1e9
-                cells.append(f"{name} {gbs / stream_gbs:.0%}")
+                cells.append(f"{name} {gbs / row.stream_gbs:.0%}")
         lines.append(
             f"- {ALGORITHMS[row.algorithm]['label']}, {row.shape}: the compiled step moves "
             f"{arrays * FLOAT32_BYTES} bytes per parameter; counted that way: {', '.join(cells)}."
@@ -527,7 +539,6 @@ def write_results(
     path: str,
     rows: list[Row],
     names: list[str],
-    stream_gbs: float,
     stream_elements: int,
     command: str,
     rounds: int,
@@ -543,7 +554,7 @@ def write_results(
         f"Measured {started:%Y-%m-%d %H:%M} UTC by `{command}` in {elapsed / 60:.1f} minutes "
         "(the file is rewritten by each full run).",
         "",
-        *machine_lines(stream_gbs, stream_elements),
+        *machine_lines(rows, stream_elements),
         f"- Steps: median of {rounds} single calls per contender, the contenders called in "
         "turn in a rotating order; parameters and state donated; the gradients fixed. "
         f"Compile: median of {compile_repeats} (trace + lower + XLA compile of a fresh "
@@ -551,7 +562,7 @@ def write_results(
         "- Bandwidth: bytes the step must move (float32 parameters, gradients and state "
         "read; parameters and state written: 20 bytes per parameter for rmsprop and "
         "adagrad, 28 with momentum) over the median step time, as a fraction of the "
-        "streaming bandwidth above.",
+        "row's streaming bandwidth.",
         "- The machine is shared: other processes ran during the measurement, so absolute "
         "times move by 15-20% or more between runs; compare the ratios, which come from "
         "one process with the contenders alternated.",
@@ -566,8 +577,9 @@ def write_results(
         )
     if not with_torch:
         lines.append(
-            "- torch is not installed here, so the torch.optim columns are left out "
-            "(install torch and rerun to add `torch-foreach` and `torch-fused`)."
+            "- torch.optim was not measured in this run (torch is not installed, or "
+            "`--no-torch` was given); install torch and rerun to add `torch-foreach` and "
+            "`torch-fused`."
         )
     lines += [
         "- GPU: not measured (no GPU was available for this run); the same command "
@@ -581,12 +593,12 @@ def write_results(
         "",
         f"![step and compile time against leaf count]({plot_name})",
         "",
-        *kernel_traffic(rows, stream_gbs),
+        *kernel_traffic(rows),
         "## Targets (issue 4), on this run",
         "",
-        *targets(rows, "rmsjax.grouped", stream_gbs),
+        *targets(rows, "rmsjax.grouped"),
         "",
-        *targets(rows, "rmsjax", stream_gbs),
+        *targets(rows, "rmsjax"),
         "",
         "*Best possible here*, an estimate from the same run: on one leaf, the share of "
         "the streaming bandwidth the step reaches if its compiled kernels run at the "
@@ -664,13 +676,13 @@ def main(argv: list[str] | None = None) -> None:
         output = os.path.join(HERE, "RESULTS.md")
 
     stream_elements = max(parse_size(s)[0] * parse_size(s)[1] for s in sizes)
-    stream_gbs = streaming_bandwidth(stream_elements, rounds=max(rounds, 20))
-    print(f"streaming bandwidth: {stream_gbs:.1f} GB/s over {stream_elements} float32")
 
     rows = []
     for shape in sizes:
         for algorithm in algorithms:
-            row = measure(algorithm, shape, rounds, compile_repeats, stream_gbs, with_torch, names)
+            row = measure(
+                algorithm, shape, rounds, compile_repeats, stream_elements, with_torch, names
+            )
             rows.append(row)
             cells = ", ".join(
                 f"{n} {row.step_ms[n]:.2f} ms"
@@ -690,7 +702,6 @@ def main(argv: list[str] | None = None) -> None:
             output,
             rows,
             all_names,
-            stream_gbs,
             stream_elements,
             "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             rounds,
