@@ -453,7 +453,7 @@ def targets(rows: list[Row], contender: str) -> list[str]:
             continue
         verdict = "met" if ok else "NOT met"
         if not ok and out_of_reach:
-            verdict += ", out of reach here"
+            verdict += ", beyond the estimated best"
         lines.append(f"| {label} | {target} | {measured} | {bound} | {verdict} |")
     if not lines:
         return []
@@ -605,9 +605,10 @@ def write_results(
         "streaming rate (XLA CPU writes each output with its own kernel, see above); on "
         "many leaves, the `floor`'s step time plus the time the algorithm's extra bytes "
         "(8 per parameter for rmsprop and adagrad, 16 with momentum) take at the streaming "
-        "rate, and the floor's compile time, as ratios to optax. A target beyond that "
-        "(*out of reach here*) cannot be met on this machine by an optimizer that takes "
-        "and returns these per-leaf pytrees.",
+        "rate, and the floor's compile time, as ratios to optax. It is an estimate, not a "
+        "proof (a measurement can land a few percent past it, as timings move by 15-20% "
+        "here), but a target well beyond it cannot be met on this machine by an optimizer "
+        "that takes and returns these per-leaf pytrees.",
         "",
         "`rmsjax` keeps one state array per parameter leaf (the layout every rmsjax "
         "transformation has by default); `rmsjax.grouped` wraps the same optimizer in "
