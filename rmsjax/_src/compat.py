@@ -74,31 +74,18 @@ def decoupled_weight_decay(
     validate.check_finite(name, "weight_decay", weight_decay)
     validate.check_learning_rate(name, "learning_rate", learning_rate)
 
-    def step_shared(count):
+    def factor_at(count):
         rate = learning_rate(count) if callable(learning_rate) else learning_rate
-        return elementwise.safe_increment(count), rate * weight_decay
+        return rate * weight_decay
 
-    def update_leaf(g, slots, factor, param):
-        del slots
+    def update_leaf(g, factor, param):
         dtype = elementwise.compute_dtype(g.dtype)
         shrink = jnp.asarray(factor, dtype) * param.astype(dtype)
-        return (g.astype(dtype) - shrink).astype(g.dtype), ()
-
-    def from_state(state):
-        elementwise.expect_state(name, state, DecoupledWeightDecayState)
-        return state.count, ()
+        return (g.astype(dtype) - shrink).astype(g.dtype)
 
     return elementwise.elementwise_transformation(
-        elementwise.LeafRule(
-            name=name,
-            init_shared=elementwise.zero_count,
-            step_shared=step_shared,
-            init_leaf=lambda param: (),
-            update_leaf=update_leaf,
-            to_state=lambda count, trees: DecoupledWeightDecayState(count),
-            from_state=from_state,
-            num_slots=0,
-            needs_params=True,
+        elementwise.counted_rule(
+            name, DecoupledWeightDecayState, factor_at, update_leaf, needs_params=True
         )
     )
 

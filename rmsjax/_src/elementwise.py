@@ -262,6 +262,38 @@ def stateless_rule(
     )
 
 
+def counted_rule(
+    name: str,
+    state_type: type,
+    factor_at: Callable[[jax.Array], Any],
+    update_leaf: Callable[[jax.Array, Any, Any], jax.Array],
+    *,
+    needs_params: bool = False,
+) -> LeafRule:
+    """A :class:`LeafRule` whose only state is a step count, ``state_type(count)``: each
+    step evaluates ``factor_at(count)`` once (a learning rate from a schedule, say) and
+    ``update_leaf(g, factor, param)`` returns each leaf's new update."""
+
+    def step_shared(count):
+        return safe_increment(count), factor_at(count)
+
+    def from_state(state):
+        expect_state(name, state, state_type)
+        return state.count, ()
+
+    return LeafRule(
+        name=name,
+        init_shared=zero_count,
+        step_shared=step_shared,
+        init_leaf=lambda param: (),
+        update_leaf=lambda g, slots, factor, param: (update_leaf(g, factor, param), ()),
+        to_state=lambda count, trees: state_type(count),
+        from_state=from_state,
+        num_slots=0,
+        needs_params=needs_params,
+    )
+
+
 def elementwise_transformation(rule: LeafRule) -> base.GradientTransformation:
     """Makes a transformation of a :class:`LeafRule`; ``chain`` can fuse it."""
 

@@ -69,26 +69,16 @@ def scale_by_learning_rate(
     validate.check_bool(name, "flip_sign", flip_sign)
     sign = -1 if flip_sign else 1
 
-    def step_shared(count):
+    def factor_at(count):
         if callable(learning_rate):
-            factor = sign * learning_rate(count)
-        else:
-            factor = sign * learning_rate
-        return elementwise.safe_increment(count), factor
-
-    def from_state(state):
-        elementwise.expect_state(name, state, ScaleByLearningRateState)
-        return state.count, ()
+            return sign * learning_rate(count)
+        return sign * learning_rate
 
     return elementwise.elementwise_transformation(
-        elementwise.LeafRule(
-            name=name,
-            init_shared=elementwise.zero_count,
-            step_shared=step_shared,
-            init_leaf=lambda param: (),
-            update_leaf=lambda g, slots, factor, param: (_scale_leaf(g, factor), ()),
-            to_state=lambda count, trees: ScaleByLearningRateState(count),
-            from_state=from_state,
-            num_slots=0,
+        elementwise.counted_rule(
+            name,
+            ScaleByLearningRateState,
+            factor_at,
+            lambda g, factor, param: _scale_leaf(g, factor),
         )
     )
