@@ -290,6 +290,17 @@ CONSTRUCTORS = {
 }
 
 
+def run(tx, params, grads):
+    """The jitted updates of ``tx`` over ``grads``, from ``tx.init(params)``."""
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    out = []
+    for g in grads:
+        u, state = step(g, state, params)
+        out.append(u)
+    return out
+
+
 @pytest.mark.parametrize(
     "function", ["scale_by_rms", "scale_by_rss", "trace", "rmsprop", "adagrad"]
 )
@@ -469,13 +480,7 @@ def test_rules_with_stored_state_against_reference(case, option):
     build, ref = CASES[case]
     params = big_params()
     grads = gradients(params, 20, seed=3)
-    tx = build(option)
-    step = jax.jit(tx.update)
-    state = tx.init(params)
-    got = []
-    for g in grads:
-        u, state = step(g, state)
-        got.append(u)
+    got = run(build(option), params, grads)
     round_trip = int8_round_trip if option == "int8" else bf16_round_trip
     for key in ["table", "w", "b", "s"]:
         seq = [np.asarray(g[key], np.float64) for g in grads]
@@ -493,13 +498,7 @@ def test_int8_second_moments_track_the_exact_rule(case):
     build, ref = CASES[case]
     params = big_params()
     grads = gradients(params, 30, seed=3, low=-2, high=0)
-    tx = build("int8")
-    step = jax.jit(tx.update)
-    state = tx.init(params)
-    got = []
-    for g in grads:
-        u, state = step(g, state)
-        got.append(u)
+    got = run(build("int8"), params, grads)
     for key in ["table", "w"]:
         seq = [np.asarray(g[key], np.float64) for g in grads]
         want = np.stack(ref(seq, lambda x, signed: x))  # no rounding at all
@@ -534,13 +533,3 @@ def test_int8_state_stays_close_to_float32_state():
     assert np.percentile(relative, 99) < 0.1
     rms_reference = reference.rmsprop([np.asarray(g["w"], np.float64) for g in grads], 1e-2, 0.99)
     np.testing.assert_allclose(want, np.stack(rms_reference), rtol=1e-4, atol=1e-9)
-
-
-def run(tx, params, grads):
-    step = jax.jit(tx.update)
-    state = tx.init(params)
-    out = []
-    for g in grads:
-        u, state = step(g, state, params)
-        out.append(u)
-    return out
