@@ -38,9 +38,13 @@ from rmsjax._src.grouped import leaf_blocks as leaf_blocks
 from rmsjax._src.grouped import ungroup_state as ungroup_state
 from rmsjax._src.guard import ApplyIfFiniteState as ApplyIfFiniteState
 from rmsjax._src.guard import apply_if_finite as apply_if_finite
+from rmsjax._src.hyperparams import Hyperparams as Hyperparams
 from rmsjax._src.hyperparams import InjectHyperparamsState as InjectHyperparamsState
 from rmsjax._src.hyperparams import inject_hyperparams as inject_hyperparams
 from rmsjax._src.interop import as_optax as as_optax
+from rmsjax._src.interop import from_optax_state as from_optax_state
+from rmsjax._src.interop import to_optax_state as to_optax_state
+from rmsjax._src.masking import MaskedNode as MaskedNode
 from rmsjax._src.masking import MaskedState as MaskedState
 from rmsjax._src.masking import masked as masked
 from rmsjax._src.momentum import EmaState as EmaState
@@ -80,7 +84,9 @@ __all__ = [
     "EmptyState",
     "GradientTransformation",
     "GroupedState",
+    "Hyperparams",
     "InjectHyperparamsState",
+    "MaskedNode",
     "MaskedState",
     "OptState",
     "Params",
@@ -110,6 +116,7 @@ __all__ = [
     "compat",
     "dequantize",
     "effective_step_sizes",
+    "from_optax_state",
     "ema",
     "factored_rmsprop",
     "global_norm",
@@ -134,6 +141,7 @@ __all__ = [
     "shard_state",
     "state_shardings",
     "step_size_summary",
+    "to_optax_state",
     "trace",
     "ungroup_state",
     "update_and_apply",

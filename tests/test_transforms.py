@@ -197,7 +197,7 @@ def test_masked_rss_matches_optax_and_keeps_no_state_for_unselected_leaves():
     opt = optax.masked(optax.scale_by_rss(), mask)
     state, opt_state = tx.init(params), opt.init(params)
     assert isinstance(state, rj.MaskedState)
-    assert state.inner_state.sum_of_squares["dense"]["b"] is None
+    assert isinstance(state.inner_state.sum_of_squares["dense"]["b"], rj.MaskedNode)
     sums = {"w": np.full((3, 4), 0.1), "scale": np.full((), 0.1)}
     for t in range(5):
         g = tree_grads(20 + t)

@@ -12,7 +12,7 @@ from rmsjax._src import storage as storage_lib
 def _momentum(function: str, value: Any, nesterov: bool, **kwargs: Any):
     if value is None:
         return base.identity()
-    validate.check_decay(function, "momentum", value)
+    validate.check_momentum(function, "momentum", value)
     return momentum.trace(decay=value, nesterov=nesterov, **kwargs)
 
 
@@ -29,7 +29,7 @@ def sgd(
 
     Args:
       learning_rate: a scalar >= 0 or a schedule.
-      momentum: the momentum decay in [0, 1), or None for none.
+      momentum: the momentum decay in [0, 1], or None for none.
       nesterov: use Nesterov momentum.
       accumulator_dtype: dtype of the momentum buffer; None keeps the parameters'.
 
@@ -80,7 +80,7 @@ def rmsprop(
       initial_scale: the starting value of :math:`\nu`.
       eps_in_sqrt: add ``eps`` inside the root (else outside, as torch does).
       centered: divide by the root of the variance estimate (Graves, 2013).
-      momentum: :math:`\mu` in [0, 1), or None for none.
+      momentum: :math:`\mu` in [0, 1], or None for none.
       nesterov: use Nesterov momentum.
       bias_correction: divide the average by :math:`1-\rho^t`.
       storage: how every state array (the averages and the momentum buffer) is kept

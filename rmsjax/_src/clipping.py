@@ -39,7 +39,8 @@ def clip(max_delta: float) -> base.GradientTransformation:
 def global_norm(tree: base.Updates) -> jax.Array:
     r"""The Euclidean norm of all the elements of a pytree, :math:`\sqrt{\sum_i g_i^2}`.
 
-    Squares are summed in float32 for half-precision leaves; None leaves are skipped.
+    Squares are summed in float32 for half-precision leaves; a complex element counts
+    :math:`|g_i|^2`; None leaves are skipped.
 
     Args:
       tree: a pytree of arrays.
@@ -56,7 +57,7 @@ def global_norm(tree: base.Updates) -> jax.Array:
     for leaf in leaves:
         leaf = jnp.asarray(leaf)
         leaf = leaf.astype(elementwise.compute_dtype(leaf.dtype))
-        total = total + jnp.sum(jnp.square(leaf))
+        total = total + jnp.sum(elementwise.abs_sq(leaf))
     return jnp.sqrt(total)
 
 

@@ -14,6 +14,7 @@ give bit-identical numbers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +42,9 @@ class LeafRule(NamedTuple):
       num_slots: how many slots each leaf holds.
       needs_params: whether ``update_leaf`` reads ``param``.
       slots_match_leaf: whether every slot has the leaf's shape (checked at trace time).
+      complex_refusal: None when the rule takes complex leaves (as optax's rules do),
+        else why it cannot (``"storage='int8' keeps real values only"``, say); the
+        engine then rejects complex leaves at ``init`` and ``update`` with that reason.
     """
 
     name: str
@@ -53,6 +57,7 @@ class LeafRule(NamedTuple):
     num_slots: int
     needs_params: bool = False
     slots_match_leaf: bool = True
+    complex_refusal: str | None = None
 
 
 def no_shared() -> tuple:
@@ -64,8 +69,24 @@ def no_step(shared: Any) -> tuple[Any, None]:
 
 
 def compute_dtype(dtype: Any) -> Any:
-    """The dtype rules compute in: float32 for half-precision leaves, else the leaf's."""
+    """The dtype rules compute in: float32 for half-precision leaves, else the leaf's
+    (complex64 and complex128 leaves compute in their own dtype)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """:math:`|x|^2`, real: ``x * x`` for real ``x``, ``(conj(x) * x).real`` for complex
+    ``x`` (the same values, bit for bit, as optax computes a complex second moment)."""
+    if jnp.iscomplexobj(x):
+        return (jnp.conj(x) * x).real
+    return x * x
+
+
+@functools.partial(jax.jit, inline=True)
+def bias_correction_factor(decay: Any, count: jax.Array) -> jax.Array:
+    """``1 - decay**count``, jitted and inlined as optax computes it, so that eager and
+    jitted steps get optax's factor bit for bit (eager ``pow`` can differ by an ulp)."""
+    return 1 - decay**count
 
 
 def finite_ceiling(x: jax.Array, *stored: Any) -> jax.Array:
@@ -74,6 +95,8 @@ def finite_ceiling(x: jax.Array, *stored: Any) -> jax.Array:
     float32, above 256 in a float16 state) never leaves an infinite moment in the state.
     A no-op, bit for bit, on every finite value below that ceiling; NaN stays NaN."""
     top = float(jnp.finfo(x.dtype).max)
+    if jnp.iscomplexobj(x):  # a complex second moment: its real part holds the value
+        return jnp.where(x.real > top, jnp.asarray(top, x.dtype), x)
     for slot in stored:
         dtype = getattr(slot, "dtype", None)
         if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
@@ -94,8 +117,20 @@ def zero_count() -> jax.Array:
     return jnp.zeros([], jnp.int32)
 
 
+def is_optax_state(state: Any) -> bool:
+    """Whether ``state`` is one of optax's state types (a NamedTuple from optax)."""
+    return type(state).__module__.split(".")[0] == "optax"
+
+
 def expect_state(rule_name: str, state: Any, state_type: type) -> None:
     """Raises a TypeError when ``update`` is handed another rule's state."""
+    if is_optax_state(state):
+        raise TypeError(
+            f"rmsjax.{rule_name}.update: got optax's {type(state).__name__} (from "
+            f"{type(state).__module__}), not rmsjax's {state_type.__name__}: the two libraries "
+            "lay their states out differently. Convert an optax state once with "
+            "rmsjax.from_optax_state(optax_state, like=tx.init(params))."
+        )
     if not isinstance(state, state_type):
         raise TypeError(
             f"rmsjax.{rule_name}.update: expected a {state_type.__name__} (the state "
@@ -118,15 +153,28 @@ def expect_state_tuple(name: str, state: Any, count: int) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_float(rule_name: str, where: str, tree: Any, leaves: list) -> None:
+def as_arrays(leaves: Sequence[Any]) -> list:
+    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax."""
+    return [x if isinstance(x, jax.Array) or x is None else jnp.asarray(x) for x in leaves]
+
+
+def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
+    """Raises a TypeError unless every leaf is floating point (or complex, where the rule
+    takes complex leaves), naming the first leaf that is not."""
     for i, leaf in enumerate(leaves):
         dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
+            raise TypeError(
+                f"rmsjax.{rule.name}.{where}: leaf {_path_of(tree, i)} has dtype {dtype}; "
+                f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
+                "the default storage, or split the leaf into its real and imaginary parts."
+            )
+        if not jnp.issubdtype(dtype, jnp.inexact):
             path = _path_of(tree, i)
             raise TypeError(
-                f"rmsjax.{rule_name}.{where}: leaf {path} has dtype {dtype}; optimizers "
-                "update floating-point leaves only. Leave it out of the trained tree "
-                "(replace it by None, e.g. with eqx.filter(model, eqx.is_inexact_array)) "
+                f"rmsjax.{rule.name}.{where}: leaf {path} has dtype {dtype}; optimizers "
+                "update floating-point (or complex) leaves only. Leave it out of the trained "
+                "tree (replace it by None, e.g. with eqx.filter(model, eqx.is_inexact_array)) "
                 "or cast it to a float dtype."
             )
 
@@ -148,6 +196,22 @@ def _flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
         ) from error
 
 
+def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list:
+    """The parameter leaves that go with the update leaves. Where ``updates`` holds None
+    (a leaf left out of this step) the parameter is skipped, as optax does."""
+    try:
+        pruned = jax.tree.map(
+            lambda g, p: None if g is None else p, updates, params, is_leaf=_is_none
+        )
+    except (ValueError, TypeError):
+        pruned = params  # let _flatten_like report the two structures
+    return _flatten_like(rule_name, "parameters", treedef, pruned)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
 def _check_shapes(rule_name: str, updates: Any, leaves: list, slot_lists: list) -> None:
     for i, g in enumerate(leaves):
         for slots in slot_lists:
@@ -165,7 +229,8 @@ def _check_shapes(rule_name: str, updates: Any, leaves: list, slot_lists: list) 
 
 def init(rule: LeafRule, params: base.Params) -> Any:
     leaves, treedef = jax.tree.flatten(params)
-    _check_float(rule.name, "init", params, leaves)
+    leaves = as_arrays(leaves)
+    check_inexact(rule, "init", params, leaves)
     # Each leaf's state is laid out like the leaf (see sharding.py); counts replicated.
     per_leaf = [sharding.init_leaf_like(rule, p) for p in leaves]
     slot_trees = [
@@ -186,7 +251,8 @@ def run(
     ``apply=True`` (params + updates in each parameter's dtype, state)."""
     shared, slot_trees = rule.from_state(state)
     leaves, treedef = jax.tree.flatten(updates)
-    _check_float(rule.name, "update", updates, leaves)
+    leaves = as_arrays(leaves)
+    check_inexact(rule, "update", updates, leaves)
     slot_lists = [_flatten_like(rule.name, "state", treedef, t) for t in slot_trees]
     if rule.slots_match_leaf:
         _check_shapes(rule.name, updates, leaves, slot_lists)
@@ -198,7 +264,7 @@ def run(
             )
         param_leaves = [None] * len(leaves)
     else:
-        param_leaves = _flatten_like(rule.name, "parameters", treedef, params)
+        param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
 
     new_shared, context = rule.step_shared(shared)
     step_leaf = leaf_stepper(rule, context, apply, leaves)
@@ -243,20 +309,19 @@ def stateless_rule(
     name: str, update_leaf: Callable[[jax.Array, Any], jax.Array], *, needs_params: bool = False
 ) -> LeafRule:
     """A :class:`LeafRule` with no state (:class:`EmptyState`): ``update_leaf(g, param)``
-    returns the leaf's new update."""
+    returns the leaf's new update.
 
-    def from_state(state):
-        expect_state(name, state, base.EmptyState)
-        return (), ()
+    As in optax, ``update`` takes any state (None, a placeholder) and hands it back
+    unchanged: there is nothing in it to lose."""
 
     return LeafRule(
         name=name,
-        init_shared=no_shared,
+        init_shared=base.EmptyState,
         step_shared=no_step,
         init_leaf=lambda param: (),
         update_leaf=lambda g, slots, context, param: (update_leaf(g, param), ()),
-        to_state=lambda shared, trees: base.EmptyState(),
-        from_state=from_state,
+        to_state=lambda state, trees: state,
+        from_state=lambda state: (state, ()),
         num_slots=0,
         needs_params=needs_params,
     )
@@ -359,4 +424,7 @@ def compose(rules: Sequence[LeafRule], name: str = "chain") -> LeafRule:
         num_slots=sum(counts),
         needs_params=any(r.needs_params for r in rules),
         slots_match_leaf=all(r.slots_match_leaf for r in rules),
+        complex_refusal=next(
+            (f"{r.name}: {r.complex_refusal}" for r in rules if r.complex_refusal), None
+        ),
     )

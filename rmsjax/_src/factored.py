@@ -153,6 +153,7 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         from_state=from_state,
         num_slots=3,
         slots_match_leaf=False,
+        complex_refusal="the factored second moment is written for real leaves",
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise
+from rmsjax._src import base, elementwise, sharding
 
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 32
@@ -188,10 +188,10 @@ def grouped(
         return leaf_blocks(tree, block_size=block_size, max_stacked_size=max_stacked_size)
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
-        elementwise._check_float(rule.name, "init", params, leaves)
+        leaves = elementwise.as_arrays(jax.tree.leaves(params))
+        elementwise.check_inexact(rule, "init", params, leaves)
         per_block = [
-            rule.init_leaf(leaves[block[0]])
+            sharding.init_leaf_like(rule, leaves[block[0]])
             if len(block) == 1
             else jax.vmap(rule.init_leaf)(jnp.stack([leaves[i] for i in block]))
             for block in layout(params)
@@ -208,7 +208,8 @@ def grouped(
             )
         shared, slot_trees = rule.from_state(state.inner)
         leaves, treedef = jax.tree.flatten(updates)
-        elementwise._check_float(rule.name, "update", updates, leaves)
+        leaves = elementwise.as_arrays(leaves)
+        elementwise.check_inexact(rule, "update", updates, leaves)
         blocks = layout(updates)
         _check_blocks(blocks, leaves, slot_trees, rule.slots_match_leaf)
         if params is None:
@@ -219,7 +220,9 @@ def grouped(
                 )
             param_leaves = None
         else:
-            param_leaves = elementwise._flatten_like(rule.name, "parameters", treedef, params)
+            param_leaves = elementwise.as_arrays(
+                elementwise.params_like(rule.name, treedef, updates, params)
+            )
 
         new_shared, context = rule.step_shared(shared)
         step_leaf = elementwise.leaf_stepper(rule, context, apply, leaves)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -15,20 +15,55 @@ from rmsjax._src import base, combine, elementwise, sharding
 
 
 class InjectHyperparamsState(NamedTuple):
-    """State of a transformation made by :func:`inject_hyperparams`.
+    """State of a transformation made by :func:`inject_hyperparams`; the fields of
+    ``optax.InjectStatefulHyperparamsState``, in its order.
 
     Attributes:
       count: number of updates so far (int32, saturating); schedules are read at it.
-      hyperparams: a dict from argument name to its current value, a scalar array
-        (float32 for real numbers by default, int32 for python ints). Replace an entry
-        (``state._replace(hyperparams={**state.hyperparams, "learning_rate": x})``) to
-        change it from the next step on, without recompiling a jitted step.
+      hyperparams: a :class:`Hyperparams` dict from argument name to its current value,
+        a scalar array (float32 for real numbers by default, int32 for python ints).
+        Set an entry (``state.hyperparams["learning_rate"] = 1e-4``, as in optax) to
+        change it from the next step on; the value is cast to the entry's dtype, so a
+        jitted step is not traced again.
+      hyperparams_states: the state of each stateful schedule (an object with ``init``,
+        ``update`` and ``__call__``, as optax's ``StatefulSchedule``), by argument name;
+        empty when there is none.
       inner_state: the state of the transformation the factory builds.
     """
 
     count: jax.Array
     hyperparams: dict[str, jax.Array]
+    hyperparams_states: dict[str, Any]
     inner_state: base.OptState
+
+
+class Hyperparams(dict):
+    """The ``hyperparams`` dict of an :class:`InjectHyperparamsState`: a dict (and a
+    pytree with the same keys and paths) whose ``__setitem__`` keeps each entry's dtype
+    and refuses names it does not hold, so a misspelled name fails where it is set."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            raise KeyError(
+                f"rmsjax.inject_hyperparams: state.hyperparams has no entry {key!r}; "
+                f"its entries are {sorted(self)}"
+            )
+        old = super().__getitem__(key)
+        if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+            super().__setitem__(key, value)
+        else:
+            super().__setitem__(key, jnp.asarray(value, jnp.result_type(old)))
+
+
+jax.tree_util.register_pytree_with_keys(
+    Hyperparams,
+    lambda d: (
+        tuple((jax.tree_util.DictKey(k), d[k]) for k in sorted(d)),
+        tuple(sorted(d)),
+    ),
+    lambda keys, values: Hyperparams(zip(keys, values)),
+    flatten_func=lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
+)
 
 
 def _is_numeric(value: Any) -> bool:
@@ -43,19 +78,35 @@ def _is_numeric(value: Any) -> bool:
     return False
 
 
-def _as_array(value: Any, dtype: Any) -> jax.Array:
-    if isinstance(value, (int, np.integer)) or (
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) or (
         hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
-    ):
-        return jnp.asarray(value, jnp.int32)
-    return jnp.asarray(value, dtype)
+    )
+
+
+def _is_stateful_schedule(value: Any) -> bool:
+    return callable(value) and callable(getattr(value, "init", None)) and callable(
+        getattr(value, "update", None)
+    )
+
+
+def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
+    """The dtype of real hyperparameters: ``hyperparam_dtype``, else float32, or wider
+    when a leaf of ``tree`` is wider (float64 parameters under x64)."""
+    if hyperparam_dtype is not None:
+        return hyperparam_dtype
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        leaf_dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(leaf_dtype, jnp.inexact):
+            dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
+    return dtype
 
 
 def inject_hyperparams(
-    factory: Callable[..., base.GradientTransformation],
-    *,
-    static_args: Sequence[str] = (),
-    hyperparam_dtype: Any = jnp.float32,
+    inner_factory: Callable[..., base.GradientTransformation],
+    static_args: str | Iterable[str] = (),
+    hyperparam_dtype: Any = None,
 ) -> Callable[..., base.GradientTransformation]:
     """Wraps an optimizer factory so that its numeric hyperparameters live in the state.
 
@@ -66,27 +117,32 @@ def inject_hyperparams(
     them between steps (a learning-rate finder, a manual decay on plateau) and a jitted
     step sees new values of the same shape and dtype: it is not traced again.
 
-    Arguments are sorted by their value:
+    Arguments are sorted by their value, as optax sorts them:
 
-    * python floats and float arrays are stored as ``hyperparam_dtype`` (float32), never
-      in the parameters' dtype, so a bfloat16 model does not round its learning rate
-      to 3 significant digits; python ints are stored as int32;
+    * python floats and float arrays are stored as ``hyperparam_dtype``; by default
+      float32 (or float64 for float64 parameters), never a half-precision dtype, so a
+      bfloat16 model does not round its learning rate to 3 significant digits; python
+      ints are stored as int32;
     * callables (schedules, see :mod:`rmsjax.schedules`) are evaluated at the step count
-      on every update, and their current value is stored, to be logged;
+      on every update, and their current value is stored, to be logged; a stateful
+      schedule (an object with ``init()``, ``update(state, **extra)`` and
+      ``__call__(state, **extra)``, as optax's ``StatefulSchedule``) keeps its state in
+      ``state.hyperparams_states`` and sees the keyword extras of ``update``;
     * bools, None, strings and the names in ``static_args`` are passed unchanged and
       fixed for the life of the optimizer.
 
     Args:
-      factory: a function returning a :class:`GradientTransformation`, such as
+      inner_factory: a function returning a :class:`GradientTransformation`, such as
         :func:`rmsprop`, :func:`adagrad` or your own.
-      static_args: names of arguments to pass through unchanged: numeric ones that decide
-        the state's structure or shapes, and callables that are not schedules (the
-        ``mask`` of :func:`add_decayed_weights`, say), which would otherwise be called
-        with the step count.
-      hyperparam_dtype: the dtype of real-valued hyperparameters in the state.
+      static_args: a name, or names, of arguments to pass through unchanged: numeric
+        ones that decide the state's structure or shapes, and callables that are not
+        schedules (the ``mask`` of :func:`add_decayed_weights`, say), which would
+        otherwise be called with the step count.
+      hyperparam_dtype: the dtype of real-valued hyperparameters in the state, a
+        floating dtype; None for float32 (float64 for float64 parameters).
 
     Returns:
-      A function with ``factory``'s signature that returns a
+      A function with ``inner_factory``'s signature that returns a
       :class:`GradientTransformation` with state :class:`InjectHyperparamsState`.
 
     >>> import jax.numpy as jnp, rmsjax as rj
@@ -94,36 +150,58 @@ def inject_hyperparams(
     >>> state = tx.init(jnp.ones(2, jnp.bfloat16))
     >>> state.hyperparams["learning_rate"]
     Array(0.1, dtype=float32)
-    >>> new_lr = jnp.asarray(0.01, jnp.float32)
-    >>> state = state._replace(hyperparams={**state.hyperparams, "learning_rate": new_lr})
+    >>> state.hyperparams["learning_rate"] = 0.01  # stored as float32
     >>> updates, state = tx.update(jnp.ones(2, jnp.bfloat16), state)
     >>> updates
     Array([-0.0314941, -0.0314941], dtype=bfloat16)
     """
-    if not callable(factory):
-        raise TypeError(f"rmsjax.inject_hyperparams: factory must be callable, got {factory!r}")
-    signature = inspect.signature(factory)
+    name = "inject_hyperparams"
+    if not callable(inner_factory):
+        raise TypeError(
+            f"rmsjax.{name}: inner_factory must be callable, got {inner_factory!r}"
+        )
+    if isinstance(static_args, str):
+        static_args = (static_args,)
+    try:
+        static_args = tuple(static_args)
+    except TypeError:
+        raise TypeError(
+            f"rmsjax.{name}: static_args must be a name or an iterable of names, got "
+            f"{static_args!r}"
+        ) from None
+    if not all(isinstance(arg, str) for arg in static_args):
+        raise TypeError(f"rmsjax.{name}: static_args must hold names (str), got {static_args!r}")
+    signature = inspect.signature(inner_factory)
+    factory_name = getattr(inner_factory, "__name__", "the factory")
     unknown = set(static_args) - set(signature.parameters)
     if unknown:
         raise ValueError(
-            f"rmsjax.inject_hyperparams: static_args must name arguments of "
-            f"{getattr(factory, '__name__', 'the factory')}, got {sorted(unknown)}"
+            f"rmsjax.{name}: static_args must name arguments of {factory_name}, got "
+            f"{sorted(unknown)}; its arguments are {list(signature.parameters)}"
         )
-    hyperparam_dtype = jnp.dtype(hyperparam_dtype)
-    if not jnp.issubdtype(hyperparam_dtype, jnp.floating):
-        raise ValueError(
-            f"rmsjax.inject_hyperparams: hyperparam_dtype must be a floating dtype, "
-            f"got {hyperparam_dtype}"
-        )
+    if hyperparam_dtype is not None:
+        try:
+            hyperparam_dtype = jnp.dtype(hyperparam_dtype)
+        except TypeError:
+            hyperparam_dtype = None if hyperparam_dtype is None else hyperparam_dtype
+        if not isinstance(hyperparam_dtype, np.dtype) or not jnp.issubdtype(
+            hyperparam_dtype, jnp.floating
+        ):
+            raise ValueError(
+                f"rmsjax.{name}: hyperparam_dtype must be None or a floating dtype, "
+                f"got {hyperparam_dtype!r}"
+            )
 
-    @functools.wraps(factory)
+    @functools.wraps(inner_factory)
     def wrapped(*args: Any, **kwargs: Any) -> base.GradientTransformation:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        schedules, numeric, fixed = {}, {}, {}
+        schedules, stateful, numeric, fixed = {}, {}, {}, {}
         for key, value in bound.arguments.items():
-            if key in static_args:
+            if key in static_args or isinstance(value, (bool, np.bool_)):
                 fixed[key] = value
+            elif _is_stateful_schedule(value):
+                stateful[key] = value
             elif callable(value):
                 schedules[key] = value
             elif _is_numeric(value):
@@ -131,39 +209,68 @@ def inject_hyperparams(
             else:
                 fixed[key] = value
 
-        def current(count, stored):
-            values = dict(stored)
+        def cast(key, value, dtype):
+            # ints stay int32 and real numbers take the float dtype, whatever comes in
+            if key in numeric and _is_integer(numeric[key]):
+                return jnp.asarray(value, jnp.int32)
+            return jnp.asarray(value, dtype)
+
+        def values_at(count, stored, schedule_states, dtype, extra):
+            values = {key: cast(key, value, dtype) for key, value in stored.items()}
             for key, schedule in schedules.items():
-                values[key] = _as_array(schedule(count), hyperparam_dtype)
+                values[key] = cast(key, schedule(count), dtype)
+            for key, schedule in stateful.items():
+                values[key] = cast(key, schedule(schedule_states[key], **extra), dtype)
             return values
 
         def build(values):
-            return factory(**fixed, **values)
+            return inner_factory(**fixed, **values)
 
         # Build once now, so that bad values fail where the optimizer is made.
-        initial = {key: _as_array(value, hyperparam_dtype) for key, value in numeric.items()}
-        build(current(jnp.zeros([], jnp.int32), initial))
+        zero = jnp.zeros([], jnp.int32)
+        probe = {key: cast(key, v, jnp.float32) for key, v in numeric.items()}
+        probe.update({key: cast(key, s(zero), jnp.float32) for key, s in schedules.items()})
+        build({**probe, **{key: jnp.zeros([], jnp.float32) for key in stateful}})
 
         def init_fn(params):
+            dtype = _float_dtype(params, hyperparam_dtype)
+
+            def fresh():
+                schedule_states = {key: s.init() for key, s in stateful.items()}
+                values = values_at(zero, numeric, schedule_states, dtype, {})
+                return jnp.zeros([], jnp.int32), Hyperparams(values), schedule_states
+
             # the count and hyperparameters are replicated over the parameters' mesh
-            count, values = sharding.init_shared_like(
-                lambda: (jnp.zeros([], jnp.int32), current(jnp.zeros([], jnp.int32), initial)),
-                jax.tree.leaves(params),
+            count, values, schedule_states = sharding.init_shared_like(
+                fresh, jax.tree.leaves(params)
             )
-            return InjectHyperparamsState(count, values, build(values).init(params))
+            return InjectHyperparamsState(
+                count, values, schedule_states, build(dict(values)).init(params)
+            )
 
         def update_fn(updates, state, params=None, **extra):
-            elementwise.expect_state("inject_hyperparams", state, InjectHyperparamsState)
-            stored = {
-                key: _as_array(state.hyperparams[key], jnp.result_type(initial[key]))
-                for key in numeric
-            }
-            values = current(state.count, stored)
+            elementwise.expect_state(name, state, InjectHyperparamsState)
+            unknown = set(state.hyperparams) - set(numeric) - set(schedules) - set(stateful)
+            if unknown:
+                raise KeyError(
+                    f"rmsjax.{name}({factory_name}).update: state.hyperparams holds "
+                    f"{sorted(unknown)}, which this optimizer does not inject; its "
+                    f"hyperparameters are {sorted(set(numeric) | set(schedules) | set(stateful))}"
+                )
+            dtype = _float_dtype(updates, hyperparam_dtype)
+            stored = {key: state.hyperparams[key] for key in numeric}
+            values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             new_updates, inner_state = combine._call(
                 build(values), updates, state.inner_state, params, extra
             )
+            schedule_states = {
+                key: s.update(state.hyperparams_states[key], **extra)
+                for key, s in stateful.items()
+            }
             count = elementwise.safe_increment(state.count)
-            return new_updates, InjectHyperparamsState(count, values, inner_state)
+            return new_updates, InjectHyperparamsState(
+                count, Hyperparams(values), schedule_states, inner_state
+            )
 
         return base.GradientTransformation(init_fn, update_fn)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax._src import base
+import jax
+import jax.numpy as jnp
+
+from rmsjax._src import base, storage
 
 
 def as_optax(tx: base.GradientTransformation) -> Any:
@@ -23,3 +26,181 @@ def as_optax(tx: base.GradientTransformation) -> Any:
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("rmsjax.as_optax needs optax: pip install optax") from error
     return optax.GradientTransformationExtraArgs(tx.init, tx.update)
+
+
+# ------------------------------------------------------------------ state migration
+
+# rmsjax state types and the optax state types that hold the same information. Fields
+# are matched by name; a field optax does not keep (the step count of a rule that only
+# needs it for a schedule or a bias correction optax was not asked for) starts at zero.
+_OPTAX_NAMES = {
+    "ScaleByRmsState": (
+        "ScaleByRmsState",
+        "ScaleByRmsWithCountState",
+        "ScaleByRStdDevState",
+        "ScaleByRStdDevWithCountState",
+    ),
+    "ScaleByLearningRateState": ("ScaleByScheduleState", "EmptyState"),
+    "InjectHyperparamsState": ("InjectStatefulHyperparamsState", "InjectHyperparamsState"),
+}
+
+
+def _compatible(rmsjax_name: str, optax_name: str) -> bool:
+    return optax_name in _OPTAX_NAMES.get(rmsjax_name, (rmsjax_name,))
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _is_array_like(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not _is_namedtuple(x)
+
+
+def _fail(function: str, path: str, message: str) -> None:
+    raise ValueError(
+        f"rmsjax.{function}: at {path}: {message}. Pass as `like` the state of the "
+        "equivalent optimizer in the other library (see docs/porting.md, 'From optax')."
+    )
+
+
+def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
+    """``value`` in the format of the template leaf ``like``."""
+    if value is None or not _is_array_like(value) and not isinstance(
+        value, (int, float, storage.QuantizedArray)
+    ):
+        _fail(function, path, f"expected an array, got {type(value).__name__}")
+    if isinstance(value, storage.QuantizedArray):
+        value = storage.dequantize(value)
+    if isinstance(like, storage.QuantizedArray):
+        return storage.quantize(jnp.asarray(value, jnp.float32), signed=like.signed)
+    value = jnp.asarray(value)
+    if tuple(value.shape) != tuple(like.shape):
+        _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")
+    return value if value.dtype == like.dtype else value.astype(like.dtype)
+
+
+def _zeros_like(like: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
+
+
+def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, parent: Any) -> Any:
+    if like is None:
+        return None
+    if isinstance(like, storage.QuantizedArray) or _is_array_like(like):
+        return _convert_leaf(function, path, like, other)
+    if _is_namedtuple(like):
+        if not _is_namedtuple(other):
+            _fail(function, path, f"expected a {type(like).__name__}, got {type(other).__name__}")
+        names = (type(other).__name__, type(like).__name__) if to_optax else (
+            type(like).__name__,
+            type(other).__name__,
+        )
+        if not _compatible(*names):
+            _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
+        fields = {}
+        for field in like._fields:
+            sub = f"{path}.{field}"
+            template = getattr(like, field)
+            if field in other._fields:
+                fields[field] = _walk(function, sub, template, getattr(other, field), to_optax, other)
+            elif template is None or field == "count":
+                fields[field] = _zeros_like(template)
+            else:
+                _fail(function, sub, f"{type(other).__name__} holds no {field!r}")
+        return type(like)(**fields)
+    if isinstance(like, dict):
+        if not isinstance(other, dict):
+            _fail(function, path, f"expected a dict, got {type(other).__name__}")
+        out = {}
+        for key, template in like.items():
+            sub = f"{path}[{key!r}]"
+            if key in other:
+                out[key] = _walk(function, sub, template, other[key], to_optax, other)
+            elif type(template).__name__ == "WrappedScheduleState":
+                # optax keeps a count per plain schedule; rmsjax reads the step count
+                out[key] = type(template)(count=parent.count)
+            else:
+                _fail(function, sub, "missing")
+        return type(like)(out) if type(like) is not dict else out
+    if isinstance(like, (tuple, list)):
+        if not isinstance(other, (tuple, list)) or len(other) != len(like):
+            length = len(other) if isinstance(other, (tuple, list)) else None
+            _fail(
+                function,
+                path,
+                f"expected a sequence of {len(like)} states, got {type(other).__name__}"
+                + (f" of length {length}" if length is not None else ""),
+            )
+        return type(like)(
+            _walk(function, f"{path}[{i}]", t, o, to_optax, other)
+            for i, (t, o) in enumerate(zip(like, other))
+        )
+    # Any other pytree node of the parameters' tree (a flax or equinox container, say).
+    like_leaves, treedef = jax.tree.flatten(
+        like, is_leaf=lambda x: isinstance(x, storage.QuantizedArray)
+    )
+    other_leaves = jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, storage.QuantizedArray))
+    if len(other_leaves) != len(like_leaves):
+        _fail(function, path, f"expected {len(like_leaves)} arrays, got {len(other_leaves)}")
+    return treedef.unflatten(
+        [_convert_leaf(function, path, t, o) for t, o in zip(like_leaves, other_leaves)]
+    )
+
+
+def from_optax_state(optax_state: base.OptState, like: base.OptState) -> base.OptState:
+    """The rmsjax state that continues an optax optimizer's state.
+
+    rmsjax keeps its own fixed state schemas (``ScaleByRmsState(count, nu, mu)`` where
+    optax has ``ScaleByRmsState(nu)``, a count in ``ScaleByLearningRateState`` where
+    optax keeps ``EmptyState()`` for a constant learning rate, ...). This maps an optax
+    state of ``sgd``, ``rmsprop``, ``adagrad`` or a chain of the transformations both
+    libraries have onto the layout of ``like``, field by field, so that training
+    continues exactly as optax would have: the first rmsjax step after the conversion
+    gives optax's numbers bit for bit. Arrays are reused, with their shardings.
+
+    Args:
+      optax_state: the state of an optax optimizer, e.g. restored from a checkpoint.
+      like: the state of the equivalent rmsjax optimizer, ``tx.init(params)`` or
+        ``jax.eval_shape(tx.init, params)`` (only its layout is read).
+
+    Returns:
+      ``optax_state``'s values in ``like``'s layout.
+
+    Raises:
+      ValueError: naming the place where the two states do not correspond.
+
+    >>> import jax.numpy as jnp, optax, rmsjax as rj
+    >>> params = jnp.ones(3)
+    >>> opt = optax.rmsprop(0.1, momentum=0.9)
+    >>> opt_state = opt.update(jnp.ones(3), opt.init(params))[1]
+    >>> tx = rj.rmsprop(0.1, momentum=0.9)
+    >>> state = rj.from_optax_state(opt_state, like=tx.init(params))
+    >>> type(state[0]).__name__, state[0].nu
+    ('ScaleByRmsState', Array([0.1, 0.1, 0.1], dtype=float32))
+    """
+    return _walk("from_optax_state", "state", like, optax_state, False, None)
+
+
+def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
+    """The optax state that continues an rmsjax optimizer's state: the inverse of
+    :func:`from_optax_state`.
+
+    Args:
+      state: the state of an rmsjax optimizer.
+      like: the state of the equivalent optax optimizer, ``opt.init(params)`` or
+        ``jax.eval_shape(opt.init, params)`` (only its layout is read).
+
+    Returns:
+      ``state``'s values in ``like``'s layout. Fields optax does not keep (a step count
+      it does not need) are dropped; int8 state is decoded.
+
+    >>> import jax.numpy as jnp, optax, rmsjax as rj
+    >>> params = jnp.ones(3)
+    >>> tx = rj.adagrad(0.1)
+    >>> state = tx.update(jnp.ones(3), tx.init(params))[1]
+    >>> opt_state = rj.to_optax_state(state, like=optax.adagrad(0.1).init(params))
+    >>> opt_state[0].sum_of_squares
+    Array([1.1, 1.1, 1.1], dtype=float32)
+    """
+    return _walk("to_optax_state", "state", like, state, True, None)

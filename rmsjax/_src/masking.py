@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmsjax._src import base, combine
+from rmsjax._src import base, combine, elementwise, validate
 
 Mask = Any
 """A pytree of python bools with the parameters' structure (or a prefix of it), or a
@@ -17,18 +17,37 @@ function from the parameters to such a tree."""
 
 class MaskedState(NamedTuple):
     """State of :func:`masked`: the inner transformation's state, built on the selected
-    leaves only (the others are None in it)."""
+    leaves only (a :class:`MaskedNode` stands for each of the others)."""
 
     inner_state: base.OptState
+
+
+class MaskedNode(NamedTuple):
+    """Stands for a leaf (or subtree) that a mask leaves out, in the tree the inner
+    transformation of :func:`masked` sees and so in its state.
+
+    It is a pytree node without children, so ``jax.tree.map`` and optax's tree
+    utilities skip it, as they skip ``optax.MaskedNode``; test for it with
+    ``is_leaf=lambda x: isinstance(x, rj.MaskedNode)`` where a map needs to see it.
+    """
 
 
 def _is_none(x: Any) -> bool:
     return x is None
 
 
+def mask_is_function(mask: Any) -> bool:
+    """Whether ``mask`` is a function of the parameters rather than a tree of bools.
+
+    A mask is a function when every leaf of it is callable: a plain function or lambda,
+    but not a callable pytree (an equinox Module holding bools is a tree of bools)."""
+    leaves = jax.tree.leaves(jax.tree.map(callable, mask))
+    return bool(leaves) and all(leaves)
+
+
 def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree: Any) -> Any:
-    """The mask as a tree of python bools; ``tree`` is what a callable mask is given."""
-    mask_tree = mask(tree) if callable(mask) else mask
+    """The mask as a tree of python bools; ``tree`` is what a function mask is given."""
+    mask_tree = mask(tree) if mask_is_function(mask) else mask
 
     def check(m):
         if isinstance(m, (bool, np.bool_)):
@@ -49,11 +68,24 @@ def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree
     return jax.tree.map(check, mask_tree)
 
 
-def select(mask_tree: Any, tree: Any) -> Any:
-    """``tree`` with every subtree whose mask is False replaced by None."""
+def _map_over_mask(function: str, what: str, fn: Callable, mask_tree: Any, *trees: Any) -> Any:
+    try:
+        return jax.tree.map(fn, mask_tree, *trees, is_leaf=_is_none)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"rmsjax.{function}: the mask's tree structure must be the {what}' (or a prefix "
+            f"of it).\n  mask: {jax.tree.structure(mask_tree)}\n  {what}: "
+            f"{jax.tree.structure(trees[0], is_leaf=_is_none)}"
+        ) from error
+
+
+def select(mask_tree: Any, tree: Any, *, function: str = "masked", what: str = "updates") -> Any:
+    """``tree`` with every subtree whose mask is False replaced by a :class:`MaskedNode`."""
     if tree is None:
         return None
-    return jax.tree.map(lambda m, sub: sub if m else None, mask_tree, tree, is_leaf=_is_none)
+    return _map_over_mask(
+        function, what, lambda m, sub: sub if m else MaskedNode(), mask_tree, tree
+    )
 
 
 def merge(mask_tree: Any, chosen: Any, others: Any) -> Any:
@@ -62,19 +94,27 @@ def merge(mask_tree: Any, chosen: Any, others: Any) -> Any:
 
 
 def masked(
-    inner: base.GradientTransformation, mask: Mask | Callable[[base.Params], Mask]
+    inner: base.GradientTransformation,
+    mask: Mask | Callable[[base.Params], Mask],
+    *,
+    mask_compatible_extra_args: bool = False,
 ) -> base.GradientTransformation:
     """Applies ``inner`` to the leaves where ``mask`` is True; the others pass unchanged.
 
-    The inner transformation sees a tree in which the unselected leaves are None, so it
-    keeps no state for them (Adagrad's sum for an embedding you freeze costs nothing).
+    The inner transformation sees a tree in which each unselected leaf is a
+    :class:`MaskedNode`, so it keeps no state for them (Adagrad's sum for an embedding
+    you freeze costs nothing), exactly as ``optax.masked`` lays its state out.
 
     Args:
       inner: the transformation to apply to the selected leaves.
       mask: a pytree of python bools with the structure of the parameters (or a prefix
         of it: one bool then covers a whole subtree), or a function that maps the
         parameters (or, when ``update`` gets no parameters, the updates) to such a tree.
-        The mask is structural: it is read when the step is traced, not per step.
+        A mask counts as a function only when every leaf of it is callable, so a
+        callable pytree of bools (an equinox Module) is a tree. The mask is structural:
+        it is read when the step is traced, not per step.
+      mask_compatible_extra_args: also mask the keyword extras of ``update`` that have
+        the updates' tree structure (per-parameter tags, say), as optax does.
 
     Returns:
       A :class:`GradientTransformation` with state :class:`MaskedState`.
@@ -86,24 +126,36 @@ def masked(
     >>> updates["w"], updates["b"]
     (Array([0., 0.], dtype=float32), Array([1.], dtype=float32))
     """
+    name = "masked"
     if not callable(getattr(inner, "update", None)) or not callable(getattr(inner, "init", None)):
         raise TypeError(
-            f"rmsjax.masked: inner must be a GradientTransformation, got {type(inner).__name__}"
+            f"rmsjax.{name}: inner must be a GradientTransformation, got {type(inner).__name__}"
         )
+    validate.check_bool(name, "mask_compatible_extra_args", mask_compatible_extra_args)
 
     def init_fn(params):
-        mask_tree = resolve_mask("masked", mask, params)
-        return MaskedState(inner.init(select(mask_tree, params)))
+        if params is not None and not jax.tree.leaves(params):
+            # A tree without arrays (optax's tree_map_params calls init with an empty
+            # placeholder) has nothing to mask: hand it on as it is.
+            return MaskedState(inner.init(params))
+        mask_tree = resolve_mask(name, mask, params)
+        return MaskedState(inner.init(select(mask_tree, params, what="parameters")))
 
     def update_fn(updates, state, params=None, **extra):
-        if not isinstance(state, MaskedState):
-            raise TypeError(
-                "rmsjax.masked.update: expected a MaskedState (the state returned by this "
-                f"transformation's init), got {type(state).__name__}."
-            )
-        mask_tree = resolve_mask("masked", mask, updates if params is None else params)
+        elementwise.expect_state(name, state, MaskedState)
+        mask_tree = resolve_mask(name, mask, updates if params is None else params)
+        if mask_compatible_extra_args:
+            structure = jax.tree.structure(updates)
+            extra = {
+                key: select(mask_tree, value) if jax.tree.structure(value) == structure else value
+                for key, value in extra.items()
+            }
         inner_updates, inner_state = combine._call(
-            inner, select(mask_tree, updates), state.inner_state, select(mask_tree, params), extra
+            inner,
+            select(mask_tree, updates),
+            state.inner_state,
+            select(mask_tree, params, what="parameters"),
+            extra,
         )
         return merge(mask_tree, inner_updates, updates), MaskedState(inner_state)
 

@@ -31,9 +31,9 @@ def _slot_dtype(param: Any, accumulator_dtype: Any) -> Any:
 
 def trace(
     decay: float,
-    *,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
+    *,
     storage: str | None = None,
 ) -> base.GradientTransformation:
     r"""Heavy-ball momentum: :math:`b_t = g_t + \beta\,b_{t-1}`, and the update is
@@ -44,7 +44,8 @@ def trace(
     agree for a constant learning rate and differ under a schedule.
 
     Args:
-      decay: :math:`\beta`, in [0, 1).
+      decay: :math:`\beta`, in [0, 1] (1 keeps every past update at full weight, as
+        optax allows).
       nesterov: use Nesterov's form.
       accumulator_dtype: dtype of the buffer; None keeps each parameter's dtype.
       storage: how the buffer is kept between steps: None (``accumulator_dtype``, or
@@ -63,7 +64,7 @@ def trace(
     >>> tx.update(jnp.ones(1), state)[0]
     Array([1.5], dtype=float32)
     """
-    validate.check_decay("trace", "decay", decay)
+    validate.check_momentum("trace", "decay", decay)
     validate.check_bool("trace", "nesterov", nesterov)
     storage_lib.check_storage("trace", storage)
     if storage is not None and accumulator_dtype is not None:
@@ -99,12 +100,13 @@ def trace(
             to_state=lambda shared, trees: TraceState(trees[0]),
             from_state=from_state,
             num_slots=1,
+            complex_refusal=storage_lib.complex_refusal(storage),
         )
     )
 
 
 def ema(
-    decay: float, *, debias: bool = True, accumulator_dtype: Any = None
+    decay: float, debias: bool = True, accumulator_dtype: Any = None
 ) -> base.GradientTransformation:
     r"""A decaying average of the updates: :math:`m_t = \beta\,m_{t-1} + (1-\beta)\,g_t`,
     returned as :math:`m_t / (1-\beta^t)` when ``debias=True``.
@@ -127,7 +129,7 @@ def ema(
 
     def step_shared(count):
         count = elementwise.safe_increment(count)
-        return count, (1 - decay**count) if debias else None
+        return count, elementwise.bias_correction_factor(decay, count) if debias else None
 
     def init_leaf(param):
         return (jnp.zeros(jnp.shape(param), _slot_dtype(param, accumulator_dtype)),)

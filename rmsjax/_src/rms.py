@@ -30,10 +30,10 @@ class ScaleByRmsState(NamedTuple):
 def scale_by_rms(
     decay: float = 0.9,
     eps: float = 1e-8,
-    *,
-    eps_in_sqrt: bool = True,
     initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
     centered: bool = False,
     storage: str | None = None,
 ) -> base.GradientTransformation:
@@ -117,7 +117,7 @@ def rms_rule(
     def step_shared(count):
         count = elementwise.safe_increment(count)
         # The factors 1 - decay**t, as optax computes them (None without correction).
-        return count, (1 - decay**count) if bias_correction else None
+        return count, elementwise.bias_correction_factor(decay, count) if bias_correction else None
 
     def init_leaf(param):
         nu = storage_lib.init_slot(param, initial_scale, storage, signed=False)
@@ -129,13 +129,13 @@ def rms_rule(
         del param
         dtype = elementwise.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        nu = (1 - decay) * g_c**2 + decay * storage_lib.load(slots[0], dtype)
+        nu = (1 - decay) * elementwise.abs_sq(g_c) + decay * storage_lib.load(slots[0], dtype)
         nu = elementwise.finite_ceiling(nu, slots[0])
         nu_hat = nu if correction is None else nu / correction.astype(dtype)
         if centered:
             mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
             mu_hat = mu if correction is None else mu / correction.astype(dtype)
-            nu_hat = jnp.maximum(nu_hat - mu_hat * mu_hat, 0)
+            nu_hat = jnp.maximum(nu_hat - elementwise.abs_sq(mu_hat), 0)
         if eps_in_sqrt:
             scaling = jax.lax.rsqrt(nu_hat + eps)
         else:
@@ -173,4 +173,5 @@ def rms_rule(
         to_state=to_state,
         from_state=from_state,
         num_slots=2 if centered else 1,
+        complex_refusal=storage_lib.complex_refusal(storage),
     )

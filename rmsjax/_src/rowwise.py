@@ -120,6 +120,7 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         from_state=from_state,
         num_slots=1,
         slots_match_leaf=False,
+        complex_refusal="the row-wise sum is written for real leaves",
     )
 
 

@@ -93,7 +93,8 @@ def rss_rule(
         del context, param
         dtype = elementwise.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        total = elementwise.finite_ceiling(g_c * g_c + storage_lib.load(slots[0], dtype), slots[0])
+        total = elementwise.abs_sq(g_c) + storage_lib.load(slots[0], dtype)
+        total = elementwise.finite_ceiling(total, slots[0])
         if eps_in_sqrt:
             scaling = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0)
         else:
@@ -113,4 +114,5 @@ def rss_rule(
         to_state=lambda shared, trees: ScaleByRssState(trees[0]),
         from_state=from_state,
         num_slots=1,
+        complex_refusal=storage_lib.complex_refusal(storage),
     )

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # ----------------------------------------------------------------------------- helpers
@@ -234,6 +235,12 @@ def init_leaf_like(rule: Any, param: Any) -> Any:
     slots = rule.init_leaf(param)
     sharding = _explicit_sharding(param)
     if sharding is None:
+        if _is_tracer(param):
+            # A jitted init on Auto axes (how flax and most scripts create state): the
+            # layout is the compiler's to choose, and a state made from constants would
+            # land on one device. Tie each slot shaped like its parameter to the
+            # parameter's sharding; the others follow by propagation.
+            return jax.tree.map(lambda slot: _shard_like(slot, param), slots)
         return slots
     mesh = sharding.mesh
     specs = _slot_specs(rule, mesh, sharding.spec, param, slots)
@@ -243,6 +250,12 @@ def init_leaf_like(rule: Any, param: Any) -> Any:
         return jax.sharding.reshard(slot, target)
 
     return jax.tree.map(place, slots, specs)
+
+
+def _shard_like(slot: Any, param: Any) -> Any:
+    if not _is_tracer(param) or tuple(jnp.shape(slot)) != tuple(jnp.shape(param)) or not param.ndim:
+        return slot
+    return shard_alike(param, slot)[1]
 
 
 def _readings(param_shape: tuple, slot_shape: tuple) -> int:

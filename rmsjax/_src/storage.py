@@ -309,11 +309,18 @@ def check_storage(function: str, storage: Any) -> None:
         raise ValueError(f"rmsjax.{function}: storage must be one of {allowed}, got {storage!r}")
 
 
+def complex_refusal(storage: str | None) -> str | None:
+    """Why a state kept as ``storage`` cannot hold complex values (None: it can)."""
+    return None if storage is None else f"storage={storage!r} keeps real values only"
+
+
 def init_slot(param: Any, fill: Any, storage: str | None, *, signed: bool) -> Any:
     """A state array for ``param`` filled with ``fill``, in the format ``storage`` asks.
 
     ``signed`` picks the code table under ``"int8"``: True for values of either sign,
-    False for non-negative ones (second moments).
+    False for non-negative ones (second moments). Without ``storage`` the slot has the
+    parameter's dtype (for a complex parameter a second moment is then complex with a
+    zero imaginary part, as optax keeps it, and computed with optax's operations).
     """
     shape = jnp.shape(param)
     if storage is None:

@@ -77,6 +77,11 @@ def check_decay(function: str, argument: str, value: Any) -> None:
     check_range(function, argument, value, 0.0, 1.0, high_open=True)
 
 
+def check_momentum(function: str, argument: str, value: Any) -> None:
+    """Momentum decays: in [0, 1]; 1 (no decay of the buffer) is allowed, as in optax."""
+    check_range(function, argument, value, 0.0, 1.0)
+
+
 def check_non_negative(function: str, argument: str, value: Any) -> None:
     check_range(function, argument, value, 0.0)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from rmsjax._src import base, elementwise, masking, validate
 
 
@@ -56,21 +58,27 @@ def add_decayed_weights(
         return elementwise.elementwise_transformation(rule)
 
     def init_fn(params):
-        masking.resolve_mask(name, mask, params)  # fail early on a malformed mask
+        if jax.tree.leaves(params):
+            masking.resolve_mask(name, mask, params)  # fail early on a malformed mask
         return base.EmptyState()
 
     def update_fn(updates, state, params=None, **extra):
+        # Stateless: any state is handed back as it came, as in the unmasked form.
         del extra
-        elementwise.expect_state(name, state, base.EmptyState)
         if params is None:
             raise ValueError(
                 f"rmsjax.{name}.update: this transformation needs the parameters; "
                 "call update(updates, state, params)."
             )
+        if updates is None:
+            return None, state
         mask_tree = masking.resolve_mask(name, mask, params)
-        chosen = masking.select(mask_tree, updates)
+        chosen = masking.select(mask_tree, updates, function=name)
         decayed, _ = elementwise.run(
-            rule, chosen, base.EmptyState(), masking.select(mask_tree, params)
+            rule,
+            chosen,
+            base.EmptyState(),
+            masking.select(mask_tree, params, function=name, what="parameters"),
         )
         return masking.merge(mask_tree, decayed, updates), state
 

@@ -1,0 +1,386 @@
+"""What an optax user meets after changing the import: optax's behaviour, checked live.
+
+Each test runs the same code against optax and rmsjax and compares what comes out:
+complex parameters, Python scalar leaves, masks, injected hyperparameters, momentum of
+exactly one, optax's positional argument order, placeholder states and eager steps.
+"""
+
+from __future__ import annotations
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax as rj
+
+
+def _complex_params() -> dict:
+    key_re, key_im = jax.random.split(jax.random.PRNGKey(0))
+    return {
+        "z": (jax.random.normal(key_re, (3, 4)) + 1j * jax.random.normal(key_im, (3, 4))).astype(
+            jnp.complex64
+        ),
+        "x": jnp.linspace(-1.0, 1.0, 5),
+    }
+
+
+def _gradients(params, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+
+        def draw(p):
+            shape = np.shape(p)
+            scale = 10.0 ** rng.uniform(-3, 1, size=shape)
+            value = rng.standard_normal(shape) * scale
+            if jnp.iscomplexobj(p):
+                value = value + 1j * rng.standard_normal(shape) * scale
+            return jnp.asarray(value, jnp.result_type(p))
+
+        out.append(jax.tree.map(draw, params))
+    return out
+
+
+def _same_trajectory(ours, theirs, params, grads, *, jit=True):
+    """Bit-identical updates and parameters at every step."""
+    ours_update = jax.jit(ours.update) if jit else ours.update
+    theirs_update = jax.jit(theirs.update) if jit else theirs.update
+    p1, s1 = params, ours.init(params)
+    p2, s2 = params, theirs.init(params)
+    for step, g in enumerate(grads):
+        u1, s1 = ours_update(g, s1, p1)
+        u2, s2 = theirs_update(g, s2, p2)
+        p1, p2 = rj.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        for a, b in zip(jax.tree.leaves((u1, p1)), jax.tree.leaves((u2, p2))):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {step}")
+    return s1, s2
+
+
+# ----------------------------------------------------------------------- complex leaves
+
+COMPLEX_RULES = {
+    "sgd": (lambda m: m.sgd(0.1), {}),
+    "sgd-nesterov": (lambda m: m.sgd(0.1, momentum=0.9, nesterov=True), {}),
+    "rmsprop": (lambda m: m.rmsprop(0.05), {}),
+    "rmsprop-centered-momentum": (lambda m: m.rmsprop(0.05, centered=True, momentum=0.9), {}),
+    "rmsprop-bias-eps-outside": (
+        lambda m: m.rmsprop(0.05, bias_correction=True, eps_in_sqrt=False, initial_scale=0.1),
+        {},
+    ),
+    "adagrad": (lambda m: m.adagrad(0.1), {}),
+    "trace": (lambda m: m.trace(0.9), {}),
+    "ema": (lambda m: m.ema(0.9), {}),
+    "clip_by_global_norm": (lambda m: m.chain(m.clip_by_global_norm(1.0), m.sgd(0.1)), {}),
+    "decayed-weights": (lambda m: m.chain(m.add_decayed_weights(1e-2), m.adagrad(0.1)), {}),
+}
+
+
+@pytest.mark.parametrize("name", COMPLEX_RULES)
+def test_complex_leaves_follow_optax_bit_for_bit(name):
+    make, _ = COMPLEX_RULES[name]
+    params = _complex_params()
+    s1, s2 = _same_trajectory(make(rj), make(optax), params, _gradients(params, 20))
+    chex.assert_tree_all_finite(s1)
+
+
+def test_complex_second_moment_is_the_squared_modulus():
+    # nu after one step is (1 - decay) |g|^2, real-valued; the update is g / sqrt(nu + eps)
+    g = jnp.array([3 + 4j, -1j], jnp.complex64)
+    tx = rj.scale_by_rms(decay=0.75, eps=0.0)
+    updates, state = tx.update(g, tx.init(jnp.zeros(2, jnp.complex64)))
+    np.testing.assert_allclose(np.asarray(state.nu), [0.25 * 25, 0.25 * 1], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(state.nu.imag))) == 0.0
+    np.testing.assert_allclose(np.asarray(updates), np.asarray(g) / np.sqrt([6.25, 0.25]), 1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(0.1, storage="int8"),
+        lambda: rj.adagrad(0.1, storage="bfloat16"),
+        lambda: rj.trace(0.9, storage="float32"),
+        lambda: rj.rowwise_adagrad(0.1),
+        lambda: rj.factored_rmsprop(0.1),
+    ],
+)
+def test_rules_that_cannot_take_complex_leaves_say_so(make):
+    params = {"z": jnp.ones((4, 8), jnp.complex64)}
+    with pytest.raises(TypeError, match=r"rmsjax\.\w+\.init: leaf \['z'\] has dtype complex64"):
+        make().init(params)
+
+
+# ------------------------------------------------------------------ Python scalar leaves
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.sgd(0.1, momentum=0.9),
+        lambda m: m.rmsprop(0.1),
+        lambda m: m.rmsprop(0.1, centered=True, momentum=0.5),
+        lambda m: m.trace(0.5),
+    ],
+)
+def test_python_float_leaves_are_zero_d_arrays(make):
+    params = {"s": 1.0, "v": jnp.ones(2)}
+    grads = {"s": 0.5, "v": jnp.array([0.25, -1.0])}
+    ours, theirs = make(rj), make(optax)
+    u1, _ = jax.jit(ours.update)(grads, ours.init(params), params)
+    u2, _ = jax.jit(theirs.update)(grads, theirs.init(params), params)
+    chex.assert_trees_all_equal(u1, u2)
+    u_eager, _ = ours.update(grads, ours.init(params), params)
+    chex.assert_trees_all_close(u_eager, u2, rtol=1e-6)
+    assert u_eager["s"].shape == ()
+
+
+# ------------------------------------------------------------------------------ masked
+
+
+def _masked_params():
+    return {"w": jnp.ones((2, 3)), "b": jnp.full(3, 0.5), "frozen": {"e": jnp.ones(4)}}
+
+
+MASK = {"w": True, "b": False, "frozen": False}
+
+
+def test_masked_state_keeps_a_placeholder_for_each_left_out_leaf():
+    params = _masked_params()
+    ours = rj.masked(rj.adagrad(0.1), MASK).init(params)
+    theirs = optax.masked(optax.adagrad(0.1), MASK).init(params)
+    assert isinstance(ours.inner_state[0].sum_of_squares["b"], rj.MaskedNode)
+    # the same tree shape as optax's, MaskedNode for MaskedNode
+    rename = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: "masked" if type(x).__name__ == "MaskedNode" else "leaf",
+        t,
+        is_leaf=lambda x: type(x).__name__ == "MaskedNode" or isinstance(x, jax.Array),
+    )
+    assert rename(ours.inner_state[0].sum_of_squares) == rename(theirs.inner_state[0].sum_of_squares)
+
+
+def test_optax_tree_map_params_works_on_a_masked_state():
+    params = _masked_params()
+    tx = rj.masked(rj.chain(rj.trace(0.9), rj.adagrad(0.1)), MASK)
+    state = tx.init(params)
+    doubled = optax.tree.map_params(tx, lambda x: 2 * x, state)
+    np.testing.assert_array_equal(
+        doubled.inner_state[1][0].sum_of_squares["w"], np.full((2, 3), 0.2, np.float32)
+    )
+    assert int(doubled.inner_state[1][1].count) == 0  # not a parameter-shaped leaf
+    shapes = optax.tree.map_params(
+        tx,
+        lambda x, p: isinstance(x, rj.MaskedNode) or x.shape == p.shape,
+        state,
+        params,
+        is_leaf=lambda v: isinstance(v, rj.MaskedNode),
+        transform_non_params=lambda _: None,
+    )
+    assert shapes.inner_state[0].trace["w"] is True
+
+
+def test_a_callable_pytree_mask_is_a_tree_not_a_function():
+    class Linear(eqx.Module):
+        w: jax.Array
+        b: jax.Array
+
+        def __call__(self, x):  # an equinox Module is callable
+            raise AssertionError("a tree mask must not be called")
+
+    params = Linear(jnp.ones(2), jnp.ones(3))
+    grads = Linear(jnp.full(2, 2.0), jnp.full(3, 2.0))
+    mask = Linear(w=True, b=False)  # the mask equinox users build: the model's own type
+    assert callable(mask)
+    tx = rj.masked(rj.scale(0.5), mask)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates.w, [1.0, 1.0])
+    np.testing.assert_array_equal(updates.b, [2.0, 2.0, 2.0])
+
+
+def test_masked_with_a_mismatched_mask_names_itself_and_both_trees():
+    tx = rj.masked(rj.sgd(0.1), {"w": True, "other": False})
+    with pytest.raises(ValueError, match=r"rmsjax\.masked: the mask's tree structure") as error:
+        tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
+    assert "'other'" in str(error.value) and "'b'" in str(error.value)
+
+
+def test_mask_compatible_extra_args_masks_extras_shaped_like_the_updates():
+    seen = {}
+
+    def update(updates, state, params=None, **extra):
+        seen["tags"] = extra["tags"]
+        return updates, state
+
+    inner = rj.GradientTransformation(lambda p: rj.EmptyState(), update)
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    tags = {"w": jnp.ones(2), "b": jnp.zeros(2)}
+    for flag, expected in [(True, rj.MaskedNode), (False, jax.Array)]:
+        tx = rj.masked(inner, {"w": True, "b": False}, mask_compatible_extra_args=flag)
+        tx.update(params, tx.init(params), params, tags=tags)
+        assert isinstance(seen["tags"]["b"], expected)
+
+
+# ------------------------------------------------------------------ inject_hyperparams
+
+
+def test_inject_hyperparams_takes_optax_argument_names_and_order():
+    ours = rj.inject_hyperparams(inner_factory=rj.rmsprop)(learning_rate=0.1)
+    positional = rj.inject_hyperparams(rj.rmsprop, ("nesterov",), jnp.float32)(0.1)
+    params = _complex_params()["x"]
+    grads = _gradients(params, 5)
+    theirs = optax.inject_hyperparams(optax.rmsprop)(learning_rate=0.1)
+    _same_trajectory(ours, theirs, params, grads)
+    _same_trajectory(positional, theirs, params, grads)
+
+
+def test_inject_hyperparams_one_static_name_and_numeric_static_args():
+    calls = []
+
+    def factory(learning_rate, width):
+        calls.append(width)
+        assert isinstance(width, int), "a static numeric argument arrives unchanged"
+        return rj.sgd(learning_rate)
+
+    tx = rj.inject_hyperparams(factory, static_args="width")(0.1, 3)
+    state = tx.init(jnp.ones(2))
+    assert set(state.hyperparams) == {"learning_rate"}
+    tx.update(jnp.ones(2), state)
+    assert calls and all(width == 3 for width in calls)
+
+
+class _PlateauSchedule:
+    """A stateful schedule (optax's protocol): halves its value when told to."""
+
+    def init(self):
+        return {"value": jnp.asarray(0.1, jnp.float32)}
+
+    def update(self, state, *, halve=False, **extra):
+        return {"value": jnp.where(halve, state["value"] / 2, state["value"])}
+
+    def __call__(self, state, **extra):
+        return state["value"]
+
+
+def test_inject_hyperparams_runs_stateful_schedules_as_optax_does():
+    params = jnp.ones(3)
+    ours = rj.inject_hyperparams(rj.sgd)(learning_rate=_PlateauSchedule())
+    theirs = optax.inject_hyperparams(optax.sgd)(learning_rate=_PlateauSchedule())
+    s1, s2 = ours.init(params), theirs.init(params)
+    for halve in [False, True, False, True]:
+        u1, s1 = jax.jit(ours.update)(params, s1, params, halve=halve)
+        u2, s2 = jax.jit(theirs.update)(params, s2, params, halve=halve)
+        np.testing.assert_array_equal(u1, u2)
+    assert float(s1.hyperparams_states["learning_rate"]["value"]) == pytest.approx(0.025)
+
+
+def test_a_new_hyperparameter_of_another_type_does_not_retrace():
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=0.9)
+    params = jnp.ones(3)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state):
+        return tx.update(jnp.ones(3), state, params)
+
+    state = tx.init(params)
+    _, state = step(state)
+    for value in [0.01, np.float64(0.02), np.float32(0.03), 1]:
+        state.hyperparams["learning_rate"] = value
+        assert state.hyperparams["learning_rate"].dtype == jnp.float32
+        _, state = step(state)
+    assert state.hyperparams["learning_rate"].dtype == jnp.float32
+
+
+def test_a_misspelled_hyperparameter_is_an_error():
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
+    state = tx.init(jnp.ones(2))
+    with pytest.raises(KeyError, match="no entry 'learnin_rate'"):
+        state.hyperparams["learnin_rate"] = 0.01
+    bad = state._replace(hyperparams={**state.hyperparams, "learnin_rate": 0.01})
+    with pytest.raises(KeyError, match=r"inject_hyperparams\(rmsprop\).update.*learnin_rate"):
+        tx.update(jnp.ones(2), bad)
+
+
+# ---------------------------------------------------------------- arguments and placeholders
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.trace(1.0),
+        lambda m: m.trace(1.0, True),
+        lambda m: m.sgd(0.1, momentum=1.0),
+        lambda m: m.rmsprop(0.1, momentum=1.0),
+    ],
+)
+def test_momentum_of_exactly_one_as_optax(make):
+    params = jnp.linspace(-1.0, 1.0, 4)
+    _same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.scale_by_rms(0.8, 1e-6, 0.5, False, True),
+        lambda m: m.scale_by_rss(0.2, 1e-5),
+        lambda m: m.trace(0.7, True, jnp.float32),
+        lambda m: m.ema(0.7, False, jnp.float32),
+        lambda m: m.sgd(0.1, 0.9, True, jnp.float32),
+        lambda m: m.rmsprop(0.1, 0.8, 1e-6, 0.1, False, False, 0.9, True, True),
+        lambda m: m.adagrad(0.1, 0.2, 1e-5),
+        lambda m: m.add_decayed_weights(0.1, None),
+    ],
+)
+def test_optax_positional_arguments_mean_the_same(make):
+    params = jnp.linspace(-1.0, 1.0, 4)
+    _same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda m: m.scale(0.5), lambda m: m.clip(1.0), lambda m: m.identity()]
+)
+def test_stateless_rules_hand_back_any_state_as_optax(make):
+    g = jnp.array([2.0, -3.0])
+    for placeholder in [None, (), optax.EmptyState()]:
+        u1, s1 = make(rj).update(g, placeholder)
+        u2, s2 = make(optax).update(g, placeholder)
+        np.testing.assert_array_equal(u1, u2)
+        assert s1 == s2 == placeholder
+
+
+def test_add_decayed_weights_with_updates_left_out():
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    theirs = optax.add_decayed_weights(0.1)
+    assert theirs.update(None, theirs.init(params), params)[0] is None
+    for mask in [None, {"w": True, "b": False}]:  # optax's masked form fails here
+        ours = rj.add_decayed_weights(0.1, mask)
+        assert ours.update(None, ours.init(params), params)[0] is None
+    grads = {"w": jnp.ones(2), "b": None}
+    u1, _ = rj.add_decayed_weights(0.1).update(grads, rj.EmptyState(), params)
+    u2, _ = optax.add_decayed_weights(0.1).update(grads, optax.EmptyState(), params)
+    assert u1["b"] is None and u2["b"] is None
+    np.testing.assert_array_equal(u1["w"], u2["w"])
+
+
+# ------------------------------------------------------------------- eager, and optax states
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_eager_bias_correction_is_optax_bit_for_bit(eps_in_sqrt):
+    params = jax.random.normal(jax.random.PRNGKey(3), (257,))
+    ours = rj.scale_by_rms(0.9, 1e-8, 0.0, eps_in_sqrt, True)
+    theirs = optax.scale_by_rms(0.9, 1e-8, 0.0, eps_in_sqrt, True)
+    _same_trajectory(ours, theirs, params, _gradients(params, 12), jit=False)
+
+
+def test_an_optax_state_is_recognised_and_the_conversion_named():
+    params = jnp.ones(2)
+    tx = rj.rmsprop(0.1)
+    optax_state = optax.rmsprop(0.1).init(params)
+    with pytest.raises(TypeError, match=r"got optax's ScaleByRmsState .*rmsjax\.from_optax_state"):
+        tx.update(jnp.ones(2), optax_state)
+    state = rj.from_optax_state(optax_state, like=tx.init(params))
+    tx.update(jnp.ones(2), state)
