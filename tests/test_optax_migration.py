@@ -1,0 +1,173 @@
+"""Moving a run between optax and rmsjax: from_optax_state and to_optax_state.
+
+Each test trains with one library, saves parameters and optimizer state with orbax,
+restores them into an abstract target, converts the state, continues with the other
+library, and asserts that the trajectory is bit-identical to the first library
+continuing on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax as rj
+from tests import trees
+
+ocp = pytest.importorskip("orbax.checkpoint", reason="orbax is in the examples extra")
+
+# Every combination of the flags that change optax's state type, with the three
+# momentum settings taken in turn (momentum only adds a TraceState to the chain).
+_MOMENTA = [(None, False), (0.9, False), (0.9, True)]
+RMSPROP_FLAGS = [
+    dict(
+        zip(("eps_in_sqrt", "centered", "bias_correction"), values),
+        momentum=_MOMENTA[i % 3][0],
+        nesterov=_MOMENTA[i % 3][1],
+    )
+    for i, values in enumerate(itertools.product([True, False], repeat=3))
+]
+
+
+def _pair(make):
+    return make(rj), make(optax)
+
+
+def _flag_id(flags):
+    return "-".join(f"{k}={v}" for k, v in flags.items())
+
+
+# Each entry: a function of the library module giving the same optimizer in both.
+OPTIMIZERS = {
+    **{
+        f"rmsprop[{_flag_id(flags)}]": (lambda flags: lambda m: m.rmsprop(1e-2, **flags))(flags)
+        for flags in RMSPROP_FLAGS
+    },
+    "rmsprop-schedule": lambda m: m.rmsprop(
+        optax.cosine_decay_schedule(1e-2, 20), momentum=0.9, initial_scale=0.1
+    ),
+    "sgd": lambda m: m.sgd(0.1),
+    "sgd-momentum": lambda m: m.sgd(0.1, momentum=0.9),
+    "sgd-nesterov": lambda m: m.sgd(0.1, momentum=0.9, nesterov=True),
+    "adagrad": lambda m: m.adagrad(0.1),
+    "adagrad-zero-start": lambda m: m.adagrad(0.1, initial_accumulator_value=0.0, eps=1e-5),
+    "clipped-rmsprop": lambda m: m.chain(m.clip_by_global_norm(1.0), m.rmsprop(1e-2)),
+    "chain-of-parts": lambda m: m.chain(
+        m.clip(2.0),
+        m.add_decayed_weights(1e-3),
+        m.scale_by_rms(0.95, 1e-6),
+        m.scale_by_learning_rate(1e-2),
+        m.trace(0.9),
+        m.ema(0.5),
+        m.scale(0.5),
+        m.identity(),
+    ),
+    "scale_by_rss": lambda m: m.chain(m.scale_by_rss(), m.scale(-0.1)),
+    "masked-adagrad": lambda m: m.chain(
+        m.masked(m.adagrad(0.1), {"scalar": True, "dense": False, "nested": True}),
+        m.masked(m.sgd(0.01), {"scalar": False, "dense": True, "nested": False}),
+    ),
+    "guarded-rmsprop": lambda m: m.apply_if_finite(m.rmsprop(1e-2, momentum=0.9), 3),
+    "injected-rmsprop": lambda m: m.inject_hyperparams(m.rmsprop)(
+        learning_rate=optax.linear_schedule(1e-2, 1e-3, 20), decay=0.9, momentum=0.9
+    ),
+}
+
+
+def _params():
+    params = trees.mixed_params()
+    params["dense"]["b"] = jnp.zeros(4)  # orbax saves no None leaves of params
+    return params
+
+
+def _train(tx, apply, params, state, grads):
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = apply(params, updates)
+    return params, state
+
+
+def _save_and_restore(directory, params, state):
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt_state": state}
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, {"params": params, "opt_state": state})
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory, abstract)
+    return restored["params"], restored["opt_state"]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optax_run_continues_in_rmsjax_bit_for_bit(name, tmp_path):
+    ours, theirs = _pair(OPTIMIZERS[name])
+    params = _params()
+    grads = trees.gradient_sequence(params, 10, seed=5)
+    p, s = _train(theirs, optax.apply_updates, params, theirs.init(params), grads[:5])
+    p, s = _save_and_restore(tmp_path / "optax", p, s)
+    expected = _train(theirs, optax.apply_updates, p, s, grads[5:])
+    converted = rj.from_optax_state(s, like=jax.eval_shape(ours.init, params))
+    got = _train(ours, rj.apply_updates, p, converted, grads[5:])
+    chex.assert_trees_all_equal(got[0], expected[0])
+    chex.assert_trees_all_equal_dtypes(got[0], expected[0])
+    # and the rmsjax state maps back onto optax's, equal to optax's own
+    back = rj.to_optax_state(got[1], like=theirs.init(params))
+    chex.assert_trees_all_equal(back, expected[1])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_rmsjax_run_continues_in_optax_bit_for_bit(name, tmp_path):
+    ours, theirs = _pair(OPTIMIZERS[name])
+    params = _params()
+    grads = trees.gradient_sequence(params, 10, seed=6)
+    p, s = _train(ours, rj.apply_updates, params, ours.init(params), grads[:5])
+    p, s = _save_and_restore(tmp_path / "rmsjax", p, s)
+    expected = _train(ours, rj.apply_updates, p, s, grads[5:])
+    converted = rj.to_optax_state(s, like=jax.eval_shape(theirs.init, params))
+    got = _train(theirs, optax.apply_updates, p, converted, grads[5:])
+    chex.assert_trees_all_equal(got[0], expected[0])
+
+
+def test_complex_state_converts_both_ways():
+    params = {"z": jnp.array([1 + 1j, 2 - 1j], jnp.complex64)}
+    ours, theirs = _pair(lambda m: m.rmsprop(0.1, momentum=0.9))
+    g = {"z": jnp.array([0.5 - 2j, 1j], jnp.complex64)}
+    s = theirs.update(g, theirs.init(params))[1]
+    converted = rj.from_optax_state(s, like=ours.init(params))
+    np.testing.assert_array_equal(converted[0].nu["z"], s[0].nu["z"])
+    chex.assert_trees_all_equal(rj.to_optax_state(converted, like=s), s)
+
+
+def test_int8_state_is_encoded_and_decoded():
+    params = {"w": jnp.linspace(0.1, 1.0, 8192).reshape(8, 1024)}
+    theirs = optax.rmsprop(0.1, momentum=0.9)
+    tx = rj.rmsprop(0.1, momentum=0.9, storage="int8")
+    s = theirs.update(params, theirs.init(params))[1]
+    converted = rj.from_optax_state(s, like=tx.init(params))
+    assert isinstance(converted[0].nu["w"], rj.QuantizedArray)
+    decoded = rj.dequantize(converted[0].nu["w"])
+    np.testing.assert_allclose(decoded, s[0].nu["w"], rtol=0.05)
+    back = rj.to_optax_state(converted, like=s)
+    np.testing.assert_allclose(back[2].trace["w"], s[2].trace["w"], rtol=0.05)
+
+
+def test_a_state_of_another_optimizer_is_refused_with_its_place():
+    params = {"w": jnp.ones(3)}
+    s = optax.adagrad(0.1).init(params)
+    like = rj.chain(rj.scale_by_rms(), rj.scale(-0.1)).init(params)
+    with pytest.raises(
+        ValueError, match=r"at state\[0\]: a ScaleByRssState cannot become a ScaleByRmsState"
+    ):
+        rj.from_optax_state(s, like=like)
+    with pytest.raises(ValueError, match=r"at state: expected a sequence of 3 states"):
+        rj.from_optax_state(s, like=rj.rmsprop(0.1, momentum=0.5).init(params))
+    centered_like = rj.rmsprop(0.1, centered=True).init(params)
+    with pytest.raises(ValueError, match=r"at state\[0\]\.mu: ScaleByRmsState holds no 'mu'"):
+        rj.from_optax_state(optax.rmsprop(0.1).init(params), like=centered_like)
