@@ -531,6 +531,43 @@ def run_docs() -> None:
     print(f"ok docs: {len(blocks)} snippets of docs/scale_out.md ran")
 
 
+def run_jit_init_auto() -> None:
+    """``jax.jit(tx.init)(params)`` with no out_shardings on Auto axes, as flax and most
+    scripts create state: every state array shaped like its parameter carries the
+    parameter's sharding, and keeps it through jitted steps, for every rule, storage
+    option and wrapper."""
+    mesh = make_mesh(AxisType.Auto)
+    params = make_params(mesh)
+    candidates = {**transformations(), **wrappers()}
+    candidates["sgd momentum"] = rj.sgd(0.1, momentum=0.9)
+    candidates["grouped rmsprop"] = rj.grouped(rj.rmsprop(0.01, momentum=0.9))
+
+    def check(label, state, tx):
+        if isinstance(state, rj.GroupedState):  # blocks of one leaf here: all shapes differ
+            state = rj.ungroup_state(tx, state, params)
+        checked = 0
+        for name, leaf in pairs(state, params):
+            if name is None or leaf.shape != params[name].shape or not leaf.ndim:
+                continue
+            want = params[name].sharding
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+                f"{label}: state of {name!r} is {leaf.sharding}, parameter {want}"
+            )
+            checked += 1
+        return checked
+
+    for name, tx in candidates.items():
+        state = jax.jit(tx.init)(params)
+        checked = check(f"{name}, jit(init)", state, tx)
+        check(f"{name}, init", tx.init(params), tx)
+        step = jax.jit(lambda g, s, p, tx=tx: rj.update_and_apply(tx, g, s, p))
+        new_params, state = step(make_params(mesh, 1), state, params)
+        check(f"{name}, after a step", state, tx)
+        if "int8" not in name and "factored" not in name and "rowwise" not in name:
+            assert checked, f"{name}: no state array shaped like a parameter was found"
+        print(f"ok jit(init): {name}, {checked} arrays")
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
     checks = {
@@ -540,6 +577,7 @@ if __name__ == "__main__":
             AxisType.Explicit, ("rmsprop int8 centered momentum",)
         ),
         "layout-wrappers": lambda: run_layout(AxisType.Auto, tuple(wrappers()), wrappers),
+        "jit-init-auto": run_jit_init_auto,
         "zero1": run_zero1,
         "docs": run_docs,
     }

@@ -159,7 +159,9 @@ def test_masked_state_keeps_a_placeholder_for_each_left_out_leaf():
         t,
         is_leaf=lambda x: type(x).__name__ == "MaskedNode" or isinstance(x, jax.Array),
     )
-    assert rename(ours.inner_state[0].sum_of_squares) == rename(theirs.inner_state[0].sum_of_squares)
+    assert rename(ours.inner_state[0].sum_of_squares) == rename(
+        theirs.inner_state[0].sum_of_squares
+    )
 
 
 def test_optax_tree_map_params_works_on_a_masked_state():

@@ -8,6 +8,7 @@ continuing on its own.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import chex
@@ -39,6 +40,10 @@ def _pair(make):
     return make(rj), make(optax)
 
 
+def _rmsprop(module, flags):
+    return module.rmsprop(1e-2, **flags)
+
+
 def _flag_id(flags):
     return "-".join(f"{k}={v}" for k, v in flags.items())
 
@@ -46,7 +51,7 @@ def _flag_id(flags):
 # Each entry: a function of the library module giving the same optimizer in both.
 OPTIMIZERS = {
     **{
-        f"rmsprop[{_flag_id(flags)}]": (lambda flags: lambda m: m.rmsprop(1e-2, **flags))(flags)
+        f"rmsprop[{_flag_id(flags)}]": functools.partial(_rmsprop, flags=flags)
         for flags in RMSPROP_FLAGS
     },
     "rmsprop-schedule": lambda m: m.rmsprop(

@@ -77,6 +77,11 @@ def test_wrapper_state_laid_out_like_params():
     assert "ok shard_map: accumulate_gradients" in out, out
 
 
+def test_jit_init_keeps_the_parameters_shardings_on_auto_mesh():
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "jit-init-auto")
+    assert out.count("ok jit(init):") == 13, out
+
+
 def test_zero1_step_matches_one_device_with_an_eighth_of_the_state():
     out = run_on_8_devices("tests/_multidevice_sharding.py", "zero1")
     assert out.count("ok zero1 step") == 3 and out.count("ok zero1 bytes") == 3, out

@@ -85,8 +85,10 @@ def _is_integer(value: Any) -> bool:
 
 
 def _is_stateful_schedule(value: Any) -> bool:
-    return callable(value) and callable(getattr(value, "init", None)) and callable(
-        getattr(value, "update", None)
+    return (
+        callable(value)
+        and callable(getattr(value, "init", None))
+        and callable(getattr(value, "update", None))
     )
 
 
@@ -157,9 +159,7 @@ def inject_hyperparams(
     """
     name = "inject_hyperparams"
     if not callable(inner_factory):
-        raise TypeError(
-            f"rmsjax.{name}: inner_factory must be callable, got {inner_factory!r}"
-        )
+        raise TypeError(f"rmsjax.{name}: inner_factory must be callable, got {inner_factory!r}")
     if isinstance(static_args, str):
         static_args = (static_args,)
     try:
@@ -264,8 +264,7 @@ def inject_hyperparams(
                 build(values), updates, state.inner_state, params, extra
             )
             schedule_states = {
-                key: s.update(state.hyperparams_states[key], **extra)
-                for key, s in stateful.items()
+                key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
             count = elementwise.safe_increment(state.count)
             return new_updates, InjectHyperparamsState(
