@@ -46,6 +46,12 @@ def add_decayed_weights(
     Array([0.], dtype=float32)
     """
     name = "add_decayed_weights"
+    if callable(weight_decay):
+        raise TypeError(
+            f"rmsjax.{name}: weight_decay must be a number here, got the schedule "
+            f"{weight_decay!r}; for a scheduled decay use "
+            "rj.inject_hyperparams(rj.add_decayed_weights)(weight_decay=schedule)."
+        )
     validate.check_non_negative(name, "weight_decay", weight_decay)
     validate.check_finite(name, "weight_decay", weight_decay)
 
