@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import rmsjax as rj
-from tests import reference, trees
+from tests import optax_checks, reference, trees
 
 TOLERANCE = {
     jnp.float32: dict(rtol=2e-5, atol=1e-7),
@@ -162,16 +162,7 @@ def assert_same_as_optax(ours, theirs, *, steps=trees.STEPS, jit=True):
     """Bit-identical updates and parameters, step by step, in float32."""
     params = trees.mixed_params()
     grads = trees.gradient_sequence(params, steps, seed=1)
-    ours_update = jax.jit(ours.update) if jit else ours.update
-    theirs_update = jax.jit(theirs.update) if jit else theirs.update
-    p1, s1 = params, ours.init(params)
-    p2, s2 = params, theirs.init(params)
-    for step, g in enumerate(grads):
-        u1, s1 = ours_update(g, s1, p1)
-        u2, s2 = theirs_update(g, s2, p2)
-        p1, p2 = rj.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-        for a, b in zip(jax.tree.leaves((u1, p1)), jax.tree.leaves((u2, p2))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {step}")
+    optax_checks.same_trajectory(ours, theirs, params, grads, jit=jit)
 
 
 @pytest.mark.parametrize(

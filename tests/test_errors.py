@@ -81,6 +81,98 @@ def test_nan_is_rejected_wherever_a_number_is_checked(function, argument, allowe
         CALLS[function](**{argument: float("nan")})
 
 
+# Counts: checked as ints, with a ValueError for any wrong value.
+INTEGER_ARGUMENTS = {
+    ("linear_schedule", "transition_steps"),
+    ("exponential_decay", "transition_steps"),
+    ("cosine_decay_schedule", "decay_steps"),
+}
+
+# Arguments for which None means "off" in the signature itself.
+NONE_MEANS_OFF = {
+    ("keras_rmsprop", "weight_decay"),
+    ("keras_adagrad", "weight_decay"),
+    ("rmsprop", "momentum"),
+    ("sgd", "momentum"),
+}
+
+BAD_VALUES = {
+    "a bool": (True, TypeError),
+    "a string": ("0.1", TypeError),
+    "None": (None, TypeError),
+    "a list": ([0.9], TypeError),
+    "a complex number": (1 + 2j, TypeError),
+    "an array of three": (np.array([1.5, 1.5, 1.5]), ValueError),
+    "a jax array of two": (jnp.array([0.5, 0.5]), ValueError),
+    "float32 overflow": (1e40, ValueError),
+    "minus infinity": (float("-inf"), ValueError),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES)
+@pytest.mark.parametrize(
+    "function,argument,integer",
+    sorted(
+        {
+            (f, a, allowed.startswith("an int") or (f, a) in INTEGER_ARGUMENTS)
+            for f, a, allowed, _ in ROWS
+            if allowed != "True or False"
+        }
+    ),
+)
+def test_every_documented_argument_refuses_what_is_not_a_real_scalar(
+    function, argument, integer, bad
+):
+    value, error_type = BAD_VALUES[bad]
+    if integer:  # counts (every_k, ...) say "must be an int" for any wrong value
+        error_type = (TypeError, ValueError)
+    if value is None and (function, argument) in NONE_MEANS_OFF:
+        return
+    with pytest.raises(error_type) as error:
+        CALLS[function](**{argument: value})
+    assert str(error.value).startswith(f"rmsjax.{function}: {argument} must be"), error.value
+    assert repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.sgd(0.1, accumulator_dtype=jnp.int32),
+        lambda: rj.trace(0.9, accumulator_dtype="int8"),
+        lambda: rj.ema(0.9, accumulator_dtype=jnp.bool_),
+    ],
+)
+def test_integer_accumulator_dtypes_are_refused(make):
+    with pytest.raises(ValueError, match="accumulator_dtype must be None or a floating dtype"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: rj.sgd(0.1, nesterov=True), lambda: rj.rmsprop(0.1, nesterov=True)]
+)
+def test_nesterov_without_momentum_is_refused(make):
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum, got momentum=None"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: rj.rmsprop(s),
+        lambda s: rj.compat.torch_adagrad(lr=s, lr_decay=0.1),
+        lambda s: rj.compat.keras_rmsprop(learning_rate=s, weight_decay=0.1),
+        lambda s: rj.inject_hyperparams(rj.sgd)(learning_rate=s),
+    ],
+)
+@pytest.mark.parametrize("shape", [(3,), (2,)])
+def test_a_schedule_must_return_a_scalar(make, shape):
+    params = jnp.ones(3)
+    # at construction where the schedule is evaluated there, else when the step is traced
+    with pytest.raises(ValueError, match=r"learning_rate schedule must return a scalar"):
+        tx = make(lambda count: jnp.full(shape, 0.1))
+        jax.jit(tx.update)(params, tx.init(params), params)
+
+
 def test_traced_hyperparameters_pass_unchecked_and_work():
     params = jnp.array([1.0, -1.0])
     grads = jnp.array([0.5, 2.0])

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import rmsjax as rj
+from tests import optax_checks
 
 
 def _complex_params() -> dict:
@@ -45,22 +46,6 @@ def _gradients(params, steps, seed=0):
     return out
 
 
-def _same_trajectory(ours, theirs, params, grads, *, jit=True):
-    """Bit-identical updates and parameters at every step."""
-    ours_update = jax.jit(ours.update) if jit else ours.update
-    theirs_update = jax.jit(theirs.update) if jit else theirs.update
-    p1, s1 = params, ours.init(params)
-    p2, s2 = params, theirs.init(params)
-    for step, g in enumerate(grads):
-        u1, s1 = ours_update(g, s1, p1)
-        u2, s2 = theirs_update(g, s2, p2)
-        p1, p2 = rj.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-        for a, b in zip(jax.tree.leaves((u1, p1)), jax.tree.leaves((u2, p2))):
-            assert a.dtype == b.dtype
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {step}")
-    return s1, s2
-
-
 # ----------------------------------------------------------------------- complex leaves
 
 COMPLEX_RULES = {
@@ -84,7 +69,7 @@ COMPLEX_RULES = {
 def test_complex_leaves_follow_optax_bit_for_bit(name):
     make, _ = COMPLEX_RULES[name]
     params = _complex_params()
-    s1, s2 = _same_trajectory(make(rj), make(optax), params, _gradients(params, 20))
+    s1, s2 = optax_checks.same_trajectory(make(rj), make(optax), params, _gradients(params, 20))
     chex.assert_tree_all_finite(s1)
 
 
@@ -234,8 +219,8 @@ def test_inject_hyperparams_takes_optax_argument_names_and_order():
     params = _complex_params()["x"]
     grads = _gradients(params, 5)
     theirs = optax.inject_hyperparams(optax.rmsprop)(learning_rate=0.1)
-    _same_trajectory(ours, theirs, params, grads)
-    _same_trajectory(positional, theirs, params, grads)
+    optax_checks.same_trajectory(ours, theirs, params, grads)
+    optax_checks.same_trajectory(positional, theirs, params, grads)
 
 
 def test_inject_hyperparams_one_static_name_and_numeric_static_args():
@@ -320,7 +305,7 @@ def test_a_misspelled_hyperparameter_is_an_error():
 )
 def test_momentum_of_exactly_one_as_optax(make):
     params = jnp.linspace(-1.0, 1.0, 4)
-    _same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
+    optax_checks.same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
 
 
 @pytest.mark.parametrize(
@@ -338,7 +323,7 @@ def test_momentum_of_exactly_one_as_optax(make):
 )
 def test_optax_positional_arguments_mean_the_same(make):
     params = jnp.linspace(-1.0, 1.0, 4)
-    _same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
+    optax_checks.same_trajectory(make(rj), make(optax), params, _gradients(params, 6))
 
 
 @pytest.mark.parametrize(
@@ -375,7 +360,7 @@ def test_eager_bias_correction_is_optax_bit_for_bit(eps_in_sqrt):
     params = jax.random.normal(jax.random.PRNGKey(3), (257,))
     ours = rj.scale_by_rms(0.9, 1e-8, 0.0, eps_in_sqrt, True)
     theirs = optax.scale_by_rms(0.9, 1e-8, 0.0, eps_in_sqrt, True)
-    _same_trajectory(ours, theirs, params, _gradients(params, 12), jit=False)
+    optax_checks.same_trajectory(ours, theirs, params, _gradients(params, 12), jit=False)
 
 
 def test_an_optax_state_is_recognised_and_the_conversion_named():

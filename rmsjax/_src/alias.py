@@ -11,6 +11,11 @@ from rmsjax._src import storage as storage_lib
 
 def _momentum(function: str, value: Any, nesterov: bool, **kwargs: Any):
     if value is None:
+        if nesterov is True:
+            raise ValueError(
+                f"rmsjax.{function}: nesterov=True needs a momentum, got momentum=None; "
+                "pass a momentum in [0, 1] or nesterov=False"
+            )
         return base.identity()
     validate.check_momentum(function, "momentum", value)
     return momentum.trace(decay=value, nesterov=nesterov, **kwargs)
@@ -43,6 +48,7 @@ def sgd(
     """
     validate.check_learning_rate("sgd", "learning_rate", learning_rate)
     validate.check_bool("sgd", "nesterov", nesterov)
+    validate.check_float_dtype("sgd", "accumulator_dtype", accumulator_dtype)
     return combine.chain(
         _momentum("sgd", momentum, nesterov, accumulator_dtype=accumulator_dtype),
         scaling.scale_by_learning_rate(learning_rate),

@@ -75,7 +75,11 @@ def decoupled_weight_decay(
     validate.check_learning_rate(name, "learning_rate", learning_rate)
 
     def factor_at(count):
-        rate = learning_rate(count) if callable(learning_rate) else learning_rate
+        rate = (
+            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            if callable(learning_rate)
+            else learning_rate
+        )
         return rate * weight_decay
 
     def update_leaf(g, factor, param):
@@ -118,7 +122,11 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
     validate.check_finite(name, "lr_decay", lr_decay)
 
     def schedule(count):
-        rate = learning_rate(count) if callable(learning_rate) else learning_rate
+        rate = (
+            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            if callable(learning_rate)
+            else learning_rate
+        )
         return rate / (1 + jnp.asarray(count, jnp.float32) * lr_decay)
 
     return schedule

@@ -17,10 +17,13 @@ class ScaleByFactoredRmsState(NamedTuple):
 
     Attributes:
       nu_row: for a factored parameter of shape ``(..., n, m)``, the decaying average of
-        each row's mean squared gradient, shape ``(..., n)``; else an empty ``(0,)``.
-      nu_col: likewise for the columns, shape ``(..., m)``; else an empty ``(0,)``.
+        each row's mean squared gradient, shape ``(..., n)``; else a placeholder.
+      nu_col: likewise for the columns, shape ``(..., m)``; else a placeholder.
       nu: for a parameter that is not factored (a scalar, a vector, a small matrix),
-        the full decaying average of squared gradients; else an empty ``(0,)``.
+        the full decaying average of squared gradients; else a placeholder.
+
+    A placeholder is a float32 zero of shape ``()``, not an empty array: checkpointers
+    (orbax) refuse to save arrays of size zero.
     """
 
     nu_row: base.Updates
@@ -101,14 +104,29 @@ def _check_min_dim(function: str, value: Any) -> None:
         )
 
 
+def _mean(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """The mean as a sum of ``x / n``: no partial sum overflows where every element is
+    finite (a plain sum of values near the float32 maximum is infinite)."""
+    return jnp.sum(x / x.shape[axis], axis=axis, keepdims=keepdims)
+
+
+def _ratio(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x / y``, also where ``y`` is near the float32 maximum: XLA on CPU divides by
+    multiplying with ``1 / y``, which flushes to zero above 2**126, so there both sides
+    are first scaled down by 2**64 (exactly: a power of two)."""
+    # the scale depends on y, so that XLA cannot cancel it out of the quotient
+    scale = jnp.where(y > 2.0**100, jnp.asarray(2.0**-64, y.dtype), jnp.ones_like(y))
+    return (x * scale) / (y * scale)
+
+
 def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_factored_rms` (unchecked arguments)."""
     name = "scale_by_factored_rms"
 
     def shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         if is_factored(shape, min_dim_size_to_factor):
-            return (*shape[:-1],), (*shape[:-2], shape[-1]), (0,)
-        return (0,), (0,), shape
+            return (*shape[:-1],), (*shape[:-2], shape[-1]), ()
+        return (), (), shape
 
     def init_leaf(param):
         dtype = elementwise.compute_dtype(jnp.result_type(param))
@@ -128,13 +146,14 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         g_c = g.astype(dtype)
         squares = g_c * g_c + eps
         if is_factored(shape, min_dim_size_to_factor):
-            row = decay * slots[0] + (1 - decay) * jnp.mean(squares, axis=-1)
-            col = decay * slots[1] + (1 - decay) * jnp.mean(squares, axis=-2)
-            row_mean = jnp.mean(row, axis=-1, keepdims=True)
-            nu_hat = (row / row_mean)[..., :, None] * col[..., None, :]
+            row = decay * slots[0] + (1 - decay) * _mean(squares, axis=-1)
+            col = decay * slots[1] + (1 - decay) * _mean(squares, axis=-2)
+            row, col = elementwise.finite_ceiling(row), elementwise.finite_ceiling(col)
+            row_mean = _mean(row, axis=-1, keepdims=True)
+            nu_hat = _ratio(row, row_mean)[..., :, None] * col[..., None, :]
             new_slots = (row, col, slots[2])
         else:
-            nu_hat = decay * slots[2] + (1 - decay) * squares
+            nu_hat = elementwise.finite_ceiling(decay * slots[2] + (1 - decay) * squares)
             new_slots = (slots[0], slots[1], nu_hat)
         update = jnp.where(g_c == 0, g_c, g_c * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots
@@ -181,7 +200,7 @@ def factored_rmsprop(
       learning_rate: :math:`\eta`, a scalar >= 0 or a schedule.
       decay: :math:`\rho` in [0, 1).
       eps: :math:`\epsilon` >= 0, added to every squared gradient.
-      momentum: :math:`\mu` in [0, 1), or None for none (momentum keeps a full buffer).
+      momentum: :math:`\mu` in [0, 1], or None for none (momentum keeps a full buffer).
       nesterov: use Nesterov momentum.
       min_dim_size_to_factor: factor matrices whose last two axes both have at least
         this many entries.
@@ -208,7 +227,15 @@ def factored_rmsprop(
         scale_by_factored_rms(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
         scaling.scale_by_learning_rate(learning_rate),
     ]
-    if momentum is not None:
-        validate.check_decay(name, "momentum", momentum)
+    if momentum is None:
+        if nesterov:
+            raise ValueError(
+                f"rmsjax.{name}: nesterov=True needs a momentum, got momentum=None; "
+                "pass a momentum in [0, 1] or nesterov=False"
+            )
+        # an identity keeps the state's layout (3 parts) the same with momentum or not
+        parts.append(base.identity())
+    else:
+        validate.check_momentum(name, "momentum", momentum)
         parts.append(momentum_lib.trace(decay=momentum, nesterov=nesterov))
     return combine.chain(*parts)

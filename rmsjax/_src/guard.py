@@ -15,7 +15,8 @@ class ApplyIfFiniteState(NamedTuple):
 
     Attributes:
       notfinite_count: consecutive non-finite steps so far (int32; 0 after a good step).
-      last_finite: whether the last step's gradients were all finite (bool scalar).
+      last_finite: whether the last step's gradients, updates and new inner state were
+        all finite (bool scalar).
       total_notfinite: non-finite steps since ``init`` (int32, saturating).
       inner_state: the wrapped transformation's state.
     """
@@ -27,8 +28,11 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """True when every element of every leaf of ``tree`` is finite (a bool scalar)."""
-    leaves = jax.tree.leaves(tree)
+    """True when every element of every floating leaf of ``tree`` is finite (a bool
+    scalar); integer and boolean leaves (counts, int8 codes) are finite by nature."""
+    leaves = [
+        leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
     checks = [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
@@ -46,9 +50,11 @@ def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
 def apply_if_finite(
     inner: base.GradientTransformation, max_consecutive_errors: int
 ) -> base.GradientTransformation:
-    """Runs ``inner`` only on steps whose gradients are all finite.
+    """Runs ``inner`` only on steps whose gradients, updates and new state are all finite.
 
-    On a step where any gradient element is NaN or infinite, the updates are zero and
+    On a step where any element of the gradients, of the updates ``inner`` returns or of
+    its new state is NaN or infinite (a NaN gradient, a schedule that yields NaN, an
+    inner rule that overflows), the updates are zero and
     ``inner``'s state is returned unchanged, bit for bit, so ``apply_updates`` leaves
     the parameters exactly as they were; the counters record the skip. A finite step
     resets the consecutive count. After more than ``max_consecutive_errors`` bad steps
@@ -108,8 +114,7 @@ def apply_if_finite(
                 f"by this transformation's init), got {type(state).__name__}."
             )
 
-    def decide(updates, state):
-        finite = all_finite(updates)
+    def decide(finite, state):
         notfinite_count = jnp.where(
             finite, jnp.zeros([], jnp.int32), elementwise.safe_increment(state.notfinite_count)
         )
@@ -123,17 +128,19 @@ def apply_if_finite(
 
     def update_fn(updates, state, params=None, **extra):
         check_state(state)
-        apply, make_state = decide(updates, state)
         new_updates, new_inner = combine._call(inner, updates, state.inner_state, params, extra)
+        # The gradients, and what the inner transformation made of them: a schedule that
+        # yields NaN or a rule that overflows is caught as well as a NaN gradient.
+        apply, make_state = decide(all_finite((updates, new_updates, new_inner)), state)
         new_updates = _select(apply, new_updates, _negative_zeros(new_updates))
         return new_updates, make_state(_select(apply, new_inner, state.inner_state))
 
     def update_and_apply_fn(updates, state, params, **extra):
         check_state(state)
-        apply, make_state = decide(updates, state)
         new_params, new_inner = combine.update_and_apply(
             inner, updates, state.inner_state, params, **extra
         )
+        apply, make_state = decide(all_finite((updates, new_params, new_inner)), state)
         new_params = jax.tree.map(
             lambda n, p: None if p is None else jnp.where(apply, n, p),
             new_params,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, sharding
+from rmsjax._src import base, combine, elementwise, sharding, validate
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -49,6 +49,11 @@ class Hyperparams(dict):
                 f"its entries are {sorted(self)}"
             )
         old = super().__getitem__(key)
+        if np.shape(value) != np.shape(old):
+            raise ValueError(
+                f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
+                f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
+            )
         if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
             super().__setitem__(key, value)
         else:
@@ -217,10 +222,13 @@ def inject_hyperparams(
 
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
+            where = f"inject_hyperparams({factory_name})"
             for key, schedule in schedules.items():
-                values[key] = cast(key, schedule(count), dtype)
+                value = validate.scalar_schedule_value(where, key, schedule(count))
+                values[key] = cast(key, value, dtype)
             for key, schedule in stateful.items():
-                values[key] = cast(key, schedule(schedule_states[key], **extra), dtype)
+                value = schedule(schedule_states[key], **extra)
+                values[key] = cast(key, validate.scalar_schedule_value(where, key, value), dtype)
             return values
 
         def build(values):
@@ -229,7 +237,10 @@ def inject_hyperparams(
         # Build once now, so that bad values fail where the optimizer is made.
         zero = jnp.zeros([], jnp.int32)
         probe = {key: cast(key, v, jnp.float32) for key, v in numeric.items()}
-        probe.update({key: cast(key, s(zero), jnp.float32) for key, s in schedules.items()})
+        where = f"inject_hyperparams({factory_name})"
+        for key, schedule in schedules.items():
+            value = validate.scalar_schedule_value(where, key, schedule(zero))
+            probe[key] = cast(key, value, jnp.float32)
         build({**probe, **{key: jnp.zeros([], jnp.float32) for key in stateful}})
 
         def init_fn(params):

@@ -66,6 +66,7 @@ def trace(
     """
     validate.check_momentum("trace", "decay", decay)
     validate.check_bool("trace", "nesterov", nesterov)
+    validate.check_float_dtype("trace", "accumulator_dtype", accumulator_dtype)
     storage_lib.check_storage("trace", storage)
     if storage is not None and accumulator_dtype is not None:
         raise ValueError(
@@ -126,6 +127,7 @@ def ema(
     """
     validate.check_decay("ema", "decay", decay)
     validate.check_bool("ema", "debias", debias)
+    validate.check_float_dtype("ema", "accumulator_dtype", accumulator_dtype)
 
     def step_shared(count):
         count = elementwise.safe_increment(count)

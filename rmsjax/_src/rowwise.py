@@ -100,7 +100,7 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         squares = g_c * g_c
         if _is_rowwise(shape):
             squares = jnp.mean(squares, axis=-1)
-        total = slots[0].astype(dtype) + squares
+        total = elementwise.finite_ceiling(slots[0].astype(dtype) + squares, slots[0])
         scaling_ = jnp.where(total > 0, 1 / (jnp.sqrt(total) + eps), 0.0)
         if _is_rowwise(shape):
             scaling_ = scaling_[..., None]

@@ -71,7 +71,8 @@ def scale_by_learning_rate(
 
     def factor_at(count):
         if callable(learning_rate):
-            return sign * learning_rate(count)
+            value = learning_rate(count)
+            return sign * validate.scalar_schedule_value(name, "learning_rate", value)
         return sign * learning_rate
 
     return elementwise.elementwise_transformation(

@@ -27,8 +27,54 @@ def concrete_value(value: Any) -> float | None:
     return float(array)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _fail(function: str, argument: str, allowed: str, value: Any) -> None:
     raise ValueError(f"rmsjax.{function}: {argument} must be {allowed}, got {value!r}")
+
+
+def _wrong_type(function: str, argument: str, allowed: str, value: Any) -> None:
+    raise TypeError(
+        f"rmsjax.{function}: {argument} must be {allowed}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def read_number(function: str, argument: str, value: Any, *, schedule: bool = False):
+    """A hyperparameter as a python float, or None when it is traced (or a schedule,
+    where ``schedule`` allows one).
+
+    Raises TypeError for what is not a real number (a bool, a string, None, a list, a
+    complex number, a function where no schedule is allowed) and ValueError for an
+    array that is not a scalar, naming the function, the argument and the value.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    allowed = "a real number or a schedule" if schedule else "a real number"
+    if callable(value):
+        if schedule:
+            return None
+        _wrong_type(function, argument, allowed, value)
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes, list, tuple, dict)):
+        _wrong_type(function, argument, allowed, value)
+    try:
+        array = np.asarray(value)
+    except Exception:  # not something numpy can read (an abstract value, say)
+        _wrong_type(function, argument, allowed, value)
+    if array.dtype.kind not in "iuf":
+        _wrong_type(function, argument, allowed, value)
+    if array.shape != ():
+        _fail(function, argument, f"a scalar, not an array of shape {array.shape}", value)
+    return float(array)
+
+
+def _check_representable(function: str, argument: str, number: float, value: Any) -> None:
+    """Rejects infinities, and values that overflow float32 (the dtype the step
+    computes in unless x64 is on), where they would turn every update infinite."""
+    if math.isinf(number):
+        _fail(function, argument, "a finite number", value)
+    if abs(number) > FLOAT32_MAX and not jax.config.jax_enable_x64:
+        _fail(function, argument, f"finite in float32 (at most {FLOAT32_MAX:.8g})", value)
 
 
 def check_range(
@@ -40,19 +86,23 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    schedule: bool = False,
 ) -> None:
-    """Raises ValueError unless ``low <= value <= high`` (bounds open where asked).
+    """Raises ValueError unless ``low <= value <= high`` (bounds open where asked) and
+    the value is finite in float32; TypeError unless it is a real scalar (see
+    :func:`read_number`).
 
     NaN always fails. The message names the function, the argument, the range and the
     value, e.g. ``rmsjax.rmsprop: decay must be in [0, 1), got 1.5``.
     """
-    number = concrete_value(value)
+    number = read_number(function, argument, value, schedule=schedule)
     if number is None:
         return
     too_low = low is not None and (number < low or (low_open and number == low))
     too_high = high is not None and (number > high or (high_open and number == high))
     if math.isnan(number) or too_low or too_high:
         _fail(function, argument, describe_range(low, high, low_open, high_open), value)
+    _check_representable(function, argument, number, value)
 
 
 def describe_range(
@@ -87,18 +137,42 @@ def check_non_negative(function: str, argument: str, value: Any) -> None:
 
 
 def check_finite(function: str, argument: str, value: Any) -> None:
-    number = concrete_value(value)
-    if number is not None and not math.isfinite(number):
+    """Any real number that is finite in float32 (see :func:`check_range`)."""
+    number = read_number(function, argument, value)
+    if number is not None and math.isnan(number):
         _fail(function, argument, "a finite number", value)
+    if number is not None:
+        _check_representable(function, argument, number, value)
 
 
 def check_learning_rate(function: str, argument: str, value: Any) -> None:
     """Learning rates: a finite number >= 0, or a schedule."""
-    if value is not None and not callable(value) and concrete_value(value) is None:
-        if not isinstance(value, jax.core.Tracer) and np.asarray(value).shape != ():
-            _fail(function, argument, "a scalar or a schedule", value)
-    check_range(function, argument, value, 0.0)
-    check_finite(function, argument, value)
+    check_range(function, argument, value, 0.0, schedule=True)
+
+
+def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
+    """None, or a floating (or complex) dtype: state kept in an integer dtype would
+    truncate."""
+    if dtype is None:
+        return
+    try:
+        resolved = np.dtype(jax.numpy.dtype(dtype))
+    except TypeError:
+        _wrong_type(function, argument, "None or a floating dtype", dtype)
+    if not jax.numpy.issubdtype(resolved, jax.numpy.inexact):
+        _fail(function, argument, "None or a floating dtype", dtype)
+
+
+def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
+    """A schedule's value, checked at trace time to be a scalar: a schedule that returns
+    an array would otherwise be broadcast over each leaf, or fail inside the step."""
+    shape = np.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"rmsjax.{function}: the {argument} schedule must return a scalar, got a value "
+            f"of shape {shape}"
+        )
+    return value
 
 
 def check_bool(function: str, argument: str, value: Any) -> None:

@@ -1,0 +1,71 @@
+"""apply_if_finite catches what the inner transformation makes non-finite; row-wise and
+factored state stay finite under huge gradients, as the other rules' state does."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsjax as rj
+
+
+def _nan_at_step_two(count):
+    return jnp.where(count == 2, jnp.nan, 0.1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_that_the_inner_rule_makes_non_finite_is_skipped(fused):
+    params = jnp.array([1.0, -2.0, 3.0])
+    grads = jnp.array([0.5, 0.25, -1.0])  # finite at every step
+    tx = rj.apply_if_finite(rj.rmsprop(_nan_at_step_two, momentum=0.9), 5)
+    state = tx.init(params)
+
+    def step(p, s):
+        if fused:
+            return rj.update_and_apply(tx, grads, s, p)
+        updates, s = tx.update(grads, s, p)
+        return rj.apply_updates(p, updates), s
+
+    step = jax.jit(step)
+    for _ in range(2):
+        params, state = step(params, state)
+    before_params, before_inner = params, state.inner_state
+    params, state = step(params, state)  # the schedule yields NaN here
+    chex.assert_trees_all_equal(params, before_params)
+    # the inner state is returned unchanged, bit for bit (its count included)
+    chex.assert_trees_all_equal(state.inner_state, before_inner)
+    assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+    assert int(state.total_notfinite) == 1
+    chex.assert_tree_all_finite(state)
+
+
+def test_an_overflowing_inner_rule_is_caught():
+    # a float16 parameter with a momentum buffer in float16: 1e4 * 10 overflows it
+    tx = rj.apply_if_finite(rj.sgd(1.0, momentum=0.9, accumulator_dtype=jnp.float16), 2)
+    params = jnp.zeros(2, jnp.float16)
+    state = tx.init(params)
+    updates, state = tx.update(jnp.full(2, 60000.0, jnp.float16) * 1.0, state)
+    updates, new_state = tx.update(jnp.full(2, 60000.0, jnp.float16), state)
+    assert not bool(new_state.last_finite)
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+    np.testing.assert_array_equal(np.asarray(updates, np.float32), [-0.0, -0.0])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: rj.rowwise_adagrad(0.1), lambda: rj.factored_rmsprop(0.1, min_dim_size_to_factor=2)],
+)
+@pytest.mark.parametrize("scale", [1e30, 3e38])
+def test_rowwise_and_factored_state_stays_finite_and_keeps_stepping(make, scale):
+    params = {"table": jnp.ones((4, 8)), "v": jnp.ones(3)}
+    tx = make()
+    state = tx.init(params)
+    huge = jax.tree.map(lambda p: jnp.full(p.shape, scale), params)
+    _, state = jax.jit(tx.update)(huge, state, params)
+    chex.assert_tree_all_finite(state)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    chex.assert_tree_all_finite((updates, state))
+    assert all(float(jnp.min(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
