@@ -18,7 +18,6 @@ from rmsjax._src.base import ScalarOrSchedule as ScalarOrSchedule
 from rmsjax._src.base import Schedule as Schedule
 from rmsjax._src.base import Updates as Updates
 from rmsjax._src.base import apply_updates as apply_updates
-from rmsjax._src.base import identity as identity
 from rmsjax._src.clipping import clip as clip
 from rmsjax._src.clipping import clip_by_global_norm as clip_by_global_norm
 from rmsjax._src.clipping import global_norm as global_norm
@@ -27,6 +26,7 @@ from rmsjax._src.combine import update_and_apply as update_and_apply
 from rmsjax._src.diagnostics import StepSizeSummary as StepSizeSummary
 from rmsjax._src.diagnostics import effective_step_sizes as effective_step_sizes
 from rmsjax._src.diagnostics import step_size_summary as step_size_summary
+from rmsjax._src.elementwise import identity as identity
 from rmsjax._src.factored import ScaleByFactoredRmsState as ScaleByFactoredRmsState
 from rmsjax._src.factored import factored_rmsprop as factored_rmsprop
 from rmsjax._src.factored import scale_by_factored_rms as scale_by_factored_rms
@@ -61,16 +61,16 @@ from rmsjax._src.rss import scale_by_rss as scale_by_rss
 from rmsjax._src.scaling import ScaleByLearningRateState as ScaleByLearningRateState
 from rmsjax._src.scaling import scale as scale
 from rmsjax._src.scaling import scale_by_learning_rate as scale_by_learning_rate
-from rmsjax._src.sharding import bytes_per_device as bytes_per_device
-from rmsjax._src.sharding import shard_state as shard_state
 from rmsjax._src.sharding import state_shardings as state_shardings
-from rmsjax._src.sharding import zero1_shardings as zero1_shardings
-from rmsjax._src.sharding import zero1_update_and_apply as zero1_update_and_apply
 from rmsjax._src.step import make_train_step as make_train_step
 from rmsjax._src.storage import QuantizedArray as QuantizedArray
 from rmsjax._src.storage import dequantize as dequantize
 from rmsjax._src.storage import quantize as quantize
 from rmsjax._src.weight_decay import add_decayed_weights as add_decayed_weights
+from rmsjax._src.zero1 import bytes_per_device as bytes_per_device
+from rmsjax._src.zero1 import shard_state as shard_state
+from rmsjax._src.zero1 import zero1_shardings as zero1_shardings
+from rmsjax._src.zero1 import zero1_update_and_apply as zero1_update_and_apply
 
 try:
     __version__ = version("rmsjax")

@@ -32,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import rmsjax as rj  # noqa: E402
-from rmsjax._src.sharding import derived_spec  # noqa: E402
+from rmsjax._src.specs import derived_spec  # noqa: E402
 
 # Parameters chosen to reach every layout: a matrix whose last axis is a multiple of the
 # int8 block (codes keep the parameter's axes), a 32-wide table (flat blocks of whole

@@ -21,7 +21,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import rmsjax as rj
-from rmsjax._src.sharding import derived_spec
+from rmsjax._src.specs import derived_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

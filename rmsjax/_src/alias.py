@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax._src import base, combine, momentum, rms, rss, scaling, validate
+from rmsjax._src import base, combine, elementwise, momentum, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -16,7 +16,7 @@ def _momentum(function: str, value: Any, nesterov: bool, **kwargs: Any):
                 f"rmsjax.{function}: nesterov=True needs a momentum, got momentum=None; "
                 "pass a momentum in [0, 1] or nesterov=False"
             )
-        return base.identity()
+        return elementwise.identity()
     validate.check_momentum(function, "momentum", value)
     return momentum.trace(decay=value, nesterov=nesterov, **kwargs)
 

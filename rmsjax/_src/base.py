@@ -52,23 +52,6 @@ def init_empty_state(params: Params) -> EmptyState:
     return EmptyState()
 
 
-def identity() -> GradientTransformation:
-    """A transformation that returns the updates unchanged.
-
-    >>> import jax.numpy as jnp, rmsjax as rj
-    >>> tx = rj.identity()
-    >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
-    Array([1., 1.], dtype=float32)
-    """
-
-    # An elementwise rule with nothing to do, so that a chain holding it (rmsprop without
-    # momentum, say) still fuses into one pass. Imported here: elementwise imports base.
-    from rmsjax._src import elementwise
-
-    rule = elementwise.stateless_rule("identity", lambda g, param: g)
-    return elementwise.elementwise_transformation(rule)
-
-
 def _is_none(x: Any) -> bool:
     return x is None
 

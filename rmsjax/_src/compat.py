@@ -153,23 +153,25 @@ def _check_non_negative(function: str, argument: str, value: Any) -> None:
 
 
 def _flip(maximize: bool) -> base.GradientTransformation:
-    return scaling.scale(-1.0) if maximize else base.identity()
+    return scaling.scale(-1.0) if maximize else elementwise.identity()
 
 
 def _coupled_decay(value: float) -> base.GradientTransformation:
     if _is_zero(value):
-        return base.identity()
+        return elementwise.identity()
     return weight_decay_lib.add_decayed_weights(value)
 
 
 def _decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTransformation:
     if _is_zero(value):
-        return base.identity()
+        return elementwise.identity()
     return decoupled_weight_decay(value, learning_rate)
 
 
 def _momentum(value: float, storage: str | None) -> base.GradientTransformation:
-    return base.identity() if _is_zero(value) else momentum.trace(decay=value, storage=storage)
+    return (
+        elementwise.identity() if _is_zero(value) else momentum.trace(decay=value, storage=storage)
+    )
 
 
 # ---------------------------------------------------------------------------- PyTorch

@@ -327,6 +327,20 @@ def stateless_rule(
     )
 
 
+def identity() -> base.GradientTransformation:
+    """A transformation that returns the updates unchanged.
+
+    It is an elementwise rule with nothing to do, so a chain holding it (``rmsprop``
+    without momentum, say) still fuses into one pass over the leaves.
+
+    >>> import jax.numpy as jnp, rmsjax as rj
+    >>> tx = rj.identity()
+    >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
+    Array([1., 1.], dtype=float32)
+    """
+    return elementwise_transformation(stateless_rule("identity", lambda g, param: g))
+
+
 def counted_rule(
     name: str,
     state_type: type,

@@ -234,7 +234,7 @@ def factored_rmsprop(
                 "pass a momentum in [0, 1] or nesterov=False"
             )
         # an identity keeps the state's layout (3 parts) the same with momentum or not
-        parts.append(base.identity())
+        parts.append(elementwise.identity())
     else:
         validate.check_momentum(name, "momentum", momentum)
         parts.append(momentum_lib.trace(decay=momentum, nesterov=nesterov))

@@ -1,0 +1,192 @@
+"""ZeRO-1: optimizer state split over the data-parallel axis, and a measure of what each
+device holds.
+
+The parameters stay replicated for data parallelism and each state array is split over
+the data-parallel axis, so each device holds ``1/N`` of the optimizer state.
+:func:`zero1_shardings` computes that layout, :func:`shard_state` applies it, and a
+jitted step keeps it with ``in_shardings``/``out_shardings``, updating through
+:func:`zero1_update_and_apply`. This module sits above the rules and ``chain``: it runs
+a whole transformation (``update_and_apply``), where the layout module below the
+engine only places state like the parameters. See docs/scale_out.md.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from rmsjax._src import combine
+from rmsjax._src import specs as spec_lib
+from rmsjax._src.sharding import known_sharding
+
+# ---------------------------------------------------------------------------- ZeRO-1
+
+
+def _zero1_spec(mesh: Mesh, leaf: Any, axis: str) -> PartitionSpec:
+    shape = tuple(getattr(leaf, "shape", ()))
+    current = known_sharding(leaf)
+    if isinstance(current, NamedSharding) and tuple(current.mesh.axis_names) == tuple(
+        mesh.axis_names
+    ):
+        entries = spec_lib.padded(current.spec, len(shape))
+    else:
+        entries = [None] * len(shape)
+    used = {name for entry in entries for name in spec_lib.axis_names(entry)}
+    if axis in used:
+        return PartitionSpec(*entries)
+    size = mesh.shape[axis]
+    for dim, length in enumerate(shape):
+        if entries[dim] is None and length % size == 0 and length >= size:
+            entries[dim] = axis
+            break
+    return PartitionSpec(*entries)
+
+
+def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
+    """Shardings that split optimizer state over the data-parallel axis (ZeRO stage 1).
+
+    Each array leaf is split along its first dimension whose length the size of ``axis``
+    divides (and that is not already sharded); other mesh axes a leaf is already sharded
+    over (tensor parallelism) are kept. Leaves with no such dimension, and scalars such as
+    step counts, are replicated. Any divisible dimension gives each device exactly ``1/N``;
+    the first one keeps state that is a reshape of its parameter (int8 blocks, row
+    statistics) split like the parameter, so the step needs no reshuffling. With
+    parameters replicated over ``axis`` and the state laid out this way, each device keeps
+    about ``1/N`` of the optimizer state and updates only its part; ``jit`` inserts the
+    gather of the updated parameters (see :func:`zero1_update_and_apply`).
+
+    Args:
+      state: an optimizer state, or its abstract form (``jax.eval_shape(tx.init, params)``);
+        leaves need a ``shape`` (None leaves stay None).
+      mesh: the device mesh.
+      axis: the name of the data-parallel mesh axis.
+
+    Returns:
+      A pytree of :class:`jax.sharding.NamedSharding` with the structure of ``state``, for
+      :func:`shard_state` or ``jax.jit(..., in_shardings=..., out_shardings=...)``.
+
+    Raises:
+      ValueError: if ``axis`` is not an axis of ``mesh``.
+
+    >>> import jax, jax.numpy as jnp, rmsjax as rj
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> state = rj.rmsprop(0.1).init({"w": jnp.zeros((4, 2))})
+    >>> shardings = rj.zero1_shardings(state, mesh, "data")
+    >>> shardings[0].nu["w"].spec, shardings[0].count.spec
+    (P('data', None), P())
+    """
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"rmsjax.zero1_shardings: axis must be one of the mesh's axes "
+            f"{tuple(mesh.axis_names)}, got {axis!r}."
+        )
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, _zero1_spec(mesh, leaf, axis)), state)
+
+
+def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
+    """Places ``state`` with :func:`zero1_shardings`: split over ``axis``, ZeRO-1 style.
+
+    Args:
+      state: an optimizer state (for instance ``tx.init(params)``).
+      mesh: the device mesh.
+      axis: the name of the data-parallel mesh axis.
+
+    Returns:
+      The same state, each array laid out by :func:`zero1_shardings`.
+
+    >>> import jax, jax.numpy as jnp, rmsjax as rj
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> state = rj.shard_state(rj.adagrad(0.1).init(jnp.zeros(8)), mesh, "data")
+    >>> state[0].sum_of_squares.sharding.spec
+    P('data',)
+    """
+    return jax.device_put(state, zero1_shardings(state, mesh, axis))
+
+
+def _constrain(tree: Any, shardings: Any) -> Any:
+    """Lays ``tree`` out by ``shardings``: ``reshard`` on Explicit axes, else a constraint."""
+
+    def one(x, sharding):
+        mesh = sharding.mesh
+        if AxisType.Explicit in tuple(mesh.axis_types):
+            return jax.sharding.reshard(
+                x, NamedSharding(mesh, spec_lib.explicit_only(mesh, sharding.spec))
+            )
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def zero1_update_and_apply(
+    tx: Any, grads: Any, state: Any, params: Any, mesh: Mesh, axis: str = "data", **extra: Any
+) -> tuple[Any, Any]:
+    """:func:`update_and_apply` for ZeRO-1: each device updates only its part of the state.
+
+    Call it inside the jitted training step, with the state laid out by
+    :func:`zero1_shardings` and the parameters replicated over ``axis``. The gradients
+    and parameters are split like the state before the update (the compiler turns the
+    gradients' all-reduce into a reduce-scatter), the update runs on each device's part,
+    and the new parameters are gathered back to the parameters' layout. On a mesh with
+    Explicit axes this is needed (elementwise ops refuse operands laid out differently);
+    on Auto axes it makes the compiler's choice explicit.
+
+    Args:
+      tx: the :class:`GradientTransformation`.
+      grads: the gradients, with the parameters' structure.
+      state: the optimizer state, laid out by :func:`zero1_shardings`.
+      params: the parameters (replicated over ``axis``).
+      mesh: the device mesh.
+      axis: the name of the data-parallel mesh axis.
+      **extra: keyword extras for ``tx.update``.
+
+    Returns:
+      ``(new_params, new_state)``, as :func:`update_and_apply` returns them, the
+      parameters in their input layout.
+
+    >>> import jax, jax.numpy as jnp, rmsjax as rj
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> tx, params = rj.sgd(0.1), jnp.ones(4)
+    >>> state = rj.shard_state(tx.init(params), mesh, "data")
+    >>> step = jax.jit(lambda g, s, p: rj.zero1_update_and_apply(tx, g, s, p, mesh))
+    >>> with jax.set_mesh(mesh):  # make_mesh's axes are Explicit: jit needs the mesh
+    ...     params, state = step(jnp.ones(4), state, params)
+    >>> params
+    Array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+    """
+
+    split = zero1_shardings(params, mesh, axis)
+    new_params, new_state = combine.update_and_apply(
+        tx, _constrain(grads, split), state, _constrain(params, split), **extra
+    )
+    # Back to the parameters' layout where it is known (Explicit axes, or outside jit);
+    # on Auto axes under jit the step's out_shardings say it.
+    known = [known_sharding(p) for p in jax.tree.leaves(params)]
+    new_leaves, treedef = jax.tree.flatten(new_params)
+    new_leaves = [
+        x if sharding is None else _constrain(x, NamedSharding(mesh, sharding.spec))
+        for x, sharding in zip(new_leaves, known, strict=True)
+    ]
+    return treedef.unflatten(new_leaves), new_state
+
+
+def bytes_per_device(tree: Any) -> dict:
+    """How many bytes of ``tree``'s arrays each device holds (this process's devices).
+
+    Args:
+      tree: a pytree of arrays, for instance an optimizer state.
+
+    Returns:
+      A dict from device to the bytes of the shards it holds, replicated copies included.
+
+    >>> import jax.numpy as jnp, rmsjax as rj
+    >>> list(rj.bytes_per_device({"a": jnp.zeros(4), "b": jnp.zeros(2)}).values())
+    [24]
+    """
+    held: collections.Counter = collections.Counter()
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] += shard.data.nbytes
+    return dict(held)
