@@ -881,7 +881,7 @@ def test_preset_rejects_what_its_peer_rejects(preset, arguments, argument, allow
     with pytest.raises(ValueError) as error:
         getattr(compat, preset)(**arguments)
     message = str(error.value)
-    assert message.startswith(f"rmsjax.{preset}: {argument} must be {allowed}, got ")
+    assert message.startswith(f"rmsjax.compat.{preset}: {argument} must be {allowed}, got ")
     assert message.endswith(repr(arguments[argument]))
 
 
@@ -906,7 +906,9 @@ def test_torch_rejects_the_same_arguments_live(preset, arguments):
     optimizer = {"torch_rmsprop": torch.optim.RMSprop, "torch_adagrad": torch.optim.Adagrad}
     with pytest.raises(ValueError):
         optimizer[preset]([torch.zeros(1, requires_grad=True)], **arguments)
-    with pytest.raises(ValueError, match=f"rmsjax.{preset}: {next(iter(arguments))} must be"):
+    with pytest.raises(
+        ValueError, match=f"rmsjax.compat.{preset}: {next(iter(arguments))} must be"
+    ):
         getattr(compat, preset)(**arguments)
 
 
@@ -952,5 +954,5 @@ def test_presets_pass_storage_through(name):
 
 @pytest.mark.parametrize("name", STORAGE_PRESETS)
 def test_presets_reject_unknown_storage(name):
-    with pytest.raises(ValueError, match=f"rmsjax.{name}: storage must be one of"):
+    with pytest.raises(ValueError, match=f"rmsjax.compat.{name}: storage must be one of"):
         STORAGE_PRESETS[name](storage="int4")

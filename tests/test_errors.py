@@ -40,12 +40,12 @@ CALLS = {
     "clip_by_global_norm": rj.clip_by_global_norm,
     "accumulate_gradients": lambda **kw: rj.accumulate_gradients(rj.sgd(0.1), **kw),
     "apply_if_finite": lambda **kw: rj.apply_if_finite(rj.sgd(0.1), **kw),
-    "torch_rmsprop": rj.compat.torch_rmsprop,
-    "torch_adagrad": rj.compat.torch_adagrad,
-    "keras_rmsprop": rj.compat.keras_rmsprop,
-    "keras_adagrad": rj.compat.keras_adagrad,
-    "tf1_rmsprop": lambda **kw: rj.compat.tf1_rmsprop(**{"learning_rate": 0.1, **kw}),
-    "tf1_adagrad": lambda **kw: rj.compat.tf1_adagrad(**{"learning_rate": 0.1, **kw}),
+    "compat.torch_rmsprop": rj.compat.torch_rmsprop,
+    "compat.torch_adagrad": rj.compat.torch_adagrad,
+    "compat.keras_rmsprop": rj.compat.keras_rmsprop,
+    "compat.keras_adagrad": rj.compat.keras_adagrad,
+    "compat.tf1_rmsprop": lambda **kw: rj.compat.tf1_rmsprop(**{"learning_rate": 0.1, **kw}),
+    "compat.tf1_adagrad": lambda **kw: rj.compat.tf1_adagrad(**{"learning_rate": 0.1, **kw}),
 }
 
 
@@ -90,8 +90,8 @@ INTEGER_ARGUMENTS = {
 
 # Arguments for which None means "off" in the signature itself.
 NONE_MEANS_OFF = {
-    ("keras_rmsprop", "weight_decay"),
-    ("keras_adagrad", "weight_decay"),
+    ("compat.keras_rmsprop", "weight_decay"),
+    ("compat.keras_adagrad", "weight_decay"),
     ("rmsprop", "momentum"),
     ("sgd", "momentum"),
 }

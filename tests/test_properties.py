@@ -129,6 +129,7 @@ def test_scale_by_rss(data, initial, eps, eps_in_sqrt):
 )
 def test_rmsprop_alias(data, lr, decay, momentum, nesterov):
     dtype_name, grads = data
+    nesterov = nesterov and momentum is not None  # Nesterov needs a momentum
     tx = rj.rmsprop(lr, decay=decay, momentum=momentum, nesterov=nesterov)
     check(
         tx,

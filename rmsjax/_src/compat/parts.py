@@ -1,0 +1,155 @@
+"""The parts the presets share: Keras' decoupled weight decay, torch Adagrad's
+inverse-time decay, the argument checks, and the parts a preset holds in a fixed place."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmsjax._src import base, elementwise, momentum, scaling, validate
+from rmsjax._src import weight_decay as weight_decay_lib
+
+# ------------------------------------------------------------------------ small parts
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: the step count its learning rate reads."""
+
+    count: jax.Array
+
+
+def decoupled_weight_decay(
+    weight_decay: float, learning_rate: base.ScalarOrSchedule
+) -> base.GradientTransformation:
+    r"""Keras' decoupled weight decay: adds :math:`-\eta_t\,\lambda\,\theta` to the updates.
+
+    Keras 3 shrinks every variable by :math:`\theta \leftarrow \theta - \eta_t\lambda\theta`
+    before the optimizer's own step, with the learning rate :math:`\eta_t` of that step
+    (a schedule is evaluated at the same count as the step's). Placed last in a chain,
+    after the learning rate and momentum, the decay term reaches the parameters
+    without passing through the second moment or the momentum buffer, which is the
+    same thing. Needs ``params`` in ``update``.
+
+    Args:
+      weight_decay: :math:`\lambda` >= 0.
+      learning_rate: :math:`\eta`, a scalar >= 0 or a schedule of the step count
+        (0, 1, 2, ...); pass the same one as to ``scale_by_learning_rate``.
+
+    Returns:
+      A :class:`GradientTransformation` with state :class:`DecoupledWeightDecayState`.
+
+    >>> import jax.numpy as jnp
+    >>> from rmsjax import compat
+    >>> tx = compat.decoupled_weight_decay(0.5, learning_rate=0.1)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> tx.update(jnp.zeros(2), tx.init(params), params)[0]
+    Array([-0.05,  0.1 ], dtype=float32)
+
+    References:
+      Loshchilov and Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
+    """
+    name = "compat.decoupled_weight_decay"
+    validate.check_non_negative(name, "weight_decay", weight_decay)
+    validate.check_finite(name, "weight_decay", weight_decay)
+    validate.check_learning_rate(name, "learning_rate", learning_rate)
+
+    def factor_at(count):
+        rate = (
+            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            if callable(learning_rate)
+            else learning_rate
+        )
+        return rate * weight_decay
+
+    def update_leaf(g, factor, param):
+        dtype = elementwise.compute_dtype(g.dtype)
+        shrink = jnp.asarray(factor, dtype) * param.astype(dtype)
+        return (g.astype(dtype) - shrink).astype(g.dtype)
+
+    return elementwise.elementwise_transformation(
+        elementwise.counted_rule(
+            name, DecoupledWeightDecayState, factor_at, update_leaf, needs_params=True
+        )
+    )
+
+
+def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) -> base.Schedule:
+    r"""torch Adagrad's learning-rate decay, as a schedule of the step count :math:`c`.
+
+    .. math:: \eta_c = \frac{\mathrm{lr}_c}{1 + c\,\mathrm{lr\_decay}}
+
+    where :math:`\mathrm{lr}_c` is ``learning_rate`` (or ``learning_rate(c)`` for a
+    schedule) and :math:`c = t - 1` counts the steps before this one, as torch's
+    ``lr / (1 + (step - 1) * lr_decay)``. A schedule stands for torch's learning-rate
+    scheduler: torch divides the scheduler's current rate by the same factor.
+
+    Args:
+      learning_rate: a scalar >= 0 or a schedule.
+      lr_decay: >= 0.
+
+    Returns:
+      A schedule (a function of the int32 step count).
+
+    >>> from rmsjax import compat
+    >>> schedule = compat.inverse_time_decay(0.1, lr_decay=0.5)
+    >>> [round(float(schedule(c)), 4) for c in (0, 1, 2)]
+    [0.1, 0.0667, 0.05]
+    """
+    name = "compat.inverse_time_decay"
+    validate.check_learning_rate(name, "learning_rate", learning_rate)
+    validate.check_non_negative(name, "lr_decay", lr_decay)
+    validate.check_finite(name, "lr_decay", lr_decay)
+
+    def schedule(count):
+        rate = (
+            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            if callable(learning_rate)
+            else learning_rate
+        )
+        return rate / (1 + jnp.asarray(count, jnp.float32) * lr_decay)
+
+    return schedule
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def is_zero(value: Any) -> bool:
+    """True for a concrete zero (or None); a traced value counts as non-zero."""
+    if value is None:
+        return True
+    number = validate.concrete_value(value)
+    return number is not None and number == 0
+
+
+def check_rate(function: str, argument: str, value: Any) -> None:
+    validate.check_learning_rate(function, argument, value)
+
+
+def check_non_negative(function: str, argument: str, value: Any) -> None:
+    validate.check_non_negative(function, argument, value)
+    validate.check_finite(function, argument, value)
+
+
+def flip(maximize: bool) -> base.GradientTransformation:
+    return scaling.scale(-1.0) if maximize else elementwise.identity()
+
+
+def coupled_decay(value: float) -> base.GradientTransformation:
+    if is_zero(value):
+        return elementwise.identity()
+    return weight_decay_lib.add_decayed_weights(value)
+
+
+def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTransformation:
+    if is_zero(value):
+        return elementwise.identity()
+    return decoupled_weight_decay(value, learning_rate)
+
+
+def momentum_or_identity(value: float, storage: str | None) -> base.GradientTransformation:
+    return (
+        elementwise.identity() if is_zero(value) else momentum.trace(decay=value, storage=storage)
+    )
