@@ -91,6 +91,7 @@ def test_complex_second_moment_is_the_squared_modulus():
         lambda: rj.trace(0.9, storage="float32"),
         lambda: rj.rowwise_adagrad(0.1),
         lambda: rj.factored_rmsprop(0.1),
+        lambda: rj.clip(1.0),
     ],
 )
 def test_rules_that_cannot_take_complex_leaves_say_so(make):
