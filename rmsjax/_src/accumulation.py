@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, sharding
+from rmsjax._src import base, combine, elementwise, numerics, sharding
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -86,7 +86,7 @@ def accumulate_gradients(
         elementwise.expect_state(name, state, AccumulateGradientsState)
 
         def add(acc, g):
-            dtype = elementwise.compute_dtype(jnp.result_type(acc, g))
+            dtype = numerics.compute_dtype(jnp.result_type(acc, g))
             return (acc.astype(dtype) + g.astype(dtype)).astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)
@@ -94,7 +94,7 @@ def accumulate_gradients(
 
         def step(_):
             def mean(acc, g):
-                dtype = elementwise.compute_dtype(acc.dtype)
+                dtype = numerics.compute_dtype(acc.dtype)
                 return (acc.astype(dtype) / every_k).astype(g.dtype)
 
             averaged = jax.tree.map(mean, accumulated, updates)
@@ -120,7 +120,7 @@ def accumulate_gradients(
         return new_updates, AccumulateGradientsState(
             mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
             gradient_step=jnp.where(
-                last, elementwise.safe_increment(state.gradient_step), state.gradient_step
+                last, numerics.safe_increment(state.gradient_step), state.gradient_step
             ),
             accumulated=accumulated,
             inner_state=inner_state,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, elementwise, numerics, validate
 
 
 def clip(max_delta: float) -> base.GradientTransformation:
@@ -59,8 +59,8 @@ def global_norm(tree: base.Updates) -> jax.Array:
     total = jnp.zeros([], jnp.float32)
     for leaf in leaves:
         leaf = jnp.asarray(leaf)
-        leaf = leaf.astype(elementwise.compute_dtype(leaf.dtype))
-        total = total + jnp.sum(elementwise.abs_sq(leaf))
+        leaf = leaf.astype(numerics.compute_dtype(leaf.dtype))
+        total = total + jnp.sum(numerics.abs_sq(leaf))
     return jnp.sqrt(total)
 
 
@@ -100,7 +100,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
         keep = norm < max_norm
 
         def clip_leaf(g):
-            dtype = elementwise.compute_dtype(g.dtype)
+            dtype = numerics.compute_dtype(g.dtype)
             g_c = g.astype(dtype)
             clipped = (g_c / norm.astype(dtype)) * jnp.asarray(max_norm, dtype)
             return jnp.where(keep, g_c, clipped).astype(g.dtype)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, scaling, validate
+from rmsjax._src import base, combine, elementwise, numerics, scaling, validate
 from rmsjax._src import momentum as momentum_lib
 
 
@@ -129,7 +129,7 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         return (), (), shape
 
     def init_leaf(param):
-        dtype = elementwise.compute_dtype(jnp.result_type(param))
+        dtype = numerics.compute_dtype(jnp.result_type(param))
         return tuple(jnp.zeros(s, dtype) for s in shapes(tuple(jnp.shape(param))))
 
     def update_leaf(g, slots, context, param):
@@ -148,12 +148,12 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         if is_factored(shape, min_dim_size_to_factor):
             row = decay * slots[0] + (1 - decay) * _mean(squares, axis=-1)
             col = decay * slots[1] + (1 - decay) * _mean(squares, axis=-2)
-            row, col = elementwise.finite_ceiling(row), elementwise.finite_ceiling(col)
+            row, col = numerics.finite_ceiling(row), numerics.finite_ceiling(col)
             row_mean = _mean(row, axis=-1, keepdims=True)
             nu_hat = _ratio(row, row_mean)[..., :, None] * col[..., None, :]
             new_slots = (row, col, slots[2])
         else:
-            nu_hat = elementwise.finite_ceiling(decay * slots[2] + (1 - decay) * squares)
+            nu_hat = numerics.finite_ceiling(decay * slots[2] + (1 - decay) * squares)
             new_slots = (slots[0], slots[1], nu_hat)
         update = jnp.where(g_c == 0, g_c, g_c * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots

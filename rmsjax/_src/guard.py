@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, sharding
+from rmsjax._src import base, combine, numerics, sharding
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -116,10 +116,10 @@ def apply_if_finite(
 
     def decide(finite, state):
         notfinite_count = jnp.where(
-            finite, jnp.zeros([], jnp.int32), elementwise.safe_increment(state.notfinite_count)
+            finite, jnp.zeros([], jnp.int32), numerics.safe_increment(state.notfinite_count)
         )
         total = jnp.where(
-            finite, state.total_notfinite, elementwise.safe_increment(state.total_notfinite)
+            finite, state.total_notfinite, numerics.safe_increment(state.total_notfinite)
         )
         apply = jnp.logical_or(finite, notfinite_count > max_consecutive_errors)
         return apply, lambda inner_state: ApplyIfFiniteState(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, sharding, validate
+from rmsjax._src import base, combine, elementwise, numerics, sharding, validate
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -277,7 +277,7 @@ def inject_hyperparams(
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
-            count = elementwise.safe_increment(state.count)
+            count = numerics.safe_increment(state.count)
             return new_updates, InjectHyperparamsState(
                 count, Hyperparams(values), schedule_states, inner_state
             )

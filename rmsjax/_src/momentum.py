@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, elementwise, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -81,7 +81,7 @@ def trace(
 
     def update_leaf(g, slots, context, param):
         del context, param
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         new = g_c + decay * storage_lib.load(slots[0], dtype)
         update = g_c + decay * new if nesterov else new
@@ -130,15 +130,15 @@ def ema(
     validate.check_float_dtype("ema", "accumulator_dtype", accumulator_dtype)
 
     def step_shared(count):
-        count = elementwise.safe_increment(count)
-        return count, elementwise.bias_correction_factor(decay, count) if debias else None
+        count = numerics.safe_increment(count)
+        return count, numerics.bias_correction_factor(decay, count) if debias else None
 
     def init_leaf(param):
         return (jnp.zeros(jnp.shape(param), _slot_dtype(param, accumulator_dtype)),)
 
     def update_leaf(g, slots, correction, param):
         del param
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         new = (1 - decay) * g.astype(dtype) + decay * slots[0].astype(dtype)
         update = new if correction is None else new / correction.astype(dtype)
         return update.astype(g.dtype), (new.astype(slots[0].dtype),)
@@ -150,7 +150,7 @@ def ema(
     return elementwise.elementwise_transformation(
         elementwise.LeafRule(
             name="ema",
-            init_shared=elementwise.zero_count,
+            init_shared=numerics.zero_count,
             step_shared=step_shared,
             init_leaf=init_leaf,
             update_leaf=update_leaf,

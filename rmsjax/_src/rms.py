@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, elementwise, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -115,9 +115,9 @@ def rms_rule(
     guard_zero = concrete_eps is None or not np.float32(concrete_eps) > 0
 
     def step_shared(count):
-        count = elementwise.safe_increment(count)
+        count = numerics.safe_increment(count)
         # The factors 1 - decay**t, as optax computes them (None without correction).
-        return count, elementwise.bias_correction_factor(decay, count) if bias_correction else None
+        return count, numerics.bias_correction_factor(decay, count) if bias_correction else None
 
     def init_leaf(param):
         nu = storage_lib.init_slot(param, initial_scale, storage, signed=False)
@@ -127,15 +127,15 @@ def rms_rule(
 
     def update_leaf(g, slots, correction, param):
         del param
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        nu = (1 - decay) * elementwise.abs_sq(g_c) + decay * storage_lib.load(slots[0], dtype)
-        nu = elementwise.finite_ceiling(nu, slots[0])
+        nu = (1 - decay) * numerics.abs_sq(g_c) + decay * storage_lib.load(slots[0], dtype)
+        nu = numerics.finite_ceiling(nu, slots[0])
         nu_hat = nu if correction is None else nu / correction.astype(dtype)
         if centered:
             mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
             mu_hat = mu if correction is None else mu / correction.astype(dtype)
-            nu_hat = jnp.maximum(nu_hat - elementwise.abs_sq(mu_hat), 0)
+            nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
         if eps_in_sqrt:
             scaling = jax.lax.rsqrt(nu_hat + eps)
         else:
@@ -166,7 +166,7 @@ def rms_rule(
 
     return elementwise.LeafRule(
         name="scale_by_rms",
-        init_shared=elementwise.zero_count,
+        init_shared=numerics.zero_count,
         step_shared=step_shared,
         init_leaf=init_leaf,
         update_leaf=update_leaf,

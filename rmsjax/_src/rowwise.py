@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, scaling, validate
+from rmsjax._src import base, combine, elementwise, numerics, scaling, validate
 
 
 class ScaleByRowwiseRssState(NamedTuple):
@@ -95,12 +95,12 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
                 f"{tuple(slots[0].shape)}. Initialise the optimizer with parameters of "
                 "the gradients' shapes."
             )
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         squares = g_c * g_c
         if _is_rowwise(shape):
             squares = jnp.mean(squares, axis=-1)
-        total = elementwise.finite_ceiling(slots[0].astype(dtype) + squares, slots[0])
+        total = numerics.finite_ceiling(slots[0].astype(dtype) + squares, slots[0])
         scaling_ = jnp.where(total > 0, 1 / (jnp.sqrt(total) + eps), 0.0)
         if _is_rowwise(shape):
             scaling_ = scaling_[..., None]

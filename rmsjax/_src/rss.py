@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, elementwise, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -91,10 +91,10 @@ def rss_rule(
 
     def update_leaf(g, slots, context, param):
         del context, param
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        total = elementwise.abs_sq(g_c) + storage_lib.load(slots[0], dtype)
-        total = elementwise.finite_ceiling(total, slots[0])
+        total = numerics.abs_sq(g_c) + storage_lib.load(slots[0], dtype)
+        total = numerics.finite_ceiling(total, slots[0])
         if eps_in_sqrt:
             scaling = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0)
         else:

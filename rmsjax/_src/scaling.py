@@ -7,11 +7,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, elementwise, numerics, validate
 
 
 def _scale_leaf(g: jax.Array, factor: Any) -> jax.Array:
-    dtype = elementwise.compute_dtype(g.dtype)
+    dtype = numerics.compute_dtype(g.dtype)
     if isinstance(factor, (int, float)):
         return (factor * g.astype(dtype)).astype(g.dtype)
     return (jnp.asarray(factor, dtype) * g.astype(dtype)).astype(g.dtype)

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from rmsjax._src import base, elementwise, masking, validate
+from rmsjax._src import base, elementwise, masking, numerics, validate
 
 
 def add_decayed_weights(
@@ -56,7 +56,7 @@ def add_decayed_weights(
     validate.check_finite(name, "weight_decay", weight_decay)
 
     def update_leaf(g, param):
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         return (g.astype(dtype) + weight_decay * param.astype(dtype)).astype(g.dtype)
 
     rule = elementwise.stateless_rule(name, update_leaf, needs_params=True)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, momentum, scaling, validate
+from rmsjax._src import base, elementwise, momentum, numerics, scaling, validate
 from rmsjax._src import weight_decay as weight_decay_lib
 
 # ------------------------------------------------------------------------ small parts
@@ -64,7 +64,7 @@ def decoupled_weight_decay(
         return rate * weight_decay
 
     def update_leaf(g, factor, param):
-        dtype = elementwise.compute_dtype(g.dtype)
+        dtype = numerics.compute_dtype(g.dtype)
         shrink = jnp.asarray(factor, dtype) * param.astype(dtype)
         return (g.astype(dtype) - shrink).astype(g.dtype)
 
