@@ -230,3 +230,25 @@ def test_params_required_where_needed():
     tx = rj.chain(rj.add_decayed_weights(1e-4), rj.sgd(0.1))
     with pytest.raises(ValueError, match="needs the parameters"):
         tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("rmsprop", lambda: rj.rmsprop(0.1, momentum=0.9)),
+        ("adagrad", lambda: rj.adagrad(0.1)),
+        ("sgd", lambda: rj.sgd(0.1, momentum=0.9)),
+        ("rowwise_adagrad", lambda: rj.rowwise_adagrad(0.1)),
+        ("factored_rmsprop", lambda: rj.factored_rmsprop(0.1)),
+        ("compat.torch_rmsprop", lambda: rj.compat.torch_rmsprop(lr=0.1)),
+        ("compat.keras_adagrad", lambda: rj.compat.keras_adagrad()),
+        ("compat.tf1_rmsprop", lambda: rj.compat.tf1_rmsprop(learning_rate=0.1)),
+    ],
+)
+def test_errors_name_the_constructor_the_user_called(name, make):
+    tx = make()
+    state = tx.init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match=rf"^rmsjax\.{re.escape(name)}\.update: "):
+        jax.jit(tx.update)({"a": jnp.ones(3)}, state)
+    with pytest.raises(TypeError, match=rf"^rmsjax\.{re.escape(name)}\.update: expected the tuple"):
+        tx.update({"w": jnp.ones(3)}, (rj.EmptyState(),))

@@ -46,11 +46,13 @@ def sgd(
     >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
     Array([-0.1, -0.1], dtype=float32)
     """
-    validate.check_learning_rate("sgd", "learning_rate", learning_rate)
-    validate.check_bool("sgd", "nesterov", nesterov)
-    validate.check_float_dtype("sgd", "accumulator_dtype", accumulator_dtype)
-    return combine.chain(
-        _momentum("sgd", momentum, nesterov, accumulator_dtype=accumulator_dtype),
+    name = "sgd"
+    validate.check_learning_rate(name, "learning_rate", learning_rate)
+    validate.check_bool(name, "nesterov", nesterov)
+    validate.check_float_dtype(name, "accumulator_dtype", accumulator_dtype)
+    return combine.named_chain(
+        name,
+        _momentum(name, momentum, nesterov, accumulator_dtype=accumulator_dtype),
         scaling.scale_by_learning_rate(learning_rate),
     )
 
@@ -124,7 +126,8 @@ def rmsprop(
     ]:
         validate.check_bool(name, flag, value)
     storage_lib.check_storage(name, storage)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rms.scale_by_rms(
             decay,
             eps,
@@ -180,7 +183,8 @@ def adagrad(
     validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     validate.check_non_negative(name, "eps", eps)
     storage_lib.check_storage(name, storage)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rss.scale_by_rss(initial_accumulator_value, eps, storage=storage),
         scaling.scale_by_learning_rate(learning_rate),
     )

@@ -45,10 +45,16 @@ def chain(*transforms: base.GradientTransformation) -> base.GradientTransformati
     >>> tx.update(jnp.array([1.0, -2.0]), state)[0]
     Array([-0.31622776,  0.31622776], dtype=float32)
     """
+    return named_chain("chain", *transforms)
+
+
+def named_chain(name: str, *transforms: base.GradientTransformation) -> base.GradientTransformation:
+    """:func:`chain`, whose errors name ``name``: the public constructor the user called
+    (``rmsprop``, ``compat.torch_rmsprop``), not the chain it is built of."""
     transforms = tuple(transforms)
     rules = [elementwise.leaf_rule_of(t) for t in transforms]
     if all(r is not None for r in rules):
-        return elementwise.elementwise_transformation(elementwise.compose(rules))
+        return elementwise.elementwise_transformation(elementwise.compose(rules, name))
 
     # Split into segments: maximal runs of elementwise rules, and single other parts.
     segments: list[tuple[int, int, elementwise.LeafRule | None]] = []
@@ -58,7 +64,7 @@ def chain(*transforms: base.GradientTransformation) -> base.GradientTransformati
         while stop < len(transforms) and rules[stop] is not None:
             stop += 1
         if stop - start >= 2:
-            segments.append((start, stop, elementwise.compose(rules[start:stop])))
+            segments.append((start, stop, elementwise.compose(rules[start:stop], name)))
         elif stop == start:
             stop = start + 1
             segments.append((start, stop, None))
@@ -70,7 +76,7 @@ def chain(*transforms: base.GradientTransformation) -> base.GradientTransformati
         return tuple(t.init(params) for t in transforms)
 
     def run_segments(updates, state, params, extra, apply):
-        elementwise.expect_state_tuple("chain", state, len(transforms))
+        elementwise.expect_state_tuple(name, state, len(transforms))
         new_state: list = []
         for index, (begin, end, rule) in enumerate(segments):
             last = index == len(segments) - 1

@@ -238,4 +238,4 @@ def factored_rmsprop(
     else:
         validate.check_momentum(name, "momentum", momentum)
         parts.append(momentum_lib.trace(decay=momentum, nesterov=nesterov))
-    return combine.chain(*parts)
+    return combine.named_chain(name, *parts)

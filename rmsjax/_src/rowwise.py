@@ -166,7 +166,8 @@ def rowwise_adagrad(
     validate.check_learning_rate(name, "learning_rate", learning_rate)
     validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     validate.check_non_negative(name, "eps", eps)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         scale_by_rowwise_rss(initial_accumulator_value, eps),
         scaling.scale_by_learning_rate(learning_rate),
     )

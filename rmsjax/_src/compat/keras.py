@@ -83,7 +83,8 @@ def keras_rmsprop(
     validate.check_bool(name, "centered", centered)
     if weight_decay is not None:
         check_non_negative(name, "weight_decay", weight_decay)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rms.scale_by_rms(rho, epsilon, eps_in_sqrt=True, centered=centered, storage=storage),
         scaling.scale_by_learning_rate(learning_rate),
         momentum_or_identity(momentum, storage),
@@ -148,7 +149,8 @@ def keras_adagrad(
     check_non_negative(name, "epsilon", epsilon)
     if weight_decay is not None:
         check_non_negative(name, "weight_decay", weight_decay)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rss.scale_by_rss(initial_accumulator_value, epsilon, eps_in_sqrt=True, storage=storage),
         scaling.scale_by_learning_rate(learning_rate),
         decoupled_decay(weight_decay, learning_rate),

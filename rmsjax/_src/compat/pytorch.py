@@ -94,7 +94,8 @@ def torch_rmsprop(
     validate.check_decay(name, "momentum", momentum)
     validate.check_bool(name, "centered", centered)
     validate.check_bool(name, "maximize", maximize)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         flip(maximize),
         coupled_decay(weight_decay),
         rms.scale_by_rms(alpha, eps, eps_in_sqrt=False, centered=centered, storage=storage),
@@ -172,7 +173,8 @@ def torch_adagrad(
     check_non_negative(name, "eps", eps)
     validate.check_bool(name, "maximize", maximize)
     rate = lr if is_zero(lr_decay) else inverse_time_decay(lr, lr_decay)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         flip(maximize),
         coupled_decay(weight_decay),
         rss.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False, storage=storage),

@@ -74,7 +74,8 @@ def tf1_rmsprop(
     validate.check_decay(name, "momentum", momentum)
     check_non_negative(name, "epsilon", epsilon)
     validate.check_bool(name, "centered", centered)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rms.scale_by_rms(
             decay, epsilon, eps_in_sqrt=True, initial_scale=1.0, centered=centered, storage=storage
         ),
@@ -128,7 +129,8 @@ def tf1_adagrad(
         name, "initial_accumulator_value", initial_accumulator_value, 0.0, low_open=True
     )
     validate.check_finite(name, "initial_accumulator_value", initial_accumulator_value)
-    return combine.chain(
+    return combine.named_chain(
+        name,
         rss.scale_by_rss(initial_accumulator_value, 0.0, eps_in_sqrt=True, storage=storage),
         scaling.scale_by_learning_rate(learning_rate),
     )
