@@ -87,9 +87,10 @@ def init_leaf_like(rule: Any, param: Any) -> Any:
 
     A concrete parameter sharded over a mesh: the state is created directly in its derived
     sharding (no full copy on one device first). A traced parameter whose type carries a
-    sharding (a mesh with Explicit axes): the state is resharded to match. Otherwise
-    (one device, or an Auto mesh under ``jit``, where the compiler chooses):
-    ``rule.init_leaf(param)`` unchanged.
+    sharding (a mesh with Explicit axes): the state is resharded to match. A traced
+    parameter on an Auto mesh (a jitted ``init``): each slot shaped like the parameter is
+    tied to its sharding with ``shard_alike``; the compiler places the others. Otherwise
+    (one device): ``rule.init_leaf(param)`` unchanged.
 
     Args:
       rule: the :class:`~rmsjax._src.elementwise.LeafRule`; its ``update_leaf`` settles
@@ -219,8 +220,9 @@ def state_shardings(tx: Any, params: Any) -> Any:
 
     ``tx.init(params)`` called outside ``jit`` lays the state out like the parameters; so
     does a jitted ``init`` on a mesh with Explicit axes. On a mesh with Auto axes a jitted
-    ``init`` leaves the layout to the compiler, which puts state that does not depend on
-    the parameters' values on one device: pass these shardings as its ``out_shardings``.
+    ``init`` lays out the state shaped like each parameter, and leaves the rest (int8
+    codes, row-wise and factored statistics) to the compiler: pass these shardings as its
+    ``out_shardings`` to pin all of it.
     They also describe the state for restoring a checkpoint.
 
     Args:
