@@ -10,12 +10,8 @@ from rmsjax._src import storage as storage_lib
 
 
 def _momentum(function: str, value: Any, nesterov: bool, **kwargs: Any):
+    validate.check_nesterov(function, value, nesterov)
     if value is None:
-        if nesterov is True:
-            raise ValueError(
-                f"rmsjax.{function}: nesterov=True needs a momentum, got momentum=None; "
-                "pass a momentum in [0, 1] or nesterov=False"
-            )
         return elementwise.identity()
     validate.check_momentum(function, "momentum", value)
     return momentum.trace(decay=value, nesterov=nesterov, **kwargs)

@@ -52,7 +52,8 @@ def init_empty_state(params: Params) -> EmptyState:
     return EmptyState()
 
 
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
+    """``is_leaf`` for tree maps in which None marks a leaf that is left out."""
     return x is None
 
 
@@ -70,7 +71,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         lambda p, u: None if p is None else apply_leaf(p, u),
         params,
         updates,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
 
 

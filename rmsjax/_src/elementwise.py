@@ -151,15 +151,11 @@ def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list
     (a leaf left out of this step) the parameter is skipped, as optax does."""
     try:
         pruned = jax.tree.map(
-            lambda g, p: None if g is None else p, updates, params, is_leaf=_is_none
+            lambda g, p: None if g is None else p, updates, params, is_leaf=base.is_none
         )
     except (ValueError, TypeError):
         pruned = params  # let _flatten_like report the two structures
     return _flatten_like(rule_name, "parameters", treedef, pruned)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _check_shapes(rule_name: str, updates: Any, leaves: list, slot_lists: list) -> None:

@@ -227,12 +227,8 @@ def factored_rmsprop(
         scale_by_factored_rms(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
         scaling.scale_by_learning_rate(learning_rate),
     ]
+    validate.check_nesterov(name, momentum, nesterov)
     if momentum is None:
-        if nesterov:
-            raise ValueError(
-                f"rmsjax.{name}: nesterov=True needs a momentum, got momentum=None; "
-                "pass a momentum in [0, 1] or nesterov=False"
-            )
         # an identity keeps the state's layout (3 parts) the same with momentum or not
         parts.append(elementwise.identity())
     else:

@@ -145,7 +145,7 @@ def apply_if_finite(
             lambda n, p: None if p is None else jnp.where(apply, n, p),
             new_params,
             params,
-            is_leaf=lambda x: x is None,
+            is_leaf=base.is_none,
         )
         return new_params, make_state(_select(apply, new_inner, state.inner_state))
 

@@ -186,16 +186,15 @@ def inject_hyperparams(
         )
     if hyperparam_dtype is not None:
         try:
-            hyperparam_dtype = jnp.dtype(hyperparam_dtype)
+            resolved = jnp.dtype(hyperparam_dtype)
         except TypeError:
-            hyperparam_dtype = None if hyperparam_dtype is None else hyperparam_dtype
-        if not isinstance(hyperparam_dtype, np.dtype) or not jnp.issubdtype(
-            hyperparam_dtype, jnp.floating
-        ):
+            resolved = None
+        if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
             raise ValueError(
                 f"rmsjax.{name}: hyperparam_dtype must be None or a floating dtype, "
                 f"got {hyperparam_dtype!r}"
             )
+        hyperparam_dtype = resolved
 
     @functools.wraps(inner_factory)
     def wrapped(*args: Any, **kwargs: Any) -> base.GradientTransformation:
@@ -220,9 +219,10 @@ def inject_hyperparams(
                 return jnp.asarray(value, jnp.int32)
             return jnp.asarray(value, dtype)
 
+        where = f"inject_hyperparams({factory_name})"
+
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
-            where = f"inject_hyperparams({factory_name})"
             for key, schedule in schedules.items():
                 value = validate.scalar_schedule_value(where, key, schedule(count))
                 values[key] = cast(key, value, dtype)
@@ -236,12 +236,8 @@ def inject_hyperparams(
 
         # Build once now, so that bad values fail where the optimizer is made.
         zero = jnp.zeros([], jnp.int32)
-        probe = {key: cast(key, v, jnp.float32) for key, v in numeric.items()}
-        where = f"inject_hyperparams({factory_name})"
-        for key, schedule in schedules.items():
-            value = validate.scalar_schedule_value(where, key, schedule(zero))
-            probe[key] = cast(key, value, jnp.float32)
-        build({**probe, **{key: jnp.zeros([], jnp.float32) for key in stateful}})
+        fresh_states = {key: s.init() for key, s in stateful.items()}
+        build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
 
         def init_fn(params):
             dtype = _float_dtype(params, hyperparam_dtype)

@@ -32,10 +32,6 @@ class MaskedNode(NamedTuple):
     """
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
 def mask_is_function(mask: Any) -> bool:
     """Whether ``mask`` is a function of the parameters rather than a tree of bools.
 
@@ -70,12 +66,12 @@ def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree
 
 def _map_over_mask(function: str, what: str, fn: Callable, mask_tree: Any, *trees: Any) -> Any:
     try:
-        return jax.tree.map(fn, mask_tree, *trees, is_leaf=_is_none)
+        return jax.tree.map(fn, mask_tree, *trees, is_leaf=base.is_none)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{function}: the mask's tree structure must be the {what}' (or a prefix "
             f"of it).\n  mask: {jax.tree.structure(mask_tree)}\n  {what}: "
-            f"{jax.tree.structure(trees[0], is_leaf=_is_none)}"
+            f"{jax.tree.structure(trees[0], is_leaf=base.is_none)}"
         ) from error
 
 
@@ -90,7 +86,9 @@ def select(mask_tree: Any, tree: Any, *, function: str = "masked", what: str = "
 
 def merge(mask_tree: Any, chosen: Any, others: Any) -> Any:
     """Subtrees of ``chosen`` where the mask is True, of ``others`` elsewhere."""
-    return jax.tree.map(lambda m, c, o: c if m else o, mask_tree, chosen, others, is_leaf=_is_none)
+    return jax.tree.map(
+        lambda m, c, o: c if m else o, mask_tree, chosen, others, is_leaf=base.is_none
+    )
 
 
 def masked(

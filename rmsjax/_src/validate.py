@@ -132,6 +132,15 @@ def check_momentum(function: str, argument: str, value: Any) -> None:
     check_range(function, argument, value, 0.0, 1.0)
 
 
+def check_nesterov(function: str, momentum: Any, nesterov: Any) -> None:
+    """``nesterov=True`` needs a momentum: without one the flag would do nothing."""
+    if momentum is None and nesterov is True:
+        raise ValueError(
+            f"rmsjax.{function}: nesterov=True needs a momentum, got momentum=None; "
+            "pass a momentum in [0, 1] or nesterov=False"
+        )
+
+
 def check_non_negative(function: str, argument: str, value: Any) -> None:
     check_range(function, argument, value, 0.0)
 
