@@ -66,10 +66,8 @@ def _fail(function: str, path: str, message: str) -> None:
 
 def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     """``value`` in the format of the template leaf ``like``."""
-    if (
-        value is None
-        or not _is_array_like(value)
-        and not isinstance(value, (int, float, storage.QuantizedArray))
+    if value is None or not (
+        _is_array_like(value) or isinstance(value, (int, float, storage.QuantizedArray))
     ):
         _fail(function, path, f"expected an array, got {type(value).__name__}")
     if isinstance(value, storage.QuantizedArray):
@@ -94,15 +92,8 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
     if _is_namedtuple(like):
         if not _is_namedtuple(other):
             _fail(function, path, f"expected a {type(like).__name__}, got {type(other).__name__}")
-        names = (
-            (type(other).__name__, type(like).__name__)
-            if to_optax
-            else (
-                type(like).__name__,
-                type(other).__name__,
-            )
-        )
-        if not _compatible(*names):
+        ours, theirs = (other, like) if to_optax else (like, other)
+        if not _compatible(type(ours).__name__, type(theirs).__name__):
             _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
         fields = {}
         for field in like._fields:
