@@ -33,8 +33,10 @@ def clip(max_delta: float) -> base.GradientTransformation:
         delta = jnp.asarray(max_delta, g.dtype)
         return jnp.clip(g, -delta, delta)
 
-    rule = elementwise.stateless_rule(name, update_leaf)._replace(
-        complex_refusal="complex values have no order to clip by; clip_by_global_norm takes them"
+    rule = elementwise.stateless_rule(
+        name,
+        update_leaf,
+        complex_refusal="complex values have no order to clip by; clip_by_global_norm takes them",
     )
     return elementwise.elementwise_transformation(rule)
 

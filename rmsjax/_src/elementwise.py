@@ -252,7 +252,11 @@ def jit_under_trace(fn: Callable, leaves: Sequence[Any]) -> Callable:
 
 
 def stateless_rule(
-    name: str, update_leaf: Callable[[jax.Array, Any], jax.Array], *, needs_params: bool = False
+    name: str,
+    update_leaf: Callable[[jax.Array, Any], jax.Array],
+    *,
+    needs_params: bool = False,
+    complex_refusal: str | None = None,
 ) -> LeafRule:
     """A :class:`LeafRule` with no state (:class:`EmptyState`): ``update_leaf(g, param)``
     returns the leaf's new update.
@@ -270,6 +274,7 @@ def stateless_rule(
         from_state=lambda state: (state, ()),
         num_slots=0,
         needs_params=needs_params,
+        complex_refusal=complex_refusal,
     )
 
 
