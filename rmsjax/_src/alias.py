@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax._src import base, combine, elementwise, momentum, rms, rss, scaling, validate
+from rmsjax._src import base, combine, rms, rss, scaling, validate
+from rmsjax._src import momentum as momentum_lib
 from rmsjax._src import storage as storage_lib
-
-
-def _momentum(function: str, value: Any, nesterov: bool, **kwargs: Any):
-    validate.check_nesterov(function, value, nesterov)
-    if value is None:
-        return elementwise.identity()
-    validate.check_momentum(function, "momentum", value)
-    return momentum.trace(decay=value, nesterov=nesterov, **kwargs)
 
 
 def sgd(
@@ -48,7 +41,7 @@ def sgd(
     validate.check_float_dtype(name, "accumulator_dtype", accumulator_dtype)
     return combine.named_chain(
         name,
-        _momentum(name, momentum, nesterov, accumulator_dtype=accumulator_dtype),
+        momentum_lib.optional_trace(name, momentum, nesterov, accumulator_dtype=accumulator_dtype),
         scaling.scale_by_learning_rate(learning_rate),
     )
 
@@ -134,7 +127,7 @@ def rmsprop(
             storage=storage,
         ),
         scaling.scale_by_learning_rate(learning_rate),
-        _momentum(name, momentum, nesterov, storage=storage),
+        momentum_lib.optional_trace(name, momentum, nesterov, storage=storage),
     )
 
 

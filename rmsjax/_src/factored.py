@@ -227,11 +227,6 @@ def factored_rmsprop(
         scale_by_factored_rms(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
         scaling.scale_by_learning_rate(learning_rate),
     ]
-    validate.check_nesterov(name, momentum, nesterov)
-    if momentum is None:
-        # an identity keeps the state's layout (3 parts) the same with momentum or not
-        parts.append(elementwise.identity())
-    else:
-        validate.check_momentum(name, "momentum", momentum)
-        parts.append(momentum_lib.trace(decay=momentum, nesterov=nesterov))
+    # an identity without momentum keeps the state's layout (3 parts) the same
+    parts.append(momentum_lib.optional_trace(name, momentum, nesterov))
     return combine.named_chain(name, *parts)

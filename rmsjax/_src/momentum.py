@@ -106,6 +106,19 @@ def trace(
     )
 
 
+def optional_trace(
+    function: str, momentum: Any, nesterov: bool, **kwargs: Any
+) -> base.GradientTransformation:
+    """The momentum part of an alias: ``trace(momentum, nesterov, **kwargs)``, or an
+    :func:`identity` when ``momentum`` is None, so that the alias's state keeps the same
+    layout with momentum or without. Checks name ``function``, the alias called."""
+    validate.check_nesterov(function, momentum, nesterov)
+    if momentum is None:
+        return elementwise.identity()
+    validate.check_momentum(function, "momentum", momentum)
+    return trace(decay=momentum, nesterov=nesterov, **kwargs)
+
+
 def ema(
     decay: float, debias: bool = True, accumulator_dtype: Any = None
 ) -> base.GradientTransformation:
