@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     curves, models = {}, {}
     for name, tx in optimizers().items():
         models[name], curves[name] = train(tx, data, len(alphabet), hidden, steps, batch, length)
-        tail = curves[name][-max(1, steps // 10) :].mean()
-        print(f"{name:<8} bits per character, last {max(1, steps // 10)} steps: {tail:.3f}")
+        last = max(1, steps // 10)
+        steps_text = "the last step" if last == 1 else f"the last {last} steps"
+        print(f"{name:<8} bits per character over {steps_text}: {curves[name][-last:].mean():.3f}")
 
     sampled = sample(models["rmsprop"], alphabet, length=40 if args.quick else 160)
     print("\nRMSprop model, sampled:\n" + sampled)

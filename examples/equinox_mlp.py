@@ -96,18 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot(plt, x, y, snapshots, losses, path):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     left.plot(x[:, 0], y[:, 0], ".", color="0.6", ms=3, label="data: sin(3x) + noise")
     colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(snapshots)))
     for (t, prediction), color in zip(snapshots.items(), colors, strict=True):
         left.plot(x[:, 0], prediction[:, 0], color=color, lw=1.8, label=f"step {t}")
     left.set(xlabel="x", ylabel="y", title="the fit as training proceeds")
-    left.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    # Below the axes, where it covers neither the data nor the fits.
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     right.semilogy(np.arange(1, len(losses) + 1), losses, color="tab:purple")
     right.set(xlabel="step", ylabel="mean squared error (log scale)", title="training loss")
     right.grid(True, alpha=0.3)
     fig.suptitle("equinox eqx.nn.MLP + rmsjax RMSprop with momentum 0.9")
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -125,20 +125,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot(plt, x, y, snapshots, losses, steps, path, title):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     left.plot(x[:, 0], y[:, 0], ".", color="0.6", ms=3, label="data: sin(3x) + noise")
     colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(snapshots)))
     for (step, prediction), color in zip(snapshots.items(), colors, strict=True):
         left.plot(x[:, 0], prediction[:, 0], color=color, lw=1.8, label=f"step {step}")
     left.set(xlabel="x", ylabel="y", title="the fit as training proceeds")
-    left.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    # Below the axes, where it covers neither the data nor the fits.
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     right.semilogy(np.arange(1, len(losses) + 1), losses, color="tab:blue")
     right.axvline(steps // 2, color="0.5", ls=":", lw=1, label="learning rate halved")
     right.set(xlabel="step", ylabel="mean squared error (log scale)", title="training loss")
     right.grid(True, alpha=0.3)
     right.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

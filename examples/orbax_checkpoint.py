@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ocp.CheckpointManager(directory) as manager:
         latest = manager.latest_step()
         restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    print(f"restored step {latest}: opt_state is a {type(restored['opt_state']).__name__}")
+    print(f"restored step {latest}: opt_state is of type {type(restored['opt_state']).__name__}")
     resumed_params, resumed_state = run(
         make_step(tx, x, y), restored["params"], restored["opt_state"], latest, steps, resumed
     )
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot(plt, straight, resumed, differences, half, identical, path):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    # Constrained layout, with a gap, keeps the right panel's y label clear of the left panel.
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.08)
     left.semilogy(
         [t for t, _, _ in straight],
         [loss for _, loss, _ in straight],
@@ -200,12 +202,11 @@ def plot(plt, straight, resumed, differences, half, identical, path):
     right.set_ylim(-1, 1)
     right.set(
         xlabel="step",
-        ylabel="max |params(uninterrupted) - params(resumed)|",
+        ylabel="largest |parameter difference|\nuninterrupted vs resumed",
         title=f"difference after the restore (bit-identical: {identical})",
     )
     right.grid(True, alpha=0.3)
     fig.suptitle("orbax checkpoint of an rmsjax state: resuming changes nothing")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -19,8 +19,8 @@ Usage::
     python examples/quickstart.py --out some/dir  # choose the output folder
 
 It prints a table of the loss after a few step counts and writes ``trajectories.png``
-(contour plots with each optimizer's path) and ``loss_curves.png``. Without matplotlib
-it prints the table and says that the pictures were skipped.
+(a contour plot per problem and optimizer, with its path) and ``loss_curves.png``.
+Without matplotlib it prints the table and says that the pictures were skipped.
 """
 
 from __future__ import annotations
@@ -120,16 +120,19 @@ def optimize(
 
 
 def print_table(problem: Problem, results: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    checkpoints = sorted({10, problem.steps // 4, problem.steps // 2, problem.steps})
-    header = f"{problem.name:<18}" + "".join(f"{f'step {c}':>12}" for c in checkpoints)
+    quarter, half = problem.steps // 4, problem.steps // 2
+    checkpoints = sorted({quarter, half, problem.steps} | ({10} if 20 <= quarter else set()))
+    print(f"{problem.name} ({problem.steps} steps)")
+    header = f"{'optimizer':<18}" + "".join(f"{f'step {c}':>12}" for c in checkpoints)
     print(header)
     print("-" * len(header))
     for name, (_, losses) in results.items():
-        print(f"{name:<18}" + "".join(f"{losses[c]:>12.3g}" for c in checkpoints))
+        # One format for every cell, so the decimal points line up in each column.
+        print(f"{name:<18}" + "".join(f"{losses[c]:>12.2e}" for c in checkpoints))
     print()
 
 
-# Colour, line style and drawing order (higher on top) of each optimizer's curves.
+# Colour, line style and drawing order (higher on top) of each optimizer's loss curve.
 STYLES = {
     "sgd": dict(color="tab:red", ls="-", lw=1.3, zorder=2),
     "adagrad": dict(color="tab:green", ls="-", lw=3.5, alpha=0.6, zorder=3),
@@ -139,50 +142,68 @@ STYLES = {
 
 
 def plot_trajectories(plt, all_results, all_problems, path: pathlib.Path) -> None:
-    fig, axes = plt.subplots(1, len(all_problems), figsize=(12, 4.6))
-    for ax, problem in zip(axes, all_problems, strict=True):
+    # One panel per problem and optimizer: Adagrad's path runs on top of RMSprop's for
+    # most of its length, so drawn on one panel either would hide the other.
+    names = list(all_problems[0].optimizers)
+    fig, axes = plt.subplots(
+        len(all_problems), len(names), figsize=(14, 7), layout="constrained", squeeze=False
+    )
+    for row, problem in zip(axes, all_problems, strict=True):
         x0, x1, y0, y1 = problem.window
         xs, ys = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
-        grid = np.stack([xs, ys])
-        zs = np.asarray(problem.loss(jnp.asarray(grid)))
+        zs = np.asarray(problem.loss(jnp.asarray(np.stack([xs, ys]))))
         levels = np.geomspace(max(zs.min(), 1e-3), zs.max(), 18)
-        ax.contour(xs, ys, zs, levels=levels, colors="0.75", linewidths=0.7)
-        for name, (trajectory, _) in all_results[problem.name].items():
-            ax.plot(
-                trajectory[:, 0],
-                trajectory[:, 1],
-                marker=".",
-                ms=2.5,
-                label=name,
-                **STYLES[name],
-            )
-            ax.plot(*trajectory[-1], "o", mfc="white", mec=STYLES[name]["color"], ms=7, zorder=5)
-        ax.plot(*problem.start, "ko", ms=5)
-        ax.plot(*problem.minimum, "k*", ms=12)
-        ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x", ylabel="y")
-        ax.set_title(f"{problem.name}: {problem.steps} steps from the black dot (o: last)")
-        ax.legend(loc="lower right" if problem.loss is bowl else "upper right", fontsize=8)
+        for ax, name in zip(row, names, strict=True):
+            trajectory, losses = all_results[problem.name][name]
+            ax.contour(xs, ys, zs, levels=levels, colors="0.8", linewidths=0.6)
+            color = STYLES[name]["color"]
+            ax.plot(*trajectory.T, "-", color=color, lw=1.2, marker=".", ms=3)
+            ax.plot(*problem.start, "ko", ms=6)
+            ax.plot(*problem.minimum, "k*", ms=13)
+            ax.plot(*trajectory[-1], "o", mfc="white", mec=color, mew=1.5, ms=8)
+            ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="x")
+            ax.set_title(f"{name}\nloss {losses[-1]:.2g} after {problem.steps} steps", fontsize=10)
+        row[0].set_ylabel(f"{problem.name}\ny")
+    handles = [
+        plt.Line2D([], [], color="0.3", lw=1.2, marker=".", ms=5, label="path, one dot per step"),
+        plt.Line2D([], [], color="k", marker="o", ls="", ms=6, label="start"),
+        plt.Line2D([], [], color="k", marker="*", ls="", ms=12, label="minimum"),
+        plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls="", ms=8, label="last step"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9)
     fig.suptitle(
-        "Gradient descent zig-zags across the bowl; RMSprop drops to the valley floor and "
-        "runs straight along it to the minimum (*)"
+        "Each optimizer's path from the same start: elongated bowl 0.05 x^2 + 5 y^2 (top), "
+        "Rosenbrock (bottom)"
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def adagrad_versus_rmsprop(adagrad: np.ndarray, rmsprop: np.ndarray) -> str:
+    """Says, from the run's numbers, how long Adagrad's loss stays within 10% of
+    RMSprop's and how many times RMSprop's it is afterwards, half-way and at the end."""
+    ratio = adagrad / np.maximum(rmsprop, 1e-30)
+    apart = np.flatnonzero(np.abs(ratio - 1) > 0.1)
+    steps = len(ratio) - 1
+    if not apart.size:
+        return f"Adagrad's loss within 10% of RMSprop's for all {steps} steps"
+    later = [t for t in (steps // 2, steps) if t >= apart[0]]
+    ratios = ", ".join(f"{ratio[t]:.2g}x at step {t}" for t in later)
+    return f"Adagrad's loss within 10% of RMSprop's to step {apart[0] - 1};\nthen {ratios}"
+
+
 def plot_losses(plt, all_results, all_problems, path: pathlib.Path) -> None:
-    fig, axes = plt.subplots(1, len(all_problems), figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, len(all_problems), figsize=(12, 4.4), layout="constrained")
     for ax, problem in zip(axes, all_problems, strict=True):
-        for name, (_, losses) in all_results[problem.name].items():
+        results = all_results[problem.name]
+        for name, (_, losses) in results.items():
             ax.semilogy(np.maximum(losses, 1e-12), label=name, **STYLES[name])
-        ax.set(xlabel="step", ylabel="loss (log scale)", title=problem.name)
+        comparison = adagrad_versus_rmsprop(results["adagrad"][1], results["rmsprop"][1])
+        ax.set(xlabel="step", ylabel="loss (log scale)")
+        ax.set_title(f"{problem.name}\n{comparison}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        "Loss per step: Adagrad keeps pace with RMSprop, then slows as its sum of squares grows"
-    )
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Loss per step of each optimizer, from the same start as the paths")
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
