@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsjax._src import numerics
+
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
 
@@ -263,6 +265,12 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     x = jnp.asarray(x, jnp.float32)
     blocks = _to_blocks(x)
     values = blocks if signed else jnp.sqrt(jnp.maximum(blocks, 0.0))
+    return _quantize_blocks(values, blocks, x.shape, signed)
+
+
+def _quantize_blocks(values: jax.Array, blocks: jax.Array, shape: Any, signed: bool):
+    """Codes for ``values`` (already square-rooted for a non-negative table), dithered
+    by the bits of ``blocks`` (the values as given)."""
     absmax = jnp.max(jnp.abs(values), axis=-1)
     # A NaN must not turn into a finite value: it makes its whole block NaN instead.
     absmax = jnp.where(jnp.any(jnp.isnan(values), axis=-1), jnp.nan, absmax)
@@ -274,7 +282,7 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     else:
         index = _dithered_magnitude(normalized, dither(blocks))
         codes = (index - _OFFSET[signed]).astype(jnp.int8)
-    return QuantizedArray(codes, absmax, x.shape, signed)
+    return QuantizedArray(codes, absmax, shape, signed)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
@@ -291,12 +299,57 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     >>> rj.dequantize(rj.quantize(jnp.full((64, 64), 4.0), signed=False))[0, :3]
     Array([4., 4., 4.], dtype=float32)
     """
-    table = jnp.asarray(_table(q.signed))
-    index = q.codes.astype(jnp.int32) + _OFFSET[q.signed]
-    values = jnp.take(table, index, mode="clip") * q.absmax[..., None]
+    values = _table_values(q)
     if not q.signed:
         values = values * values
     return _from_blocks(values, q.shape)
+
+
+def _table_values(q: QuantizedArray) -> jax.Array:
+    """``T[c] * absmax`` per element, in blocks (the root, for a non-negative table)."""
+    table = jnp.asarray(_table(q.signed))
+    index = q.codes.astype(jnp.int32) + _OFFSET[q.signed]
+    return jnp.take(table, index, mode="clip") * q.absmax[..., None]
+
+
+# ------------------------------------------------------------ second-moment slots
+# A second moment in a slot is in numerics' moment encoding (see numerics.py): the
+# value itself in range, a negative number outside it. An int8 slot keeps its root.
+
+
+def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
+    """A second-moment slot's values in the compute ``dtype``, in the encoding."""
+    if not isinstance(slot, QuantizedArray):
+        return slot.astype(dtype)
+    limits = numerics.moment_range(jnp.float32)
+    root = _from_blocks(_table_values(slot), slot.shape)
+    huge = root > np.float32(limits.high**0.5)
+    root_down = numerics.scale_exponent(root, -limits.shift)
+    value = jnp.where(huge, -(root_down * root_down), root * root)
+    if tiny:
+        value = jnp.where((root > 0) & (root < np.float32(limits.low**0.5)), -root, value)
+    return value.astype(dtype)
+
+
+def slot_dtype(slot: Any) -> Any:
+    """The dtype a slot keeps its values in (float32 for an int8 slot's scales)."""
+    return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
+
+
+def store_moment(value: jax.Array, slot: Any) -> Any:
+    """A second moment in the encoding, in the format of ``slot``."""
+    if not isinstance(slot, QuantizedArray):
+        return value.astype(slot.dtype)
+    limits = numerics.moment_range(jnp.float32)
+    value = jnp.asarray(value, jnp.float32)
+    blocks = _to_blocks(value)
+    huge = blocks <= np.float32(-limits.tiny_root)
+    root = jnp.where(
+        huge,
+        numerics.scale_exponent(jnp.sqrt(-blocks), limits.shift),
+        jnp.where(blocks < 0, -blocks, jnp.sqrt(blocks)),
+    )
+    return _quantize_blocks(root, blocks, value.shape, False)
 
 
 # ---------------------------------------------------------------- the storage option

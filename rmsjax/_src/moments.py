@@ -1,0 +1,64 @@
+"""One step of a second moment held in numerics' encoding, from a state slot: what
+``scale_by_rms`` and ``scale_by_rss`` share (see numerics.py for the encoding)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmsjax._src import numerics, validate
+from rmsjax._src import storage as storage_lib
+
+
+class MomentStep(NamedTuple):
+    """A new moment and the operands of the step on it.
+
+    Attributes:
+      new: the new moment in the encoding, to store in the slot.
+      scale: a power of two per element (1 for a moment held as itself).
+      value: the true moment times ``scale**2``, in range.
+      eps_squared: ``eps * scale**2``, to add to ``value`` under the root.
+      eps_linear: ``eps * scale``, to add to the root of ``value``.
+
+    The step on the true moment is ``(g * scale) / sqrt(value + eps_squared)`` or
+    ``(g * scale) / (sqrt(value) + eps_linear)``.
+    """
+
+    new: jax.Array
+    scale: jax.Array
+    value: jax.Array
+    eps_squared: Any
+    eps_linear: Any
+
+
+def accumulate(
+    slot: Any,
+    g: jax.Array,
+    combine: Any,
+    eps: Any,
+    eps_in_sqrt: bool,
+    dtype: Any,
+    square: Any = None,
+) -> MomentStep:
+    """``combine(square(g), old)`` from the moment held in ``slot``, in compute ``dtype``.
+
+    ``combine`` is the rule's own formula and ``square`` its statistic of the squares,
+    ``|g|^2`` by default (see :func:`numerics.accumulate_moment`).
+    Complex leaves keep their moment as optax does (complex, real-valued), clamped
+    below overflow instead of encoded.
+    """
+    if jnp.iscomplexobj(g):
+        new = combine(numerics.abs_sq(g), storage_lib.load(slot, dtype))
+        new = numerics.finite_ceiling(new, slot)
+        return MomentStep(new, jnp.ones((), dtype), new, eps, eps)
+    slot_dtype = storage_lib.slot_dtype(slot)
+    concrete_eps = validate.concrete_value(eps)
+    tiny = numerics.needs_tiny_mode(slot_dtype, concrete_eps, eps_in_sqrt)
+    old = storage_lib.load_moment(slot, dtype, tiny)
+    new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square)
+    scale, value, eps_squared, eps_linear = numerics.moment_operands(
+        new, slot_dtype, tiny, concrete_eps if tiny else eps
+    )
+    return MomentStep(new, scale, value, eps_squared, eps_linear)
