@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
+from tests.test_factored import factored_reference
+from tests.test_rowwise import rowwise_reference
 
 
 def _nan_at_step_two(count):
@@ -54,18 +56,41 @@ def test_an_overflowing_inner_rule_is_caught():
     np.testing.assert_array_equal(np.asarray(updates, np.float32), [-0.0, -0.0])
 
 
+def _rowwise(grads):
+    return rowwise_reference(grads, 0.0, 1e-10)[0]
+
+
+def _factored(grads):
+    return factored_reference(grads, 0.9, 1e-30, min_dim=2)[0]
+
+
 @pytest.mark.parametrize(
-    "make",
-    [lambda: rj.rowwise_adagrad(0.1), lambda: rj.factored_rmsprop(0.1, min_dim_size_to_factor=2)],
+    "make, reference",
+    [
+        (lambda: rj.rowwise_adagrad(1.0), _rowwise),
+        (lambda: rj.factored_rmsprop(1.0, min_dim_size_to_factor=2), _factored),
+    ],
 )
-@pytest.mark.parametrize("scale", [1e30, 3e38])
-def test_rowwise_and_factored_state_stays_finite_and_keeps_stepping(make, scale):
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 3e38])
+def test_rowwise_and_factored_steps_follow_the_equations_after_extreme_gradients(
+    make, reference, scale
+):
+    # A step of gradients `scale`, then steps of ordinary ones: the state stays finite
+    # and every step is the float64 equation's (a step that falls under float32's
+    # normal range, 1 / 3e38, reads as 0, and so may one a little above it).
+    rng = np.random.default_rng(0)
     params = {"table": jnp.ones((4, 8)), "v": jnp.ones(3)}
     tx = make()
     state = tx.init(params)
-    huge = jax.tree.map(lambda p: jnp.full(p.shape, scale), params)
-    _, state = jax.jit(tx.update)(huge, state, params)
-    chex.assert_tree_all_finite(state)
-    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
-    chex.assert_tree_all_finite((updates, state))
-    assert all(float(jnp.min(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
+    steps = [jax.tree.map(lambda p: np.full(p.shape, scale, np.float32), params)]
+    steps += [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)] * 3
+    update = jax.jit(tx.update)
+    got = []
+    for g in steps:
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        chex.assert_tree_all_finite((u, state))
+        got.append(u)
+    for key in params:
+        want = -np.stack(reference([np.asarray(g[key], np.float64) for g in steps]))
+        have = np.stack([np.asarray(u[key], np.float64) for u in got])
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-36)

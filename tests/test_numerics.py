@@ -41,6 +41,19 @@ def test_optax_gives_nan_for_float16_zero_gradients():
     assert bool(jnp.isnan(updates).all())
 
 
+def test_optax_freezes_huge_gradients_and_steps_by_infinity_on_tiny_ones():
+    # The README's comparison, kept honest: optax's g^2 overflows at 1e30 (the update is
+    # 0 at every later step) and underflows at 1e-30 (with eps=0: an infinite update).
+    g = jnp.array([1e30, 1e-30, 1.0])
+    tx = optax.rmsprop(0.01, eps=0.0)
+    state = tx.init(g)
+    for _ in range(3):
+        updates, state = tx.update(g, state)
+        assert float(updates[0]) == 0 and np.isinf(float(updates[1]))
+    updates, _ = rj.rmsprop(0.01, eps=0.0).update(g, rj.rmsprop(0.01, eps=0.0).init(g))
+    np.testing.assert_allclose(updates, np.full(3, -0.01 / np.sqrt(0.1)), rtol=1e-6)
+
+
 def test_zero_eps_and_zero_second_moment_give_zero_update():
     for tx in (
         rj.rmsprop(0.1, eps=0.0),

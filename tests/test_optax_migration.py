@@ -163,6 +163,26 @@ def test_int8_state_is_encoded_and_decoded():
     np.testing.assert_allclose(back[2].trace["w"], s[2].trace["w"], rtol=0.05)
 
 
+def test_centered_int8_state_moves_its_variance_to_optax_and_back():
+    # A centered int8 state holds nu - mu^2 (rounding nu and mu apart would lose small
+    # variances); optax holds nu, so the conversion adds mu^2 and takes it off again.
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((8, 1024))}
+    theirs = optax.rmsprop(0.1, centered=True)
+    ours = rj.rmsprop(0.1, centered=True, storage="int8")
+    s, state = theirs.init(params), ours.init(params)
+    for _ in range(5):
+        g = {"w": jnp.asarray(rng.normal(size=(8, 1024)) + 2.0, jnp.float32)}
+        s = theirs.update(g, s)[1]
+        state = ours.update(g, state)[1]
+    out = rj.to_optax_state(state, like=s)
+    np.testing.assert_allclose(out[0].nu["w"], s[0].nu["w"], rtol=0.1)
+    np.testing.assert_allclose(out[0].mu["w"], s[0].mu["w"], rtol=0.1, atol=1e-2)
+    back = rj.from_optax_state(s, like=state)
+    variance = s[0].nu["w"] - s[0].mu["w"] ** 2
+    np.testing.assert_allclose(rj.dequantize(back[0].nu["w"]), variance, rtol=0.1, atol=1e-3)
+
+
 def test_a_state_of_another_optimizer_is_refused_with_its_place():
     params = {"w": jnp.ones(3)}
     s = optax.adagrad(0.1).init(params)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, hyperparams, rms, rss, storage
+from rmsjax._src import base, hyperparams, numerics, rms, rss, storage
 
 SecondMomentState = rms.ScaleByRmsState | rss.ScaleByRssState
 
@@ -81,14 +81,24 @@ def _load(slot: Any) -> jax.Array:
     return storage.load(slot, jnp.float32)
 
 
+def _load_moment(slot: Any) -> jax.Array:
+    """A second moment's true values (see numerics' encoding), in float32 or wider."""
+    if isinstance(slot, storage.QuantizedArray):
+        return storage.dequantize(slot)
+    return numerics.decode_moment(slot)
+
+
 def _denominator_base(moment: SecondMomentState) -> Any:
     """The tree of ``v`` in float32 (8-bit stored slots decoded)."""
     if isinstance(moment, rss.ScaleByRssState):
-        return jax.tree.map(_load, moment.sum_of_squares, is_leaf=_is_slot)
+        return jax.tree.map(_load_moment, moment.sum_of_squares, is_leaf=_is_slot)
     if moment.mu is None:
-        return jax.tree.map(_load, moment.nu, is_leaf=_is_slot)
+        return jax.tree.map(_load_moment, moment.nu, is_leaf=_is_slot)
     return jax.tree.map(
-        lambda nu, mu: jnp.maximum(_load(nu) - _load(mu) ** 2, 0),
+        # an int8 centered state holds the variance itself (see rms._holds_variance)
+        lambda nu, mu: (
+            _load_moment(nu) if _is_slot(nu) else jnp.maximum(_load_moment(nu) - _load(mu) ** 2, 0)
+        ),
         moment.nu,
         moment.mu,
         is_leaf=_is_slot,

@@ -22,8 +22,12 @@ class ScaleByFactoredRmsState(NamedTuple):
       nu: for a parameter that is not factored (a scalar, a vector, a small matrix),
         the full decaying average of squared gradients; else a placeholder.
 
-    A placeholder is a float32 zero of shape ``()``, not an empty array: checkpointers
-    (orbax) refuse to save arrays of size zero.
+    A placeholder is a float32 scalar, not an empty array (checkpointers such as orbax
+    refuse to save arrays of size zero), and it holds the leaf's scale exponent ``E``:
+    the moments are kept in units of :math:`4^E`. ``E`` is 0 (the moments are
+    themselves) unless the gradients leave float32's comfortable range, above about
+    1e12 or below 1e-12; it then moves by whole powers of two, so that no square
+    overflows or underflows whatever the gradients' scale.
     """
 
     nu_row: base.Updates
@@ -119,6 +123,36 @@ def _ratio(x: jax.Array, y: jax.Array) -> jax.Array:
     return (x * scale) / (y * scale)
 
 
+# Where the largest gradient (or root of a moment) of a leaf may sit, in units of its
+# scale 2^E, before E moves: 2^+-40 leaves 48 binades for squares on either side.
+_EXPONENT_SLACK = 40
+
+
+def _exponent(g: jax.Array, moments: list, exponent: jax.Array, eps: Any) -> jax.Array:
+    """The leaf's new scale exponent ``E``: the old one while the largest gradient and
+    the largest moment's root lie under 2^(E+40) and the largest non-zero gradient
+    above 2^(E-40); else the exponent of the larger of the two (the moments then move by
+    an exact power of 4, never outside float32). ``eps * 4^-E`` stays finite."""
+    largest = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), g.dtype)
+    top = jnp.max(jnp.stack([jnp.max(m) for m in moments])) if moments else 0.0
+    # exponents of the largest gradient and of the largest moment's root (true units)
+    g_exp = jnp.frexp(largest)[1].astype(g.dtype)
+    m_exp = jnp.frexp(jnp.sqrt(top))[1].astype(g.dtype) + exponent
+    empty_g, empty_m = largest == 0, top <= 0
+    target = jnp.where(empty_m, g_exp, jnp.where(empty_g, m_exp, jnp.maximum(g_exp, m_exp)))
+    # Up when a square could overflow; down only when the gradients' squares could
+    # underflow (small moments alone, eps say, are no reason to move).
+    up = ~(empty_g & empty_m) & (target - exponent > _EXPONENT_SLACK)
+    down = ~empty_g & (target - exponent < -_EXPONENT_SLACK)
+    new = jnp.where(up | down, target, exponent)
+    concrete = validate.concrete_value(eps)
+    if concrete is None or concrete > 0:
+        # eps * 4^-E must stay finite: E >= (log2(eps) - 100) / 2
+        floor = jnp.floor((jnp.log2(jnp.asarray(eps, g.dtype)) - 100) / 2)
+        new = jnp.maximum(new, floor)
+    return new
+
+
 def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_factored_rms` (unchecked arguments)."""
     name = "scale_by_factored_rms"
@@ -144,18 +178,31 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
             )
         dtype = slots[0].dtype
         g_c = g.astype(dtype)
-        squares = g_c * g_c + eps
-        if is_factored(shape, min_dim_size_to_factor):
-            row = decay * slots[0] + (1 - decay) * _mean(squares, axis=-1)
-            col = decay * slots[1] + (1 - decay) * _mean(squares, axis=-2)
+        factored = is_factored(shape, min_dim_size_to_factor)
+        # The moments are held in units of 4^E, E an integer kept in the leaf's scalar
+        # placeholder (0 unless the gradients leave float32's comfortable range): so no
+        # square overflows or underflows, whatever the gradients' scale.
+        moments = slots[:2] if factored else slots[2:]
+        exponent = slots[2] if factored else slots[0]
+        new_exponent = _exponent(g_c, moments, exponent, eps)
+        shift = (2 * (exponent - new_exponent)).astype(jnp.int32)
+        moments = [numerics.scale_exponent(m, shift) for m in moments]
+        g_s = numerics.scale_exponent(g_c, -new_exponent.astype(jnp.int32))
+        eps_s = numerics.scale_exponent(
+            jnp.asarray(eps, dtype), (-2 * new_exponent).astype(jnp.int32)
+        )
+        squares = g_s * g_s + eps_s
+        if factored:
+            row = decay * moments[0] + (1 - decay) * _mean(squares, axis=-1)
+            col = decay * moments[1] + (1 - decay) * _mean(squares, axis=-2)
             row, col = numerics.finite_ceiling(row), numerics.finite_ceiling(col)
             row_mean = _mean(row, axis=-1, keepdims=True)
             nu_hat = _ratio(row, row_mean)[..., :, None] * col[..., None, :]
-            new_slots = (row, col, slots[2])
+            new_slots = (row, col, new_exponent)
         else:
-            nu_hat = numerics.finite_ceiling(decay * slots[2] + (1 - decay) * squares)
-            new_slots = (slots[0], slots[1], nu_hat)
-        update = jnp.where(g_c == 0, g_c, g_c * jax.lax.rsqrt(nu_hat))
+            nu_hat = numerics.finite_ceiling(decay * moments[0] + (1 - decay) * squares)
+            new_slots = (new_exponent, slots[1], nu_hat)
+        update = jnp.where(g_c == 0, g_c, g_s * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots
 
     def from_state(state):

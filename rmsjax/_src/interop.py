@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, storage
+from rmsjax._src import base, numerics, storage
 
 
 def as_optax(tx: base.GradientTransformation) -> Any:
@@ -84,6 +84,38 @@ def _zeros_like(like: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
 
 
+# rmsjax's second moments are encoded outside their dtype's range (numerics.py); optax
+# holds the plain value (inf where it overflows).
+_MOMENT_FIELDS = {"ScaleByRmsState": ("nu",), "ScaleByRssState": ("sum_of_squares",)}
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, storage.QuantizedArray)
+
+
+def _true_moment(x: Any) -> Any:
+    if x is None or _is_quantized(x) or not _is_array_like(x):
+        return x
+    return numerics.decode_moment(jnp.asarray(x)).astype(jnp.result_type(x))
+
+
+def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
+    """A centered int8 state holds the variance ``nu - mu^2`` where optax holds ``nu``
+    (see rms._holds_variance): add ``mu^2`` on the way out, take it off on the way in."""
+    ours_nu = other.nu if to_optax else like.nu
+
+    def convert(held, nu, mu):
+        if not _is_quantized(held):
+            return nu
+        mu = storage.dequantize(mu) if _is_quantized(mu) else jnp.asarray(mu, jnp.float32)
+        if to_optax:
+            return storage.dequantize(nu) + mu * mu
+        return jnp.maximum(jnp.asarray(nu, jnp.float32) - mu * mu, 0)
+
+    nu = jax.tree.map(convert, ours_nu, other.nu, other.mu, is_leaf=_is_quantized)
+    return other._replace(nu=nu)
+
+
 def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, parent: Any) -> Any:
     if like is None:
         return None
@@ -95,14 +127,18 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
         ours, theirs = (other, like) if to_optax else (like, other)
         if not _compatible(type(ours).__name__, type(theirs).__name__):
             _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
+        centered = type(ours).__name__ == "ScaleByRmsState" and ours.mu is not None
+        if centered and {"nu", "mu"} <= set(other._fields):
+            other = _centered_moment(other, like, to_optax)
         fields = {}
         for field in like._fields:
             sub = f"{path}.{field}"
             template = getattr(like, field)
             if field in other._fields:
-                fields[field] = _walk(
-                    function, sub, template, getattr(other, field), to_optax, other
-                )
+                value = getattr(other, field)
+                if to_optax and field in _MOMENT_FIELDS.get(type(other).__name__, ()):
+                    value = jax.tree.map(_true_moment, value, is_leaf=_is_quantized)
+                fields[field] = _walk(function, sub, template, value, to_optax, other)
             elif template is None or field == "count":
                 fields[field] = _zeros_like(template)
             else:

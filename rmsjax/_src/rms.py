@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, elementwise, numerics, validate
+from rmsjax._src import base, elementwise, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -99,6 +99,15 @@ def scale_by_rms(
     )
 
 
+def _holds_variance(slots: tuple) -> bool:
+    """Whether a centered rule's first slot holds the variance ``w = nu - mu^2`` rather
+    than ``nu``: with int8 state. Rounding ``nu`` and ``mu`` separately would lose every
+    variance under the rounding error of ``nu`` (a block's small elements, whose
+    ``nu - mu^2`` then clamps to 0); ``w`` follows Welford's update
+    ``w' = d w + d (1 - d) (g - mu)^2``, which subtracts nothing."""
+    return len(slots) == 2 and isinstance(slots[0], storage_lib.QuantizedArray)
+
+
 def rms_rule(
     decay: Any,
     eps: Any,
@@ -113,6 +122,12 @@ def rms_rule(
     # overflow); only eps = 0, or a traced eps, can make it infinite.
     concrete_eps = validate.concrete_value(eps)
     guard_zero = concrete_eps is None or not np.float32(concrete_eps) > 0
+
+    def combine(square, old):  # optax's formula, in the order optax computes it
+        return (1 - decay) * square + decay * old
+
+    def combine_variance(half_gap_square, old):  # see _holds_variance
+        return decay * old + (4 * decay * (1 - decay)) * half_gap_square
 
     def step_shared(count):
         count = numerics.safe_increment(count)
@@ -129,24 +144,44 @@ def rms_rule(
         del param
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        nu = (1 - decay) * numerics.abs_sq(g_c) + decay * storage_lib.load(slots[0], dtype)
-        nu = numerics.finite_ceiling(nu, slots[0])
-        nu_hat = nu if correction is None else nu / correction.astype(dtype)
+        # The moment in numerics' encoding: itself in range, scaled outside it, so that
+        # no gradient's square overflows or underflows (see numerics.py).
+        if _holds_variance(slots):
+            # w' = d w + d (1 - d) (g - mu)^2 from (g - mu) / 2, which cannot overflow
+            half_gap = 0.5 * g_c - 0.5 * storage_lib.load(slots[1], dtype)
+            moment = moments.accumulate(
+                slots[0], half_gap, combine_variance, eps, eps_in_sqrt, dtype
+            )
+        else:
+            moment = moments.accumulate(slots[0], g_c, combine, eps, eps_in_sqrt, dtype)
+        nu, scale, nu_scaled = moment.new, moment.scale, moment.value
+        nu_hat = nu_scaled if correction is None else nu_scaled / correction.astype(dtype)
         if centered:
             mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
-            mu_hat = mu if correction is None else mu / correction.astype(dtype)
-            nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
+            mu_hat = mu * scale
+            if _holds_variance(slots):
+                # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
+                if correction is not None:
+                    c = correction.astype(dtype)
+                    nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat / c) * (1 - c), 0)
+            else:
+                mu_hat = mu_hat if correction is None else mu_hat / correction.astype(dtype)
+                nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
         if eps_in_sqrt:
-            scaling = jax.lax.rsqrt(nu_hat + eps)
+            scaling = jax.lax.rsqrt(nu_hat + moment.eps_squared)
+            if centered:
+                # A zero variance (a constant gradient) leaves eps alone, which counts as
+                # 0 above the range; the step is then g / sqrt(eps), unscaled.
+                scaling = jnp.where(nu_hat > 0, scaling, jax.lax.rsqrt(eps + 0 * nu_hat) / scale)
         else:
-            scaling = 1 / (jnp.sqrt(nu_hat) + eps)
-        update = scaling * g_c
+            scaling = 1 / (jnp.sqrt(nu_hat) + moment.eps_linear)
+        update = scaling * (g_c * scale)
         if guard_zero:
             # A zero gradient gives a zero update even where the scaling is infinite
             # (eps=0 with a zero average), instead of 0 * inf = NaN.
             update = jnp.where(g_c == 0, g_c, update)
         update = update.astype(g.dtype)
-        new_slots = (storage_lib.store(nu, slots[0]),)
+        new_slots = (storage_lib.store_moment(nu, slots[0]),)
         if centered:
             new_slots += (storage_lib.store(mu, slots[1]),)
         return update, new_slots

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, numerics, scaling, validate
+from rmsjax._src import base, combine, elementwise, moments, numerics, scaling, validate
 
 
 class ScaleByRowwiseRssState(NamedTuple):
@@ -77,6 +77,8 @@ def scale_by_rowwise_rss(
 def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rowwise_rss` (unchecked arguments)."""
     name = "scale_by_rowwise_rss"
+    concrete_eps = validate.concrete_value(eps)
+    positive_eps = concrete_eps is not None and concrete_eps > 0
 
     def accumulator_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape[:-1] if _is_rowwise(shape) else shape
@@ -97,14 +99,26 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
             )
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        squares = g_c * g_c
-        if _is_rowwise(shape):
-            squares = jnp.mean(squares, axis=-1)
-        total = numerics.finite_ceiling(slots[0].astype(dtype) + squares, slots[0])
-        scaling_ = jnp.where(total > 0, 1 / (jnp.sqrt(total) + eps), 0.0)
-        if _is_rowwise(shape):
-            scaling_ = scaling_[..., None]
-        return (scaling_ * g_c).astype(g.dtype), (total.astype(slots[0].dtype),)
+        rowwise = _is_rowwise(shape)
+
+        def squares(x):
+            return jnp.mean(x * x, axis=-1) if rowwise else x * x
+
+        def add(square, total):  # FBGEMM's order: the accumulator first
+            return total + square
+
+        # The accumulator in numerics' encoding: itself in range, scaled outside it,
+        # so that no gradient's square overflows or underflows (see numerics.py).
+        moment = moments.accumulate(slots[0], g_c, add, eps, False, dtype, squares)
+        total, scale, value = moment.new, moment.scale, moment.value
+        # Zero where no gradient was ever non-zero; a square that underflows counts.
+        seen = value > 0
+        if positive_eps:
+            seen = seen | (jnp.any(g_c != 0, axis=-1) if rowwise else g_c != 0)
+        scaling_ = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
+        if rowwise:
+            scaling_, scale = scaling_[..., None], scale[..., None]
+        return (scaling_ * (g_c * scale)).astype(g.dtype), (total.astype(slots[0].dtype),)
 
     def from_state(state):
         elementwise.expect_state(name, state, ScaleByRowwiseRssState)

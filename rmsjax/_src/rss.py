@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, numerics, validate
+from rmsjax._src import base, elementwise, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -81,10 +81,16 @@ def scale_by_rss(
     )
 
 
+def _add(square, total):  # Adagrad's sum, in the order optax computes it
+    return square + total
+
+
 def rss_rule(
     initial_accumulator_value: Any, eps: Any, eps_in_sqrt: bool, storage: str | None = None
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rss` (unchecked arguments)."""
+    concrete_eps = validate.concrete_value(eps)
+    positive_eps = concrete_eps is not None and concrete_eps > 0
 
     def init_leaf(param):
         return (storage_lib.init_slot(param, initial_accumulator_value, storage, signed=False),)
@@ -93,13 +99,20 @@ def rss_rule(
         del context, param
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        total = numerics.abs_sq(g_c) + storage_lib.load(slots[0], dtype)
-        total = numerics.finite_ceiling(total, slots[0])
+        # The sum in numerics' encoding: itself in range, scaled outside it.
+        moment = moments.accumulate(slots[0], g_c, _add, eps, eps_in_sqrt, dtype)
+        total, scale, value = moment.new, moment.scale, moment.value
+        # Zero where no gradient was ever non-zero (optax's rule). A gradient whose
+        # square underflows still counts, when eps keeps its step finite.
+        seen = value > 0
+        if positive_eps:
+            seen = seen | (g_c != 0)
         if eps_in_sqrt:
-            scaling = jnp.where(total > 0, jax.lax.rsqrt(total + eps), 0.0)
+            scaling = jnp.where(seen, jax.lax.rsqrt(value + moment.eps_squared), 0.0)
         else:
-            scaling = jnp.where(total > 0, 1 / (jnp.sqrt(total) + eps), 0.0)
-        return (scaling * g_c).astype(g.dtype), (storage_lib.store(total, slots[0]),)
+            scaling = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
+        update = scaling * (g_c * scale)
+        return update.astype(g.dtype), (storage_lib.store_moment(total, slots[0]),)
 
     def from_state(state):
         elementwise.expect_state("scale_by_rss", state, ScaleByRssState)

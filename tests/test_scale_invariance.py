@@ -1,0 +1,236 @@
+"""RMSprop's and Adagrad's steps do not depend on the scale of the gradients.
+
+Multiplying every gradient of a run by ``c`` changes the updates only through ``eps``
+(and a non-zero initial moment): never through a square that overflows or underflows.
+Each run here is compared with the float64 NumPy transcription of the equations
+(tests/reference.py) on the same scaled gradients, for ``c`` from 1e-30 to 1e30.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rmsjax as rj
+from rmsjax._src import numerics
+from tests import reference
+from tests.test_factored import factored_reference
+from tests.test_rowwise import rowwise_reference
+
+SHAPE = (64, 64)  # the smallest size int8 storage quantizes; factored and row-wise
+STEPS = 6
+
+# name -> (rmsjax transformation from (eps, storage), float64 reference from (grads, eps))
+RULES = {
+    "rms": (
+        lambda eps, storage: rj.scale_by_rms(decay=0.9, eps=eps, storage=storage),
+        lambda grads, eps: reference.rms(grads, 0.9, eps),
+    ),
+    "rms, eps outside, bias-corrected": (
+        lambda eps, storage: rj.scale_by_rms(
+            decay=0.99, eps=eps, eps_in_sqrt=False, bias_correction=True, storage=storage
+        ),
+        lambda grads, eps: reference.rms(grads, 0.99, eps, eps_in_sqrt=False, bias_correction=True),
+    ),
+    "rms centered": (
+        lambda eps, storage: rj.scale_by_rms(decay=0.9, eps=eps, centered=True, storage=storage),
+        lambda grads, eps: reference.rms(grads, 0.9, eps, centered=True),
+    ),
+    "rmsprop with momentum": (
+        lambda eps, storage: rj.rmsprop(1.0, eps=eps, momentum=0.9, storage=storage),
+        lambda grads, eps: reference.rmsprop(grads, 1.0, eps=eps, momentum=0.9),
+    ),
+    "rss": (
+        lambda eps, storage: rj.scale_by_rss(0.0, eps=eps, storage=storage),
+        lambda grads, eps: reference.rss(grads, 0.0, eps),
+    ),
+    "rowwise adagrad": (
+        lambda eps, storage: rj.scale_by_rowwise_rss(0.0, eps=eps),
+        lambda grads, eps: rowwise_reference(grads, 0.0, eps)[0],
+    ),
+    "factored rms": (
+        lambda eps, storage: rj.scale_by_factored_rms(0.9, eps=eps),
+        lambda grads, eps: factored_reference(grads, 0.9, eps)[0],
+    ),
+    "torch rmsprop": (
+        lambda eps, storage: rj.compat.torch_rmsprop(lr=1.0, eps=eps),
+        lambda grads, eps: reference.rmsprop(grads, 1.0, decay=0.99, eps=eps, eps_in_sqrt=False),
+    ),
+}
+
+# Largest difference to the float64 run, as a fraction of the largest float64 update
+# of the step: float32 rounding; bfloat16 state (8 bits) or parameters; 8-bit state.
+TOLERANCE = {None: 1e-5, "float32": 1e-5, "bfloat16": 3e-2, "int8": 0.25}
+
+
+def _gradients(seed: int) -> np.ndarray:
+    """Gradients spanning several decades within a leaf, some of them zero."""
+    rng = np.random.default_rng(seed)
+    grads = rng.normal(size=(STEPS, *SHAPE)) * np.exp(2 * rng.normal(size=(STEPS, *SHAPE)))
+    grads[:, :2, :8] = 0.0
+    return np.clip(grads, -1e3, 1e3)
+
+
+@functools.cache
+def _step(rule: str, eps: float, storage: str | None):
+    tx = RULES[rule][0](eps, storage)
+    return tx, jax.jit(tx.update)
+
+
+def _run(rule: str, eps: float, storage: str | None, grads: np.ndarray, dtype):
+    tx, update = _step(rule, eps, storage)
+    params = jnp.zeros(SHAPE, dtype)
+    state = tx.init(params)
+    out = []
+    for g in grads:
+        updates, state = update(jnp.asarray(g, dtype), state, params)
+        out.append(np.asarray(updates, np.float64))
+    return out, state
+
+
+def _assert_matches_reference(rule, eps, storage, dtype, scale, seed):
+    grads = _gradients(seed) * scale
+    grads = np.asarray(jnp.asarray(grads, dtype), np.float64)  # what the run sees
+    got, state = _run(rule, eps, storage, grads, dtype)
+    want = RULES[rule][1](list(grads), eps)
+    tolerance = TOLERANCE[storage] if dtype == jnp.float32 else 3e-2
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert np.all(np.isfinite(g)), (rule, storage, scale, step)
+        error = np.max(np.abs(g - w)) / np.max(np.abs(w))
+        assert error <= tolerance, (rule, storage, dtype, scale, step, error)
+    for leaf in jax.tree.leaves(state):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert bool(jnp.all(jnp.isfinite(leaf))), (rule, storage, scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rule=st.sampled_from(sorted(RULES)),
+    storage=st.sampled_from([None, "float32", "bfloat16", "int8"]),
+    exponent=st.integers(-30, 30),
+    eps=st.sampled_from([0.0, 1e-8]),
+    seed=st.integers(0, 3),
+)
+def test_float32_steps_follow_the_equations_at_every_scale(rule, storage, exponent, eps, seed):
+    if rule in ("torch rmsprop", "rowwise adagrad", "factored rms"):
+        storage = None  # these keep float32 state (or the preset's), no storage option
+    _assert_matches_reference(rule, eps, storage, jnp.float32, 10.0**exponent, seed)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rule=st.sampled_from(["rms", "rss", "rmsprop with momentum", "rowwise adagrad"]),
+    dtype=st.sampled_from([jnp.bfloat16, jnp.float16]),
+    exponent=st.integers(-2, 1),
+    seed=st.integers(0, 3),
+)
+def test_half_precision_steps_follow_the_equations_up_to_the_dtype_maximum(
+    rule, dtype, exponent, seed
+):
+    # Gradients up to 1e3 * 10**1 = 1e4 (float16's maximum is 65504), state in the
+    # parameters' dtype; bfloat16 shares float32's range, float16 does not.
+    _assert_matches_reference(rule, 0.0, None, dtype, 10.0**exponent, seed)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 3e38])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(0.01),
+        lambda: rj.rmsprop(0.01, momentum=0.9),
+        lambda: rj.rmsprop(0.01, centered=True, momentum=0.9),
+        lambda: rj.rmsprop(0.01, centered=True, momentum=0.9, storage="int8"),
+        lambda: rj.rmsprop(0.01, momentum=0.9, storage="int8"),
+        lambda: rj.adagrad(0.01, initial_accumulator_value=0.0, eps=0.0),
+        lambda: rj.compat.torch_rmsprop(lr=0.01),
+        lambda: rj.rowwise_adagrad(0.01, eps=0.0),
+        lambda: rj.factored_rmsprop(0.01, momentum=0.9),
+    ],
+)
+def test_a_constant_huge_or_tiny_gradient_steps_by_the_documented_bound(make, scale):
+    # rmsprop(0.01) steps by at most lr / sqrt(1 - decay) = 0.0316 without momentum,
+    # whatever the gradient's size (eps aside); momentum 0.9 adds at most 10x, and the
+    # centered variance of this gradient at most 3x.
+    tx = make()
+    params = jnp.zeros(SHAPE)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    wave = 1 + 0.5 * np.sin(np.arange(5))  # not constant: centered steps need a variance
+    for step in range(5):
+        grads = jnp.full(SHAPE, scale * wave[step] / 1.5, jnp.float32)
+        updates, state = update(grads, state, params)
+        assert np.all(np.isfinite(np.asarray(updates)))
+        assert float(jnp.max(jnp.abs(updates))) <= 0.0316 * 10 * 3
+        for leaf in jax.tree.leaves(state):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert bool(jnp.all(jnp.isfinite(leaf)))
+    if scale != 1e-30:  # with eps=1e-8 a gradient of 1e-30 rightly barely moves
+        assert float(jnp.min(jnp.abs(updates))) > 1e-3
+
+
+def test_zero_eps_with_tiny_gradients_steps_like_with_ordinary_ones():
+    # Down to about 1e-37: below, even the moment's root falls under float32's range.
+    g = jnp.array([1e-30, -3e-25, 1e-36, 0.0], jnp.float32)
+    updates, _ = jax.jit(rj.rmsprop(0.1, eps=0.0).update)(g, rj.rmsprop(0.1, eps=0.0).init(g))
+    np.testing.assert_allclose(updates, [-0.1 / 0.1**0.5, 0.1 / 0.1**0.5, -0.1 / 0.1**0.5, 0], 1e-6)
+    tx = rj.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
+    updates, _ = jax.jit(tx.update)(g, tx.init(g))
+    np.testing.assert_allclose(updates, [-0.1, 0.1, -0.1, 0.0], 1e-6)
+
+
+def test_ordinary_state_is_the_moment_itself_and_huge_state_decodes():
+    tx = rj.scale_by_rms(decay=0.5)
+    g = jnp.array([2.0, 1e30], jnp.float32)
+    _, state = jax.jit(tx.update)(g, tx.init(g))
+    assert float(state.nu[0]) == 2.0  # 0.5 * 2^2, held as itself, as optax holds it
+    assert float(state.nu[1]) < 0  # 0.5e60 does not fit a float32: held scaled
+    shift = numerics.moment_range(jnp.float32).shift
+    np.testing.assert_allclose(-float(state.nu[1]) * 2.0 ** (2 * shift), 0.5e60, 1e-6)
+    assert float(numerics.decode_moment(state.nu)[1]) == np.inf  # beyond float32
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(-160, 160), seed=st.integers(0, 1000))
+def test_exponent_scaling_is_ldexp_where_the_result_is_normal(k, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=64) * 2.0 ** rng.integers(-126, 127, size=64)).astype(np.float32)
+    x[:4] = [0.0, np.inf, -np.inf, np.nan]
+    tiny, top = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+    x[(np.abs(x) < tiny) & (x != 0)] = 1.0  # normal inputs (XLA CPU flushes the others)
+    want = np.ldexp(x.astype(np.float64), k)
+    normal = (np.abs(want) >= tiny) & (np.abs(want) <= top)
+    finite = np.isfinite(x)
+    for got in (
+        numerics.scale_exponent(jnp.asarray(x), k),
+        numerics.scale_exponent(jnp.asarray(x), jnp.int32(k)),
+    ):
+        got = np.asarray(got, np.float64)
+        np.testing.assert_array_equal(got[normal], want[normal])
+        np.testing.assert_array_equal(got[np.abs(want) < tiny], 0.0)
+        assert np.all(np.isinf(got[finite & (np.abs(want) > top)]))
+        np.testing.assert_array_equal(got[1:3], x[1:3])  # inf and -inf
+        assert np.isnan(got[3])
+    nonzero = finite & (x != 0)
+    shifted = np.asarray(numerics.shift_bits(jnp.asarray(np.abs(x)), k), np.float64)
+    np.testing.assert_array_equal(shifted[nonzero & normal], np.abs(want[nonzero & normal]))
+    assert np.all(np.abs(shifted[nonzero & (np.abs(want) < tiny)]) < tiny)  # 0 or subnormal
+    assert np.all(np.isinf(shifted[nonzero & (np.abs(want) > top)]))
+
+
+def test_the_numerics_guide_example_runs_and_says_what_it_prints(capsys):
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "numerics.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/numerics.md", "exec"), namespace)
+    np.testing.assert_allclose(namespace["updates"], np.full(3, -0.01 / np.sqrt(0.1)), 1e-6)
+    assert "-0.0316" in capsys.readouterr().out
