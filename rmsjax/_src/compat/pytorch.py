@@ -121,7 +121,7 @@ def torch_adagrad(
     .. math::
 
         g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \quad (\text{coupled weight decay}) \\
-        s_t &= s_{t-1} + g_t^2, \qquad s_0 = \text{initial\_accumulator\_value} \\
+        s_t &= s_{t-1} + g_t^2, \qquad s_0 = \mathtt{initial\_accumulator\_value} \\
         \theta_t &= \theta_{t-1} - \frac{\mathrm{lr}_t}{1 + (t-1)\,\mathrm{lr\_decay}}\,
                     \frac{g_t}{\sqrt{s_t} + \epsilon}
 
