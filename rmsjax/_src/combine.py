@@ -53,8 +53,9 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     (``rmsprop``, ``compat.torch_rmsprop``), not the chain it is built of."""
     transforms = tuple(transforms)
     rules = [elementwise.leaf_rule_of(t) for t in transforms]
-    if all(r is not None for r in rules):
-        return elementwise.elementwise_transformation(elementwise.compose(rules, name))
+    present = [r for r in rules if r is not None]
+    if len(present) == len(rules):
+        return elementwise.elementwise_transformation(elementwise.compose(present, name))
 
     # Split into segments: maximal runs of elementwise rules, and single other parts.
     segments: list[tuple[int, int, elementwise.LeafRule | None]] = []
@@ -64,7 +65,8 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
         while stop < len(transforms) and rules[stop] is not None:
             stop += 1
         if stop - start >= 2:
-            segments.append((start, stop, elementwise.compose(rules[start:stop], name)))
+            run = [r for r in rules[start:stop] if r is not None]  # all of them
+            segments.append((start, stop, elementwise.compose(run, name)))
         elif stop == start:
             stop = start + 1
             segments.append((start, stop, None))

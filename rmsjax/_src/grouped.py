@@ -91,14 +91,14 @@ def leaf_blocks(
         size = 1
         for dim in shape:
             size *= dim
-        key = (shape, jnp.dtype(dtype))
+        key: tuple[Any, ...] = (shape, jnp.dtype(dtype))
         if size > max_stacked_size:
             key = key + (index,)  # a group of its own
         if key not in groups:
             groups[key] = []
             order.append(key)
         groups[key].append(index)
-    blocks = []
+    blocks: list[tuple[int, ...]] = []
     for key in order:
         members = groups[key]
         size = auto_block_size(len(members)) if block_size is None else block_size

@@ -31,7 +31,7 @@ class InjectHyperparamsState(NamedTuple):
       inner_state: the state of the transformation the factory builds.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
     hyperparams: dict[str, jax.Array]
     hyperparams_states: dict[str, Any]
     inner_state: base.OptState

@@ -21,7 +21,7 @@ class TraceState(NamedTuple):
 class EmaState(NamedTuple):
     """State of :func:`ema`: the step count and the decaying average."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
     ema: base.Updates
 
 

@@ -22,7 +22,7 @@ class ScaleByRmsState(NamedTuple):
       mu: the decaying average of gradients when ``centered=True``, else None.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
     nu: base.Updates
     mu: base.Updates | None
 
@@ -181,7 +181,7 @@ def rms_rule(
             # (eps=0 with a zero average), instead of 0 * inf = NaN.
             update = jnp.where(g_c == 0, g_c, update)
         update = update.astype(g.dtype)
-        new_slots = (storage_lib.store_moment(nu, slots[0]),)
+        new_slots: tuple = (storage_lib.store_moment(nu, slots[0]),)
         if centered:
             new_slots += (storage_lib.store(mu, slots[1]),)
         return update, new_slots

@@ -39,7 +39,7 @@ def scale(step_size: float) -> base.GradientTransformation:
 class ScaleByLearningRateState(NamedTuple):
     """State of :func:`scale_by_learning_rate`: the step count a schedule reads."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
 
 
 def scale_by_learning_rate(

@@ -170,6 +170,7 @@ def _probe(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: Any, sp
     """The specs ``rule.update_leaf`` gives the slots, traced abstractly on a copy of
     ``mesh`` whose axes are Explicit (so the layouts travel in the types); None if the
     rule cannot be traced that way."""
+    context: contextlib.AbstractContextManager[Any]
     if isinstance(mesh, Mesh):
         axis_types = (AxisType.Explicit,) * len(mesh.axis_names)
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=axis_types)
@@ -267,7 +268,7 @@ def state_shardings(tx: Any, params: Any) -> Any:
     def abstract(leaf):
         sharding = getattr(leaf, "sharding", None)
         same_mesh = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
-        spec = sharding.spec if same_mesh else PartitionSpec()
+        spec = sharding.spec if same_mesh and sharding is not None else PartitionSpec()
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(explicit, spec))
 
     with jax.set_mesh(explicit):

@@ -73,7 +73,7 @@ def _check_representable(function: str, argument: str, number: float, value: Any
     computes in unless x64 is on), where they would turn every update infinite."""
     if math.isinf(number):
         _fail(function, argument, "a finite number", value)
-    if abs(number) > FLOAT32_MAX and not jax.config.jax_enable_x64:
+    if abs(number) > FLOAT32_MAX and not jax.config.read("jax_enable_x64"):
         _fail(function, argument, f"finite in float32 (at most {FLOAT32_MAX:.8g})", value)
 
 

@@ -17,7 +17,7 @@ from rmsjax._src import weight_decay as weight_decay_lib
 class DecoupledWeightDecayState(NamedTuple):
     """State of :func:`decoupled_weight_decay`: the step count its learning rate reads."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
 
 
 def decoupled_weight_decay(
@@ -144,7 +144,7 @@ def coupled_decay(value: float) -> base.GradientTransformation:
 
 
 def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTransformation:
-    if is_zero(value):
+    if value is None or is_zero(value):
         return elementwise.identity()
     return decoupled_weight_decay(value, learning_rate)
 
