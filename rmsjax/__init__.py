@@ -74,6 +74,8 @@ from rmsjax._src.zero1 import zero1_update_and_apply as zero1_update_and_apply
 
 try:
     __version__ = version("rmsjax")
+    """The installed version of rmsjax (``0.0.0+unknown`` in a source tree that is not
+    installed)."""
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
