@@ -1,12 +1,13 @@
-"""Each weight gets its own learning rate: effective step sizes lr / sqrt(v + eps), logged.
+"""Each weight gets its own learning rate: effective step sizes, logged at every step.
 
 A small two-layer network learns a regression whose 8 input features have scales from
 0.1 to 1000. The gradient of a first-layer weight is proportional to its input's scale,
 so plain gradient descent would need a different learning rate for each feature. RMSprop
-and Adagrad divide by the root of each weight's own squared-gradient statistic ``v``;
-``rmsjax.step_size_summary`` reads it from the optimizer state inside the jitted step
-(a few scalars per parameter array, cheap enough to log at every step) and this script
-plots:
+and Adagrad divide by the root of each weight's own squared-gradient statistic ``v``.
+``rmsjax.step_size_summary(tx, state, params)`` measures how far the next step moves each
+weight per unit of its gradient (``lr / sqrt(v + eps)``, with RMSprop's next ``v``)
+inside the jitted step (a few scalars per parameter array, cheap enough to log at every
+step), and this script plots:
 
 * the effective step size of each parameter array over training (geometric mean, and
   a band from min to max): Adagrad's only shrink, RMSprop's settle and follow the
@@ -63,7 +64,7 @@ def loss_fn(params, x, y):
     return jnp.mean((h @ params["out"]["w"] + params["out"]["b"] - y) ** 2)
 
 
-def train(tx, lr, eps, x, y, steps, batch, seed=0):
+def train(tx, x, y, steps, batch, seed=0):
     """Minibatch training; returns the losses, the per-step summaries and the state."""
     params = init_params()
     state = tx.init(params)
@@ -73,7 +74,7 @@ def train(tx, lr, eps, x, y, steps, batch, seed=0):
         rows = jax.random.choice(key, x.shape[0], (batch,), replace=False)
         loss, grads = jax.value_and_grad(loss_fn)(params, x[rows], y[rows])
         updates, state = tx.update(grads, state, params)
-        summary = rj.step_size_summary(state, learning_rate=lr, eps=eps)
+        summary = rj.step_size_summary(tx, state, params)  # the next step's sizes
         return rj.apply_updates(params, updates), state, loss, summary
 
     keys = jax.random.split(jax.random.key(seed), steps)
@@ -96,15 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     steps = 40 if args.quick else 600
     x, y = make_data(2048)
-    runs = {
-        "rmsprop": (rj.rmsprop(1e-3, decay=0.99), 1e-3, 1e-8),
-        "adagrad": (rj.adagrad(3e-2), 3e-2, 1e-7),
-    }
+    runs = {"rmsprop": rj.rmsprop(1e-3, decay=0.99), "adagrad": rj.adagrad(3e-2)}
     results = {}
     print(f"{'optimizer':<10}{'loss first 10':>15}{'loss last 10':>15}")
-    for name, (tx, lr, eps) in runs.items():
-        losses, history, state = train(tx, lr, eps, x, y, steps, batch=64)
-        sizes = rj.effective_step_sizes(state, learning_rate=lr, eps=eps)
+    for name, tx in runs.items():
+        losses, history, state = train(tx, x, y, steps, batch=64)
+        sizes = rj.effective_step_sizes(tx, state, init_params())
         results[name] = (losses, history, sizes)
         print(f"{name:<10}{losses[:10].mean():>15.4f}{losses[-10:].mean():>15.4f}")
 
@@ -144,7 +142,7 @@ def plot(plt, results, per_feature, slope, path):
             ax.semilogy(steps, summary.geometric_mean, color=color, label=f"{layer}.{leaf}")
         ax.set(
             xlabel="step",
-            ylabel="lr / sqrt(v + eps)",
+            ylabel="step per unit of gradient",
             title=f"{name}: effective step size per array (band: min-max)",
         )
         ax.grid(True, which="major", alpha=0.3)

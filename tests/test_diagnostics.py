@@ -1,4 +1,5 @@
-"""Tests of the effective step size diagnostics against float64 NumPy transcriptions."""
+"""Tests of the effective step size diagnostics against float64 NumPy transcriptions:
+the step per unit of gradient that the optimizer's next update takes."""
 
 from __future__ import annotations
 
@@ -54,35 +55,44 @@ def np_second_moment(grads, key, decay=None, initial=0.0, centered=False):
 
 
 def test_rmsprop_step_sizes_match_numpy():
+    # The next average keeps decay * nu of the present one: lr / sqrt(0.8 nu + eps).
     grads = gradients()
-    state = run(rj.rmsprop(3e-3, decay=0.8, eps=1e-6, momentum=0.9), grads)
-    sizes = rj.effective_step_sizes(state, learning_rate=3e-3, eps=1e-6)
+    tx = rj.rmsprop(3e-3, decay=0.8, eps=1e-6, momentum=0.9)
+    state = run(tx, grads)
+    sizes = rj.effective_step_sizes(tx, state, params_tree())
     assert sizes["skip"] is None
     for key in ["w", "b", "s"]:
-        expected = 3e-3 / np.sqrt(np_second_moment(grads, key, decay=0.8) + 1e-6)
+        expected = 3e-3 / np.sqrt(0.8 * np_second_moment(grads, key, decay=0.8) + 1e-6)
         np.testing.assert_allclose(sizes[key], expected, rtol=2e-5)
         assert sizes[key].dtype == jnp.float32
 
 
 def test_adagrad_step_sizes_match_numpy_with_eps_outside():
     grads = gradients(seed=1)
-    state = run(rj.chain(rj.scale_by_rss(0.5, eps=1e-4, eps_in_sqrt=False), rj.scale(-0.1)), grads)
-    sizes = rj.effective_step_sizes(state, learning_rate=0.1, eps=1e-4, eps_in_sqrt=False)
+    tx = rj.chain(rj.scale_by_rss(0.5, eps=1e-4, eps_in_sqrt=False), rj.scale(-0.1))
+    state = run(tx, grads)
+    sizes = rj.effective_step_sizes(tx, state)  # shapes read from the state
     expected = 0.1 / (np.sqrt(np_second_moment(grads, "w", initial=0.5)) + 1e-4)
     np.testing.assert_allclose(sizes["w"], expected, rtol=2e-5)
 
 
 def test_centered_rmsprop_uses_the_variance():
+    # nu' = d nu + (1-d) g^2 and mu' = d mu + (1-d) g at g = 0: variance d nu - d^2 mu^2
     grads = gradients(seed=2)
-    state = run(rj.rmsprop(1e-2, centered=True), grads)
-    sizes = rj.effective_step_sizes(state, learning_rate=1e-2, eps=1e-8)
-    variance = np_second_moment(grads, "b", decay=0.9, centered=True)
+    tx = rj.rmsprop(1e-2, centered=True)
+    state = run(tx, grads)
+    sizes = rj.effective_step_sizes(tx, state, params_tree())
+    nu = np_second_moment(grads, "b", decay=0.9)
+    mu = nu - np_second_moment(grads, "b", decay=0.9, centered=True)  # mu^2
+    variance = 0.9 * nu - 0.81 * mu
     np.testing.assert_allclose(sizes["b"], 1e-2 / np.sqrt(variance + 1e-8), rtol=1e-4)
 
 
-def test_finds_the_rule_inside_wrappers_and_reads_injected_hyperparameters():
+def test_knows_the_learning_rate_of_wrappers_schedules_and_injected_hyperparameters():
+    # The same numbers whatever the wrapping: the learning rate is the optimizer's own.
     grads = gradients(seed=3)
-    inner = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.02, eps=1e-5)
+    schedule = rj.schedules.exponential_decay(0.02, transition_steps=4, decay_rate=0.5)
+    inner = rj.inject_hyperparams(rj.rmsprop)(learning_rate=schedule, eps=1e-5)
     tx = rj.apply_if_finite(
         rj.chain(
             rj.clip_by_global_norm(10.0),
@@ -91,14 +101,24 @@ def test_finds_the_rule_inside_wrappers_and_reads_injected_hyperparameters():
         3,
     )
     state = run(tx, grads)
-    sizes = rj.effective_step_sizes(state)  # learning rate and eps from the state
+    sizes = rj.effective_step_sizes(tx, state, params_tree())
     clipped = []
     for g in grads:  # the NumPy reference sees the clipped gradients
         norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g)))
         factor = 1.0 if norm < 10.0 else 10.0 / norm
         clipped.append({k: factor * np.asarray(v, np.float64) for k, v in g.items()})
-    expected = 0.02 / np.sqrt(np_second_moment(clipped, "w", decay=0.9) + 1e-5)
-    np.testing.assert_allclose(sizes["w"], expected, rtol=1e-4)
+    lr_next = 0.02 * 0.5 ** (len(grads) / 4)  # the rate of the next step's count
+    nu = np_second_moment(clipped, "w", decay=0.9)
+    np.testing.assert_allclose(sizes["w"], lr_next / np.sqrt(0.9 * nu + 1e-5), rtol=1e-4)
+
+
+def test_grouped_state_gives_the_parameters_structure():
+    grads = gradients(seed=6)
+    plain, grouped = rj.rmsprop(1e-3), rj.grouped(rj.rmsprop(1e-3))
+    want = rj.effective_step_sizes(plain, run(plain, grads), params_tree())
+    got = rj.effective_step_sizes(grouped, run(grouped, grads), params_tree())
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
 def test_summary_matches_numpy_and_is_jittable_without_retracing():
@@ -110,7 +130,7 @@ def test_summary_matches_numpy_and_is_jittable_without_retracing():
     @chex.assert_max_traces(n=1)
     def step(state, g):
         _, state = tx.update(g, state, params)
-        return state, rj.step_size_summary(state, learning_rate=1e-3, eps=1e-8)
+        return state, rj.step_size_summary(tx, state, params)
 
     state = tx.init(params)
     for g in grads:
@@ -118,7 +138,7 @@ def test_summary_matches_numpy_and_is_jittable_without_retracing():
     chex.clear_trace_counter()
     assert summary["skip"] is None
     for key in ["w", "b", "s"]:
-        sizes = 1e-3 / np.sqrt(np_second_moment(grads, key, decay=0.9) + 1e-8)
+        sizes = 1e-3 / np.sqrt(0.9 * np_second_moment(grads, key, decay=0.9) + 1e-8)
         leaf = summary[key]
         assert isinstance(leaf, rj.StepSizeSummary)
         np.testing.assert_allclose(leaf.min, sizes.min(), rtol=2e-5)
@@ -132,37 +152,47 @@ def test_adagrad_step_sizes_only_shrink():
     tx = rj.adagrad(0.1)
     params = params_tree()
     state = tx.init(params)
-    previous = rj.effective_step_sizes(state, learning_rate=0.1, eps=1e-7)
+    previous = rj.effective_step_sizes(tx, state, params)
     for g in gradients(seed=5):
         _, state = tx.update(g, state, params)
-        sizes = rj.effective_step_sizes(state, learning_rate=0.1, eps=1e-7)
+        sizes = rj.effective_step_sizes(tx, state, params)
         # The sum only grows, so no step size grows, and on average they shrink.
         assert np.all(np.asarray(sizes["w"]) <= np.asarray(previous["w"]))
         assert float(jnp.mean(sizes["w"])) < float(jnp.mean(previous["w"]))
         previous = sizes
 
 
-def test_int8_state_is_decoded():
+def test_int8_factored_and_rowwise_states():
     big = {"w": jnp.zeros((64, 128))}
     rng = np.random.default_rng(0)
     seq = [{"w": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32)} for _ in range(4)]
-    exact_tx = rj.chain(rj.scale_by_rms(0.9), rj.scale(-1e-3))
-    int8_tx = rj.chain(rj.scale_by_rms(0.9, storage="int8"), rj.scale(-1e-3))
-    states = []
-    for tx in (exact_tx, int8_tx):
+    sizes = {}
+    for name, tx in [
+        ("exact", rj.rmsprop(1e-3)),
+        ("int8", rj.rmsprop(1e-3, storage="int8")),
+        ("factored", rj.factored_rmsprop(1e-3)),
+        ("rowwise", rj.rowwise_adagrad(1e-3)),
+    ]:
         state = tx.init(big)
         for g in seq:
             _, state = tx.update(g, state, big)
-        states.append(state)
-    exact = rj.effective_step_sizes(states[0], learning_rate=1e-3, eps=1e-8)
-    decoded = rj.effective_step_sizes(states[1], learning_rate=1e-3, eps=1e-8)
-    assert decoded["w"].shape == (64, 128)
-    np.testing.assert_allclose(decoded["w"], exact["w"], rtol=0.1)
+        sizes[name] = rj.effective_step_sizes(tx, state, big)["w"]
+        assert sizes[name].shape == (64, 128)
+    np.testing.assert_allclose(sizes["int8"], sizes["exact"], rtol=0.1)
+    # factored: the rank-one estimate, of the same size on average
+    assert 0.5 < float(jnp.mean(sizes["factored"]) / jnp.mean(sizes["exact"])) < 2
+    # row-wise Adagrad: one step size per row, lr / (sqrt(sum of row means) + eps)
+    rows = sum(np.mean(np.asarray(g["w"], np.float64) ** 2, axis=-1) for g in seq)
+    np.testing.assert_allclose(
+        sizes["rowwise"],
+        np.broadcast_to((1e-3 / (np.sqrt(rows) + 1e-10))[:, None], (64, 128)),
+        rtol=1e-5,
+    )
 
 
-def test_errors_name_the_function():
-    with pytest.raises(ValueError, match=r"rmsjax\.effective_step_sizes: state must hold .* 0"):
-        rj.effective_step_sizes(rj.sgd(0.1).init(params_tree()))
-    two = rj.chain(rj.scale_by_rms(), rj.scale_by_rss())
-    with pytest.raises(ValueError, match="found 2"):
-        rj.step_size_summary(two.init(params_tree()))
+def test_errors_say_what_to_pass():
+    with pytest.raises(TypeError, match=r"rmsjax\.effective_step_sizes: tx must be"):
+        rj.effective_step_sizes(rj.rmsprop(0.1).init(params_tree()), None)
+    tx = rj.sgd(0.1)
+    with pytest.raises(ValueError, match=r"rmsjax\.effective_step_sizes: pass params"):
+        rj.effective_step_sizes(tx, tx.init(params_tree()))

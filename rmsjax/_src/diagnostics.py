@@ -1,4 +1,4 @@
-"""Diagnostics: each weight's effective step size, read from an optimizer's state."""
+"""Diagnostics: each weight's effective step size, measured on the optimizer itself."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, hyperparams, numerics, rms, rss, storage
-
-SecondMomentState = rms.ScaleByRmsState | rss.ScaleByRssState
+from rmsjax._src import base, hyperparams, rms, rss, storage
 
 
 class StepSizeSummary(NamedTuple):
@@ -33,147 +31,114 @@ def _is_second_moment(node: Any) -> bool:
     return isinstance(node, (rms.ScaleByRmsState, rss.ScaleByRssState))
 
 
-def _is_stop(node: Any) -> bool:
-    return _is_second_moment(node) or isinstance(node, hyperparams.InjectHyperparamsState)
+def _moment_shapes(function: str, state: base.OptState) -> Any:
+    """Zero gradients shaped like the parameters, read from the one RMSprop or Adagrad
+    state inside ``state`` (whose moments are laid out like the parameters)."""
+    found = []
 
-
-def find_second_moment(state: base.OptState) -> tuple[SecondMomentState, dict[str, Any]]:
-    """The one :class:`ScaleByRmsState` or :class:`ScaleByRssState` inside ``state``, and
-    the hyperparameters of the :func:`inject_hyperparams` state around it (or ``{}``).
-
-    Searches any nesting of tuples, lists, dicts and NamedTuples (``chain``, ``masked``,
-    ``apply_if_finite``, ``accumulate_gradients`` states and the like).
-
-    Raises:
-      ValueError: if there is none, or more than one.
-    """
-    found: list[tuple[SecondMomentState, dict[str, Any]]] = []
-
-    def visit(node: Any, hyper: dict[str, Any]) -> None:
+    def visit(node: Any) -> None:
         if _is_second_moment(node):
-            found.append((node, hyper))
+            found.append(node)
             return
         if isinstance(node, hyperparams.InjectHyperparamsState):
-            visit(node.inner_state, {**hyper, **node.hyperparams})
+            visit(node.inner_state)
             return
-        children = jax.tree.leaves(node, is_leaf=lambda x: x is not node and _is_stop(x))
-        if len(children) == 1 and children[0] is node:  # an array or other leaf
+        children = jax.tree.leaves(
+            node, is_leaf=lambda x: x is not node and (_is_second_moment(x) or _is_state(x))
+        )
+        if len(children) == 1 and children[0] is node:
             return
         for child in children:
-            if _is_stop(child):
-                visit(child, hyper)
+            visit(child)
 
-    visit(state, {})
+    visit(state)
     if len(found) != 1:
         raise ValueError(
-            "rmsjax.effective_step_sizes: state must hold exactly one ScaleByRmsState or "
-            f"ScaleByRssState (the state of rmsprop, adagrad, scale_by_rms or scale_by_rss), "
-            f"found {len(found)}."
+            f"rmsjax.{function}: pass params (the parameters the optimizer updates): "
+            "without them the gradients' shapes are read from the state's one "
+            f"ScaleByRmsState or ScaleByRssState, and this state holds {len(found)}."
         )
-    return found[0]
+    moment = found[0]
+    tree = moment.nu if isinstance(moment, rms.ScaleByRmsState) else moment.sum_of_squares
+
+    def zeros(slot: Any) -> jax.Array:
+        shape = slot.shape if isinstance(slot, storage.QuantizedArray) else jnp.shape(slot)
+        return jnp.zeros(shape, jnp.float32)
+
+    return jax.tree.map(zeros, tree, is_leaf=lambda x: isinstance(x, storage.QuantizedArray))
 
 
-def _is_slot(x: Any) -> bool:
-    return isinstance(x, storage.QuantizedArray)
-
-
-def _load(slot: Any) -> jax.Array:
-    return storage.load(slot, jnp.float32)
-
-
-def _load_moment(slot: Any) -> jax.Array:
-    """A second moment's true values (see numerics' encoding), in float32 or wider."""
-    if isinstance(slot, storage.QuantizedArray):
-        return storage.dequantize(slot)
-    return numerics.decode_moment(slot)
-
-
-def _denominator_base(moment: SecondMomentState) -> Any:
-    """The tree of ``v`` in float32 (8-bit stored slots decoded)."""
-    if isinstance(moment, rss.ScaleByRssState):
-        return jax.tree.map(_load_moment, moment.sum_of_squares, is_leaf=_is_slot)
-    if moment.mu is None:
-        return jax.tree.map(_load_moment, moment.nu, is_leaf=_is_slot)
-    return jax.tree.map(
-        # an int8 centered state holds the variance itself (see rms._holds_variance)
-        lambda nu, mu: (
-            _load_moment(nu) if _is_slot(nu) else jnp.maximum(_load_moment(nu) - _load(mu) ** 2, 0)
-        ),
-        moment.nu,
-        moment.mu,
-        is_leaf=_is_slot,
-    )
+def _is_state(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(type(node), "_fields")
 
 
 def effective_step_sizes(
-    state: base.OptState,
-    learning_rate: float | jax.Array | None = None,
-    eps: float | jax.Array | None = None,
-    *,
-    eps_in_sqrt: bool = True,
+    tx: base.GradientTransformation, state: base.OptState, params: base.Params | None = None
 ) -> base.Updates:
-    r"""Each weight's effective learning rate, :math:`\eta / \sqrt{v + \epsilon}`.
+    r"""Each weight's effective learning rate: how far ``tx``'s next step moves the weight
+    per unit of its gradient, :math:`|\partial u_i / \partial g_i|` at :math:`g = 0`.
 
-    ``v`` is RMSprop's average of squared gradients (``nu``, less ``mu**2`` when
-    centered) or Adagrad's sum (``sum_of_squares``), read from the optimizer's state:
-    a gradient element :math:`g` moves its weight by about :math:`\eta\,g/\sqrt{v+\epsilon}`,
-    so this is the step per unit of gradient. Bias correction and momentum are not
-    included. Computed in float32, jittable, one pass over the state.
+    Measured on the transformation itself (a forward-mode derivative of one
+    ``tx.update``, whose new state is discarded), so it includes whatever the step
+    includes: the learning rate at the next step's count (schedules, injected
+    hyperparameters), ``eps`` wherever it goes, bias correction and momentum's share of
+    the new gradient. For RMSprop it is :math:`\eta_{t+1} / \sqrt{\rho\,\nu_t + \epsilon}`
+    (the next average keeps :math:`\rho\,\nu_t` of the present one), for Adagrad
+    :math:`\eta / \sqrt{v_t + \epsilon}`; a weight whose Adagrad sum is still zero
+    gets 0, as its next update does. Jittable; costs about one optimizer update.
 
     Args:
-      state: the state of ``rmsprop``, ``adagrad``, ``scale_by_rms`` or ``scale_by_rss``,
-        alone or inside any chain or wrapper; it must hold exactly one of those two rules.
-      learning_rate: :math:`\eta`; None reads ``learning_rate`` from an
-        :func:`inject_hyperparams` state around the rule, else uses 1.
-      eps: :math:`\epsilon`; None reads ``eps`` from an :func:`inject_hyperparams` state,
-        else uses 0. Pass the optimizer's value for exact numbers.
-      eps_in_sqrt: ``eps`` inside the root (optax, Keras) or outside it (torch):
-        :math:`\eta / (\sqrt{v} + \epsilon)`.
+      tx: the optimizer whose state ``state`` is; any rmsjax (or optax) transformation
+        whose update treats each gradient element on its own.
+      state: ``tx``'s state.
+      params: the parameters; needed when ``tx`` reads them (weight decay) or when
+        ``state`` does not hold exactly one RMSprop or Adagrad state laid out like the
+        parameters (grouped, row-wise or factored state).
 
     Returns:
-      A pytree with the parameters' structure, each leaf an array of the leaf's shape.
+      A pytree with the parameters' structure, each leaf a float32 array of the leaf's
+      shape.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> tx = rj.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
     >>> _, state = tx.update(jnp.array([2.0, 0.5]), tx.init(jnp.zeros(2)))
-    >>> rj.effective_step_sizes(state, learning_rate=0.1, eps=0.0)
+    >>> rj.effective_step_sizes(tx, state)
     Array([0.05, 0.2 ], dtype=float32)
     """
-    moment, hyper = find_second_moment(state)
-    if learning_rate is None:
-        learning_rate = hyper.get("learning_rate", 1.0)
-    if eps is None:
-        eps = hyper.get("eps", 0.0)
-    lr = jnp.asarray(learning_rate, jnp.float32)
-    eps_ = jnp.asarray(eps, jnp.float32)
+    name = "effective_step_sizes"
+    if not isinstance(tx, tuple) or not callable(getattr(tx, "update", None)):
+        raise TypeError(
+            f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
+            f"{type(tx).__name__}; call it as {name}(tx, state, params)."
+        )
+    if params is None:
+        zeros = _moment_shapes(name, state)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+    ones = jax.tree.map(jnp.ones_like, zeros)
 
-    def leaf(v):
-        if eps_in_sqrt:
-            return lr / jnp.sqrt(v + eps_)
-        return lr / (jnp.sqrt(v) + eps_)
+    def update(grads: Any) -> Any:
+        return tx.update(grads, state, params)[0]
 
-    return jax.tree.map(leaf, _denominator_base(moment))
+    _, derivative = jax.jvp(update, (zeros,), (ones,))
+    return jax.tree.map(lambda d: jnp.abs(d).astype(jnp.float32), derivative)
 
 
 def step_size_summary(
-    state: base.OptState,
-    learning_rate: float | jax.Array | None = None,
-    eps: float | jax.Array | None = None,
-    *,
-    eps_in_sqrt: bool = True,
+    tx: base.GradientTransformation, state: base.OptState, params: base.Params | None = None
 ) -> Any:
     r"""Per-leaf summaries (min, mean, geometric mean, max) of
-    :func:`effective_step_sizes`: a few float32 scalars per leaf, cheap to compute and to
-    log at every step, inside a jitted training step.
+    :func:`effective_step_sizes`: a few float32 scalars per leaf, cheap to log at every
+    step, inside a jitted training step.
 
-    Elements whose step size is infinite (a zero average with ``eps=0``: weights whose
-    gradient has always been zero) count as infinite in ``max`` and ``mean``.
+    Elements whose step size is infinite (a zero average with ``eps=0``) count as
+    infinite in ``max`` and ``mean``; elements whose step size is 0 (an Adagrad sum that
+    is still zero) make ``geometric_mean`` 0.
 
     Args:
+      tx: as for :func:`effective_step_sizes`.
       state: as for :func:`effective_step_sizes`.
-      learning_rate: as for :func:`effective_step_sizes`.
-      eps: as for :func:`effective_step_sizes`.
-      eps_in_sqrt: as for :func:`effective_step_sizes`.
+      params: as for :func:`effective_step_sizes`.
 
     Returns:
       A pytree with the parameters' structure whose leaves are :class:`StepSizeSummary`.
@@ -182,11 +147,11 @@ def step_size_summary(
     >>> tx = rj.rmsprop(0.01, decay=0.9, eps=1e-8)
     >>> params = {"w": jnp.zeros(3)}
     >>> _, state = tx.update({"w": jnp.array([1.0, 0.1, 0.01])}, tx.init(params))
-    >>> summary = rj.step_size_summary(state, learning_rate=0.01, eps=1e-8)
+    >>> summary = rj.step_size_summary(tx, state, params)
     >>> summary["w"].min, summary["w"].max
-    (Array(0.03162277, dtype=float32), Array(3.1606977, dtype=float32))
+    (Array(0.03333333, dtype=float32), Array(3.3314831, dtype=float32))
     """
-    sizes = effective_step_sizes(state, learning_rate, eps, eps_in_sqrt=eps_in_sqrt)
+    sizes = effective_step_sizes(tx, state, params)
 
     def summarize(s):
         return StepSizeSummary(

@@ -185,12 +185,15 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         moments = slots[:2] if factored else slots[2:]
         exponent = slots[2] if factored else slots[0]
         new_exponent = _exponent(g_c, moments, exponent, eps)
+        # Powers of two applied on the bits (exact, and not constants XLA could
+        # reorder) only where E is not 0: elsewhere the values themselves, through
+        # which derivatives (of a loss after unrolled steps, say) flow.
         shift = (2 * (exponent - new_exponent)).astype(jnp.int32)
-        moments = [numerics.scale_exponent(m, shift) for m in moments]
-        g_s = numerics.scale_exponent(g_c, -new_exponent.astype(jnp.int32))
-        eps_s = numerics.scale_exponent(
-            jnp.asarray(eps, dtype), (-2 * new_exponent).astype(jnp.int32)
-        )
+        moments = [jnp.where(shift == 0, m, numerics.scale_exponent(m, shift)) for m in moments]
+        scaled = new_exponent != 0
+        e = new_exponent.astype(jnp.int32)
+        g_s = jnp.where(scaled, numerics.scale_exponent(g_c, -e), g_c)
+        eps_s = jnp.where(scaled, numerics.scale_exponent(jnp.asarray(eps, dtype), -2 * e), eps)
         squares = g_s * g_s + eps_s
         if factored:
             row = decay * moments[0] + (1 - decay) * _mean(squares, axis=-1)
@@ -202,7 +205,8 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         else:
             nu_hat = numerics.finite_ceiling(decay * moments[0] + (1 - decay) * squares)
             new_slots = (new_exponent, slots[1], nu_hat)
-        update = jnp.where(g_c == 0, g_c, g_s * jax.lax.rsqrt(nu_hat))
+        # a zero gradient gives a zero update, also where nu_hat is 0 (eps = 0)
+        update = jnp.where((g_c == 0) & ~(nu_hat > 0), g_c, g_s * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots
 
     def from_state(state):

@@ -178,8 +178,9 @@ def rms_rule(
         update = scaling * (g_c * scale)
         if guard_zero:
             # A zero gradient gives a zero update even where the scaling is infinite
-            # (eps=0 with a zero average), instead of 0 * inf = NaN.
-            update = jnp.where(g_c == 0, g_c, update)
+            # (eps=0 with a zero average), instead of 0 * inf = NaN. Only there: at a
+            # zero gradient elsewhere the update's derivative stays the scaling.
+            update = jnp.where((g_c == 0) & ~jnp.isfinite(scaling), g_c, update)
         update = update.astype(g.dtype)
         new_slots: tuple = (storage_lib.store_moment(nu, slots[0]),)
         if centered:
