@@ -38,15 +38,6 @@ PIECE = re.compile(
     r"|^```python[^\n]*\n(?P<code>.*?)^```",
     re.M | re.S,
 )
-# Blocks whose marker belongs in a guide that is being edited elsewhere: move each into
-# its page as a <!-- test: --> comment and delete it here.
-PENDING_TESTS = {
-    ("porting.md", "state = tx.init(params)\n"): (
-        "import jax.numpy as jnp\n"
-        'params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}\n'
-        'grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}\n'
-    ),
-}
 MOST_SKIPPED_BLOCKS = 2
 OPTIONAL_PACKAGES = {"flax", "equinox", "orbax", "optax", "matplotlib", "sklearn"}
 
@@ -87,9 +78,6 @@ def parse(path: pathlib.Path) -> Page:
             snippets.append(Snippet(line + 1, code, "test", reason.strip()))
         else:
             code = match["code"]
-            pending = PENDING_TESTS.get((path.name, code.partition("\n")[0] + "\n"))
-            if pending is not None:
-                snippets.append(Snippet(1, pending, "test", "pending marker"))
             kind = "block" if pending_reason is None else "no-run"
             snippets.append(Snippet(line + 1, code, kind, pending_reason or ""))
             pending_reason = None
