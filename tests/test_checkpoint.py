@@ -82,6 +82,7 @@ def test_numpy_savez_round_trip(name, tmp_path):
     _split_run(tx, save_and_restore)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EVERY_STATE)
 def test_orbax_round_trip_with_abstract_target(name, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint", reason="orbax is in the examples extra")

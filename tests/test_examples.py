@@ -14,6 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+# Runs every example script: outside the quick loop.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -49,6 +49,7 @@ def params_tree(dtype=jnp.float32):
     }
 
 
+@pytest.mark.slow  # the eager variant alone takes ~10 s
 class TestAgainstReference(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_against_reference(self):

@@ -115,6 +115,7 @@ def unfused_step(parts):
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name,alias,parts", ALIASES, ids=ALIAS_IDS)
 def test_fused_alias_equals_its_parts_run_one_by_one(name, alias, parts, dtype):
@@ -141,6 +142,7 @@ def test_fused_alias_equals_its_parts_run_one_by_one(name, alias, parts, dtype):
     chex.assert_tree_all_finite(p1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [1, 2, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name,alias,parts", ALIASES, ids=ALIAS_IDS)
@@ -188,6 +190,7 @@ def test_grouped_block_layout():
     assert state.inner[0].count.shape == ()
 
 
+@pytest.mark.slow
 def test_grouped_default_block_size_follows_the_group_size():
     # 300 vectors of one shape: more than 256 leaves, so blocks of 16 (18 full ones and
     # one of 12); 5 leaves of another shape: one block; the big leaf alone.

@@ -15,6 +15,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+# Starts two processes that talk over loopback: outside the quick loop.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "data_parallel.py"

@@ -110,6 +110,7 @@ def _save_and_restore(directory, params, state):
     return restored["params"], restored["opt_state"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optax_run_continues_in_rmsjax_bit_for_bit(name, tmp_path):
     ours, theirs = _pair(OPTIMIZERS[name])
@@ -127,6 +128,7 @@ def test_optax_run_continues_in_rmsjax_bit_for_bit(name, tmp_path):
     chex.assert_trees_all_equal(back, expected[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_rmsjax_run_continues_in_optax_bit_for_bit(name, tmp_path):
     ours, theirs = _pair(OPTIMIZERS[name])

@@ -6,11 +6,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmsjax as rj
 from tests import reference
+
+# Hypothesis over shapes, dtypes and hyperparameters, 2,000+ examples: outside the quick loop.
+pytestmark = pytest.mark.slow
 
 DTYPES = {"float32": (jnp.float32, 2e-5), "bfloat16": (jnp.bfloat16, 4e-2)}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -61,6 +61,7 @@ def sparse_gradients(params, steps, seed=0):
     return out
 
 
+@pytest.mark.slow  # the eager variant alone takes ~10 s
 class TestAgainstReference(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_against_reference(self):

@@ -23,6 +23,9 @@ from jax.sharding import PartitionSpec as P
 import rmsjax as rj
 from rmsjax._src.specs import derived_spec
 
+# Runs 8-device and multi-process subprocesses: minutes, so outside the quick loop.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

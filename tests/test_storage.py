@@ -107,6 +107,7 @@ def test_signed_code_zero_is_zero_and_extremes_are_exact():
 # -------------------------------------------------------------- quantize/dequantize
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", [(4096,), (40, 512), (3, 7, 300), (1000, 64), (5000,)])
 def test_round_trip_matches_reference(signed, shape):
@@ -217,6 +218,7 @@ def test_non_finite_values_are_not_hidden(signed, bad):
     np.testing.assert_allclose(got[256:], 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, codes_shape",
     [
@@ -355,6 +357,7 @@ def state_arrays(state) -> list:
     return [x for x in leaves if isinstance(x, rj.QuantizedArray) or x.ndim > 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONSTRUCTORS))
 @pytest.mark.parametrize("option", ["float32", "bfloat16", "int8"])
 def test_state_schema_is_fixed_and_never_recompiles(name, option):
