@@ -18,6 +18,7 @@ from rmsjax._src.base import ScalarOrSchedule as ScalarOrSchedule
 from rmsjax._src.base import Schedule as Schedule
 from rmsjax._src.base import Updates as Updates
 from rmsjax._src.base import apply_updates as apply_updates
+from rmsjax._src.base import with_extra_args_support as with_extra_args_support
 from rmsjax._src.clipping import clip as clip
 from rmsjax._src.clipping import clip_by_global_norm as clip_by_global_norm
 from rmsjax._src.clipping import global_norm as global_norm
@@ -147,6 +148,7 @@ __all__ = [
     "trace",
     "ungroup_state",
     "update_and_apply",
+    "with_extra_args_support",
     "zero1_shardings",
     "zero1_update_and_apply",
 ]

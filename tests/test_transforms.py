@@ -537,3 +537,39 @@ def test_inject_hyperparams_static_callable_is_not_a_schedule():
     updates, _ = tx.update(zeros, state, params)
     np.testing.assert_allclose(updates["w"], np.full((2, 2), 0.25))
     np.testing.assert_array_equal(updates["b"], np.zeros(2))
+
+
+def test_extras_reach_the_parts_that_take_them_and_skip_the_others():
+    # A plain optax transformation takes no extras: chain and every wrapper normalise it
+    # once, when built, so a step passes them on without inspecting what it calls.
+    seen = []
+
+    def init(params):
+        return rj.EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        seen.append(sorted(extra))
+        return updates, state
+
+    takes_extras = rj.GradientTransformation(init, update)
+    plain = optax.scale(2.0)
+    assert rj.with_extra_args_support(takes_extras) is takes_extras
+    rmsprop = rj.rmsprop(0.1)
+    assert rj.with_extra_args_support(rmsprop) is rmsprop  # fusion rides on its update
+    assert rj.with_extra_args_support(plain) is not plain
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.full(3, 0.5)}
+    for tx in [
+        rj.chain(plain, takes_extras),
+        rj.masked(rj.chain(plain, takes_extras), {"w": True}),
+        rj.apply_if_finite(rj.chain(plain, takes_extras), 2),
+        rj.accumulate_gradients(rj.chain(plain, takes_extras), 1),
+        rj.masked(plain, {"w": True}),
+        rj.apply_if_finite(plain, 2),
+    ]:
+        seen.clear()
+        updates, _ = tx.update(grads, tx.init(params), params, step=3)
+        np.testing.assert_allclose(updates["w"], np.full(3, 1.0))
+        assert all(keys == ["step"] for keys in seen)
+        new_params, _ = rj.update_and_apply(tx, grads, tx.init(params), params, step=3)
+        np.testing.assert_allclose(new_params["w"], np.full(3, 2.0))

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, numerics, sharding
+from rmsjax._src import base, elementwise, numerics, sharding
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -65,6 +65,7 @@ def accumulate_gradients(
     name = "accumulate_gradients"
     if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
         raise ValueError(f"rmsjax.{name}: every_k must be an int >= 1, got {every_k!r}")
+    inner = base.with_extra_args_support(inner)
 
     def zeros_like(leaf):
         # zeros_like keeps a sharded parameter's layout for its accumulator
@@ -98,9 +99,7 @@ def accumulate_gradients(
                 return (acc.astype(dtype) / every_k).astype(g.dtype)
 
             averaged = jax.tree.map(mean, accumulated, updates)
-            new_updates, inner_state = combine._call(
-                inner, averaged, state.inner_state, params, extra
-            )
+            new_updates, inner_state = inner.update(averaged, state.inner_state, params, **extra)
             return (
                 new_updates,
                 inner_state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -55,6 +56,45 @@ def init_empty_state(params: Params) -> EmptyState:
 def is_none(x: Any) -> bool:
     """``is_leaf`` for tree maps in which None marks a leaf that is left out."""
     return x is None
+
+
+def accepts_extra(function: Callable) -> bool:
+    """Whether ``function`` takes keyword extras (a ``**kwargs`` parameter)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def with_extra_args_support(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` with an ``update`` that takes keyword extras, ignoring them, if it did not.
+
+    Every rmsjax transformation already takes them and is returned as it is, so are
+    optax's ``GradientTransformationExtraArgs``; a plain optax transformation gets an
+    ``update`` that drops them. ``chain`` and the wrappers apply this once, when they
+    are built, so that a step passes extras on without inspecting what it calls.
+
+    Args:
+      tx: any object with ``init`` and ``update``.
+
+    Returns:
+      ``tx``, or a :class:`GradientTransformation` around it.
+
+    >>> import optax, rmsjax as rj
+    >>> tx = rj.with_extra_args_support(optax.scale(2.0))
+    >>> float(tx.update(1.0, tx.init(1.0), None, step=3)[0])
+    2.0
+    """
+    if accepts_extra(tx.update):
+        return tx
+    inner = tx.update
+
+    def update(updates: Updates, state: OptState, params: Params | None = None, **extra: Any):
+        del extra
+        return inner(updates, state, params)
+
+    return GradientTransformation(tx.init, update)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

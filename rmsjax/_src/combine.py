@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 from rmsjax._src import base, elementwise
-
-
-def _accepts_extra(update: Callable) -> bool:
-    try:
-        parameters = inspect.signature(update).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def _call(tx: Any, updates, state, params, extra: dict):
-    if extra and _accepts_extra(tx.update):
-        return tx.update(updates, state, params, **extra)
-    return tx.update(updates, state, params)
 
 
 def chain(*transforms: base.GradientTransformation) -> base.GradientTransformation:
@@ -51,7 +35,9 @@ def chain(*transforms: base.GradientTransformation) -> base.GradientTransformati
 def named_chain(name: str, *transforms: base.GradientTransformation) -> base.GradientTransformation:
     """:func:`chain`, whose errors name ``name``: the public constructor the user called
     (``rmsprop``, ``compat.torch_rmsprop``), not the chain it is built of."""
-    transforms = tuple(transforms)
+    # Extras are normalised once, here: every part's update takes them (optax's plain
+    # transformations get an update that drops them).
+    transforms = tuple(base.with_extra_args_support(t) for t in transforms)
     rules = [elementwise.leaf_rule_of(t) for t in transforms]
     present = [r for r in rules if r is not None]
     if len(present) == len(rules):
@@ -87,10 +73,9 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
                 fused = getattr(transforms[begin].update, "update_and_apply", None)
                 if apply and last and fused is not None:
                     # e.g. a grouped(...) part last: it applies the updates itself.
-                    kwargs = extra if _accepts_extra(fused) else {}
-                    updates, s = fused(updates, own[0], params, **kwargs)
+                    updates, s = fused(updates, own[0], params, **extra)
                     return updates, tuple(new_state) + (s,)
-                updates, s = _call(transforms[begin], updates, own[0], params, extra)
+                updates, s = transforms[begin].update(updates, own[0], params, **extra)
                 new_state.append(s)
                 continue
             own_state = own if end - begin > 1 else own[0]
@@ -140,5 +125,7 @@ def update_and_apply(
     fused = getattr(tx.update, "update_and_apply", None)
     if fused is not None:
         return fused(updates, state, params, **extra)
-    new_updates, new_state = _call(tx, updates, state, params, extra)
+    new_updates, new_state = base.with_extra_args_support(tx).update(
+        updates, state, params, **extra
+    )
     return base.apply_updates(params, new_updates), new_state

@@ -94,6 +94,8 @@ def apply_if_finite(
             f"got {max_consecutive_errors!r}"
         )
 
+    inner = base.with_extra_args_support(inner)
+
     def counters():
         return jnp.zeros([], jnp.int32), jnp.asarray(True), jnp.zeros([], jnp.int32)
 
@@ -128,7 +130,7 @@ def apply_if_finite(
 
     def update_fn(updates, state, params=None, **extra):
         check_state(state)
-        new_updates, new_inner = combine._call(inner, updates, state.inner_state, params, extra)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         # The gradients, and what the inner transformation made of them: a schedule that
         # yields NaN or a rule that overflows is caught as well as a NaN gradient.
         apply, make_state = decide(all_finite((updates, new_updates, new_inner)), state)

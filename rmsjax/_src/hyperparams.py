@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, numerics, sharding, validate
+from rmsjax._src import base, elementwise, numerics, sharding, validate
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -267,9 +267,8 @@ def inject_hyperparams(
             dtype = _float_dtype(updates, hyperparam_dtype)
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
-            new_updates, inner_state = combine._call(
-                build(values), updates, state.inner_state, params, extra
-            )
+            inner = base.with_extra_args_support(build(values))
+            new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }

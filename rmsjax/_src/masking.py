@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, validate
+from rmsjax._src import base, elementwise, validate
 
 Mask = Any
 """A pytree of python bools with the parameters' structure (or a prefix of it), or a
@@ -130,6 +130,7 @@ def masked(
             f"rmsjax.{name}: inner must be a GradientTransformation, got {type(inner).__name__}"
         )
     validate.check_bool(name, "mask_compatible_extra_args", mask_compatible_extra_args)
+    inner = base.with_extra_args_support(inner)
 
     def init_fn(params):
         if params is not None and not jax.tree.leaves(params):
@@ -148,12 +149,11 @@ def masked(
                 key: select(mask_tree, value) if jax.tree.structure(value) == structure else value
                 for key, value in extra.items()
             }
-        inner_updates, inner_state = combine._call(
-            inner,
+        inner_updates, inner_state = inner.update(
             select(mask_tree, updates),
             state.inner_state,
             select(mask_tree, params, what="parameters"),
-            extra,
+            **extra,
         )
         return merge(mask_tree, inner_updates, updates), MaskedState(inner_state)
 
