@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
+from rmsjax._src import elementwise
 from tests import trees
 
 STEPS = 60
@@ -311,3 +312,54 @@ def test_grouped_state_mismatch_errors():
     with pytest.raises(ValueError, match="shape"):
         bigger = {"only": jnp.ones(4)}
         gtx.update(bigger, gtx.init(other), bigger)
+
+
+WRAPPERS = {
+    # name: (build around an optimizer, whether update_and_apply fuses through it)
+    "plain": (lambda tx: tx, True),
+    "chain": (lambda tx: rj.chain(rj.clip_by_global_norm(10.0), tx), True),
+    "apply_if_finite": (lambda tx: rj.apply_if_finite(tx, 3), True),
+    "inject_hyperparams": (None, True),
+    "grouped": (lambda tx: rj.grouped(tx), True),
+    # A mask selects a sub-tree and accumulation steps only every k calls: both step
+    # their inner optimizer unfused, then apply (the same numbers, as checked below).
+    "masked": (lambda tx: rj.masked(tx, lambda p: jax.tree.map(lambda _: True, p)), False),
+    "accumulate_gradients": (lambda tx: rj.accumulate_gradients(tx, 2), False),
+}
+RULES = {  # constructor, its arguments
+    "rmsprop": (rj.rmsprop, {"learning_rate": 1e-2, "momentum": 0.9}),
+    "adagrad": (rj.adagrad, {"learning_rate": 1e-2}),
+    "sgd": (rj.sgd, {"learning_rate": 1e-2, "momentum": 0.9}),
+}
+
+
+def _fuses(tx) -> bool:
+    """Whether update_and_apply runs ``tx`` as one fused pass (a leaf rule, or a fused
+    step of its own)."""
+    rule = elementwise.leaf_rule_of(tx)
+    return rule is not None or getattr(tx.update, "update_and_apply", None) is not None
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_wrapper_around_every_rule_keeps_its_fused_step(wrapper, rule):
+    # update_and_apply (and so make_train_step) takes the fused path through every
+    # wrapper that can fuse, and gives the unfused chain's numbers bit for bit.
+    wrap, fuses = WRAPPERS[wrapper]
+    make, kwargs = RULES[rule]
+    tx = rj.inject_hyperparams(make)(**kwargs) if wrap is None else wrap(make(**kwargs))
+    assert _fuses(tx) == fuses
+    params = trees.mixed_params()
+    grads = trees.gradient_sequence(params, 4, seed=11)
+    fused_step = jax.jit(lambda p, s, g: rj.update_and_apply(tx, g, s, p))
+
+    @jax.jit
+    def plain_step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return rj.apply_updates(p, updates), s
+
+    fused = plain = (params, tx.init(params))
+    for g in grads:
+        fused = fused_step(*fused, g)
+        plain = plain_step(*plain, g)
+    chex.assert_trees_all_equal(fused, plain)

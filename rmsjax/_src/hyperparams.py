@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, elementwise, numerics, sharding, validate
+from rmsjax._src import base, combine, elementwise, numerics, sharding, validate
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -255,7 +255,7 @@ def inject_hyperparams(
                 count, values, schedule_states, build(dict(values)).init(params)
             )
 
-        def update_fn(updates, state, params=None, **extra):
+        def step(updates, state, params, extra, apply):
             elementwise.expect_state(name, state, InjectHyperparamsState)
             unknown = set(state.hyperparams) - set(numeric) - set(schedules) - set(stateful)
             if unknown:
@@ -268,7 +268,14 @@ def inject_hyperparams(
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             inner = base.with_extra_args_support(build(values))
-            new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            if apply:  # the inner optimizer's fused step, when it has one
+                new_updates, inner_state = combine.update_and_apply(
+                    inner, updates, state.inner_state, params, **extra
+                )
+            else:
+                new_updates, inner_state = inner.update(
+                    updates, state.inner_state, params, **extra
+                )
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
@@ -277,6 +284,13 @@ def inject_hyperparams(
                 count, Hyperparams(values), schedule_states, inner_state
             )
 
+        def update_fn(updates, state, params=None, **extra):
+            return step(updates, state, params, extra, apply=False)
+
+        def update_and_apply_fn(updates, state, params, **extra):
+            return step(updates, state, params, extra, apply=True)
+
+        update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
         return base.GradientTransformation(init_fn, update_fn)
 
     return wrapped
