@@ -156,7 +156,7 @@ def write_results(
         f"![step and compile time against leaf count]({plot_name})",
         "",
         *kernel_traffic(rows),
-        "## Targets (issue 4), on this run",
+        "## Targets, on this run",
         "",
         *targets(rows, "rmsjax.grouped"),
         "",
