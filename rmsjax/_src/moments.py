@@ -62,3 +62,13 @@ def accumulate(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )
     return MomentStep(new, scale, value, eps_squared, eps_linear)
+
+
+def ever_nonzero(step: MomentStep, nonzero_gradient: jax.Array, eps: Any) -> jax.Array:
+    """Where a sum of squares has held a non-zero gradient: Adagrad's step is zero
+    elsewhere (optax's rule). A gradient whose square underflows counts too, where a
+    concrete ``eps > 0`` keeps its step finite."""
+    concrete = validate.concrete_value(eps)
+    if concrete is not None and concrete > 0:
+        return (step.value > 0) | nonzero_gradient
+    return step.value > 0

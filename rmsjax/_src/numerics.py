@@ -102,6 +102,15 @@ _RANGES = {
 }
 
 
+def _bit_layout(dtype: Any) -> tuple[Any, int, int]:
+    """For float32 or float64: the integer type of the same width, one step of the
+    exponent field, and the bits of inf."""
+    info = jnp.finfo(dtype)
+    integer = jnp.int32 if info.bits == 32 else jnp.int64
+    one = 1 << info.nmant
+    return integer, one, ((1 << (info.bits - 1 - info.nmant)) - 1) * one
+
+
 def scale_exponent(x: jax.Array, k: Any) -> jax.Array:
     """``x * 2**k`` for float32 or float64 ``x`` and an integer ``k`` (a Python int or an
     integer array that broadcasts against ``x``), computed on the exponent bits.
@@ -114,10 +123,7 @@ def scale_exponent(x: jax.Array, k: Any) -> jax.Array:
     and there ``x * x`` overflows and ``c * c`` underflows. Integer arithmetic on the
     bits is not reordered.
     """
-    info = jnp.finfo(x.dtype)
-    integer = jnp.int32 if info.bits == 32 else jnp.int64
-    one = 1 << info.nmant  # one step of the exponent field
-    infinity = ((1 << (info.bits - 1 - info.nmant)) - 1) * one  # the bits of inf
+    integer, one, infinity = _bit_layout(x.dtype)
     bits = jax.lax.bitcast_convert_type(x, integer)
     magnitude = bits & (infinity | (one - 1))  # the bits of |x|
     known = isinstance(k, int)  # a known sign needs one range check, not two
@@ -143,12 +149,9 @@ def shift_bits(x: jax.Array, k: int, *, magnitude: bool = False) -> jax.Array:
     negative ``x`` gives a wrong value: the callers pass none there. Two or three
     integer operations per element, which cost no measurable time in a step bound by
     memory traffic (the general, exact form is :func:`scale_exponent`)."""
-    info = jnp.finfo(x.dtype)
-    integer = jnp.int32 if info.bits == 32 else jnp.int64
-    one = 1 << info.nmant
-    infinity = ((1 << (info.bits - 1 - info.nmant)) - 1) * one
+    integer, one, infinity = _bit_layout(x.dtype)
     bits = jax.lax.bitcast_convert_type(x, integer)
-    bits = bits & ((1 << (info.bits - 1)) - 1) if magnitude else jnp.maximum(bits, 0)
+    bits = bits & (infinity | (one - 1)) if magnitude else jnp.maximum(bits, 0)
     if k < 0:
         bits = jnp.maximum(bits + k * one, 0)  # no wrap-around: bits >= 0
     else:

@@ -77,8 +77,6 @@ def scale_by_rowwise_rss(
 def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rowwise_rss` (unchecked arguments)."""
     name = "scale_by_rowwise_rss"
-    concrete_eps = validate.concrete_value(eps)
-    positive_eps = concrete_eps is not None and concrete_eps > 0
 
     def accumulator_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape[:-1] if _is_rowwise(shape) else shape
@@ -111,10 +109,8 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         # so that no gradient's square overflows or underflows (see numerics.py).
         moment = moments.accumulate(slots[0], g_c, add, eps, False, dtype, squares)
         total, scale, value = moment.new, moment.scale, moment.value
-        # Zero where no gradient was ever non-zero; a square that underflows counts.
-        seen = value > 0
-        if positive_eps:
-            seen = seen | (jnp.any(g_c != 0, axis=-1) if rowwise else g_c != 0)
+        nonzero = jnp.any(g_c != 0, axis=-1) if rowwise else g_c != 0
+        seen = moments.ever_nonzero(moment, nonzero, eps)
         scaling_ = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
         if rowwise:
             scaling_, scale = scaling_[..., None], scale[..., None]

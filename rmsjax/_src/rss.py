@@ -89,8 +89,6 @@ def rss_rule(
     initial_accumulator_value: Any, eps: Any, eps_in_sqrt: bool, storage: str | None = None
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rss` (unchecked arguments)."""
-    concrete_eps = validate.concrete_value(eps)
-    positive_eps = concrete_eps is not None and concrete_eps > 0
 
     def init_leaf(param):
         return (storage_lib.init_slot(param, initial_accumulator_value, storage, signed=False),)
@@ -102,11 +100,7 @@ def rss_rule(
         # The sum in numerics' encoding: itself in range, scaled outside it.
         moment = moments.accumulate(slots[0], g_c, _add, eps, eps_in_sqrt, dtype)
         total, scale, value = moment.new, moment.scale, moment.value
-        # Zero where no gradient was ever non-zero (optax's rule). A gradient whose
-        # square underflows still counts, when eps keeps its step finite.
-        seen = value > 0
-        if positive_eps:
-            seen = seen | (g_c != 0)
+        seen = moments.ever_nonzero(moment, g_c != 0, eps)
         if eps_in_sqrt:
             scaling = jnp.where(seen, jax.lax.rsqrt(value + moment.eps_squared), 0.0)
         else:
