@@ -273,9 +273,7 @@ def inject_hyperparams(
                     inner, updates, state.inner_state, params, **extra
                 )
             else:
-                new_updates, inner_state = inner.update(
-                    updates, state.inner_state, params, **extra
-                )
+                new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
