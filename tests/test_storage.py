@@ -17,16 +17,21 @@ from tests import reference, trees
 # ------------------------------------------------------------------ NumPy reference
 
 
+SEGMENTS = {  # (mantissa bits, octaves) from 2 down, as the docs describe the codes
+    True: [(5, 1), (4, 2), (3, 3), (2, 4), (1, 5), (0, 12)],
+    False: [(6, 1), (5, 2), (4, 3), (3, 4), (2, 5), (1, 6), (0, 13)],
+}
+
+
 def reference_table(signed: bool) -> np.ndarray:
-    """The code tables as the docs describe them, built independently in float64:
-    in decade k (values in [10^-k-1, 10^-k]) the midpoints of 2^(D-k) equal bins,
-    D = 6 decades signed (mirrored, with 0) or 7 non-negative (with 0), plus 1 (and -1)."""
-    decades = 6 if signed else 7
-    positive = [1.0]
-    for k in range(decades):
-        bins = 2 ** (decades - k)
-        width = 0.9 / bins
-        positive += [10.0**-k * (0.1 + width * (i + 0.5)) for i in range(bins)]
+    """The code values as the docs describe them, built independently in float64: 0, 2,
+    and under 2 octave after octave the numbers with each segment's mantissa bits."""
+    positive = [2.0]
+    octave = 0
+    for bits, octaves in SEGMENTS[signed]:
+        for o in range(octave, octave + octaves):
+            positive += [2.0**-o * (1 + j / 2**bits) for j in range(2**bits)]
+        octave += octaves
     positive = np.sort(np.array(positive))
     if signed:
         return np.concatenate([-positive[::-1], [0.0], positive])
@@ -46,7 +51,8 @@ def reference_dither(x32: np.ndarray) -> np.ndarray:
     """The documented hash: murmur3's finalizer of (float32 bits of x) XOR
     (flat position * 0x9E3779B9), top 24 bits as a fraction of 1."""
     bits = np.ascontiguousarray(x32, np.float32).view(np.uint32)
-    h = bits ^ (np.arange(x32.size, dtype=np.uint32).reshape(x32.shape) * np.uint32(0x9E3779B9))
+    position = np.arange(x32.size, dtype=np.uint32).reshape(x32.shape)
+    h = bits ^ (position * np.uint32(0x9E3779B9))
     h = h ^ (h >> np.uint32(16))
     h = h * np.uint32(0x85EBCA6B)
     h = h ^ (h >> np.uint32(13))
@@ -55,26 +61,35 @@ def reference_dither(x32: np.ndarray) -> np.ndarray:
     return (h >> np.uint32(8)).astype(np.float64) * 2.0**-24
 
 
+def floor_log2(x: np.ndarray) -> np.ndarray:
+    return np.frexp(np.asarray(x, np.float64))[1] - 1
+
+
 def reference_round_trip(x, signed: bool) -> np.ndarray:
-    """Quantize then dequantize. Signed: the nearest table entry to x / max|x| per
-    block, in float64. Non-negative: y = sqrt(x) / max sqrt(x) per block (float32, as
-    the hash reads the input's float32 bits) lies between entries lo <= y <= hi; hi is
+    """Quantize then dequantize. Each block's scale is 2^E, E the largest floor(log2) of
+    its magnitudes (of its roots, half of its values' floor(log2), rounded down). Signed:
+    the table entry nearest to x / 2^E. Non-negative: y = sqrt(x) / 2^E (sqrt in float32,
+    as the hash reads the input's float32 bits) lies between entries lo <= y <= hi; hi is
     chosen where the dither is below (y^2 - lo^2) / (hi^2 - lo^2); squared back."""
     table = reference_table(signed)
+    blocks = reference_blocks(np.asarray(x, np.float32))
     if signed:
-        blocks = reference_blocks(np.asarray(x, np.float64))
-        absmax = np.abs(blocks).max(axis=-1, keepdims=True)
-        normalized = blocks / np.where(absmax > 0, absmax, 1.0)
-        out = table[np.abs(normalized[..., None] - table).argmin(axis=-1)] * absmax
+        top = np.abs(blocks).max(axis=-1, keepdims=True)
+        scale = 2.0 ** floor_log2(np.where(top > 0, top, 1.0))
+        normalized = np.abs(blocks.astype(np.float64)) / scale
+        upper = np.clip(np.searchsorted(table, normalized, side="right"), 1, table.size - 1)
+        low, high = table[upper - 1], table[upper]
+        value = np.where(normalized + normalized >= low + high, high, low)
+        out = np.sign(blocks) * value * scale
     else:
-        blocks = reference_blocks(np.asarray(x, np.float32))
-        root = np.sqrt(np.maximum(blocks, np.float32(0)))
-        absmax = root.max(axis=-1, keepdims=True).astype(np.float64)
-        y = root / np.where(absmax > 0, absmax, 1.0)
+        blocks = np.maximum(blocks, np.float32(0))
+        top = blocks.max(axis=-1, keepdims=True)
+        scale = 2.0 ** (floor_log2(np.where(top > 0, top, 1.0)) // 2)
+        y = np.sqrt(blocks).astype(np.float64) / scale
         lower = np.clip(np.searchsorted(table, y, side="right") - 1, 0, table.size - 2)
         low, high = table[lower], table[lower + 1]
         up = (y * y - low * low) / (high * high - low * low)
-        out = (np.where(reference_dither(blocks) < up, high, low) * absmax) ** 2
+        out = (np.where(reference_dither(blocks) < up, high, low) * scale) ** 2
     return out.reshape(-1)[: np.size(x)].reshape(np.shape(x))
 
 
@@ -89,12 +104,15 @@ def decades_apart(rng, shape, low, high, signed):
 @pytest.mark.parametrize("signed", [True, False])
 def test_tables_match_their_description(signed):
     table = storage.SIGNED_TABLE if signed else storage.NONNEGATIVE_TABLE
-    np.testing.assert_allclose(table, reference_table(signed), rtol=1e-6, atol=0)
-    assert table.size == (255 if signed else 256)
+    np.testing.assert_array_equal(table, reference_table(signed))
+    assert table.size == 255
     assert np.all(np.diff(table) > 0)
-    # Many decades, not a linear code: the smallest non-zero entry is tiny.
+    # Many octaves below 2 (27 signed, 34 for the roots of second moments), finest at
+    # the top: steps of 0.8% for roots just under 2 (1.6% signed).
     smallest = np.min(np.abs(table[table != 0]))
-    assert smallest < (1e-5 if signed else 1e-6)
+    assert smallest == (2.0**-26 if signed else 2.0**-33)
+    top = table[-2:]
+    assert top[1] == 2 and top[0] == 2 - (2.0**-5 if signed else 2.0**-6)
 
 
 def test_signed_code_zero_is_zero_and_extremes_are_exact():
@@ -126,23 +144,24 @@ def test_error_bound_per_block(signed):
     x = decades_apart(rng, (64, 256), -10, 2, signed).astype(np.float32)
     q = rj.quantize(x, signed=signed)
     got = np.asarray(rj.dequantize(q), np.float64)
-    table = reference_table(signed)
-    # Worst rounding relative to the block's max: half a table step to the nearest
-    # entry (signed), a whole step to either neighbour (non-negative, dithered).
-    bound = np.diff(table).max() / (2 if signed else 1)
-    if signed:
-        absmax = np.abs(x).max(axis=1, keepdims=True)
-        error = np.abs(got - x)
-    else:
-        absmax = np.sqrt(x).max(axis=1, keepdims=True)
-        error = np.abs(np.sqrt(got) - np.sqrt(x))
-    np.testing.assert_allclose(np.asarray(q.absmax).ravel(), absmax.ravel(), rtol=1e-6)
-    assert np.all(error <= absmax * bound * (1 + 1e-5))
-    # Within the top decade of a block the relative error is a few percent at most.
     y = np.abs(x) if signed else np.sqrt(x)
-    top = y >= 0.1 * absmax
-    step = 0.9 / 64 / 2 if signed else 0.9 / 128
-    assert np.all(error[top] / y[top] <= step / 0.1 * (1 + 1e-5))
+    stored = np.abs(got) if signed else np.sqrt(got)
+    # The scale is a power of two with every magnitude of the block below twice it.
+    scale = np.asarray(q.scale).reshape(-1, 1)
+    np.testing.assert_array_equal(scale, 2.0 ** floor_log2(y.max(axis=1, keepdims=True)))
+    # Each value lands on one of the two codes around it: the nearer (signed) or either
+    # (non-negative, dithered). So the error is at most half the gap between them, or
+    # the whole gap; the gaps are finest near the block's largest value.
+    table = reference_table(signed)
+    table = table[table >= 0]
+    normalized = y / scale
+    upper = np.clip(np.searchsorted(table, normalized, side="left"), 1, table.size - 1)
+    gap = (table[upper] - table[upper - 1]) * scale
+    assert np.all(np.abs(stored - y) <= gap / (2 if signed else 1) * (1 + 1e-6))
+    assert np.all(np.sign(got) == np.sign(x) * (got != 0))
+    # Within 8x of a block's largest value (root) the relative error is at most 3.1%.
+    near = normalized >= 1 / 4
+    assert np.all(np.abs(stored - y)[near] <= y[near] * 2.0**-5 * (1 + 1e-6))
 
 
 def test_nonnegative_rounding_is_unbiased():
@@ -179,7 +198,8 @@ def test_adagrad_sum_keeps_growing_by_small_increments():
         _, state = step(jnp.asarray(g), state)
         want += np.asarray(g, np.float64) ** 2
     total = np.asarray(rj.dequantize(state.sum_of_squares), np.float64)
-    np.testing.assert_allclose(total[:, 0], want[:, 0], rtol=1e-6)
+    # The largest sum is rounded like the others now (within a code step of its root).
+    np.testing.assert_allclose(np.sqrt(total[:, 0]), np.sqrt(want[:, 0]), rtol=0.125)
     assert np.mean(total[:, 1:]) == pytest.approx(np.mean(want[:, 1:]), rel=2e-3)
     assert np.mean(want[:, 1:]) > 1.015  # and rounding to nearest would give 1.0
 
@@ -190,10 +210,16 @@ def test_extreme_values_round_trip_finite(signed, value):
     x = jnp.full((64, 64), value, jnp.float32)
     got = rj.dequantize(rj.quantize(x, signed=signed))
     chex.assert_tree_all_finite(got)
-    np.testing.assert_allclose(np.asarray(got), value, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), value, rtol=one_step(signed))
     if signed:
         got = rj.dequantize(rj.quantize(-x, signed=True))
-        np.testing.assert_allclose(np.asarray(got), -value, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got), -value, rtol=one_step(signed))
+
+
+def one_step(signed: bool) -> float:
+    """The largest relative error of a block's largest value: half a step of 5 mantissa
+    bits (signed, to nearest), or a whole step of 6 for its root, squared."""
+    return 2.0**-6 if signed else (1 + 2.0**-6) ** 2 - 1
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -203,9 +229,9 @@ def test_mixed_extremes_in_one_block(signed):
     x[256:259] = [1e-30, 0.0, 1e-31]
     got = np.asarray(rj.dequantize(rj.quantize(x, signed=signed)))
     chex.assert_tree_all_finite(got)
-    assert got[0] == pytest.approx(1e30, rel=1e-6)
+    assert got[0] == pytest.approx(1e30, rel=one_step(signed))
     assert got[2] == 0 and np.all(got[4:256] == 0)  # zeros stay zero
-    assert got[256] == pytest.approx(1e-30, rel=1e-6)
+    assert got[256] == pytest.approx(1e-30, rel=one_step(signed))
     np.testing.assert_allclose(got, reference_round_trip(x, signed), rtol=1e-5, atol=0)
 
 
@@ -233,9 +259,9 @@ def test_layout(shape, codes_shape):
     x = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
     q = rj.quantize(x, signed=True)
     assert q.codes.shape == codes_shape and q.codes.dtype == jnp.int8
-    assert q.absmax.shape == codes_shape[:-1] and q.absmax.dtype == jnp.float32
+    assert q.scale.shape == codes_shape[:-1] and q.scale.dtype == jnp.float32
     assert q.shape == shape and rj.dequantize(q).shape == shape
-    nbytes = q.codes.nbytes + q.absmax.nbytes
+    nbytes = q.codes.nbytes + q.scale.nbytes
     padded = math.prod(codes_shape)
     assert nbytes == padded * (1 + 4 / 256)
 
@@ -244,10 +270,10 @@ def test_quantized_array_is_a_fixed_pytree():
     q = rj.quantize(jnp.ones((16, 256)), signed=False)
     leaves, treedef = jax.tree.flatten(q)
     assert [leaf.dtype for leaf in leaves] == [jnp.int8, jnp.float32]
-    again = jax.jit(lambda q: rj.quantize(rj.dequantize(q) * 2.0, signed=False))(q)
+    again = jax.jit(lambda q: rj.quantize(rj.dequantize(q) * 4.0, signed=False))(q)
     assert jax.tree.structure(again) == treedef
     chex.assert_trees_all_equal_shapes_and_dtypes(again, q)
-    np.testing.assert_allclose(np.asarray(rj.dequantize(again)), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rj.dequantize(again)), 4.0, rtol=1e-6)  # a code
 
 
 # ------------------------------------------------------------------ storage option
@@ -411,16 +437,16 @@ def test_int8_bytes_per_parameter(param_dtype):
 
 def rms_with_storage(grads, decay, eps, round_trip, centered=False, initial_scale=0.0):
     """RMSprop's scaling in float64 with the state passed through ``round_trip`` (the
-    storage format) after every step; the update uses the unrounded new average."""
+    storage format) after every step; the update reads the new state back, rounded
+    (as with bfloat16 state)."""
     nu = round_trip(np.full_like(grads[0], initial_scale), False)
     mu = np.zeros_like(nu)
     out = []
     for g in grads:
-        nu_new = decay * nu + (1 - decay) * g * g
-        mu_new = decay * mu + (1 - decay) * g
-        variance = np.maximum(nu_new - mu_new**2, 0) if centered else nu_new
+        nu = round_trip(decay * nu + (1 - decay) * g * g, False)
+        mu = round_trip(decay * mu + (1 - decay) * g, True)
+        variance = np.maximum(nu - mu**2, 0) if centered else nu
         out.append(np.where(g == 0, 0.0, g / np.sqrt(variance + eps)))
-        nu, mu = round_trip(nu_new, False), round_trip(mu_new, True)
     return out
 
 
@@ -429,18 +455,22 @@ def rss_with_storage(grads, initial, eps, round_trip):
     out = []
     for g in grads:
         new = total + g * g
-        out.append(np.where(new > 0, g / np.sqrt(new + eps), 0.0))
         total = round_trip(new, False)
+        out.append(np.where(new > 0, g / np.sqrt(total + eps), 0.0))
     return out
 
 
 def trace_with_storage(grads, decay, round_trip, nesterov=False):
+    """Momentum with the buffer passed through ``round_trip``; the update reads the new
+    buffer back rounded with bfloat16 state, and unrounded with int8 state."""
+    read_back = round_trip is bf16_round_trip
     buffer = np.zeros_like(grads[0])
     out = []
     for g in grads:
         new = g + decay * buffer
-        out.append(g + decay * new if nesterov else new)
         buffer = round_trip(new, True)
+        new = buffer if read_back else new
+        out.append(g + decay * new if nesterov else new)
     return out
 
 
@@ -550,6 +580,9 @@ def test_int8_state_stays_close_to_float32_state():
     # The quantization error does not build up: after 60 steps of RMSprop the int8
     # state's updates stay within a few percent of the float32 state's (the update uses
     # the unrounded new average, and the rounding error decays with the average).
+    # Measured: median 1.27%, 99th percentile 6.5%. The decimal code table used before
+    # the octave codes gave 0.76% and 3.9% here: 128 codes in the top decade, but roots
+    # spanning 23 octaves instead of 34, and a table lookup per element.
     params = big_params()
     grads = gradients(params, 60, seed=5, low=-2, high=0)
     want = np.stack([u["w"] for u in run(rj.rmsprop(1e-2, decay=0.99), params, grads)])
@@ -558,7 +591,7 @@ def test_int8_state_stays_close_to_float32_state():
     nonzero = want != 0
     assert np.all(got[~nonzero] == 0)
     relative = np.abs(got - want)[nonzero] / np.abs(want[nonzero])
-    assert np.median(relative) < 0.01
+    assert np.median(relative) < 0.015
     assert np.percentile(relative, 99) < 0.1
     rms_reference = reference.rmsprop([np.asarray(g["w"], np.float64) for g in grads], 1e-2, 0.99)
     np.testing.assert_allclose(want, np.stack(rms_reference), rtol=1e-4, atol=1e-9)

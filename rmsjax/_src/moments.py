@@ -16,7 +16,8 @@ class MomentStep(NamedTuple):
     """A new moment and the operands of the step on it.
 
     Attributes:
-      new: the new moment in the encoding, to store in the slot.
+      stored: the new moment in the slot's format.
+      new: the new moment in the encoding (as the slot holds it, when read back).
       scale: a power of two per element (1 for a moment held as itself).
       value: the true moment times ``scale**2``, in range.
       eps_squared: ``eps * scale**2``, to add to ``value`` under the root.
@@ -26,6 +27,7 @@ class MomentStep(NamedTuple):
     ``(g * scale) / (sqrt(value) + eps_linear)``.
     """
 
+    stored: Any
     new: jax.Array
     scale: jax.Array
     value: jax.Array
@@ -41,27 +43,31 @@ def accumulate(
     eps_in_sqrt: bool,
     dtype: Any,
     square: Any = None,
+    read_back: bool = False,
 ) -> MomentStep:
     """``combine(square(g), old)`` from the moment held in ``slot``, in compute ``dtype``.
 
     ``combine`` is the rule's own formula and ``square`` its statistic of the squares,
-    ``|g|^2`` by default (see :func:`numerics.accumulate_moment`).
+    ``|g|^2`` by default (see :func:`numerics.accumulate_moment`). With ``read_back`` the
+    step's operands come from the moment as the new slot holds it (see
+    :func:`storage.keep`).
     Complex leaves keep their moment as optax does (complex, real-valued), clamped
     below overflow instead of encoded.
     """
     if jnp.iscomplexobj(g):
         new = combine(numerics.abs_sq(g), storage_lib.load(slot, dtype))
         new = numerics.finite_ceiling(new, slot)
-        return MomentStep(new, jnp.ones((), dtype), new, eps, eps)
+        return MomentStep(storage_lib.store(new, slot), new, jnp.ones((), dtype), new, eps, eps)
     slot_dtype = storage_lib.slot_dtype(slot)
     concrete_eps = validate.concrete_value(eps)
     tiny = numerics.needs_tiny_mode(slot_dtype, concrete_eps, eps_in_sqrt)
     old = storage_lib.load_moment(slot, dtype, tiny)
     new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square)
+    stored, new = storage_lib.keep_moment(new, slot, read_back, tiny)
     scale, value, eps_squared, eps_linear = numerics.moment_operands(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )
-    return MomentStep(new, scale, value, eps_squared, eps_linear)
+    return MomentStep(stored, new, scale, value, eps_squared, eps_linear)
 
 
 def ever_nonzero(step: MomentStep, nonzero_gradient: jax.Array, eps: Any) -> jax.Array:

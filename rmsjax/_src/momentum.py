@@ -74,6 +74,8 @@ def trace(
             f"accumulator_dtype={accumulator_dtype!r} and storage={storage!r}; pass one of them."
         )
 
+    read_back = storage_lib.reads_back(storage)
+
     def init_leaf(param):
         if storage is not None:
             return (storage_lib.init_slot(param, 0.0, storage, signed=True),)
@@ -84,8 +86,9 @@ def trace(
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         new = g_c + decay * storage_lib.load(slots[0], dtype)
+        stored, new = storage_lib.keep(new, slots[0], read_back)
         update = g_c + decay * new if nesterov else new
-        return update.astype(g.dtype), (storage_lib.store(new, slots[0]),)
+        return update.astype(g.dtype), (stored,)
 
     def from_state(state):
         elementwise.expect_state("trace", state, TraceState)

@@ -122,6 +122,7 @@ def rms_rule(
     # overflow); only eps = 0, or a traced eps, can make it infinite.
     concrete_eps = validate.concrete_value(eps)
     guard_zero = concrete_eps is None or not np.float32(concrete_eps) > 0
+    read_back = storage_lib.reads_back(storage)
 
     def combine(square, old):  # optax's formula, in the order optax computes it
         return (1 - decay) * square + decay * old
@@ -150,14 +151,19 @@ def rms_rule(
             # w' = d w + d (1 - d) (g - mu)^2 from (g - mu) / 2, which cannot overflow
             half_gap = 0.5 * g_c - 0.5 * storage_lib.load(slots[1], dtype)
             moment = moments.accumulate(
-                slots[0], half_gap, combine_variance, eps, eps_in_sqrt, dtype
+                slots[0], half_gap, combine_variance, eps, eps_in_sqrt, dtype, read_back=read_back
             )
         else:
-            moment = moments.accumulate(slots[0], g_c, combine, eps, eps_in_sqrt, dtype)
-        nu, scale, nu_scaled = moment.new, moment.scale, moment.value
+            moment = moments.accumulate(
+                slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back
+            )
+        new_slots: tuple = (moment.stored,)
+        scale, nu_scaled = moment.scale, moment.value
         nu_hat = nu_scaled if correction is None else nu_scaled / correction.astype(dtype)
         if centered:
             mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
+            mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
+            new_slots += (mu_slot,)
             mu_hat = mu * scale
             if _holds_variance(slots):
                 # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
@@ -181,11 +187,7 @@ def rms_rule(
             # (eps=0 with a zero average), instead of 0 * inf = NaN. Only there: at a
             # zero gradient elsewhere the update's derivative stays the scaling.
             update = jnp.where((g_c == 0) & ~jnp.isfinite(scaling), g_c, update)
-        update = update.astype(g.dtype)
-        new_slots: tuple = (storage_lib.store_moment(nu, slots[0]),)
-        if centered:
-            new_slots += (storage_lib.store(mu, slots[1]),)
-        return update, new_slots
+        return update.astype(g.dtype), new_slots
 
     def to_state(count, slot_trees):
         return ScaleByRmsState(count, slot_trees[0], slot_trees[1] if centered else None)

@@ -89,6 +89,7 @@ def rss_rule(
     initial_accumulator_value: Any, eps: Any, eps_in_sqrt: bool, storage: str | None = None
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rss` (unchecked arguments)."""
+    read_back = storage_lib.reads_back(storage)
 
     def init_leaf(param):
         return (storage_lib.init_slot(param, initial_accumulator_value, storage, signed=False),)
@@ -98,15 +99,17 @@ def rss_rule(
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         # The sum in numerics' encoding: itself in range, scaled outside it.
-        moment = moments.accumulate(slots[0], g_c, _add, eps, eps_in_sqrt, dtype)
-        total, scale, value = moment.new, moment.scale, moment.value
+        moment = moments.accumulate(
+            slots[0], g_c, _add, eps, eps_in_sqrt, dtype, read_back=read_back
+        )
+        scale, value = moment.scale, moment.value
         seen = moments.ever_nonzero(moment, g_c != 0, eps)
         if eps_in_sqrt:
             scaling = jnp.where(seen, jax.lax.rsqrt(value + moment.eps_squared), 0.0)
         else:
             scaling = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
         update = scaling * (g_c * scale)
-        return update.astype(g.dtype), (storage_lib.store_moment(total, slots[0]),)
+        return update.astype(g.dtype), (moment.stored,)
 
     def from_state(state):
         elementwise.expect_state("scale_by_rss", state, ScaleByRssState)

@@ -10,29 +10,34 @@ is kept in between steps:
   :data:`MIN_QUANTIZED_SIZE` elements stay float32: their state is small and the
   rounding would cost more than it saves.
 
-An int8 state is dequantized, updated in float32 and requantized inside each step, so
-the state's dtypes and shapes never change from one step to the next (no recompiles).
+With ``"bfloat16"`` and ``"int8"`` a step computes in float32 from the decoded state,
+stores its new state, and goes on with the values the new state holds (:func:`keep`):
+the step needs no float32 copy of its state, so it lowers the step's peak memory as
+well as the memory between steps. The state's dtypes and shapes never change from one
+step to the next (no recompiles).
 
-**Code maps.** Each byte indexes a table of values in [-1, 1] (or [0, 1]); an element
-is stored as the table entry nearest to ``x / absmax`` of its block. A linear table
-would round every element under 1/254 of its block's maximum to zero, and second
-moments span many decades within a block, so the tables are *dynamic*: a decade
-:math:`[10^{-k-1}, 10^{-k}]` holds linearly spaced entries, their number halving from
-one decade to the next (Dettmers et al., 2021, describe this kind of map). The signed
-table (for momentum buffers and mean gradients) spans 6 decades with 127 entries on
-each side of zero and code 0 meaning 0; the non-negative table spans 7 decades with 256
-entries. Second moments are stored as :math:`\sqrt{\nu}` with the non-negative table,
-so the 7 decades of the table cover 14 decades of :math:`\nu`, and the rounding error
-lands where the update feels it (the update divides by :math:`\sqrt{\nu}`).
+**Codes.** An int8 code is a small floating-point number, read from its bits: no table,
+no search. A block's scale is a power of two :math:`2^E`, with :math:`E` the largest
+binary exponent in the block, so every element divided by it lies in [0, 2). Under 2 the
+codes come in segments of octaves, each segment with one mantissa bit fewer and one
+octave more than the one above it. Second moments are stored as their square root with
+64 codes in the top octave (steps of 0.8-1.6%), then 32 per octave for 2 octaves, 16 for
+3, 8 for 4, 4 for 5, 2 for 6 and 1 for 13, down to :math:`2^{-33}`: a block's moments
+may span 20 decades. Momentum buffers and mean gradients have a sign and 32 codes in the
+top octave, then 16 for 2, 8 for 3, 4 for 4, 2 for 5 and 1 for 12, down to
+:math:`2^{-26}`. Within a segment consecutive codes are consecutive float32 numbers with
+its mantissa, so encoding clears an element's low mantissa bits and decoding shifts a
+code back into place: a few integer operations per element. Precision is finest near
+the block's largest values and coarsens gradually below them, as in the dynamic codes of
+Dettmers et al., in octaves instead of decades.
 
-**Rounding.** Signed values go to the nearest entry. Second moments go to one of the two
-entries around them, the upper one with the probability that makes the stored
+**Rounding.** Signed values go to the nearest code. Second moments go to one of the two
+codes around them, the upper one with the probability that makes the stored
 :math:`\nu` right on average (stochastic rounding); the random number is a hash of the
-new value's bits and its position (:func:`dither`), so the step stays deterministic and
-needs no random state. Rounding to nearest would freeze an Adagrad sum, or an average
-with a decay close to 1, once its changes fall under half a table step; measured on the
-digits benchmark it left Adagrad's final loss 2% above float32 state, the unbiased
-rounding 0.0%.
+new value's bits and its position in its block (:func:`dither`), so the step stays
+deterministic and needs no random state. Rounding to nearest would freeze an Adagrad
+sum, or an average with a decay close to 1, once its changes fall under half a code
+step.
 
 **Block layout.** Blocks are 256 consecutive elements of the row-major tensor, so they
 follow the last axis. When the last axis is a multiple of 256 the codes have shape
@@ -46,13 +51,14 @@ embedding tables.
 
 References:
   Dettmers, Lewis, Shleifer and Zettlemoyer, 8-bit Optimizers via Block-wise
-  Quantization, ICLR 2022, arXiv:2110.02861.
+  Quantization, ICLR 2022, arXiv:2110.02861 (block-wise scales, non-linear codes);
+  Micikevicius et al., FP8 Formats for Deep Learning, arXiv:2209.05433 (8-bit floats).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,77 +70,117 @@ STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
 
 BLOCK_SIZE = 256
-"""Elements per quantization block (one float32 ``absmax`` each)."""
+"""Elements per quantization block (one float32 ``scale`` each)."""
 
 MIN_QUANTIZED_SIZE = 4096
 """Arrays with fewer elements than this keep float32 state under ``storage="int8"``."""
 
-
-_DECADES = {True: 6, False: 7}  # signed, non-negative
-
-
-def _count(decades: int, k: int) -> int:
-    """Entries in decade ``k`` (values in [10^-k-1, 10^-k]): halving per decade."""
-    return 2 ** (decades - k)
-
-
-def _magnitudes(decades: int) -> np.ndarray:
-    """0, then the midpoints of equal bins of each decade (smallest decade first), then 1."""
-    parts = [np.zeros(1)]
-    for k in reversed(range(decades)):
-        edges = np.linspace(0.1, 1.0, _count(decades, k) + 1)
-        parts.append(10.0**-k * (edges[:-1] + edges[1:]) / 2)
-    parts.append(np.ones(1))
-    return np.concatenate(parts)
+# Each format: (mantissa bits, octaves) per segment, from 2 down. Every segment has one
+# mantissa bit fewer and one octave more than the one above it, so precision is finest
+# near a block's largest values and the codes still reach far below them.
+_SEGMENTS = {
+    True: ((5, 1), (4, 2), (3, 3), (2, 4), (1, 5), (0, 12)),  # signed: 126 codes under 2
+    False: ((6, 1), (5, 2), (4, 3), (3, 4), (2, 5), (1, 6), (0, 13)),  # roots: 253 under 2
+}
+_LARGEST = {True: 127, False: 254}  # the largest magnitude: the value 2
+# Code = magnitude - offset: the signed code 0 is 0, the non-negative codes -127..127.
+_OFFSET = {True: 0, False: 127}
 
 
-_MAGNITUDES = {signed: _magnitudes(d).astype(np.float32) for signed, d in _DECADES.items()}
-
-SIGNED_TABLE = np.concatenate([-_MAGNITUDES[True][:0:-1], _MAGNITUDES[True]])
-"""Values of the 255 signed codes -127..127, sorted; code ``c`` is
-``sign(c) * magnitude[|c|]`` and code 0 is 0 (6 decades, 126 + 1 entries per side)."""
-NONNEGATIVE_TABLE = _MAGNITUDES[False]
-"""Values of the 256 non-negative codes -128..127, sorted; code -128 is 0 (7 decades)."""
-
-# Code = table index - offset, so that the signed code 0 is the value 0.
-_OFFSET = {True: 127, False: 128}
+class _Segment(NamedTuple):
+    shift: int  # 23 - mantissa bits: how far a magnitude's bits are shifted
+    top_octave: int  # the first octave under 2 it holds (octave o is [2^-o, 2^-o+1))
+    lowest: int  # its smallest magnitude
+    delta: int  # magnitude = (float32 bits >> shift) - delta
 
 
-def _table(signed: bool) -> np.ndarray:
-    return SIGNED_TABLE if signed else NONNEGATIVE_TABLE
+def _segments(signed: bool) -> tuple[_Segment, ...]:
+    out, octave, top = [], 0, _LARGEST[signed]
+    for bits, octaves in _SEGMENTS[signed]:
+        count = octaves << bits
+        lowest = top - count  # the segment's codes are lowest .. top - 1 (and 2 above)
+        bottom = (127 - (octave + octaves - 1)) << 23  # float32 bits of its smallest value
+        out.append(_Segment(23 - bits, octave, lowest, (bottom >> (23 - bits)) - lowest))
+        octave, top = octave + octaves, lowest
+    assert top == 1, "a format's segments must use every magnitude but 0"
+    return tuple(out)
 
 
-def _bin_of(y: jax.Array, signed: bool) -> jax.Array:
-    """For each ``y`` in [0, 1], the index of the magnitude whose bin holds it, give or
-    take one entry where rounding falls on a bin's edge.
-
-    With ``D`` decades, decade ``k`` has ``n = 2^(D-k)`` entries starting at index
-    ``n - 1``, so the decade of ``y`` and its bin within the decade give the index
-    directly: a few elementwise operations instead of a binary search over the table.
-    """
-    decades = _DECADES[signed]
-    k = sum((y < np.float32(10.0**-j)).astype(jnp.int32) for j in range(1, decades))
-    powers = jnp.asarray((10.0 ** np.arange(decades)).astype(np.float32))
-    scaled = y * jnp.take(powers, k, mode="clip")  # in [0.1, 1] but in the last decade
-    count = jnp.left_shift(1, decades - k)
-    bin_ = jnp.floor((scaled - np.float32(0.1)) * (count.astype(jnp.float32) / np.float32(0.9)))
-    return count - 1 + jnp.clip(bin_.astype(jnp.int32), 0, count - 1)
+_SEGMENT = {signed: _segments(signed) for signed in (True, False)}
 
 
-def _nearest_magnitude(y: jax.Array, signed: bool) -> jax.Array:
-    """Index of the magnitude nearest to each ``y`` in [0, 1] (ties to the smaller):
-    the entry of :func:`_bin_of` or one of its two neighbours. Exact, and about 10x
-    faster than ``searchsorted`` on a CPU."""
-    magnitudes = jnp.asarray(_MAGNITUDES[signed])
-    guess = _bin_of(y, signed)
-    best, best_error = guess, jnp.abs(jnp.take(magnitudes, guess, mode="clip") - y)
-    for step in (-1, 1):  # the lower neighbour first: ties go to the smaller entry
-        candidate = jnp.clip(guess + step, 0, magnitudes.shape[0] - 1)
-        error = jnp.abs(jnp.take(magnitudes, candidate, mode="clip") - y)
-        closer = (error < best_error) | ((error == best_error) & (candidate < best))
-        best = jnp.where(closer, candidate, best)
-        best_error = jnp.where(closer, error, best_error)
-    return best
+def _magnitudes(signed: bool) -> np.ndarray:
+    """The value of each magnitude 0, 1, ..., largest, as the codes' bits define it."""
+    m = np.arange(_LARGEST[signed] + 1, dtype=np.int64)
+    segments = _SEGMENT[signed]
+    k = sum((m < seg.lowest).astype(np.int64) for seg in segments[:-1])
+    shift = np.array([seg.shift for seg in segments])[k]
+    delta = np.array([seg.delta for seg in segments])[k]
+    values = ((m + delta) << shift).astype(np.uint32).view(np.float32)
+    return np.where(m == 0, np.float32(0), values)
+
+
+SIGNED_TABLE = np.concatenate([-_magnitudes(True)[:0:-1], _magnitudes(True)])
+"""Values of the 255 signed codes -127..127, sorted: 0 and +-(2^-26 .. 2), 32 codes in
+the top octave under 2 and fewer below (a block's values are divided by its scale, see
+:class:`QuantizedArray` and the module's notes)."""
+NONNEGATIVE_TABLE = _magnitudes(False)
+"""Values of the 255 non-negative codes -127..127, sorted: 0 and 2^-33 .. 2, 64 codes
+in the top octave under 2 and fewer below."""
+
+
+def _magnitude_value(m: jax.Array, signed: bool) -> jax.Array:
+    """The value of magnitude ``m`` (int32), from its bits. Each segment's shift is a
+    constant, selected by ``m``'s range (shifts by an array are not vectorized on a
+    CPU)."""
+    bits = jnp.zeros(m.shape, jnp.int32)  # magnitude 0 stays 0
+    for seg in reversed(_SEGMENT[signed]):  # from the bottom: higher segments override
+        bits = jnp.where(m >= seg.lowest, jnp.left_shift(m + seg.delta, seg.shift), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For each ``y`` in [0, 2]: the largest magnitude ``m`` whose value ``lo <= y`` (at
+    most the second largest), ``lo``, and the next value ``hi``. Within a segment,
+    consecutive magnitudes are consecutive float32 numbers with its mantissa, so ``lo``
+    is ``y`` with its lower mantissa bits cleared and ``m`` is ``y``'s bits shifted."""
+    segments = _SEGMENT[signed]
+    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+    octave = 127 - jnp.right_shift(bits, 23)  # -1 for 2 itself
+    m = jnp.zeros(y.shape, jnp.int32)  # under the smallest non-zero value
+    low_bits = jnp.zeros(y.shape, jnp.int32)
+    high_bits = jnp.full(y.shape, np.float32(_magnitudes(signed)[1]).view(np.int32))
+    bottom = sum(octaves for _, octaves in _SEGMENTS[signed])
+    for seg in reversed(segments):  # from the bottom: higher segments override
+        inside = octave < bottom
+        cleared = jnp.right_shift(bits, seg.shift)
+        m = jnp.where(inside, cleared - seg.delta, m)
+        low_bits = jnp.where(inside, jnp.left_shift(cleared, seg.shift), low_bits)
+        high_bits = jnp.where(inside, jnp.left_shift(cleared + 1, seg.shift), high_bits)
+        bottom = seg.top_octave
+    top = m >= _LARGEST[signed]  # 2 itself: between the second largest and 2
+    m = jnp.where(top, _LARGEST[signed] - 1, m)
+    low = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
+    high = jax.lax.bitcast_convert_type(high_bits, jnp.float32)
+    low = jnp.where(top, np.float32(_magnitudes(signed)[-2]), low)
+    high = jnp.where(top, np.float32(2), high)
+    return m, low, high
+
+
+def _nearest_magnitude(y: jax.Array) -> jax.Array:
+    """The signed format's magnitude nearest to each ``y`` in [0, 2] (a tie goes up)."""
+    m, low, high = _magnitudes_around(y, True)
+    return m + (y + y >= low + high).astype(jnp.int32)
+
+
+def _dithered_magnitude(y: jax.Array, u: jax.Array) -> jax.Array:
+    """One of the two non-negative magnitudes ``lo <= y <= hi`` around each ``y`` in
+    [0, 2]: ``hi`` where ``u (hi^2 - lo^2) < y^2 - lo^2``. With ``u`` a :func:`dither`
+    the stored square is ``y^2`` on average, so small increments of a second moment are
+    not lost to rounding (unbiased stochastic rounding)."""
+    m, low, high = _magnitudes_around(y, False)
+    up = u * (high * high - low * low) < y * y - low * low
+    return m + up.astype(jnp.int32)
 
 
 def dither(x: jax.Array) -> jax.Array:
@@ -153,50 +199,42 @@ def dither(x: jax.Array) -> jax.Array:
     return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
-def _dithered_magnitude(y: jax.Array, u: jax.Array) -> jax.Array:
-    """Index of one of the two non-negative table entries ``lo <= y <= hi`` around each
-    ``y`` in [0, 1]: ``hi`` where ``u < (y^2 - lo^2) / (hi^2 - lo^2)``. With ``u`` a
-    :func:`dither`, the stored square ``T[c]^2`` is ``y^2`` on average, so small
-    increments of a second moment are not lost to rounding (unbiased stochastic
-    rounding)."""
-    magnitudes = jnp.asarray(_MAGNITUDES[False])
-    top = magnitudes.shape[0] - 1
-    guess = _bin_of(y, False)  # y lies between this entry's neighbours
-    lower = jnp.where(jnp.take(magnitudes, guess, mode="clip") > y, guess - 1, guess)
-    lower = jnp.clip(lower, 0, top - 1)
-    low = jnp.take(magnitudes, lower, mode="clip")
-    high = jnp.take(magnitudes, lower + 1, mode="clip")
-    up = (y * y - low * low) / (high * high - low * low)
-    return jnp.where(u < up, lower + 1, lower)
+def _exponent(x: jax.Array) -> jax.Array:
+    """The biased exponent field of float32 ``x`` (0 for zeros and subnormals, 255 for
+    inf and NaN)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.right_shift(bits, 23) & 0xFF
 
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedArray:
     """An array of float32 values stored in 8 bits per element, block by block.
 
-    A pytree whose children are ``codes`` (int8) and ``absmax`` (float32, one per block of
-    256); the logical ``shape`` and whether the table is ``signed`` are static, so the
+    A pytree whose children are ``codes`` (int8) and ``scale`` (float32, one per block of
+    256); the logical ``shape`` and whether the values are ``signed`` are static, so the
     pytree's structure, shapes and dtypes are fixed for a given parameter. Read it with
     :func:`dequantize`.
 
     Attributes:
-      codes: int8 array ``(*blocks, 256)``, indices into the code table.
-      absmax: float32 array ``blocks``, each block's scale.
+      codes: int8 array ``(*blocks, 256)``, each a small float (see the module's notes).
+      scale: float32 array ``blocks``: a power of two, the largest binary exponent of
+        the block's values (of their roots, when not ``signed``); each stored value is
+        its code's value times the scale.
       shape: the shape of the stored array.
       signed: True for signed values (momentum, means); False for a non-negative array
         stored as its square root (second moments).
     """
 
-    __slots__ = ("codes", "absmax", "shape", "signed")
+    __slots__ = ("codes", "scale", "shape", "signed")
 
-    def __init__(self, codes: Any, absmax: Any, shape: tuple[int, ...], signed: bool):
+    def __init__(self, codes: Any, scale: Any, shape: tuple[int, ...], signed: bool):
         self.codes = codes
-        self.absmax = absmax
+        self.scale = scale
         self.shape = tuple(shape)
         self.signed = bool(signed)
 
     def tree_flatten(self):
-        return (self.codes, self.absmax), (self.shape, self.signed)
+        return (self.codes, self.scale), (self.shape, self.signed)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -207,7 +245,7 @@ class QuantizedArray:
         return math.prod(self.shape)
 
     def __repr__(self) -> str:
-        blocks = getattr(self.absmax, "shape", "?")
+        blocks = getattr(self.scale, "shape", "?")
         return f"QuantizedArray(shape={self.shape}, signed={self.signed}, blocks={blocks})"
 
 
@@ -240,49 +278,68 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
 
     .. math::
 
-        a_B = \max_{i \in B} |y_i|, \qquad
-        c_i = \operatorname{argmin}_j\, |T_j - y_i / a_B|
+        s_B = 2^{E_B},\ E_B = \max_{i \in B} \lfloor \log_2 |y_i| \rfloor, \qquad
+        c_i \approx y_i / s_B \in [-2, 2]
 
-    where :math:`T` is the signed or non-negative code table. Zeros stay exactly zero;
-    a block of zeros has :math:`a_B = 0`.
+    where :math:`c_i` is one of the format's small floats (see the module's notes): the
+    nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
+    stored square is right on average (non-negative). Zeros stay exactly zero. Within 8x
+    of the block's largest magnitude the relative error is at most 3.1%; it grows by
+    steps below that, to the smallest codes, :math:`2^{-26}` (signed) and :math:`2^{-33}`
+    of the scale.
 
     Args:
       x: a floating-point array; with ``signed=False`` it should be non-negative
         (negative values are stored as 0).
-      signed: choose the signed table (momentum, means) or store the square root with
-        the non-negative table (second moments).
+      signed: choose the signed codes (momentum, means) or store the square root with
+        the non-negative codes (second moments).
 
     Returns:
       A :class:`QuantizedArray` of ``x``'s shape.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> q = rj.quantize(jnp.linspace(-1.0, 1.0, 4096), signed=True)
-    >>> q.codes.shape, q.codes.dtype, q.absmax.shape
+    >>> q.codes.shape, q.codes.dtype, q.scale.shape
     ((16, 256), dtype('int8'), (16,))
-    >>> float(jnp.max(jnp.abs(rj.dequantize(q) - jnp.linspace(-1.0, 1.0, 4096)))) < 0.01
+    >>> float(jnp.max(jnp.abs(rj.dequantize(q) - jnp.linspace(-1.0, 1.0, 4096)))) < 0.04
     True
     """
     x = jnp.asarray(x, jnp.float32)
     blocks = _to_blocks(x)
-    values = blocks if signed else jnp.sqrt(jnp.maximum(blocks, 0.0))
-    return _quantize_blocks(values, blocks, x.shape, signed)
-
-
-def _quantize_blocks(values: jax.Array, blocks: jax.Array, shape: Any, signed: bool):
-    """Codes for ``values`` (already square-rooted for a non-negative table), dithered
-    by the bits of ``blocks`` (the values as given)."""
-    absmax = jnp.max(jnp.abs(values), axis=-1)
-    # A NaN must not turn into a finite value: it makes its whole block NaN instead.
-    absmax = jnp.where(jnp.any(jnp.isnan(values), axis=-1), jnp.nan, absmax)
-    scale = jnp.where(absmax > 0, absmax, 1.0)
-    normalized = values / scale[..., None]
     if signed:
-        index = _nearest_magnitude(jnp.abs(normalized), signed)
-        codes = jnp.where(normalized < 0, -index, index).astype(jnp.int8)
+        return _quantize_blocks(blocks, blocks, _exponent(blocks), x.shape, True)
+    blocks = jnp.maximum(blocks, 0.0)
+    return _quantize_blocks(jnp.sqrt(blocks), blocks, _root_exponent(blocks), x.shape, False)
+
+
+def _root_exponent(x: jax.Array) -> jax.Array:
+    """The exponent field of ``sqrt(x)`` for ``x >= 0`` or more (by one for zeros and
+    subnormals), from ``x``'s own: no square root. A square root halves the unbiased
+    exponent (rounding down); inf and NaN keep 255."""
+    e = _exponent(x)
+    return jnp.where(e == 255, 255, jnp.right_shift(jnp.maximum(e, 1) + 127, 1))
+
+
+def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool):
+    """Codes for ``values`` (already square-rooted for the non-negative codes), whose
+    exponent fields are at most ``exponents``, dithered by the bits of ``blocks`` (the
+    values as given).
+
+    The block's scale comes from the exponents alone. ``values`` can then be computed
+    where the codes are, and need not be kept in memory for the maximum (XLA on a CPU
+    writes out whatever a reduction reads): the exponents take one byte per element.
+    An exponent of 255 (inf or NaN) makes the block's scale infinite, so that every
+    element of it decodes to inf or NaN: a NaN is never turned into a finite value."""
+    top = jnp.max(exponents.astype(jnp.uint8), axis=-1).astype(jnp.int32)
+    scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23), jnp.float32)  # 2^(top-127)
+    normalized = numerics.scale_exponent(jnp.abs(values), 127 - top[..., None])  # exact
+    if signed:
+        m = _nearest_magnitude(normalized)
+        codes = jnp.where(values < 0, -m, m)
     else:
-        index = _dithered_magnitude(normalized, dither(blocks))
-        codes = (index - _OFFSET[signed]).astype(jnp.int8)
-    return QuantizedArray(codes, absmax, shape, signed)
+        m = _dithered_magnitude(normalized, dither(blocks))
+        codes = m - _OFFSET[False]
+    return QuantizedArray(codes.astype(jnp.int8), scale, shape, signed)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
@@ -292,24 +349,29 @@ def dequantize(q: QuantizedArray) -> jax.Array:
       q: the quantized array.
 
     Returns:
-      A float32 array of shape ``q.shape``: ``T[c] * absmax`` per element, squared for
-      a non-negative (``signed=False``) array.
+      A float32 array of shape ``q.shape``: each code's value times its block's scale,
+      squared for a non-negative (``signed=False``) array.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> rj.dequantize(rj.quantize(jnp.full((64, 64), 4.0), signed=False))[0, :3]
     Array([4., 4., 4.], dtype=float32)
     """
-    values = _table_values(q)
+    values = _decoded(q)
     if not q.signed:
         values = values * values
     return _from_blocks(values, q.shape)
 
 
-def _table_values(q: QuantizedArray) -> jax.Array:
-    """``T[c] * absmax`` per element, in blocks (the root, for a non-negative table)."""
-    table = jnp.asarray(_table(q.signed))
-    index = q.codes.astype(jnp.int32) + _OFFSET[q.signed]
-    return jnp.take(table, index, mode="clip") * q.absmax[..., None]
+def _decoded(q: QuantizedArray) -> jax.Array:
+    """Each code's value times its block's scale, in blocks (the root, for a
+    non-negative array)."""
+    codes = q.codes.astype(jnp.int32)
+    if q.signed:
+        magnitude = _magnitude_value(jnp.abs(codes), True)
+        value = jnp.where(codes < 0, -magnitude, magnitude)
+    else:
+        value = _magnitude_value(codes + _OFFSET[False], False)
+    return value * q.scale[..., None]
 
 
 # ------------------------------------------------------------ second-moment slots
@@ -322,18 +384,13 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     if not isinstance(slot, QuantizedArray):
         return slot.astype(dtype)
     limits = numerics.moment_range(jnp.float32)
-    root = _from_blocks(_table_values(slot), slot.shape)
+    root = _from_blocks(_decoded(slot), slot.shape)
     huge = root > np.float32(limits.high**0.5)
     root_down = numerics.scale_exponent(root, -limits.shift)
     value = jnp.where(huge, -(root_down * root_down), root * root)
     if tiny:
         value = jnp.where((root > 0) & (root < np.float32(limits.low**0.5)), -root, value)
     return value.astype(dtype)
-
-
-def slot_dtype(slot: Any) -> Any:
-    """The dtype a slot keeps its values in (float32 for an int8 slot's scales)."""
-    return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
 
 
 def store_moment(value: jax.Array, slot: Any) -> Any:
@@ -344,12 +401,32 @@ def store_moment(value: jax.Array, slot: Any) -> Any:
     value = jnp.asarray(value, jnp.float32)
     blocks = _to_blocks(value)
     huge = blocks <= np.float32(-limits.tiny_root)
+    tiny = (blocks < 0) & ~huge
     root = jnp.where(
         huge,
         numerics.scale_exponent(jnp.sqrt(-blocks), limits.shift),
-        jnp.where(blocks < 0, -blocks, jnp.sqrt(blocks)),
+        jnp.where(tiny, -blocks, jnp.sqrt(blocks)),
     )
-    return _quantize_blocks(root, blocks, value.shape, False)
+    # The roots' exponents, from the moments' bits (see _quantize_blocks).
+    exponents = _root_exponent(jnp.abs(blocks))
+    exponents = jnp.where(huge, jnp.minimum(exponents + limits.shift, 255), exponents)
+    exponents = jnp.where(tiny, _exponent(blocks), exponents)
+    return _quantize_blocks(root, blocks, exponents, value.shape, False)
+
+
+def keep_moment(value: jax.Array, slot: Any, read_back: bool, tiny: bool) -> tuple[Any, jax.Array]:
+    """``(new slot, moment)``: ``value`` (a second moment in the encoding) stored in the
+    format of ``slot``, and the moment the step goes on with: ``value`` itself, or with
+    ``read_back`` the value the new slot holds (see :func:`keep`)."""
+    new = store_moment(value, slot)
+    if read_back and _narrower(new, value.dtype):
+        return new, load_moment(new, value.dtype, tiny)
+    return new, value
+
+
+def slot_dtype(slot: Any) -> Any:
+    """The dtype a slot keeps its values in (float32 for an int8 slot's scales)."""
+    return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
 
 
 # ---------------------------------------------------------------- the storage option
@@ -389,6 +466,33 @@ def load(slot: Any, dtype: Any) -> jax.Array:
     if isinstance(slot, QuantizedArray):
         return dequantize(slot).astype(dtype)
     return slot.astype(dtype)
+
+
+def reads_back(storage: str | None) -> bool:
+    """Whether a rule with this ``storage`` option steps with the values its new state
+    holds (see :func:`keep`): for ``"bfloat16"`` and ``"int8"``."""
+    return storage in ("bfloat16",)
+
+
+def _narrower(slot: Any, dtype: Any) -> bool:
+    return isinstance(slot, QuantizedArray) or jnp.dtype(slot.dtype) != jnp.dtype(dtype)
+
+
+def keep(value: jax.Array, slot: Any, read_back: bool) -> tuple[Any, jax.Array]:
+    """``(new slot, value)``: ``value`` stored in the format of ``slot``, and the value
+    the step goes on with.
+
+    With ``read_back`` that is the value the new slot holds (``value`` rounded to
+    bfloat16, or quantized and decoded), so the rest of the step reads the new state
+    instead of a second, full-precision copy of it. A compiled step then needs no
+    float32 temporary the size of the state, nor a copy of the old state: XLA computes
+    each output array in one pass and writes it over its donated input (see
+    docs/memory.md). Without it, or where the slot keeps ``value``'s dtype, it is
+    ``value`` itself."""
+    new = store(value, slot)
+    if read_back and _narrower(new, value.dtype):
+        return new, load(new, value.dtype)
+    return new, value
 
 
 def store(value: jax.Array, slot: Any) -> Any:
