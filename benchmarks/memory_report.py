@@ -48,7 +48,38 @@ def plot(results, steps, every, path):
     return True
 
 
-def write_report(path, args, count, memory, speed, quality, plotted, png_name):
+def peak_section(rows, rounds) -> list[str]:
+    lines = [
+        "",
+        "## Peak memory and step time at scale",
+        "",
+        "One jitted `update_and_apply`, parameters and state donated, float32 parameters. "
+        "Bytes per parameter from XLA's accounting of the compiled step "
+        "(`compile().memory_analysis()`): arguments (parameters, gradients and state), "
+        "temporaries, and the peak (their sum: every output is written over its donated "
+        f"input). Step time: median of {rounds} single calls, the three storage options "
+        "of one optimizer called in turn; compile: the first `lower` + `compile`.",
+        "",
+        "| tree | optimizer | state | arguments B/param | temporaries B/param | "
+        "peak B/param | step ms | vs float32 state | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['tree']} | {row['algorithm']} | {row['storage']} | "
+            f"{row['arguments']:.2f} | {row['temporaries']:.2f} | {row['peak']:.2f} | "
+            f"{row['step_ms']:.2f} | {row['relative']:.2f}x | {row['compile_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Targets (rmsprop + momentum): peak <= 13 B/param with bfloat16 state and <= 11 "
+        "with int8 (float32 state: 16); step time <= 1.2x float32 state's with bfloat16 "
+        "and <= 1.5x with int8. docs/memory.md explains the figures.",
+    ]
+    return lines
+
+
+def write_report(path, args, count, memory, speed, peak, quality, plotted, png_name):
     lines = [
         "# Optimizer state memory: storage options, row-wise and factored state",
         "",
@@ -94,6 +125,7 @@ def write_report(path, args, count, memory, speed, quality, plotted, png_name):
     for name, (median, compile_s) in speed.items():
         relative = median / speed[base[name]][0]
         lines.append(f"| {name} | {median * 1e3:.2f} | {relative:.2f}x | {compile_s:.2f} |")
+    lines += peak_section(peak, args.rounds)
     lines += [
         "",
         "## Training quality: digits MLP",
@@ -134,10 +166,11 @@ def write_report(path, args, count, memory, speed, quality, plotted, png_name):
         "of a quantized array; the small arrays that keep float32 bring the whole tree to "
         "slightly more.",
         "- Step times come from a shared CPU whose timings drift by 15-20% between "
-        "identical runs; compare rows of one run only. On a CPU the int8 work (finding "
-        "each element's code, table lookups, the rounding hash) is arithmetic the float32 "
-        "step does not do, so int8 state costs step time there; it has not been measured "
-        "on an accelerator, where a step of this size is bound by memory traffic.",
+        "identical runs; compare rows of one run only. On a CPU the int8 work (decoding "
+        "and encoding each element, the block scales, the rounding hash) is arithmetic "
+        "the float32 step does not do, so int8 state costs step time there; it has not "
+        "been measured on an accelerator, where a step of this size is bound by memory "
+        "traffic.",
         "- Training differences between storage options are well inside the spread "
         "between seeds (the min-max columns); the curves overlap. The halfway column of "
         "RMSprop with momentum is dominated by short loss spikes around step 300 (see the "

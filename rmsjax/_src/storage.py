@@ -148,20 +148,20 @@ def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
     octave = 127 - jnp.right_shift(bits, 23)  # -1 for 2 itself
     m = jnp.zeros(y.shape, jnp.int32)  # under the smallest non-zero value
-    low_bits = jnp.zeros(y.shape, jnp.int32)
-    high_bits = jnp.full(y.shape, np.float32(_magnitudes(signed)[1]).view(np.int32))
+    mask = jnp.zeros(y.shape, jnp.int32)  # lo = 0
+    step = jnp.full(y.shape, np.float32(_magnitudes(signed)[1]).view(np.int32))  # hi
     bottom = sum(octaves for _, octaves in _SEGMENTS[signed])
     for seg in reversed(segments):  # from the bottom: higher segments override
         inside = octave < bottom
-        cleared = jnp.right_shift(bits, seg.shift)
-        m = jnp.where(inside, cleared - seg.delta, m)
-        low_bits = jnp.where(inside, jnp.left_shift(cleared, seg.shift), low_bits)
-        high_bits = jnp.where(inside, jnp.left_shift(cleared + 1, seg.shift), high_bits)
+        m = jnp.where(inside, jnp.right_shift(bits, seg.shift) - seg.delta, m)
+        mask = jnp.where(inside, np.int32(-(1 << seg.shift)), mask)
+        step = jnp.where(inside, np.int32(1 << seg.shift), step)
         bottom = seg.top_octave
+    low_bits = bits & mask
     top = m >= _LARGEST[signed]  # 2 itself: between the second largest and 2
     m = jnp.where(top, _LARGEST[signed] - 1, m)
     low = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
-    high = jax.lax.bitcast_convert_type(high_bits, jnp.float32)
+    high = jax.lax.bitcast_convert_type(low_bits + step, jnp.float32)
     low = jnp.where(top, np.float32(_magnitudes(signed)[-2]), low)
     high = jnp.where(top, np.float32(2), high)
     return m, low, high
@@ -332,7 +332,12 @@ def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape
     element of it decodes to inf or NaN: a NaN is never turned into a finite value."""
     top = jnp.max(exponents.astype(jnp.uint8), axis=-1).astype(jnp.int32)
     scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23), jnp.float32)  # 2^(top-127)
-    normalized = numerics.scale_exponent(jnp.abs(values), 127 - top[..., None])  # exact
+    # |values| / scale as two products by normal powers of two, exact where the quotient
+    # is normal (it is under 2^-126 only far below the smallest code).
+    first = jnp.clip(127 - top, -126, 127)
+    second = (127 - top) - first  # 0 or -1
+    normalized = jnp.abs(values) * _power_of_two(first)[..., None]
+    normalized = normalized * _power_of_two(second)[..., None]
     if signed:
         m = _nearest_magnitude(normalized)
         codes = jnp.where(values < 0, -m, m)
@@ -340,6 +345,11 @@ def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape
         m = _dithered_magnitude(normalized, dither(blocks))
         codes = m - _OFFSET[False]
     return QuantizedArray(codes.astype(jnp.int8), scale, shape, signed)
+
+
+def _power_of_two(k: jax.Array) -> jax.Array:
+    """2^k for integers ``k`` in [-126, 127], from its bits."""
+    return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), jnp.float32)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:

@@ -1,0 +1,93 @@
+"""Peak memory and step time of a training step at scale, per storage option.
+
+Peak memory is XLA's own accounting of the compiled step (``jit(...).lower(...).compile()
+.memory_analysis()``), parameters and state donated: the arguments (parameters, gradients
+and state), plus the temporaries the step allocates, plus any output that could not be
+written over its donated input. Step time is the median of single calls, the three
+storage options of one optimizer called in turn (see ``alternating.py``), as a ratio to
+the float32-state step; compile time is the first ``lower + compile``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from alternating import median_seconds, step_runner
+
+import rmsjax as rj
+
+SHAPES = {"1 x 4M": (1, (4096, 1024)), "1000 x 16k": (1000, (64, 256))}
+"""Trees measured: a label and (leaves, shape of each leaf)."""
+QUICK_SHAPES = {"1 x 256k": (1, (256, 1024)), "20 x 16k": (20, (64, 256))}
+
+ALGORITHMS = {
+    "rmsprop": lambda storage: rj.rmsprop(1e-3, storage=storage),
+    "rmsprop+momentum": lambda storage: rj.rmsprop(1e-3, momentum=0.9, storage=storage),
+    "adagrad": lambda storage: rj.adagrad(1e-2, storage=storage),
+}
+STORAGES = ("float32", "bfloat16", "int8")
+
+
+def tree(leaves: int, shape: tuple[int, int], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        f"w{i:04d}": jnp.asarray(rng.normal(size=shape).astype(np.float32)) for i in range(leaves)
+    }
+
+
+def peak_bytes(compiled) -> tuple[int, int, int]:
+    """(argument bytes, temporary bytes, peak bytes) of a compiled step; outputs written
+    over donated arguments (aliased) cost nothing more."""
+    stats = compiled.memory_analysis()
+    extra_outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
+    arguments, temporaries = stats.argument_size_in_bytes, stats.temp_size_in_bytes
+    return arguments, temporaries, arguments + temporaries + extra_outputs
+
+
+def measure_peak(rounds: int, quick: bool = False) -> list[dict]:
+    """One row per (tree, optimizer, storage option)."""
+    rows = []
+    for label, (leaves, shape) in (QUICK_SHAPES if quick else SHAPES).items():
+        params = tree(leaves, shape)
+        grads = jax.tree.map(lambda p: p * 1e-2, tree(leaves, shape, seed=1))
+        count = leaves * shape[0] * shape[1]
+        for algorithm, build in ALGORITHMS.items():
+            runners, found = {}, {}
+            for storage in STORAGES:
+                tx = build(storage)
+                step = jax.jit(
+                    lambda p, s, g, tx=tx: rj.update_and_apply(tx, g, s, p),
+                    donate_argnums=(0, 1),
+                )
+                p = jax.tree.map(jnp.copy, params)
+                state = tx.init(p)
+                start = time.perf_counter()
+                compiled = step.lower(p, state, grads).compile()
+                compile_s = time.perf_counter() - start
+                arguments, temporaries, peak = peak_bytes(compiled)
+                run = step_runner(compiled, p, state, grads)
+                run()
+                runners[storage] = run
+                found[storage] = {
+                    "tree": label,
+                    "algorithm": algorithm,
+                    "storage": storage,
+                    "arguments": arguments / count,
+                    "temporaries": temporaries / count,
+                    "peak": peak / count,
+                    "compile_s": compile_s,
+                }
+                print(
+                    f"  {label:<11} {algorithm:<17} {storage:<9} peak {peak / count:5.2f} B/param"
+                    f" (temporaries {temporaries / count:5.2f}), compile {compile_s:6.1f} s"
+                )
+            medians = median_seconds(runners, rounds)
+            for storage in STORAGES:
+                found[storage]["step_ms"] = medians[storage] * 1e3
+                found[storage]["relative"] = medians[storage] / medians["float32"]
+                rows.append(found[storage])
+            del runners
+    return rows
