@@ -206,8 +206,8 @@ def check_int8_layout(label: str, state, params) -> None:
     seen = set()
     for name, leaf in pairs(state, params):
         if name in INT8_SPECS and leaf.dtype in (jnp.int8, jnp.float32) and leaf.ndim >= 1:
-            codes_spec, absmax_spec = INT8_SPECS[name]
-            spec = codes_spec if leaf.dtype == jnp.int8 else absmax_spec
+            codes_spec, scale_spec = INT8_SPECS[name]
+            spec = codes_spec if leaf.dtype == jnp.int8 else scale_spec
             if leaf.shape == params[name].shape:
                 continue
             got = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))

@@ -122,11 +122,13 @@ def _magnitudes(signed: bool) -> np.ndarray:
     return np.where(m == 0, np.float32(0), values)
 
 
-SIGNED_TABLE = np.concatenate([-_magnitudes(True)[:0:-1], _magnitudes(True)])
+_VALUES = {signed: _magnitudes(signed) for signed in (True, False)}
+
+SIGNED_TABLE = np.concatenate([-_VALUES[True][:0:-1], _VALUES[True]])
 """Values of the 255 signed codes -127..127, sorted: 0 and +-(2^-19 .. 2), 32 codes in
 the top octave under 2 and fewer below (a block's values are divided by its scale, see
 :class:`QuantizedArray` and the module's notes)."""
-NONNEGATIVE_TABLE = _magnitudes(False)
+NONNEGATIVE_TABLE = _VALUES[False]
 """Values of the 255 non-negative codes -127..127, sorted: 0 and 2^-22 .. 2, 64 codes
 in the top octave under 2 and fewer below."""
 
@@ -151,7 +153,7 @@ def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array
     octave = 127 - jnp.right_shift(bits, 23)  # -1 for 2 itself
     m = jnp.zeros(y.shape, jnp.int32)  # under the smallest non-zero value
     mask = jnp.zeros(y.shape, jnp.int32)  # lo = 0
-    step = jnp.full(y.shape, np.float32(_magnitudes(signed)[1]).view(np.int32))  # hi
+    step = jnp.full(y.shape, _VALUES[signed][1:2].view(np.int32)[0])  # hi: the smallest
     bottom = sum(octaves for _, octaves in _SEGMENTS[signed])
     for seg in reversed(segments):  # from the bottom: higher segments override
         inside = octave < bottom
@@ -164,7 +166,7 @@ def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array
     m = jnp.where(top, _LARGEST[signed] - 1, m)
     low = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
     high = jax.lax.bitcast_convert_type(low_bits + step, jnp.float32)
-    low = jnp.where(top, np.float32(_magnitudes(signed)[-2]), low)
+    low = jnp.where(top, _VALUES[signed][-2], low)
     high = jnp.where(top, np.float32(2), high)
     return m, low, high
 
@@ -285,7 +287,7 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
 
     where :math:`c_i` is one of the format's small floats (see the module's notes): the
     nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
-    stored square is right on average (non-negative). Zeros stay exactly zero. Within 8x
+    stored square is right on average (non-negative). Zeros stay exactly zero. Within 4x
     of the block's largest magnitude the relative error is at most 3.1%; it grows by
     steps below that, to the smallest codes, :math:`2^{-19}` (signed) and :math:`2^{-22}`
     of the scale.
@@ -482,8 +484,12 @@ def load(slot: Any, dtype: Any) -> jax.Array:
 
 def reads_back(storage: str | None) -> bool:
     """Whether a rule with this ``storage`` option steps with the values its new state
-    holds (see :func:`keep`): for ``"bfloat16"`` and ``"int8"``."""
-    return storage in ("bfloat16",)
+    holds (see :func:`keep`): for ``"bfloat16"`` only. An int8 step goes on with the
+    unrounded values: read back, its codes would be encoded a second time, from the old
+    state, in the kernel that reads them (2.5x the step time and 9 bytes of temporaries
+    per element on a CPU), and its rounding, coarser than bfloat16's, would reach the
+    step at once."""
+    return storage == "bfloat16"
 
 
 def _narrower(slot: Any, dtype: Any) -> bool:
@@ -495,8 +501,8 @@ def keep(value: jax.Array, slot: Any, read_back: bool) -> tuple[Any, jax.Array]:
     the step goes on with.
 
     With ``read_back`` that is the value the new slot holds (``value`` rounded to
-    bfloat16, or quantized and decoded), so the rest of the step reads the new state
-    instead of a second, full-precision copy of it. A compiled step then needs no
+    bfloat16), so the rest of the step reads the new state instead of a second,
+    full-precision copy of it. A compiled step then needs no
     float32 temporary the size of the state, nor a copy of the old state: XLA computes
     each output array in one pass and writes it over its donated input (see
     docs/memory.md). Without it, or where the slot keeps ``value``'s dtype, it is
