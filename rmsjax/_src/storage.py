@@ -400,7 +400,7 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     limits = numerics.moment_range(jnp.float32)
     root = _from_blocks(_decoded(slot), slot.shape)
     huge = root > np.float32(limits.high**0.5)
-    root_down = numerics.scale_exponent(root, -limits.shift)
+    root_down = numerics.shift_bits(root, -limits.shift, floor=-45)  # no underflow below
     value = jnp.where(huge, -(root_down * root_down), root * root)
     if tiny:
         value = jnp.where((root > 0) & (root < np.float32(limits.low**0.5)), -root, value)
