@@ -178,7 +178,14 @@ def test_int8_factored_and_rowwise_states():
             _, state = tx.update(g, state, big)
         sizes[name] = rj.effective_step_sizes(tx, state, big)["w"]
         assert sizes[name].shape == (64, 128)
-    np.testing.assert_allclose(sizes["int8"], sizes["exact"], rtol=0.1)
+    # Each step rounds an int8 root to within one code step: 3.1% within 4x of its
+    # block's largest, up to 12.5% further down (docs/memory.md), and four steps compound
+    # that for the smallest elements. Measured: median 0.9%, 99th percentile 5.4%, the
+    # largest 17.6%.
+    error = np.abs(np.asarray(sizes["int8"]) / np.asarray(sizes["exact"]) - 1)
+    assert np.median(error) < 0.02
+    assert np.percentile(error, 99) < 0.07
+    assert np.max(error) < 0.25
     # factored: the rank-one estimate, of the same size on average
     assert 0.5 < float(jnp.mean(sizes["factored"]) / jnp.mean(sizes["exact"])) < 2
     # row-wise Adagrad: one step size per row, lr / (sqrt(sum of row means) + eps)
