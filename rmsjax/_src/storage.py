@@ -10,68 +10,45 @@ is kept in between steps:
   :data:`MIN_QUANTIZED_SIZE` elements stay float32: their state is small and the
   rounding would cost more than it saves.
 
-With ``"bfloat16"`` and ``"int8"`` a step computes in float32 from the decoded state,
-stores its new state, and goes on with the values the new state holds (:func:`keep`):
-the step needs no float32 copy of its state, so it lowers the step's peak memory as
-well as the memory between steps. The state's dtypes and shapes never change from one
+A step computes in float32 from the decoded state and stores its new state. With
+``"bfloat16"`` it goes on with the values the new state holds (:func:`keep`), so it
+needs no float32 copy of its state and lowers the step's peak memory as well as the
+memory between steps; with ``"int8"`` it goes on with the unrounded values
+(:func:`reads_back` says why). The state's dtypes and shapes never change from one
 step to the next (no recompiles).
 
-**Codes.** An int8 code is a small floating-point number, read from its bits: no table,
-no search. A block's scale is a power of two :math:`2^E`, with :math:`E` the largest
-binary exponent in the block, so every element divided by it lies in [0, 2). Under 2 the
-codes come in segments of octaves, with fewer mantissa bits the further a segment lies
-below the block's largest values. Second moments are stored as their square root with
-64 codes in the top octave (steps of 0.8-1.6%), 32 per octave in the next 2 (1.6-3.1%),
-8 per octave in the next 15 (6-12%) and 1 per octave in the last 5, down to
-:math:`2^{-22}`: a block's moments may span 13 decades, as with the decimal table of
-Dettmers et al. Momentum buffers and mean gradients have a sign and 32 codes in the top
-octave, 16 per octave in the next 2, 4 per octave in the next 15 and 1 in the last 2,
-down to :math:`2^{-19}`. Within a segment consecutive codes are consecutive float32
-numbers with its mantissa, so encoding clears an element's low mantissa bits and
-decoding shifts a code back into place: a few integer operations per element, and no
-table lookup or search. Precision is finest near the block's largest values, which
-steps feel most, as in Dettmers et al.'s dynamic codes, in octaves instead of decades.
-
-**Rounding.** Signed values go to the nearest code. Second moments go to one of the two
-codes around them, the upper one with the probability that makes the stored
-:math:`\nu` right on average (stochastic rounding); the random number is a hash of the
-new value's bits and its position in its block (:func:`dither`), so the step stays
-deterministic and needs no random state. Rounding to nearest would freeze an Adagrad
-sum, or an average with a decay close to 1, once its changes fall under half a code
-step.
-
-**Block layout.** Blocks are 256 consecutive elements of the row-major tensor, so they
-follow the last axis. When the last axis is a multiple of 256 the codes have shape
-``(*shape[:-1], shape[-1] // 256, 256)``: every axis of the parameter is kept, and the
-state can be sharded like the parameter. Otherwise the tensor is read as one flat
-vector, zero-padded at its end to a multiple of 256, with codes of shape
-``(ceil(size / 256), 256)``; when 256 is a multiple of the last axis (64, 128, ...) each
-block holds whole rows, so sharding the first axis of the codes matches sharding the
-parameter's first axis. Padding per row instead would cost up to 4x for 64-wide
-embedding tables.
-
-References:
-  Dettmers, Lewis, Shleifer and Zettlemoyer, 8-bit Optimizers via Block-wise
-  Quantization, ICLR 2022, arXiv:2110.02861 (block-wise scales, non-linear codes);
-  Micikevicius et al., FP8 Formats for Deep Learning, arXiv:2209.05433 (8-bit floats).
+The int8 format (codes, rounding, block layout) is in :mod:`rmsjax._src.quantization`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import numerics
+from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
+    BLOCK_SIZE,
+    NONNEGATIVE_TABLE,
+    SIGNED_TABLE,
+    QuantizedArray,
+    _decoded,
+    _exponent,
+    _from_blocks,
+    _quantize_blocks,
+    _root_exponent,
+    _to_blocks,
+    blocks_shape,
+    dequantize,
+    dither,
+    quantize,
+)
 
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
-
-BLOCK_SIZE = 256
-"""Elements per quantization block (one float32 ``scale`` each)."""
 
 MIN_QUANTIZED_SIZE = 4096
 """Arrays with fewer elements than this keep float32 state under ``storage="int8"``."""
@@ -80,314 +57,6 @@ MIN_QUANTIZED_SIZE = 4096
 # near a block's largest values and the codes still reach far below them. Each segment
 # costs a few instructions in every encode and decode, which XLA compiles per leaf: four
 # compile about 1.4x faster than seven, for the same accuracy near the top.
-_SEGMENTS = {
-    True: ((5, 1), (4, 2), (2, 15), (0, 2)),  # signed: 126 codes under 2
-    False: ((6, 1), (5, 2), (3, 15), (0, 5)),  # roots: 253 under 2
-}
-_LARGEST = {True: 127, False: 254}  # the largest magnitude: the value 2
-# Code = magnitude - offset: the signed code 0 is 0, the non-negative codes -127..127.
-_OFFSET = {True: 0, False: 127}
-
-
-class _Segment(NamedTuple):
-    shift: int  # 23 - mantissa bits: how far a magnitude's bits are shifted
-    top_octave: int  # the first octave under 2 it holds (octave o is [2^-o, 2^-o+1))
-    lowest: int  # its smallest magnitude
-    delta: int  # magnitude = (float32 bits >> shift) - delta
-
-
-def _segments(signed: bool) -> tuple[_Segment, ...]:
-    out, octave, top = [], 0, _LARGEST[signed]
-    for bits, octaves in _SEGMENTS[signed]:
-        count = octaves << bits
-        lowest = top - count  # the segment's codes are lowest .. top - 1 (and 2 above)
-        bottom = (127 - (octave + octaves - 1)) << 23  # float32 bits of its smallest value
-        out.append(_Segment(23 - bits, octave, lowest, (bottom >> (23 - bits)) - lowest))
-        octave, top = octave + octaves, lowest
-    assert top == 1, "a format's segments must use every magnitude but 0"
-    return tuple(out)
-
-
-_SEGMENT = {signed: _segments(signed) for signed in (True, False)}
-
-
-def _magnitudes(signed: bool) -> np.ndarray:
-    """The value of each magnitude 0, 1, ..., largest, as the codes' bits define it."""
-    m = np.arange(_LARGEST[signed] + 1, dtype=np.int64)
-    segments = _SEGMENT[signed]
-    k = sum((m < seg.lowest).astype(np.int64) for seg in segments[:-1])
-    shift = np.array([seg.shift for seg in segments])[k]
-    delta = np.array([seg.delta for seg in segments])[k]
-    values = ((m + delta) << shift).astype(np.uint32).view(np.float32)
-    return np.where(m == 0, np.float32(0), values)
-
-
-_VALUES = {signed: _magnitudes(signed) for signed in (True, False)}
-
-SIGNED_TABLE = np.concatenate([-_VALUES[True][:0:-1], _VALUES[True]])
-"""Values of the 255 signed codes -127..127, sorted: 0 and +-(2^-19 .. 2), 32 codes in
-the top octave under 2 and fewer below (a block's values are divided by its scale, see
-:class:`QuantizedArray` and the module's notes)."""
-NONNEGATIVE_TABLE = _VALUES[False]
-"""Values of the 255 non-negative codes -127..127, sorted: 0 and 2^-22 .. 2, 64 codes
-in the top octave under 2 and fewer below."""
-
-
-def _magnitude_value(m: jax.Array, signed: bool) -> jax.Array:
-    """The value of magnitude ``m`` (int32), from its bits. Each segment's shift is a
-    constant, selected by ``m``'s range (shifts by an array are not vectorized on a
-    CPU)."""
-    bits = jnp.zeros(m.shape, jnp.int32)  # magnitude 0 stays 0
-    for seg in reversed(_SEGMENT[signed]):  # from the bottom: higher segments override
-        bits = jnp.where(m >= seg.lowest, jnp.left_shift(m + seg.delta, seg.shift), bits)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """For each ``y`` in [0, 2]: the largest magnitude ``m`` whose value ``lo <= y`` (at
-    most the second largest), ``lo``, and the next value ``hi``. Within a segment,
-    consecutive magnitudes are consecutive float32 numbers with its mantissa, so ``lo``
-    is ``y`` with its lower mantissa bits cleared and ``m`` is ``y``'s bits shifted."""
-    segments = _SEGMENT[signed]
-    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
-    octave = 127 - jnp.right_shift(bits, 23)  # -1 for 2 itself
-    m = jnp.zeros(y.shape, jnp.int32)  # under the smallest non-zero value
-    mask = jnp.zeros(y.shape, jnp.int32)  # lo = 0
-    step = jnp.full(y.shape, _VALUES[signed][1:2].view(np.int32)[0])  # hi: the smallest
-    bottom = sum(octaves for _, octaves in _SEGMENTS[signed])
-    for seg in reversed(segments):  # from the bottom: higher segments override
-        inside = octave < bottom
-        m = jnp.where(inside, jnp.right_shift(bits, seg.shift) - seg.delta, m)
-        mask = jnp.where(inside, np.int32(-(1 << seg.shift)), mask)
-        step = jnp.where(inside, np.int32(1 << seg.shift), step)
-        bottom = seg.top_octave
-    low_bits = bits & mask
-    top = m >= _LARGEST[signed]  # 2 itself: between the second largest and 2
-    m = jnp.where(top, _LARGEST[signed] - 1, m)
-    low = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
-    high = jax.lax.bitcast_convert_type(low_bits + step, jnp.float32)
-    low = jnp.where(top, _VALUES[signed][-2], low)
-    high = jnp.where(top, np.float32(2), high)
-    return m, low, high
-
-
-def _nearest_magnitude(y: jax.Array) -> jax.Array:
-    """The signed format's magnitude nearest to each ``y`` in [0, 2] (a tie goes up)."""
-    m, low, high = _magnitudes_around(y, True)
-    return m + (y + y >= low + high).astype(jnp.int32)
-
-
-def _dithered_magnitude(y: jax.Array, u: jax.Array) -> jax.Array:
-    """One of the two non-negative magnitudes ``lo <= y <= hi`` around each ``y`` in
-    [0, 2]: ``hi`` where ``u (hi^2 - lo^2) < y^2 - lo^2``. With ``u`` a :func:`dither`
-    the stored square is ``y^2`` on average, so small increments of a second moment are
-    not lost to rounding (unbiased stochastic rounding)."""
-    m, low, high = _magnitudes_around(y, False)
-    up = u * (high * high - low * low) < y * y - low * low
-    return m + up.astype(jnp.int32)
-
-
-def dither(x: jax.Array) -> jax.Array:
-    """A number in [0, 1) per element, a hash of the element's float32 bits and of its
-    position in the array: as good as random for rounding, yet reproducible and free of
-    any random state (the murmur3 finalizer; Appleby, 2008). The value changes whenever
-    the element does, so its rounding does too."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    position = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
-    h = bits ^ (position * jnp.uint32(0x9E3779B9))
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    h = h ^ (h >> 16)
-    return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-
-
-def _exponent(x: jax.Array) -> jax.Array:
-    """The biased exponent field of float32 ``x`` (0 for zeros and subnormals, 255 for
-    inf and NaN)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-    return jnp.right_shift(bits, 23) & 0xFF
-
-
-@jax.tree_util.register_pytree_node_class
-class QuantizedArray:
-    """An array of float32 values stored in 8 bits per element, block by block.
-
-    A pytree whose children are ``codes`` (int8) and ``scale`` (float32, one per block of
-    256); the logical ``shape`` and whether the values are ``signed`` are static, so the
-    pytree's structure, shapes and dtypes are fixed for a given parameter. Read it with
-    :func:`dequantize`.
-
-    Attributes:
-      codes: int8 array ``(*blocks, 256)``, each a small float (see the module's notes).
-      scale: float32 array ``blocks``: a power of two, the largest binary exponent of
-        the block's values (of their roots, when not ``signed``); each stored value is
-        its code's value times the scale.
-      shape: the shape of the stored array.
-      signed: True for signed values (momentum, means); False for a non-negative array
-        stored as its square root (second moments).
-    """
-
-    __slots__ = ("codes", "scale", "shape", "signed")
-
-    def __init__(self, codes: Any, scale: Any, shape: tuple[int, ...], signed: bool):
-        self.codes = codes
-        self.scale = scale
-        self.shape = tuple(shape)
-        self.signed = bool(signed)
-
-    def tree_flatten(self):
-        return (self.codes, self.scale), (self.shape, self.signed)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def __repr__(self) -> str:
-        blocks = getattr(self.scale, "shape", "?")
-        return f"QuantizedArray(shape={self.shape}, signed={self.signed}, blocks={blocks})"
-
-
-def blocks_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the codes for an array of ``shape`` (see the module's notes)."""
-    shape = tuple(shape)
-    if shape and shape[-1] % BLOCK_SIZE == 0:
-        return (*shape[:-1], shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    return (-(-math.prod(shape) // BLOCK_SIZE), BLOCK_SIZE)
-
-
-def _to_blocks(x: jax.Array) -> jax.Array:
-    target = blocks_shape(x.shape)
-    flat = x.reshape(-1)
-    pad = math.prod(target) - flat.size
-    if pad:
-        flat = jnp.pad(flat, (0, pad))
-    return flat.reshape(target)
-
-
-def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
-
-
-def quantize(x: Any, *, signed: bool) -> QuantizedArray:
-    r"""Stores ``x`` in 8 bits per element, block-wise (see :mod:`rmsjax._src.storage`).
-
-    For each block :math:`B` of 256 elements, with :math:`y = x` (``signed=True``) or
-    :math:`y = \sqrt{\max(x, 0)}` (``signed=False``):
-
-    .. math::
-
-        s_B = 2^{E_B},\ E_B = \max_{i \in B} \lfloor \log_2 |y_i| \rfloor, \qquad
-        c_i \approx y_i / s_B \in [-2, 2]
-
-    where :math:`c_i` is one of the format's small floats (see the module's notes): the
-    nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
-    stored square is right on average (non-negative). Zeros stay exactly zero. Within 4x
-    of the block's largest magnitude the relative error is at most 3.1%; it grows by
-    steps below that, to the smallest codes, :math:`2^{-19}` (signed) and :math:`2^{-22}`
-    of the scale.
-
-    Args:
-      x: a floating-point array; with ``signed=False`` it should be non-negative
-        (negative values are stored as 0).
-      signed: choose the signed codes (momentum, means) or store the square root with
-        the non-negative codes (second moments).
-
-    Returns:
-      A :class:`QuantizedArray` of ``x``'s shape.
-
-    >>> import jax.numpy as jnp, rmsjax as rj
-    >>> q = rj.quantize(jnp.linspace(-1.0, 1.0, 4096), signed=True)
-    >>> q.codes.shape, q.codes.dtype, q.scale.shape
-    ((16, 256), dtype('int8'), (16,))
-    >>> float(jnp.max(jnp.abs(rj.dequantize(q) - jnp.linspace(-1.0, 1.0, 4096)))) < 0.04
-    True
-    """
-    x = jnp.asarray(x, jnp.float32)
-    blocks = _to_blocks(x)
-    if signed:
-        return _quantize_blocks(blocks, blocks, _exponent(blocks), x.shape, True)
-    blocks = jnp.maximum(blocks, 0.0)
-    return _quantize_blocks(jnp.sqrt(blocks), blocks, _root_exponent(blocks), x.shape, False)
-
-
-def _root_exponent(x: jax.Array) -> jax.Array:
-    """The exponent field of ``sqrt(x)`` for ``x >= 0`` or more (by one for zeros and
-    subnormals), from ``x``'s own: no square root. A square root halves the unbiased
-    exponent (rounding down); inf and NaN keep 255."""
-    e = _exponent(x)
-    return jnp.where(e == 255, 255, jnp.right_shift(jnp.maximum(e, 1) + 127, 1))
-
-
-def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool):
-    """Codes for ``values`` (already square-rooted for the non-negative codes), whose
-    exponent fields are at most ``exponents``, dithered by the bits of ``blocks`` (the
-    values as given).
-
-    The block's scale comes from the exponents alone. ``values`` can then be computed
-    where the codes are, and need not be kept in memory for the maximum (XLA on a CPU
-    writes out whatever a reduction reads): the exponents take one byte per element.
-    An exponent of 255 (inf or NaN) makes the block's scale infinite, so that every
-    element of it decodes to inf or NaN: a NaN is never turned into a finite value."""
-    top = jnp.max(exponents.astype(jnp.uint8), axis=-1).astype(jnp.int32)
-    scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23), jnp.float32)  # 2^(top-127)
-    # |values| / scale as two products by normal powers of two, exact where the quotient
-    # is normal (it is under 2^-126 only far below the smallest code).
-    first = jnp.clip(127 - top, -126, 127)
-    second = (127 - top) - first  # 0 or -1
-    normalized = jnp.abs(values) * _power_of_two(first)[..., None]
-    normalized = normalized * _power_of_two(second)[..., None]
-    if signed:
-        m = _nearest_magnitude(normalized)
-        codes = jnp.where(values < 0, -m, m)
-    else:
-        m = _dithered_magnitude(normalized, dither(blocks))
-        codes = m - _OFFSET[False]
-    return QuantizedArray(codes.astype(jnp.int8), scale, shape, signed)
-
-
-def _power_of_two(k: jax.Array) -> jax.Array:
-    """2^k for integers ``k`` in [-126, 127], from its bits."""
-    return jax.lax.bitcast_convert_type(jnp.left_shift(k + 127, 23), jnp.float32)
-
-
-def dequantize(q: QuantizedArray) -> jax.Array:
-    """The float32 values a :class:`QuantizedArray` stands for.
-
-    Args:
-      q: the quantized array.
-
-    Returns:
-      A float32 array of shape ``q.shape``: each code's value times its block's scale,
-      squared for a non-negative (``signed=False``) array.
-
-    >>> import jax.numpy as jnp, rmsjax as rj
-    >>> rj.dequantize(rj.quantize(jnp.full((64, 64), 4.0), signed=False))[0, :3]
-    Array([4., 4., 4.], dtype=float32)
-    """
-    values = _decoded(q)
-    if not q.signed:
-        values = values * values
-    return _from_blocks(values, q.shape)
-
-
-def _decoded(q: QuantizedArray) -> jax.Array:
-    """Each code's value times its block's scale, in blocks (the root, for a
-    non-negative array)."""
-    codes = q.codes.astype(jnp.int32)
-    if q.signed:
-        magnitude = _magnitude_value(jnp.abs(codes), True)
-        value = jnp.where(codes < 0, -magnitude, magnitude)
-    else:
-        value = _magnitude_value(codes + _OFFSET[False], False)
-    return value * q.scale[..., None]
-
-
 # ------------------------------------------------------------ second-moment slots
 # A second moment in a slot is in numerics' moment encoding (see numerics.py): the
 # value itself in range, a negative number outside it. An int8 slot keeps its root.
