@@ -248,7 +248,7 @@ def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def quantize(x: Any, *, signed: bool) -> QuantizedArray:
-    r"""Stores ``x`` in 8 bits per element, block-wise (see :mod:`rmsjax._src.quantization`).
+    r"""Stores ``x`` in 8 bits per element, block-wise (see docs/memory.md for the format).
 
     For each block :math:`B` of 256 elements, with :math:`y = x` (``signed=True``) or
     :math:`y = \sqrt{\max(x, 0)}` (``signed=False``):
