@@ -20,7 +20,7 @@ steps feel most, as in Dettmers et al.'s dynamic codes, in octaves instead of de
 **Rounding.** Signed values go to the nearest code. Second moments go to one of the two
 codes around them, the upper one with the probability that makes the stored
 :math:`\nu` right on average (stochastic rounding); the random number is a hash of the
-new value's bits and its position in its block (:func:`dither`), so the step stays
+new value's bits and its position in the array (:func:`dither`), so the step stays
 deterministic and needs no random state. Rounding to nearest would freeze an Adagrad
 sum, or an average with a decay close to 1, once its changes fall under half a code
 step.
