@@ -27,10 +27,10 @@ from rmsjax._src.combine import update_and_apply as update_and_apply
 from rmsjax._src.diagnostics import StepSizeSummary as StepSizeSummary
 from rmsjax._src.diagnostics import effective_step_sizes as effective_step_sizes
 from rmsjax._src.diagnostics import step_size_summary as step_size_summary
-from rmsjax._src.elementwise import identity as identity
 from rmsjax._src.factored import ScaleByFactoredRmsState as ScaleByFactoredRmsState
 from rmsjax._src.factored import factored_rmsprop as factored_rmsprop
 from rmsjax._src.factored import scale_by_factored_rms as scale_by_factored_rms
+from rmsjax._src.fusion import identity as identity
 from rmsjax._src.grouped import GroupedState as GroupedState
 from rmsjax._src.grouped import auto_block_size as auto_block_size
 from rmsjax._src.grouped import group_state as group_state

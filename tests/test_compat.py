@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import rmsjax as rj
 from rmsjax import compat
-from rmsjax._src import elementwise
+from rmsjax._src import fusion
 from tests.fixtures import generate_peer_trajectories as peers
 
 RTOL = 1e-5
@@ -649,7 +649,7 @@ ALL_PARTS_ON = {
 @pytest.mark.parametrize("preset", sorted(ALL_PARTS_ON))
 def test_presets_fuse_into_one_leaf_loop(preset):
     for kwargs in (ALL_PARTS_ON[preset], {"learning_rate": 0.1} if "tf1" in preset else {}):
-        assert elementwise.leaf_rule_of(getattr(compat, preset)(**kwargs)) is not None
+        assert fusion.leaf_rule_of(getattr(compat, preset)(**kwargs)) is not None
 
 
 # ----------------------------------------------- the suite tells conventions apart

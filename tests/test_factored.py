@@ -136,7 +136,10 @@ def test_alias_is_the_chain_and_trains():
         chex.assert_trees_all_equal(u1, u2)
     want, _ = factored_reference([g["w"] for g in grads], 0.95)
     want = reference.trace(reference.scale_by_learning_rate(want, 1e-2), 0.9, nesterov=True)
-    np.testing.assert_allclose(u1["w"], want[-1], rtol=5e-5, atol=1e-8)
+    # Nesterov adds terms that can cancel: float32's error is relative to the terms,
+    # so the absolute floor scales with the largest step.
+    atol = 1e-6 * np.max(np.abs(want[-1]))
+    np.testing.assert_allclose(u1["w"], want[-1], rtol=5e-5, atol=atol)
 
 
 def test_minimises_a_least_squares_problem():

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, numerics, sharding
+from rmsjax._src import base, elementwise, fusion, numerics, sharding
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -125,4 +125,8 @@ def accumulate_gradients(
             inner_state=inner_state,
         )
 
-    return base.GradientTransformation(init_fn, update_fn)
+    # No fused step: inside lax.cond XLA would contract the parameter update into the
+    # inner step's last multiply (one rounding instead of two), so fused and unfused
+    # steps would differ in the last bit, and differ from optax.MultiSteps. The inner
+    # chain still runs fused; the parameters are updated after the cond.
+    return fusion.wrapper_transformation(init_fn, update_fn, None)

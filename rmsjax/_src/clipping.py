@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, numerics, validate
+from rmsjax._src import base, elementwise, fusion, numerics, validate
 
 
 def clip(max_delta: float) -> base.GradientTransformation:
@@ -38,7 +38,7 @@ def clip(max_delta: float) -> base.GradientTransformation:
         update_leaf,
         complex_refusal="complex values have no order to clip by; clip_by_global_norm takes them",
     )
-    return elementwise.elementwise_transformation(rule)
+    return fusion.rule_transformation(rule)
 
 
 def global_norm(tree: base.Updates) -> jax.Array:

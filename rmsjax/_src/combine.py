@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax._src import base, elementwise
+from rmsjax._src import base, elementwise, engine, fusion
 
 
 def chain(*transforms: base.GradientTransformation) -> base.GradientTransformation:
@@ -38,10 +38,11 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     # Extras are normalised once, here: every part's update takes them (optax's plain
     # transformations get an update that drops them).
     transforms = tuple(base.with_extra_args_support(t) for t in transforms)
-    rules = [elementwise.leaf_rule_of(t) for t in transforms]
+    rules = [fusion.leaf_rule_of(t) for t in transforms]
     present = [r for r in rules if r is not None]
     if len(present) == len(rules):
-        return elementwise.elementwise_transformation(elementwise.compose(present, name))
+        return fusion.rule_transformation(elementwise.compose(present, name))
+    fused_steps = [fusion.fused_step_of(t) for t in transforms]
 
     # Split into segments: maximal runs of elementwise rules, and single other parts.
     segments: list[tuple[int, int, elementwise.LeafRule | None]] = []
@@ -70,7 +71,7 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
             last = index == len(segments) - 1
             own = state[begin:end]
             if rule is None:
-                fused = getattr(transforms[begin].update, "update_and_apply", None)
+                fused = fused_steps[begin]
                 if apply and last and fused is not None:
                     # e.g. a grouped(...) part last: it applies the updates itself.
                     updates, s = fused(updates, own[0], params, **extra)
@@ -79,7 +80,9 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
                 new_state.append(s)
                 continue
             own_state = own if end - begin > 1 else own[0]
-            updates, s = elementwise.run(rule, updates, own_state, params, apply=apply and last)
+            updates, s = engine.run(
+                rule, engine.PER_LEAF, updates, own_state, params, apply=apply and last
+            )
             new_state.extend(s if end - begin > 1 else (s,))
         if apply and segments[-1][2] is None:
             updates = base.apply_updates(params, updates)
@@ -91,8 +94,12 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     def update_and_apply_fn(updates, state, params, **extra):
         return run_segments(updates, state, params, extra, apply=True)
 
-    update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
-    return base.GradientTransformation(init_fn, update_fn)
+    # The parameter update joins the last part's loop when that part is a rule, or a
+    # wrapper with a fused step of its own; otherwise there is nothing to fuse it into.
+    last_fuses = segments[-1][2] is not None or fused_steps[-1] is not None
+    return fusion.wrapper_transformation(
+        init_fn, update_fn, update_and_apply_fn if last_fuses else None
+    )
 
 
 def update_and_apply(
@@ -119,10 +126,7 @@ def update_and_apply(
     >>> rj.update_and_apply(tx, jnp.ones(2), tx.init(params), params)[0]
     Array([0.9, 0.9], dtype=float32)
     """
-    rule = elementwise.leaf_rule_of(tx)
-    if rule is not None:
-        return elementwise.run(rule, updates, state, params, apply=True)
-    fused = getattr(tx.update, "update_and_apply", None)
+    fused = fusion.fused_step_of(tx)
     if fused is not None:
         return fused(updates, state, params, **extra)
     new_updates, new_state = base.with_extra_args_support(tx).update(

@@ -1,15 +1,15 @@
-"""Rules that act on each leaf on its own, and the one loop that runs them.
+"""Rules that act on each leaf on its own: what a rule is, and how rules compose.
 
 Most optimizer rules (RMSprop's average, Adagrad's sum, momentum, scaling by a learning
 rate) are elementwise: leaf ``i`` of the output depends only on leaf ``i`` of the
 gradient, of the state and of the parameters, plus a few scalars shared by all leaves
 (a step count, a learning rate from a schedule). Such a rule is written once, for one
-leaf, as a :class:`LeafRule`. :func:`elementwise_transformation` turns it into a
-:class:`GradientTransformation`, and ``chain`` composes adjacent rules into one
-:class:`LeafRule`, so that a chain walks the pytree once and each leaf's whole update
-(optionally with the parameter update) is one piece of straight-line code. The same
-per-leaf functions run whether or not the rules are fused, so fused and unfused chains
-give bit-identical numbers.
+leaf, as a :class:`LeafRule`; :func:`compose` makes one rule of several, which is how
+``chain`` fuses neighbours, so that a chain walks the pytree once and each leaf's whole
+update (optionally with the parameter update) is one piece of straight-line code. The
+engine that runs a rule over a tree is in ``engine.py``; ``fusion.py`` makes the
+transformation. The same per-leaf functions run whether or not the rules are fused, so
+fused and unfused chains give bit-identical numbers.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from rmsjax._src import base, numerics, sharding
+from rmsjax._src import base, numerics
 
 Slots = tuple  # the per-leaf state of a rule: a tuple of arrays (or small pytrees)
 
@@ -100,157 +99,6 @@ def expect_state_tuple(name: str, state: Any, count: int) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def as_arrays(leaves: Sequence[Any]) -> list:
-    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax."""
-    return [x if isinstance(x, jax.Array) or x is None else jnp.asarray(x) for x in leaves]
-
-
-def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
-    """Raises a TypeError unless every leaf is floating point (or complex, where the rule
-    takes complex leaves), naming the first leaf that is not."""
-    for i, leaf in enumerate(leaves):
-        dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
-            raise TypeError(
-                f"rmsjax.{rule.name}.{where}: leaf {_path_of(tree, i)} has dtype {dtype}; "
-                f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
-                "the default storage, or split the leaf into its real and imaginary parts."
-            )
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            path = _path_of(tree, i)
-            raise TypeError(
-                f"rmsjax.{rule.name}.{where}: leaf {path} has dtype {dtype}; optimizers "
-                "update floating-point (or complex) leaves only. Leave it out of the trained "
-                "tree (replace it by None, e.g. with eqx.filter(model, eqx.is_inexact_array)) "
-                "or cast it to a float dtype."
-            )
-
-
-def _path_of(tree: Any, index: int) -> str:
-    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return jax.tree_util.keystr(paths[index][0]) or "<root>"
-
-
-def _flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
-            f"that of the {what}.\n  updates: {treedef}\n  {what}: "
-            f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
-            "same structure as the gradients."
-        ) from error
-
-
-def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list:
-    """The parameter leaves that go with the update leaves. Where ``updates`` holds None
-    (a leaf left out of this step) the parameter is skipped, as optax does."""
-    try:
-        pruned = jax.tree.map(
-            lambda g, p: None if g is None else p, updates, params, is_leaf=base.is_none
-        )
-    except (ValueError, TypeError):
-        pruned = params  # let _flatten_like report the two structures
-    return _flatten_like(rule_name, "parameters", treedef, pruned)
-
-
-def _check_shapes(rule_name: str, updates: Any, leaves: list, slot_lists: list) -> None:
-    for i, g in enumerate(leaves):
-        for slots in slot_lists:
-            shape = getattr(slots[i], "shape", None)
-            if shape is not None and tuple(shape) != tuple(jnp.shape(g)):
-                raise ValueError(
-                    f"rmsjax.{rule_name}.update: the update at {_path_of(updates, i)} has "
-                    f"shape {tuple(jnp.shape(g))} but the state holds {tuple(shape)}. "
-                    "Initialise the optimizer with parameters of the gradients' shapes."
-                )
-
-
-# ------------------------------------------------------------------------------ engine
-
-
-def init(rule: LeafRule, params: base.Params) -> Any:
-    leaves, treedef = jax.tree.flatten(params)
-    leaves = as_arrays(leaves)
-    check_inexact(rule, "init", params, leaves)
-    # Each leaf's state is laid out like the leaf (see sharding.py); counts replicated.
-    per_leaf = [sharding.init_leaf_like(rule, p) for p in leaves]
-    slot_trees = [
-        treedef.unflatten([slots[k] for slots in per_leaf]) for k in range(rule.num_slots)
-    ]
-    return rule.to_state(sharding.init_shared_like(rule.init_shared, leaves), slot_trees)
-
-
-def run(
-    rule: LeafRule,
-    updates: base.Updates,
-    state: Any,
-    params: base.Params | None,
-    *,
-    apply: bool = False,
-) -> tuple[Any, Any]:
-    """One step of ``rule`` over the tree: returns (updates, state), or with
-    ``apply=True`` (params + updates in each parameter's dtype, state)."""
-    shared, slot_trees = rule.from_state(state)
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = as_arrays(leaves)
-    check_inexact(rule, "update", updates, leaves)
-    slot_lists = [_flatten_like(rule.name, "state", treedef, t) for t in slot_trees]
-    if rule.slots_match_leaf:
-        _check_shapes(rule.name, updates, leaves, slot_lists)
-    if params is None:
-        if rule.needs_params or apply:
-            raise ValueError(
-                f"rmsjax.{rule.name}.update: this transformation needs the parameters; "
-                "call update(updates, state, params)."
-            )
-        param_leaves = [None] * len(leaves)
-    else:
-        param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
-
-    new_shared, context = rule.step_shared(shared)
-    step_leaf = leaf_stepper(rule, context, apply, leaves)
-    out_leaves = []
-    new_slot_lists: list[list] = [[] for _ in range(rule.num_slots)]
-    for i, (g, p) in enumerate(zip(leaves, param_leaves)):
-        g, slots = step_leaf(g, tuple(s[i] for s in slot_lists), p)
-        out_leaves.append(g)
-        for k, s in enumerate(slots):
-            new_slot_lists[k].append(s)
-    new_state = rule.to_state(new_shared, [treedef.unflatten(s) for s in new_slot_lists])
-    return treedef.unflatten(out_leaves), new_state
-
-
-def leaf_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any]) -> Callable:
-    """``(g, slots, param) -> (update or new param, slots)`` for one leaf.
-
-    Under a trace (inside ``jit``, ``grad``, ``vmap``...) the per-leaf step is itself
-    wrapped in ``jax.jit``: JAX then traces and lowers it once per distinct leaf shape and
-    dtype, and every other leaf of that shape is a call to the same function, which XLA
-    inlines before it optimizes. The compiled program, and so every number, is the same
-    as with the step written out leaf by leaf; a model with thousands of same-shaped
-    leaves traces and lowers in a fraction of the time. Outside a trace the leaves run
-    op by op, as any eager JAX code does.
-    """
-
-    def step(g, slots, param):
-        update, slots = rule.update_leaf(g, slots, context, param)
-        return (base.apply_leaf(param, update) if apply else update), slots
-
-    return jit_under_trace(step, leaves)
-
-
-def jit_under_trace(fn: Callable, leaves: Sequence[Any]) -> Callable:
-    """``jax.jit(fn)`` when ``leaves`` are tracers (see :func:`leaf_stepper`), else ``fn``."""
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-        return jax.jit(fn)
-    return fn
-
-
 def stateless_rule(
     name: str,
     update_leaf: Callable[[jax.Array, Any], jax.Array],
@@ -276,20 +124,6 @@ def stateless_rule(
         needs_params=needs_params,
         complex_refusal=complex_refusal,
     )
-
-
-def identity() -> base.GradientTransformation:
-    """A transformation that returns the updates unchanged.
-
-    It is an elementwise rule with nothing to do, so a chain holding it (``rmsprop``
-    without momentum, say) still fuses into one pass over the leaves.
-
-    >>> import jax.numpy as jnp, rmsjax as rj
-    >>> tx = rj.identity()
-    >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
-    Array([1., 1.], dtype=float32)
-    """
-    return elementwise_transformation(stateless_rule("identity", lambda g, param: g))
 
 
 def counted_rule(
@@ -322,25 +156,6 @@ def counted_rule(
         num_slots=0,
         needs_params=needs_params,
     )
-
-
-def elementwise_transformation(rule: LeafRule) -> base.GradientTransformation:
-    """Makes a transformation of a :class:`LeafRule`; ``chain`` can fuse it."""
-
-    def init_fn(params):
-        return init(rule, params)
-
-    def update_fn(updates, state, params=None, **extra):
-        del extra
-        return run(rule, updates, state, params)
-
-    update_fn.leaf_rule = rule  # type: ignore[attr-defined]
-    return base.GradientTransformation(init_fn, update_fn)
-
-
-def leaf_rule_of(tx: Any) -> LeafRule | None:
-    """The :class:`LeafRule` behind a transformation, or None if it has none."""
-    return getattr(getattr(tx, "update", None), "leaf_rule", None)
 
 
 # -------------------------------------------------------------------------- composition

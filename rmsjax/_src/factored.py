@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, numerics, scaling, validate
+from rmsjax._src import base, combine, elementwise, fusion, numerics, scaling, validate
 from rmsjax._src import momentum as momentum_lib
 
 
@@ -96,9 +96,7 @@ def scale_by_factored_rms(
     validate.check_decay(name, "decay", decay)
     validate.check_non_negative(name, "eps", eps)
     _check_min_dim(name, min_dim_size_to_factor)
-    return elementwise.elementwise_transformation(
-        factored_rms_rule(decay, eps, min_dim_size_to_factor)
-    )
+    return fusion.rule_transformation(factored_rms_rule(decay, eps, min_dim_size_to_factor))
 
 
 def _check_min_dim(function: str, value: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, sharding
+from rmsjax._src import base, engine, fusion
 
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 32
@@ -174,7 +174,7 @@ def grouped(
     >>> rj.update_and_apply(tx, {"a": jnp.ones(2), "b": -jnp.ones(2)}, state, params)[0]["b"]
     Array([1.3162278, 1.3162278], dtype=float32)
     """
-    rule = elementwise.leaf_rule_of(tx)
+    rule = fusion.leaf_rule_of(tx)
     if rule is None:
         raise TypeError(
             "rmsjax.grouped: tx must be built only from elementwise rules (rmsprop, "
@@ -184,128 +184,67 @@ def grouped(
     _check_block_size("block_size", block_size, allow_none=True)
     _check_block_size("max_stacked_size", max_stacked_size)
 
-    def layout(tree):
+    def blocks(tree):
         return leaf_blocks(tree, block_size=block_size, max_stacked_size=max_stacked_size)
 
+    layout = engine.Layout(name="grouped", blocks=blocks, pack=_pack, unpack=_unpack)
+    inner = fusion.rule_transformation(rule, layout)
+
     def init_fn(params):
-        leaves = elementwise.as_arrays(jax.tree.leaves(params))
-        elementwise.check_inexact(rule, "init", params, leaves)
-        per_block = [
-            sharding.init_leaf_like(rule, leaves[block[0]])
-            if len(block) == 1
-            else jax.vmap(rule.init_leaf)(jnp.stack([leaves[i] for i in block]))
-            for block in layout(params)
-        ]
-        slot_trees = [tuple(slots[k] for slots in per_block) for k in range(rule.num_slots)]
-        return GroupedState(rule.to_state(rule.init_shared(), slot_trees))
-
-    def run(updates, state, params, apply):
-        if not isinstance(state, GroupedState):
-            raise TypeError(
-                f"rmsjax.grouped.update: expected the GroupedState that init returned, got "
-                f"{type(state).__name__}. A per-leaf state can be converted with "
-                "group_state(tx, state, params)."
-            )
-        shared, slot_trees = rule.from_state(state.inner)
-        leaves, treedef = jax.tree.flatten(updates)
-        leaves = elementwise.as_arrays(leaves)
-        elementwise.check_inexact(rule, "update", updates, leaves)
-        blocks = layout(updates)
-        _check_blocks(blocks, leaves, slot_trees, rule.slots_match_leaf)
-        if params is None:
-            if rule.needs_params or apply:
-                raise ValueError(
-                    f"rmsjax.{rule.name}.update: this transformation needs the parameters; "
-                    "call update(updates, state, params)."
-                )
-            param_leaves = None
-        else:
-            param_leaves = elementwise.as_arrays(
-                elementwise.params_like(rule.name, treedef, updates, params)
-            )
-
-        new_shared, context = rule.step_shared(shared)
-        step_leaf = elementwise.leaf_stepper(rule, context, apply, leaves)
-        step_block = _block_stepper(rule, context, apply, leaves)
-        out_leaves: list = [None] * len(leaves)
-        new_blocks: list[list] = [[] for _ in range(rule.num_slots)]
-        for b, block in enumerate(blocks):
-            own = tuple(s[b] for s in slot_trees)
-            ps = [None if param_leaves is None else param_leaves[i] for i in block]
-            if len(block) == 1:  # exactly the per-leaf step
-                out, slots = step_leaf(leaves[block[0]], own, ps[0])
-                out_leaves[block[0]] = out
-            else:
-                outs, slots = step_block([leaves[i] for i in block], own, ps)
-                for i, out in zip(block, outs):
-                    out_leaves[i] = out
-            for k, s in enumerate(slots):
-                new_blocks[k].append(s)
-        new_state = rule.to_state(new_shared, [tuple(s) for s in new_blocks])
-        return treedef.unflatten(out_leaves), GroupedState(new_state)
+        return GroupedState(inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
-        del extra
-        return run(updates, state, params, apply=False)
+        return _wrap(inner.update(updates, _inner_of(state), params))
 
     def update_and_apply_fn(updates, state, params, **extra):
-        del extra
-        return run(updates, state, params, apply=True)
+        fused = fusion.fused_step_of(inner)
+        assert fused is not None  # a rule always has one
+        return _wrap(fused(updates, _inner_of(state), params))
 
-    update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
-    update_fn.grouped_layout = (rule, layout)  # type: ignore[attr-defined]
-    return base.GradientTransformation(init_fn, update_fn)
-
-
-def _block_stepper(rule, context, apply: bool, leaves: list):
-    """``(gradient leaves, block slots, parameter leaves) -> (outputs, block slots)`` for
-    one block: the leaves are stacked, the rule runs under ``jax.vmap``, and each row
-    is handed back (added to its parameter when ``apply``). Like
-    :func:`elementwise.leaf_stepper`, it is jitted under a trace, so each block shape is
-    traced and lowered once."""
-    in_axes = (0, 0, None, 0 if rule.needs_params else None)
-    step = jax.vmap(rule.update_leaf, in_axes=in_axes)
-
-    def block_step(gs, own, ps):
-        p = jnp.stack(ps) if rule.needs_params else None
-        u, slots = step(jnp.stack(gs), own, context, p)
-        rows = [u[row] for row in range(len(gs))]
-        if apply:
-            rows = [base.apply_leaf(p_row, u_row) for p_row, u_row in zip(ps, rows)]
-        return rows, slots
-
-    return elementwise.jit_under_trace(block_step, leaves)
+    update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)
+    return base.GradientTransformation(init_fn, update)
 
 
-def _check_blocks(blocks, leaves, slot_trees, slots_match_leaf) -> None:
-    for trees in slot_trees:
-        if not isinstance(trees, tuple) or len(trees) != len(blocks):
-            count = len(trees) if isinstance(trees, tuple) else type(trees).__name__
-            raise ValueError(
-                f"rmsjax.grouped.update: the state holds {count} blocks but the updates "
-                f"make {len(blocks)}. Initialise the optimizer with parameters of the "
-                "gradients' shapes and dtypes (and the same block_size)."
-            )
-        if not slots_match_leaf:
-            continue
-        for block, stacked in zip(blocks, trees):
-            expected = tuple(jnp.shape(leaves[block[0]]))
-            if len(block) > 1:
-                expected = (len(block),) + expected
-            shape = getattr(stacked, "shape", None)
-            if shape is not None and tuple(shape) != expected:
-                raise ValueError(
-                    f"rmsjax.grouped.update: a block of the state has shape {tuple(shape)} "
-                    f"but the updates need {expected}. Initialise the optimizer with "
-                    "parameters of the gradients' shapes and dtypes."
-                )
+def _pack(treedef: Any, per_block: list) -> tuple:
+    del treedef
+    return tuple(per_block)
 
 
-def _layout_of(tx: base.GradientTransformation):
-    layout = getattr(tx.update, "grouped_layout", None)
-    if layout is None:
-        raise TypeError("rmsjax: expected a transformation made by rmsjax.grouped.")
-    return layout
+def _unpack(rule_name: str, treedef: Any, blocks: Any, count: int) -> list:
+    del rule_name, treedef
+    if not isinstance(blocks, tuple) or len(blocks) != count:
+        held = len(blocks) if isinstance(blocks, tuple) else type(blocks).__name__
+        raise ValueError(
+            f"rmsjax.grouped.update: the state holds {held} blocks but the updates "
+            f"make {count}. Initialise the optimizer with parameters of the "
+            "gradients' shapes and dtypes (and the same block_size)."
+        )
+    return list(blocks)
+
+
+def _inner_of(state: Any) -> Any:
+    if not isinstance(state, GroupedState):
+        raise TypeError(
+            f"rmsjax.grouped.update: expected the GroupedState that init returned, got "
+            f"{type(state).__name__}. A per-leaf state can be converted with "
+            "group_state(tx, state, params)."
+        )
+    return state.inner
+
+
+def _wrap(result: tuple) -> tuple:
+    out, inner_state = result
+    return out, GroupedState(inner_state)
+
+
+def _layout_of(function: str, tx: base.GradientTransformation):
+    found = fusion.rule_and_layout_of(tx)
+    if found is None or found[1].name != "grouped":
+        raise TypeError(
+            f"rmsjax.{function}: tx must be the transformation rmsjax.grouped returned, "
+            f"got {type(tx).__name__}."
+        )
+    return found
 
 
 def ungroup_state(
@@ -327,13 +266,13 @@ def ungroup_state(
     >>> rj.ungroup_state(tx, tx.init(params), params)[0].sum_of_squares["b"]
     Array([0.1, 0.1], dtype=float32)
     """
-    rule, layout = _layout_of(tx)
-    shared, slot_trees = rule.from_state(state.inner)
+    rule, layout = _layout_of("ungroup_state", tx)
+    shared, slot_trees = rule.from_state(_inner_of(state))
     leaves, treedef = jax.tree.flatten(params)
     per_leaf_trees = []
     for trees in slot_trees:
         per_leaf: list = [None] * len(leaves)
-        for block, stacked in zip(layout(params), trees):
+        for block, stacked in zip(layout.blocks(params), trees):
             for i, slot in zip(block, _unstack_slots(block, stacked)):
                 per_leaf[i] = slot
         per_leaf_trees.append(treedef.unflatten(per_leaf))
@@ -352,9 +291,9 @@ def group_state(
     Array([[0.1, 0.1],
            [0.1, 0.1]], dtype=float32)
     """
-    rule, layout = _layout_of(tx)
+    rule, layout = _layout_of("group_state", tx)
     shared, slot_trees = rule.from_state(state)
-    blocks = layout(params)
+    blocks = layout.blocks(params)
     treedef = jax.tree.structure(params)
     grouped_trees = []
     for tree in slot_trees:

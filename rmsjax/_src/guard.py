@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, numerics, sharding
+from rmsjax._src import base, combine, fusion, numerics, sharding
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -151,5 +151,5 @@ def apply_if_finite(
         )
         return new_params, make_state(_select(apply, new_inner, state.inner_state))
 
-    update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
-    return base.GradientTransformation(init_fn, update_fn)
+    fuses = fusion.fused_step_of(inner) is not None
+    return fusion.wrapper_transformation(init_fn, update_fn, update_and_apply_fn if fuses else None)

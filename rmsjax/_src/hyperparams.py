@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, numerics, sharding, validate
+from rmsjax._src import base, combine, elementwise, fusion, numerics, sharding, validate
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -237,7 +237,7 @@ def inject_hyperparams(
         # Build once now, so that bad values fail where the optimizer is made.
         zero = jnp.zeros([], jnp.int32)
         fresh_states = {key: s.init() for key, s in stateful.items()}
-        build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
+        first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
 
         def init_fn(params):
             dtype = _float_dtype(params, hyperparam_dtype)
@@ -288,7 +288,9 @@ def inject_hyperparams(
         def update_and_apply_fn(updates, state, params, **extra):
             return step(updates, state, params, extra, apply=True)
 
-        update_fn.update_and_apply = update_and_apply_fn  # type: ignore[attr-defined]
-        return base.GradientTransformation(init_fn, update_fn)
+        fuses = fusion.fused_step_of(first) is not None
+        return fusion.wrapper_transformation(
+            init_fn, update_fn, update_and_apply_fn if fuses else None
+        )
 
     return wrapped

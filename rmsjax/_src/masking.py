@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmsjax._src import base, elementwise, validate
+from rmsjax._src import base, combine, elementwise, fusion, validate
 
 Mask = Any
 """A pytree of python bools with the parameters' structure (or a prefix of it), or a
@@ -140,7 +140,7 @@ def masked(
         mask_tree = resolve_mask(name, mask, params)
         return MaskedState(inner.init(select(mask_tree, params, what="parameters")))
 
-    def update_fn(updates, state, params=None, **extra):
+    def step(updates, state, params, extra, apply):
         elementwise.expect_state(name, state, MaskedState)
         mask_tree = resolve_mask(name, mask, updates if params is None else params)
         if mask_compatible_extra_args:
@@ -149,12 +149,25 @@ def masked(
                 key: select(mask_tree, value) if jax.tree.structure(value) == structure else value
                 for key, value in extra.items()
             }
-        inner_updates, inner_state = inner.update(
+        inner_step = (
+            (lambda *a, **k: combine.update_and_apply(inner, *a, **k)) if apply else inner.update
+        )
+        out, inner_state = inner_step(
             select(mask_tree, updates),
             state.inner_state,
             select(mask_tree, params, what="parameters"),
             **extra,
         )
-        return merge(mask_tree, inner_updates, updates), MaskedState(inner_state)
+        # The leaves left out pass their updates on unchanged (added to their parameters
+        # when the step applies them).
+        others = base.apply_updates(params, updates) if apply else updates
+        return merge(mask_tree, out, others), MaskedState(inner_state)
 
-    return base.GradientTransformation(init_fn, update_fn)
+    def update_fn(updates, state, params=None, **extra):
+        return step(updates, state, params, extra, apply=False)
+
+    def update_and_apply_fn(updates, state, params, **extra):
+        return step(updates, state, params, extra, apply=True)
+
+    fuses = fusion.fused_step_of(inner) is not None
+    return fusion.wrapper_transformation(init_fn, update_fn, update_and_apply_fn if fuses else None)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, numerics, validate
+from rmsjax._src import base, elementwise, fusion, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -94,7 +94,7 @@ def trace(
         elementwise.expect_state("trace", state, TraceState)
         return (), (state.trace,)
 
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         elementwise.LeafRule(
             name="trace",
             init_shared=elementwise.no_shared,
@@ -117,7 +117,7 @@ def optional_trace(
     layout with momentum or without. Checks name ``function``, the alias called."""
     validate.check_nesterov(function, momentum, nesterov)
     if momentum is None:
-        return elementwise.identity()
+        return fusion.identity()
     validate.check_momentum(function, "momentum", momentum)
     return trace(decay=momentum, nesterov=nesterov, **kwargs)
 
@@ -163,7 +163,7 @@ def ema(
         elementwise.expect_state("ema", state, EmaState)
         return state.count, (state.ema,)
 
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         elementwise.LeafRule(
             name="ema",
             init_shared=numerics.zero_count,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, elementwise, moments, numerics, validate
+from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -94,7 +94,7 @@ def scale_by_rms(
     ]:
         validate.check_bool(name, flag, value)
     storage_lib.check_storage(name, storage)
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         rms_rule(decay, eps, eps_in_sqrt, initial_scale, bias_correction, centered, storage)
     )
 

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, elementwise, moments, numerics, scaling, validate
+from rmsjax._src import base, combine, elementwise, fusion, moments, numerics, scaling, validate
 
 
 class ScaleByRowwiseRssState(NamedTuple):
@@ -71,7 +71,7 @@ def scale_by_rowwise_rss(
     name = "scale_by_rowwise_rss"
     validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     validate.check_non_negative(name, "eps", eps)
-    return elementwise.elementwise_transformation(rowwise_rss_rule(initial_accumulator_value, eps))
+    return fusion.rule_transformation(rowwise_rss_rule(initial_accumulator_value, eps))
 
 
 def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.LeafRule:

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, moments, numerics, validate
+from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -76,7 +76,7 @@ def scale_by_rss(
     validate.check_non_negative(name, "eps", eps)
     validate.check_bool(name, "eps_in_sqrt", eps_in_sqrt)
     storage_lib.check_storage(name, storage)
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         rss_rule(initial_accumulator_value, eps, eps_in_sqrt, storage)
     )
 

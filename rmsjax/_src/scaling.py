@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, numerics, validate
+from rmsjax._src import base, elementwise, fusion, numerics, validate
 
 
 def _scale_leaf(g: jax.Array, factor: Any) -> jax.Array:
@@ -33,7 +33,7 @@ def scale(step_size: float) -> base.GradientTransformation:
     validate.check_finite("scale", "step_size", step_size)
 
     rule = elementwise.stateless_rule("scale", lambda g, param: _scale_leaf(g, step_size))
-    return elementwise.elementwise_transformation(rule)
+    return fusion.rule_transformation(rule)
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -75,7 +75,7 @@ def scale_by_learning_rate(
             return sign * validate.scalar_schedule_value(name, "learning_rate", value)
         return sign * learning_rate
 
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         elementwise.counted_rule(
             name,
             ScaleByLearningRateState,

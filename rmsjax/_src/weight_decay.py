@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from rmsjax._src import base, elementwise, masking, numerics, validate
+from rmsjax._src import base, elementwise, engine, fusion, masking, numerics, validate
 
 
 def add_decayed_weights(
@@ -61,7 +61,7 @@ def add_decayed_weights(
 
     rule = elementwise.stateless_rule(name, update_leaf, needs_params=True)
     if mask is None:
-        return elementwise.elementwise_transformation(rule)
+        return fusion.rule_transformation(rule)
 
     def init_fn(params):
         if jax.tree.leaves(params):
@@ -80,8 +80,9 @@ def add_decayed_weights(
             return None, state
         mask_tree = masking.resolve_mask(name, mask, params)
         chosen = masking.select(mask_tree, updates, function=name)
-        decayed, _ = elementwise.run(
+        decayed, _ = engine.run(
             rule,
+            engine.PER_LEAF,
             chosen,
             base.EmptyState(),
             masking.select(mask_tree, params, function=name, what="parameters"),

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, momentum, numerics, scaling, validate
+from rmsjax._src import base, elementwise, fusion, momentum, numerics, scaling, validate
 from rmsjax._src import weight_decay as weight_decay_lib
 
 # ------------------------------------------------------------------------ small parts
@@ -68,7 +68,7 @@ def decoupled_weight_decay(
         shrink = jnp.asarray(factor, dtype) * param.astype(dtype)
         return (g.astype(dtype) - shrink).astype(g.dtype)
 
-    return elementwise.elementwise_transformation(
+    return fusion.rule_transformation(
         elementwise.counted_rule(
             name, DecoupledWeightDecayState, factor_at, update_leaf, needs_params=True
         )
@@ -134,22 +134,20 @@ def check_non_negative(function: str, argument: str, value: Any) -> None:
 
 
 def flip(maximize: bool) -> base.GradientTransformation:
-    return scaling.scale(-1.0) if maximize else elementwise.identity()
+    return scaling.scale(-1.0) if maximize else fusion.identity()
 
 
 def coupled_decay(value: float) -> base.GradientTransformation:
     if is_zero(value):
-        return elementwise.identity()
+        return fusion.identity()
     return weight_decay_lib.add_decayed_weights(value)
 
 
 def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTransformation:
     if value is None or is_zero(value):
-        return elementwise.identity()
+        return fusion.identity()
     return decoupled_weight_decay(value, learning_rate)
 
 
 def momentum_or_identity(value: float, storage: str | None) -> base.GradientTransformation:
-    return (
-        elementwise.identity() if is_zero(value) else momentum.trace(decay=value, storage=storage)
-    )
+    return fusion.identity() if is_zero(value) else momentum.trace(decay=value, storage=storage)

@@ -1,0 +1,260 @@
+"""The one engine that runs an elementwise rule over a pytree, for every state layout.
+
+A :class:`~rmsjax._src.elementwise.LeafRule` describes one leaf's step. The engine
+walks the leaves, hands each its slots, and collects the new slots and updates. Where
+those slots live is a :class:`Layout`:
+
+* :data:`PER_LEAF` (what every rule, alias and chain uses): each leaf has its own slots,
+  held in trees with the parameters' structure, optax's layout;
+* the blocks of :func:`~rmsjax._src.grouped.grouped`: same-shaped leaves share one
+  stacked array per slot, and the rule runs under ``jax.vmap`` on the stack.
+
+A layout only says which leaves share a block and how the blocks are packed into the
+state; checks, parameters, the shared step and the parameter update are the same code
+for both, so a block of one leaf is exactly the per-leaf step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmsjax._src import base, sharding
+from rmsjax._src.elementwise import LeafRule
+
+Blocks = tuple[tuple[int, ...], ...]
+"""Indices into ``jax.tree.leaves(tree)``, one tuple per block of leaves sharing state."""
+
+
+class Layout(NamedTuple):
+    """Where a rule's per-leaf state lives.
+
+    Attributes:
+      name: None for per-leaf state; else the public wrapper that chose the layout
+        (``"grouped"``), named in errors about the state's blocks.
+      blocks: ``tree -> Blocks``, from the shapes and dtypes of the tree's leaves.
+      pack: ``(treedef, per_block) -> slot tree``: one slot of every block, as the state
+        holds it.
+      unpack: ``(rule_name, treedef, slot_tree, count) -> per_block``, the inverse; raises
+        a ValueError naming the function the user called when the state does not fit.
+    """
+
+    name: str | None
+    blocks: Callable[[Any], Blocks]
+    pack: Callable[[Any, list], Any]
+    unpack: Callable[[str, Any, Any, int], list]
+
+
+def _each_leaf_alone(tree: Any) -> Blocks:
+    return tuple((i,) for i in range(len(jax.tree.leaves(tree))))
+
+
+PER_LEAF = Layout(
+    name=None,
+    blocks=_each_leaf_alone,
+    pack=lambda treedef, per_block: treedef.unflatten(per_block),
+    unpack=lambda rule_name, treedef, tree, count: flatten_like(rule_name, "state", treedef, tree),
+)
+"""Each leaf's slots in trees shaped like the parameters (optax's layout)."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def as_arrays(leaves: Sequence[Any]) -> list:
+    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax."""
+    return [x if isinstance(x, jax.Array) or x is None else jnp.asarray(x) for x in leaves]
+
+
+def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
+    """Raises a TypeError unless every leaf is floating point (or complex, where the rule
+    takes complex leaves), naming the first leaf that is not."""
+    for i, leaf in enumerate(leaves):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
+            raise TypeError(
+                f"rmsjax.{rule.name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
+                f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
+                "the default storage, or split the leaf into its real and imaginary parts."
+            )
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"rmsjax.{rule.name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
+                "optimizers update floating-point (or complex) leaves only. Leave it out of "
+                "the trained tree (replace it by None, e.g. with eqx.filter(model, "
+                "eqx.is_inexact_array)) or cast it to a float dtype."
+            )
+
+
+def path_of(tree: Any, index: int) -> str:
+    """The key path of leaf ``index`` of ``tree``, as jax prints it."""
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return jax.tree_util.keystr(paths[index][0]) or "<root>"
+
+
+def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
+    """``tree``'s leaves in the order of ``treedef``; a ValueError shows both structures
+    when they differ."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
+            f"that of the {what}.\n  updates: {treedef}\n  {what}: "
+            f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
+            "same structure as the gradients."
+        ) from error
+
+
+def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list:
+    """The parameter leaves that go with the update leaves. Where ``updates`` holds None
+    (a leaf left out of this step) the parameter is skipped, as optax does."""
+    try:
+        pruned = jax.tree.map(
+            lambda g, p: None if g is None else p, updates, params, is_leaf=base.is_none
+        )
+    except (ValueError, TypeError):
+        pruned = params  # let flatten_like report the two structures
+    return flatten_like(rule_name, "parameters", treedef, pruned)
+
+
+def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_block) -> None:
+    for block, slots in zip(blocks, per_block):
+        leaf_shape = tuple(jnp.shape(leaves[block[0]]))
+        expected = leaf_shape if len(block) == 1 else (len(block),) + leaf_shape
+        for slot in slots:
+            shape = getattr(slot, "shape", None)
+            if shape is None or tuple(shape) == expected:
+                continue
+            if len(block) == 1 and layout.name is None:
+                raise ValueError(
+                    f"rmsjax.{rule.name}.update: the update at {path_of(updates, block[0])} "
+                    f"has shape {leaf_shape} but the state holds {tuple(shape)}. Initialise "
+                    "the optimizer with parameters of the gradients' shapes."
+                )
+            raise ValueError(
+                f"rmsjax.{layout.name}.update: a block of the state has shape "
+                f"{tuple(shape)} but the updates at {path_of(updates, block[0])} and the "
+                f"leaves stacked with it need {expected}. Initialise the optimizer with "
+                "parameters of the gradients' shapes and dtypes."
+            )
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def init(rule: LeafRule, layout: Layout, params: base.Params) -> Any:
+    """``rule``'s state for ``params``, in ``layout``."""
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = as_arrays(leaves)
+    check_inexact(rule, "init", params, leaves)
+    per_block = [
+        # A leaf alone: laid out like its parameter (see sharding.py). Stacked leaves
+        # (single-device only, as grouped() documents): the rule under vmap.
+        sharding.init_leaf_like(rule, leaves[block[0]])
+        if len(block) == 1
+        else jax.vmap(rule.init_leaf)(jnp.stack([leaves[i] for i in block]))
+        for block in layout.blocks(params)
+    ]
+    slot_trees = [
+        layout.pack(treedef, [slots[k] for slots in per_block]) for k in range(rule.num_slots)
+    ]
+    return rule.to_state(sharding.init_shared_like(rule.init_shared, leaves), slot_trees)
+
+
+def run(
+    rule: LeafRule,
+    layout: Layout,
+    updates: base.Updates,
+    state: Any,
+    params: base.Params | None,
+    *,
+    apply: bool = False,
+) -> tuple[Any, Any]:
+    """One step of ``rule`` over the tree, its state in ``layout``: returns (updates,
+    state), or with ``apply=True`` (params + updates in each parameter's dtype, state)."""
+    shared, slot_trees = rule.from_state(state)
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = as_arrays(leaves)
+    check_inexact(rule, "update", updates, leaves)
+    blocks = layout.blocks(updates)
+    slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
+    per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]
+    if rule.slots_match_leaf:
+        _check_shapes(rule, layout, updates, leaves, blocks, per_block)
+    if params is None:
+        if rule.needs_params or apply:
+            raise ValueError(
+                f"rmsjax.{rule.name}.update: this transformation needs the parameters; "
+                "call update(updates, state, params)."
+            )
+        param_leaves: list = [None] * len(leaves)
+    else:
+        param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
+
+    new_shared, context = rule.step_shared(shared)
+    step_leaf = leaf_stepper(rule, context, apply, leaves)
+    step_block = _block_stepper(rule, context, apply, leaves)
+    out_leaves: list = [None] * len(leaves)
+    new_slot_lists: list[list] = [[] for _ in range(rule.num_slots)]
+    for block, own in zip(blocks, per_block):
+        if len(block) == 1:
+            out, slots = step_leaf(leaves[block[0]], own, param_leaves[block[0]])
+            out_leaves[block[0]] = out
+        else:
+            ps = [param_leaves[i] for i in block]
+            outs, slots = step_block([leaves[i] for i in block], own, ps)
+            for i, out in zip(block, outs):
+                out_leaves[i] = out
+        for k, s in enumerate(slots):
+            new_slot_lists[k].append(s)
+    new_state = rule.to_state(new_shared, [layout.pack(treedef, s) for s in new_slot_lists])
+    return treedef.unflatten(out_leaves), new_state
+
+
+def leaf_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any]) -> Callable:
+    """``(g, slots, param) -> (update or new param, slots)`` for one leaf.
+
+    Under a trace (inside ``jit``, ``grad``, ``vmap``...) the per-leaf step is itself
+    wrapped in ``jax.jit``: JAX then traces and lowers it once per distinct leaf shape and
+    dtype, and every other leaf of that shape is a call to the same function, which XLA
+    inlines before it optimizes. The compiled program, and so every number, is the same
+    as with the step written out leaf by leaf; a model with thousands of same-shaped
+    leaves traces and lowers in a fraction of the time. Outside a trace the leaves run
+    op by op, as any eager JAX code does.
+    """
+
+    def step(g, slots, param):
+        update, slots = rule.update_leaf(g, slots, context, param)
+        return (base.apply_leaf(param, update) if apply else update), slots
+
+    return jit_under_trace(step, leaves)
+
+
+def _block_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any]) -> Callable:
+    """``(gradient leaves, block slots, parameter leaves) -> (outputs, block slots)`` for
+    a block of stacked leaves: the rule runs under ``jax.vmap`` and each row is handed
+    back (added to its parameter when ``apply``). Jitted under a trace, as
+    :func:`leaf_stepper` is."""
+    in_axes = (0, 0, None, 0 if rule.needs_params else None)
+    step = jax.vmap(rule.update_leaf, in_axes=in_axes)
+
+    def block_step(gs, own, ps):
+        p = jnp.stack(ps) if rule.needs_params else None
+        u, slots = step(jnp.stack(gs), own, context, p)
+        rows = [u[row] for row in range(len(gs))]
+        if apply:
+            rows = [base.apply_leaf(p_row, u_row) for p_row, u_row in zip(ps, rows)]
+        return rows, slots
+
+    return jit_under_trace(block_step, leaves)
+
+
+def jit_under_trace(fn: Callable, leaves: Sequence[Any]) -> Callable:
+    """``jax.jit(fn)`` when ``leaves`` are tracers (see :func:`leaf_stepper`), else ``fn``."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return jax.jit(fn)
+    return fn
