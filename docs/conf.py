@@ -45,7 +45,7 @@ nitpick_ignore_regex = [
     ("py:.*", r"(jax|jaxlib|numpy|np|optax|chex|flax|equinox)(\..*)?"),
     ("py:.*", r"collections\.abc\..*"),
     # Private names in signatures, shown unlinked: the protocols of GradientTransformation's
-    # two fields, and masking.py's alias for a mask tree.
+    # two fields, and masks.py's alias for a mask tree.
     ("py:class", r"Transform(Init|Update)Fn|Mask"),
     # quantize's docstring points at the module that explains the 8-bit format, which is
     # private; the memory guide (docs/memory.md) is the public place for that text.

@@ -45,9 +45,9 @@ from rmsjax._src.hyperparams import inject_hyperparams as inject_hyperparams
 from rmsjax._src.interop import as_optax as as_optax
 from rmsjax._src.interop import from_optax_state as from_optax_state
 from rmsjax._src.interop import to_optax_state as to_optax_state
-from rmsjax._src.masking import MaskedNode as MaskedNode
 from rmsjax._src.masking import MaskedState as MaskedState
 from rmsjax._src.masking import masked as masked
+from rmsjax._src.masks import MaskedNode as MaskedNode
 from rmsjax._src.momentum import EmaState as EmaState
 from rmsjax._src.momentum import TraceState as TraceState
 from rmsjax._src.momentum import ema as ema

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from rmsjax._src import base, elementwise, engine, fusion, masking, numerics, validate
+from rmsjax._src import base, elementwise, engine, fusion, masks, numerics, validate
 
 
 def add_decayed_weights(
@@ -65,7 +65,7 @@ def add_decayed_weights(
 
     def init_fn(params):
         if jax.tree.leaves(params):
-            masking.resolve_mask(name, mask, params)  # fail early on a malformed mask
+            masks.resolve_mask(name, mask, params)  # fail early on a malformed mask
         return base.EmptyState()
 
     def update_fn(updates, state, params=None, **extra):
@@ -78,15 +78,15 @@ def add_decayed_weights(
             )
         if updates is None:
             return None, state
-        mask_tree = masking.resolve_mask(name, mask, params)
-        chosen = masking.select(mask_tree, updates, function=name)
+        mask_tree = masks.resolve_mask(name, mask, params)
+        chosen = masks.select(mask_tree, updates, function=name)
         decayed, _ = engine.run(
             rule,
             engine.PER_LEAF,
             chosen,
             base.EmptyState(),
-            masking.select(mask_tree, params, function=name, what="parameters"),
+            masks.select(mask_tree, params, function=name, what="parameters"),
         )
-        return masking.merge(mask_tree, decayed, updates), state
+        return masks.merge(mask_tree, decayed, updates), state
 
     return base.GradientTransformation(init_fn, update_fn)
