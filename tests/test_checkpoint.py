@@ -9,42 +9,12 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
-from tests import trees
+from tests import registry, trees
 
-OPTIMIZERS = {
-    "rmsprop-centered-momentum": lambda: rj.rmsprop(
-        rj.schedules.cosine_decay_schedule(1e-2, 50), centered=True, momentum=0.9
-    ),
-    "adagrad": lambda: rj.adagrad(0.1),
-    "clipped-rmsprop": lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(1e-2)),
-}
-
+OPTIMIZERS = registry.cases("checkpoint")
 # Every state type of every rule, storage option and wrapper, for orbax: each must
 # save (no zero-size arrays), restore into an abstract target and continue bit for bit.
-EVERY_STATE = {
-    **OPTIMIZERS,
-    "rmsprop-bias-nesterov": lambda: rj.rmsprop(
-        1e-2, bias_correction=True, momentum=0.9, nesterov=True
-    ),
-    "sgd-momentum": lambda: rj.sgd(0.1, momentum=0.9),
-    "ema": lambda: rj.chain(rj.ema(0.9), rj.scale(-0.1)),
-    "int8": lambda: rj.rmsprop(1e-2, momentum=0.9, centered=True, storage="int8"),
-    "bfloat16": lambda: rj.adagrad(0.1, storage="bfloat16"),
-    "float32-trace": lambda: rj.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.float32),
-    "rowwise": lambda: rj.rowwise_adagrad(0.1),
-    "factored": lambda: rj.factored_rmsprop(1e-2, min_dim_size_to_factor=2),
-    "factored-momentum": lambda: rj.factored_rmsprop(1e-2, momentum=0.9, min_dim_size_to_factor=2),
-    "masked": lambda: rj.chain(
-        rj.masked(rj.adagrad(0.1), {"scalar": True, "dense": False, "nested": True}),
-        rj.add_decayed_weights(1e-3, mask={"scalar": False, "dense": True, "nested": True}),
-    ),
-    "apply_if_finite": lambda: rj.apply_if_finite(rj.rmsprop(1e-2), 3),
-    "inject_hyperparams": lambda: rj.inject_hyperparams(rj.rmsprop)(
-        learning_rate=rj.schedules.linear_schedule(1e-2, 1e-3, 10), decay=0.9, momentum=0.9
-    ),
-    "accumulate_gradients": lambda: rj.accumulate_gradients(rj.adagrad(0.1), 2),
-    "grouped": lambda: rj.grouped(rj.rmsprop(1e-2, momentum=0.9)),
-}
+EVERY_STATE = registry.cases("state")
 
 
 def _run(tx, params, state, grads):
@@ -67,7 +37,7 @@ def _split_run(tx, save_and_restore, params=None):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_numpy_savez_round_trip(name, tmp_path):
-    tx = OPTIMIZERS[name]()
+    tx = OPTIMIZERS[name].make(rj)
 
     def save_and_restore(p, s, template):
         leaves = jax.tree.leaves((p, s))
@@ -86,7 +56,7 @@ def test_numpy_savez_round_trip(name, tmp_path):
 @pytest.mark.parametrize("name", EVERY_STATE)
 def test_orbax_round_trip_with_abstract_target(name, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint", reason="orbax is in the examples extra")
-    tx = EVERY_STATE[name]()
+    tx = EVERY_STATE[name].make(rj)
 
     def save_and_restore(p, s, template):
         with ocp.StandardCheckpointer() as checkpointer:

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import rmsjax as rj
-from tests import optax_checks, reference, trees
+from tests import optax_checks, reference, registry, trees
 
 TOLERANCE = {
     jnp.float32: dict(rtol=2e-5, atol=1e-7),
@@ -109,45 +109,14 @@ def test_ema_matches_reference(debias):
     assert_matches_reference(tx, functools.partial(reference.ema, decay=0.8, debias=debias))
 
 
-def _schedule(t):
-    return 0.1 * 0.97**t
-
-
-ALIASES = {
-    "rmsprop": (
-        lambda: rj.rmsprop(0.01),
-        lambda g: reference.rmsprop(g, 0.01),
-    ),
-    "rmsprop-momentum": (
-        lambda: rj.rmsprop(0.01, decay=0.95, momentum=0.9),
-        lambda g: reference.rmsprop(g, 0.01, decay=0.95, momentum=0.9),
-    ),
-    "rmsprop-centered-nesterov": (
-        lambda: rj.rmsprop(0.01, centered=True, momentum=0.5, nesterov=True, eps=1e-4),
-        lambda g: reference.rmsprop(g, 0.01, centered=True, momentum=0.5, nesterov=True, eps=1e-4),
-    ),
-    "rmsprop-schedule": (
-        lambda: rj.rmsprop(rj.schedules.exponential_decay(0.1, 1, 0.97), momentum=0.9),
-        lambda g: reference.rmsprop(g, _schedule, momentum=0.9),
-    ),
-    "adagrad": (lambda: rj.adagrad(0.1), lambda g: reference.adagrad(g, 0.1)),
-    "adagrad-zero-init": (
-        lambda: rj.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0),
-        lambda g: reference.adagrad(g, 0.1, 0.0, 0.0),
-    ),
-    "sgd": (lambda: rj.sgd(0.1), lambda g: reference.sgd(g, 0.1)),
-    "sgd-nesterov": (
-        lambda: rj.sgd(0.1, momentum=0.9, nesterov=True),
-        lambda g: reference.sgd(g, 0.1, momentum=0.9, nesterov=True),
-    ),
-}
+ALIASES = registry.cases("reference")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", ALIASES)
 def test_alias_matches_reference(name, dtype):
-    make, ref = ALIASES[name]
-    assert_matches_reference(make(), ref, dtype)
+    case = ALIASES[name]
+    assert_matches_reference(case.make(rj), case.reference, dtype)
 
 
 # ------------------------------------------------------------------------------ optax

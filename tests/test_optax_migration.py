@@ -8,9 +8,6 @@ continuing on its own.
 
 from __future__ import annotations
 
-import functools
-import itertools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -19,70 +16,16 @@ import optax
 import pytest
 
 import rmsjax as rj
-from tests import trees
+from tests import registry, trees
 
 ocp = pytest.importorskip("orbax.checkpoint", reason="orbax is in the examples extra")
 
-# Every combination of the flags that change optax's state type, with the three
-# momentum settings taken in turn (momentum only adds a TraceState to the chain).
-_MOMENTA = [(None, False), (0.9, False), (0.9, True)]
-RMSPROP_FLAGS = [
-    dict(
-        zip(("eps_in_sqrt", "centered", "bias_correction"), values),
-        momentum=_MOMENTA[i % 3][0],
-        nesterov=_MOMENTA[i % 3][1],
-    )
-    for i, values in enumerate(itertools.product([True, False], repeat=3))
-]
+
+def _pair(case):
+    return case.make(rj), case.make(optax)
 
 
-def _pair(make):
-    return make(rj), make(optax)
-
-
-def _rmsprop(module, flags):
-    return module.rmsprop(1e-2, **flags)
-
-
-def _flag_id(flags):
-    return "-".join(f"{k}={v}" for k, v in flags.items())
-
-
-# Each entry: a function of the library module giving the same optimizer in both.
-OPTIMIZERS = {
-    **{
-        f"rmsprop[{_flag_id(flags)}]": functools.partial(_rmsprop, flags=flags)
-        for flags in RMSPROP_FLAGS
-    },
-    "rmsprop-schedule": lambda m: m.rmsprop(
-        optax.cosine_decay_schedule(1e-2, 20), momentum=0.9, initial_scale=0.1
-    ),
-    "sgd": lambda m: m.sgd(0.1),
-    "sgd-momentum": lambda m: m.sgd(0.1, momentum=0.9),
-    "sgd-nesterov": lambda m: m.sgd(0.1, momentum=0.9, nesterov=True),
-    "adagrad": lambda m: m.adagrad(0.1),
-    "adagrad-zero-start": lambda m: m.adagrad(0.1, initial_accumulator_value=0.0, eps=1e-5),
-    "clipped-rmsprop": lambda m: m.chain(m.clip_by_global_norm(1.0), m.rmsprop(1e-2)),
-    "chain-of-parts": lambda m: m.chain(
-        m.clip(2.0),
-        m.add_decayed_weights(1e-3),
-        m.scale_by_rms(0.95, 1e-6),
-        m.scale_by_learning_rate(1e-2),
-        m.trace(0.9),
-        m.ema(0.5),
-        m.scale(0.5),
-        m.identity(),
-    ),
-    "scale_by_rss": lambda m: m.chain(m.scale_by_rss(), m.scale(-0.1)),
-    "masked-adagrad": lambda m: m.chain(
-        m.masked(m.adagrad(0.1), {"scalar": True, "dense": False, "nested": True}),
-        m.masked(m.sgd(0.01), {"scalar": False, "dense": True, "nested": False}),
-    ),
-    "guarded-rmsprop": lambda m: m.apply_if_finite(m.rmsprop(1e-2, momentum=0.9), 3),
-    "injected-rmsprop": lambda m: m.inject_hyperparams(m.rmsprop)(
-        learning_rate=optax.linear_schedule(1e-2, 1e-3, 20), decay=0.9, momentum=0.9
-    ),
-}
+OPTIMIZERS = registry.cases("migration")
 
 
 def _params():
@@ -144,7 +87,7 @@ def test_rmsjax_run_continues_in_optax_bit_for_bit(name, tmp_path):
 
 def test_complex_state_converts_both_ways():
     params = {"z": jnp.array([1 + 1j, 2 - 1j], jnp.complex64)}
-    ours, theirs = _pair(lambda m: m.rmsprop(0.1, momentum=0.9))
+    ours, theirs = rj.rmsprop(0.1, momentum=0.9), optax.rmsprop(0.1, momentum=0.9)
     g = {"z": jnp.array([0.5 - 2j, 1j], jnp.complex64)}
     s = theirs.update(g, theirs.init(params))[1]
     converted = rj.from_optax_state(s, like=ours.init(params))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
+from tests import registry
 
 
 def model_params() -> dict:
@@ -37,17 +38,12 @@ def copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-OPTIMIZERS = {
-    "rmsprop_momentum": lambda: rj.rmsprop(0.01, momentum=0.9),
-    "adagrad": lambda: rj.adagrad(0.1),
-    "grouped_rmsprop": lambda: rj.grouped(rj.rmsprop(0.01, momentum=0.9)),
-    "clipped": lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.01)),
-}
+OPTIMIZERS = registry.cases("step")
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_equals_the_hand_written_step(name):
-    tx = OPTIMIZERS[name]()
+    tx = OPTIMIZERS[name].make(rj)
 
     @jax.jit
     def reference(params, state, x, y):
@@ -109,7 +105,7 @@ def test_has_aux():
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_one_trace_for_many_steps(name):
-    tx = OPTIMIZERS[name]()
+    tx = OPTIMIZERS[name].make(rj)
     chex.clear_trace_counter()  # chex counts per function definition, across parameters
 
     @chex.assert_max_traces(n=1)
