@@ -136,7 +136,7 @@ CASES: tuple[Case, ...] = (
     _case(
         "rmsprop-every-option",
         lambda m: m.rmsprop(
-            m.schedules.exponential_decay(0.01, 10, 0.5),
+            m.schedules.cosine_decay_schedule(0.01, 40, alpha=0.1),
             decay=0.95,
             eps=1e-6,
             initial_scale=0.1,
@@ -157,7 +157,7 @@ CASES: tuple[Case, ...] = (
                 bias_correction=True,
                 centered=True,
             ),
-            m.scale_by_learning_rate(m.schedules.exponential_decay(0.01, 10, 0.5)),
+            m.scale_by_learning_rate(m.schedules.cosine_decay_schedule(0.01, 40, alpha=0.1)),
             m.trace(0.8, nesterov=True),
         ],
     ),
