@@ -234,3 +234,16 @@ def test_the_numerics_guide_example_runs_and_says_what_it_prints(capsys):
         exec(compile(block, "docs/numerics.md", "exec"), namespace)
     np.testing.assert_allclose(namespace["updates"], np.full(3, -0.01 / np.sqrt(0.1)), 1e-6)
     assert "-0.0316" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exponent", [-30, -24])
+@pytest.mark.parametrize(
+    "rule",
+    ["rms", "rms, eps outside, bias-corrected", "rms centered", "rmsprop with momentum", "rss"],
+)
+def test_int8_blocks_holding_zeros_keep_tiny_moments(rule, exponent):
+    # With eps=0 and gradients near 1e-24 the moments are held as their roots (the tiny
+    # encoding), far below sqrt of float32's smallest normal. The gradients hold zeros:
+    # a zero's root once counted as 2^-63 when a block's scale was taken, which rounded
+    # every root of the block to zero and sent the next step to 1/sqrt(1 - decay).
+    _assert_matches_reference(rule, 0.0, "int8", jnp.float32, 10.0**exponent, seed=1)

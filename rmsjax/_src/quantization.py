@@ -290,11 +290,14 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
 
 
 def _root_exponent(x: jax.Array) -> jax.Array:
-    """The exponent field of ``sqrt(x)`` for ``x >= 0`` or more (by one for zeros and
-    subnormals), from ``x``'s own: no square root. A square root halves the unbiased
-    exponent (rounding down); inf and NaN keep 255."""
+    """The exponent field of ``sqrt(x)`` for ``x >= 0`` (or more, for subnormals), from
+    ``x``'s own: no square root. A square root halves the unbiased exponent (rounding
+    down); inf and NaN keep 255, and zero gives 0, so that a block's zeros do not raise
+    its scale above roots stored as they are (the tiny encoding's, far below
+    ``sqrt`` of the smallest normal)."""
     e = _exponent(x)
-    return jnp.where(e == 255, 255, jnp.right_shift(jnp.maximum(e, 1) + 127, 1))
+    root = jnp.where(e == 255, 255, jnp.right_shift(jnp.maximum(e, 1) + 127, 1))
+    return jnp.where(x == 0, 0, root)
 
 
 def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool):
