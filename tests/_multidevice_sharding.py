@@ -182,23 +182,49 @@ def check_layout(label: str, state, params, mesh) -> None:
             )
             continue
         param = params[name]
+        if leaf.ndim == param.ndim - 1 and leaf.ndim:
+            # A statistic of each row (last axis reduced) or column (second-to-last): it
+            # keeps the mesh axes of the dimensions it runs along. For a square matrix
+            # the shape cannot tell which it is; the rule's declaration does.
+            entries = list(param.sharding.spec) + [None] * (param.ndim - len(param.sharding.spec))
+            readings = {
+                param.shape[:-1]: [tuple(entries[:-1])],
+                param.shape[:-2] + param.shape[-1:]: [tuple(entries[:-2] + entries[-1:])],
+            }
+            if param.shape[:-1] == param.shape[:-2] + param.shape[-1:]:
+                readings[param.shape[:-1]] = [
+                    tuple(entries[:-1]),
+                    tuple(entries[:-2] + entries[-1:]),
+                ]
+            allowed = readings.get(leaf.shape, [])
+        else:
+            allowed = []
+        if allowed:
+            assert any(
+                sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), leaf.ndim)
+                for spec in allowed
+            ), f"{label}: statistic {leaf.shape} of {name}: {sharding.spec}, allowed {allowed}"
+            continue
         expected = NamedSharding(
             mesh, derived_spec(mesh, param.sharding.spec, param.shape, leaf.shape)
         )
-        if leaf.ndim == 1 and param.ndim == 2 and param.shape[0] == param.shape[1]:
-            # A row or a column statistic of a square matrix: the shape cannot tell which,
-            # the rule's update does; either reading's layout is right.
-            row, column = (P(entry) for entry in param.sharding.spec)
-            assert tuple(sharding.spec) in (tuple(row), tuple(column), (None,), ()), (
-                f"{label}: statistic of {name}: {sharding.spec}"
-            )
-            continue
         assert sharding.is_equivalent_to(expected, leaf.ndim), (
             f"{label}: state of {name} {leaf.shape} has {sharding.spec}, expected "
             f"{expected.spec} (parameter {param.shape} {param.sharding.spec})"
         )
         if leaf.shape == param.shape:
             assert sharding.is_equivalent_to(param.sharding, leaf.ndim), (label, name)
+
+
+def check_square_statistics(label: str, factored_state, mesh) -> None:
+    """The square matrix's row and column statistics, which its shape cannot tell apart,
+    laid out from the rule's declaration: each keeps the axis of the dimension it runs
+    along (rows "data", columns "model")."""
+    for field, want in (("nu_row", P("data")), ("nu_col", P("model"))):
+        sharding = getattr(factored_state, field)["sq"].sharding
+        assert sharding.is_equivalent_to(NamedSharding(mesh, want), 1), (
+            f"{label}: {field} of sq has {sharding.spec}, expected {want}"
+        )
 
 
 def check_int8_layout(label: str, state, params) -> None:
@@ -269,6 +295,8 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
         # init outside jit.
         state = tx.init(params)
         check_layout(f"{label}, init", state, params, mesh)
+        if name.startswith("factored"):
+            check_square_statistics(f"{label}, init", state[0], mesh)
         if "int8" in name:
             check_int8_layout(f"{label}, init", state, params)
         if name.startswith("rmsprop centered"):
@@ -327,6 +355,8 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
                 jax.block_until_ready((p, s))
                 p_ref, s_ref = jax.jit(step)(on_one_device(g), s_ref, p_ref)
             check_layout(f"{label}, jit({step_name}) x{len(grads)}", s, params, mesh)
+            if name.startswith("factored"):
+                check_square_statistics(f"{label}, jit({step_name})", s[0], mesh)
             # And exactly the layout init chose: the next step compiles nothing new.
             for new, old in zip(jax.tree.leaves(s), jax.tree.leaves(state), strict=True):
                 assert new.sharding.is_equivalent_to(old.sharding, new.ndim), (

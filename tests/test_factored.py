@@ -197,5 +197,8 @@ def test_bad_hyperparameters(build, message):
 def test_shape_mismatch_is_reported():
     tx = rj.scale_by_factored_rms()
     state = tx.init(jnp.zeros((64, 64)))
-    with pytest.raises(ValueError, match=r"update of shape \(64, 32\) needs state of shapes"):
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(64, 32\) but the state holds \(64,\) \(its nu_col needs \(32,\)\)",
+    ):
         tx.update(jnp.zeros((64, 32)), state)

@@ -175,7 +175,10 @@ def test_bad_hyperparameters(build, message):
 def test_shape_mismatch_names_both_shapes():
     tx = rj.scale_by_rowwise_rss()
     state = tx.init(jnp.zeros((4, 3)))
-    with pytest.raises(ValueError, match=r"update of shape \(5, 3\) needs an accumulator of shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(5, 3\) but the state holds \(4,\) \(its sum_of_squares needs \(5,\)\)",
+    ):
         tx.update(jnp.zeros((5, 3)), state)
     with pytest.raises(TypeError, match="ScaleByRowwiseRssState"):
         tx.update(jnp.zeros((4, 3)), rj.scale_by_rss().init(jnp.zeros((4, 3))))

@@ -115,14 +115,7 @@ MESH = AbstractMesh((4, 2), ("data", "model"))
         (P("data", None), (128, 32), (16, 256), P("data", None)),
         (P("data", None), (128, 32), (16,), P("data")),
         (P("data"), (8192,), (32, 256), P("data", None)),
-        # row-wise and factored statistics.
-        (P("data", "model"), (16, 512), (16,), P("data")),
-        (P("data", "model"), (16, 512), (512,), P("model")),
-        (P(None, "data", "model"), (4, 8, 256), (4, 256), P(None, "model")),
         (P("data", "model"), (16, 512), (0,), P()),
-        # a square matrix: row or column statistic? Only axes both readings agree on.
-        (P("data", "model"), (64, 64), (64,), P(None)),
-        (P("data", "data"), (64, 64), (64,), P("data")),
         # same-shaped leaves stacked along a new leading axis.
         (P("data", "model"), (16, 512), (3, 16, 512), P(None, "data", "model")),
         # blocks the shards do not divide: not sharded.

@@ -24,6 +24,37 @@ from rmsjax._src import base, numerics
 Slots = tuple  # the per-leaf state of a rule: a tuple of arrays (or small pytrees)
 
 
+class Slot(NamedTuple):
+    """One array a rule keeps for each parameter leaf, declared against the parameter.
+
+    The declaration is all the library needs to know of a rule's per-leaf state: the
+    engine checks each slot's shape with it, the rule's state NamedTuple is built and
+    read from the fields (:func:`declared_rule`), and a sharded parameter's slot is laid
+    out from its axes (``sharding.py``), none of it guessed from shapes.
+
+    Attributes:
+      field: the field of the rule's state NamedTuple that holds this slot's tree.
+      axes: ``param_shape -> axes``: for each dimension of the slot, the dimension of the
+        parameter it runs along. None (the default): shaped like the parameter. A
+        statistic of each row of a matrix is ``lambda shape: tuple(range(len(shape) - 1))``
+        and a scalar placeholder ``lambda shape: ()``. A slot stored in 8 bits (a
+        ``QuantizedArray``) declares the array it stands for.
+    """
+
+    field: str
+    axes: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
+
+    def axes_for(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The parameter's dimension along which each of the slot's runs."""
+        if self.axes is None:
+            return tuple(range(len(param_shape)))
+        return tuple(self.axes(tuple(param_shape)))
+
+    def shape_for(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The slot's shape for a parameter of ``param_shape``."""
+        return tuple(param_shape[axis] for axis in self.axes_for(param_shape))
+
+
 class LeafRule(NamedTuple):
     """An elementwise rule, described for one leaf.
 
@@ -37,9 +68,8 @@ class LeafRule(NamedTuple):
         is None when ``update`` was called without parameters.
       to_state: ``(shared, slot_trees) -> state``, the rule's public state NamedTuple.
       from_state: ``state -> (shared, slot_trees)``; raises TypeError on a foreign state.
-      num_slots: how many slots each leaf holds.
+      slots: the per-leaf slots, declared (:class:`Slot`), in the order of ``init_leaf``'s.
       needs_params: whether ``update_leaf`` reads ``param``.
-      slots_match_leaf: whether every slot has the leaf's shape (checked at trace time).
       complex_refusal: None when the rule takes complex leaves (as optax's rules do),
         else why it cannot (``"storage='int8' keeps real values only"``, say); the
         engine then rejects complex leaves at ``init`` and ``update`` with that reason.
@@ -52,10 +82,71 @@ class LeafRule(NamedTuple):
     update_leaf: Callable[[jax.Array, Slots, Any, Any], tuple[jax.Array, Slots]]
     to_state: Callable[[Any, Sequence[Any]], Any]
     from_state: Callable[[Any], tuple[Any, tuple]]
-    num_slots: int
+    slots: tuple[Slot, ...] = ()
     needs_params: bool = False
-    slots_match_leaf: bool = True
     complex_refusal: str | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+
+def declared_rule(
+    name: str,
+    state_type: type,
+    slots: Sequence[Slot],
+    *,
+    init_leaf: Callable[[jax.Array], Slots],
+    update_leaf: Callable[[jax.Array, Slots, Any, Any], tuple[jax.Array, Slots]],
+    shared_field: str | None = None,
+    init_shared: Callable[[], Any] | None = None,
+    step_shared: Callable[[Any], tuple[Any, Any]] | None = None,
+    needs_params: bool = False,
+    complex_refusal: str | None = None,
+) -> LeafRule:
+    """A :class:`LeafRule` whose state is ``state_type``, built from its declaration.
+
+    ``state_type``'s fields are ``shared_field`` (the shared scalars, a step count, when
+    the rule has them) and each slot's ``field``; fields the rule does not fill (a mean
+    it does not keep) are None. ``update`` then refuses another rule's state, or one
+    made with options that left a field it needs empty, naming the field.
+    """
+    slots = tuple(slots)
+    fields = tuple(state_type._fields)  # type: ignore[attr-defined]
+    declared = [slot.field for slot in slots] + ([shared_field] if shared_field else [])
+    unknown = [field for field in declared if field not in fields]
+    assert not unknown, f"{state_type.__name__} has no field {unknown}"
+
+    def to_state(shared, slot_trees):
+        values = {slot.field: tree for slot, tree in zip(slots, slot_trees, strict=True)}
+        if shared_field is not None:
+            values[shared_field] = shared
+        return state_type(**{field: values.get(field) for field in fields})
+
+    def from_state(state):
+        expect_state(name, state, state_type)
+        trees = tuple(getattr(state, slot.field) for slot in slots)
+        for slot, tree in zip(slots, trees):
+            if tree is None:
+                raise TypeError(
+                    f"rmsjax.{name}.update: the state's {slot.field} is None, and this "
+                    f"transformation keeps one; the state was made by a {name} with "
+                    "other options (centered=False, say)."
+                )
+        return (getattr(state, shared_field) if shared_field else ()), trees
+
+    return LeafRule(
+        name=name,
+        init_shared=init_shared or no_shared,
+        step_shared=step_shared or no_step,
+        init_leaf=init_leaf,
+        update_leaf=update_leaf,
+        to_state=to_state,
+        from_state=from_state,
+        slots=slots,
+        needs_params=needs_params,
+        complex_refusal=complex_refusal,
+    )
 
 
 def no_shared() -> tuple:
@@ -120,7 +211,6 @@ def stateless_rule(
         update_leaf=lambda g, slots, context, param: (update_leaf(g, param), ()),
         to_state=lambda state, trees: state,
         from_state=lambda state: (state, ()),
-        num_slots=0,
         needs_params=needs_params,
         complex_refusal=complex_refusal,
     )
@@ -153,7 +243,6 @@ def counted_rule(
         update_leaf=lambda g, slots, factor, param: (update_leaf(g, factor, param), ()),
         to_state=lambda count, trees: state_type(count),
         from_state=from_state,
-        num_slots=0,
         needs_params=needs_params,
     )
 
@@ -201,9 +290,8 @@ def compose(rules: Sequence[LeafRule], name: str = "chain") -> LeafRule:
         update_leaf=update_leaf,
         to_state=to_state,
         from_state=from_state,
-        num_slots=sum(counts),
+        slots=tuple(slot for r in rules for slot in r.slots),
         needs_params=any(r.needs_params for r in rules),
-        slots_match_leaf=all(r.slots_match_leaf for r in rules),
         complex_refusal=next(
             (f"{r.name}: {r.complex_refusal}" for r in rules if r.complex_refusal), None
         ),

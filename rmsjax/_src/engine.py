@@ -122,24 +122,30 @@ def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list
 
 
 def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_block) -> None:
+    """Each slot against its declaration (:class:`~rmsjax._src.elementwise.Slot`): the
+    shape it must have for its leaf, with a leading axis for a block of stacked leaves.
+    A slot stored in 8 bits is checked by the shape of the array it stands for."""
     for block, slots in zip(blocks, per_block):
         leaf_shape = tuple(jnp.shape(leaves[block[0]]))
-        expected = leaf_shape if len(block) == 1 else (len(block),) + leaf_shape
-        for slot in slots:
+        lead = () if len(block) == 1 else (len(block),)
+        for declared, slot in zip(rule.slots, slots):
+            expected = lead + declared.shape_for(leaf_shape)
             shape = getattr(slot, "shape", None)
             if shape is None or tuple(shape) == expected:
                 continue
-            if len(block) == 1 and layout.name is None:
+            path = path_of(updates, block[0])
+            if lead and layout.name is not None:
                 raise ValueError(
-                    f"rmsjax.{rule.name}.update: the update at {path_of(updates, block[0])} "
-                    f"has shape {leaf_shape} but the state holds {tuple(shape)}. Initialise "
-                    "the optimizer with parameters of the gradients' shapes."
+                    f"rmsjax.{layout.name}.update: a block of the state has shape "
+                    f"{tuple(shape)} but the updates at {path} and the leaves stacked with "
+                    f"it need {expected}. Initialise the optimizer with parameters of the "
+                    "gradients' shapes and dtypes."
                 )
+            needs = "" if expected == leaf_shape else f" (its {declared.field} needs {expected})"
             raise ValueError(
-                f"rmsjax.{layout.name}.update: a block of the state has shape "
-                f"{tuple(shape)} but the updates at {path_of(updates, block[0])} and the "
-                f"leaves stacked with it need {expected}. Initialise the optimizer with "
-                "parameters of the gradients' shapes and dtypes."
+                f"rmsjax.{rule.name}.update: the update at {path} has shape {leaf_shape} "
+                f"but the state holds {tuple(shape)}{needs}. Initialise the optimizer with "
+                "parameters of the gradients' shapes."
             )
 
 
@@ -183,8 +189,7 @@ def run(
     blocks = layout.blocks(updates)
     slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
     per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]
-    if rule.slots_match_leaf:
-        _check_shapes(rule, layout, updates, leaves, blocks, per_block)
+    _check_shapes(rule, layout, updates, leaves, blocks, per_block)
     if params is None:
         if rule.needs_params or apply:
             raise ValueError(

@@ -167,13 +167,6 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
     def update_leaf(g, slots, context, param):
         del context, param
         shape = tuple(jnp.shape(g))
-        held = tuple(tuple(s.shape) for s in slots)
-        if held != shapes(shape):
-            raise ValueError(
-                f"rmsjax.{name}.update: an update of shape {shape} needs state of shapes "
-                f"{shapes(shape)} (row, column, full), the state holds {held}. Initialise "
-                "the optimizer with parameters of the gradients' shapes."
-            )
         dtype = slots[0].dtype
         g_c = g.astype(dtype)
         factored = is_factored(shape, min_dim_size_to_factor)
@@ -207,20 +200,26 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         update = jnp.where((g_c == 0) & ~(nu_hat > 0), g_c, g_s * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots
 
-    def from_state(state):
-        elementwise.expect_state(name, state, ScaleByFactoredRmsState)
-        return (), (state.nu_row, state.nu_col, state.nu)
+    def axes(which: int):
+        # The parameter's dimensions each slot runs along: the row statistic drops the
+        # last, the column statistic the second-to-last; unfactored, the full average.
+        # A slot a leaf does not use is a scalar placeholder.
+        def of(shape: tuple[int, ...]) -> tuple[int, ...]:
+            n = len(shape)
+            if is_factored(shape, min_dim_size_to_factor):
+                return (tuple(range(n - 1)), (*range(n - 2), n - 1), ())[which]
+            return ((), (), tuple(range(n)))[which]
 
-    return elementwise.LeafRule(
-        name=name,
-        init_shared=elementwise.no_shared,
-        step_shared=elementwise.no_step,
+        return of
+
+    return elementwise.declared_rule(
+        name,
+        ScaleByFactoredRmsState,
+        tuple(
+            elementwise.Slot(field, axes(i)) for i, field in enumerate(("nu_row", "nu_col", "nu"))
+        ),
         init_leaf=init_leaf,
         update_leaf=update_leaf,
-        to_state=lambda shared, trees: ScaleByFactoredRmsState(*trees),
-        from_state=from_state,
-        num_slots=3,
-        slots_match_leaf=False,
         complex_refusal="the factored second moment is written for real leaves",
     )
 

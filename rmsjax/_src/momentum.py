@@ -90,20 +90,13 @@ def trace(
         update = g_c + decay * new if nesterov else new
         return update.astype(g.dtype), (stored,)
 
-    def from_state(state):
-        elementwise.expect_state("trace", state, TraceState)
-        return (), (state.trace,)
-
     return fusion.rule_transformation(
-        elementwise.LeafRule(
-            name="trace",
-            init_shared=elementwise.no_shared,
-            step_shared=elementwise.no_step,
+        elementwise.declared_rule(
+            "trace",
+            TraceState,
+            (elementwise.Slot("trace"),),
             init_leaf=init_leaf,
             update_leaf=update_leaf,
-            to_state=lambda shared, trees: TraceState(trees[0]),
-            from_state=from_state,
-            num_slots=1,
             complex_refusal=storage_lib.complex_refusal(storage),
         )
     )
@@ -159,19 +152,15 @@ def ema(
         update = new if correction is None else new / correction.astype(dtype)
         return update.astype(g.dtype), (new.astype(slots[0].dtype),)
 
-    def from_state(state):
-        elementwise.expect_state("ema", state, EmaState)
-        return state.count, (state.ema,)
-
     return fusion.rule_transformation(
-        elementwise.LeafRule(
-            name="ema",
+        elementwise.declared_rule(
+            "ema",
+            EmaState,
+            (elementwise.Slot("ema"),),
+            shared_field="count",
             init_shared=numerics.zero_count,
             step_shared=step_shared,
             init_leaf=init_leaf,
             update_leaf=update_leaf,
-            to_state=lambda count, trees: EmaState(count, trees[0]),
-            from_state=from_state,
-            num_slots=1,
         )
     )

@@ -189,27 +189,15 @@ def rms_rule(
             update = jnp.where((g_c == 0) & ~jnp.isfinite(scaling), g_c, update)
         return update.astype(g.dtype), new_slots
 
-    def to_state(count, slot_trees):
-        return ScaleByRmsState(count, slot_trees[0], slot_trees[1] if centered else None)
-
-    def from_state(state):
-        elementwise.expect_state("scale_by_rms", state, ScaleByRmsState)
-        if centered and state.mu is None:
-            raise TypeError(
-                "rmsjax.scale_by_rms.update: centered=True but the state holds no mean "
-                "(mu is None); it was created by a scale_by_rms with centered=False."
-            )
-        trees = (state.nu, state.mu) if centered else (state.nu,)
-        return state.count, trees
-
-    return elementwise.LeafRule(
-        name="scale_by_rms",
+    slots = (elementwise.Slot("nu"),) + ((elementwise.Slot("mu"),) if centered else ())
+    return elementwise.declared_rule(
+        "scale_by_rms",
+        ScaleByRmsState,
+        slots,
+        shared_field="count",
         init_shared=numerics.zero_count,
         step_shared=step_shared,
         init_leaf=init_leaf,
         update_leaf=update_leaf,
-        to_state=to_state,
-        from_state=from_state,
-        num_slots=2 if centered else 1,
         complex_refusal=storage_lib.complex_refusal(storage),
     )

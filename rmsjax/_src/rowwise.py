@@ -88,13 +88,6 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
     def update_leaf(g, slots, context, param):
         del context, param
         shape = tuple(jnp.shape(g))
-        if tuple(slots[0].shape) != accumulator_shape(shape):
-            raise ValueError(
-                f"rmsjax.{name}.update: an update of shape {shape} needs an accumulator "
-                f"of shape {accumulator_shape(shape)}, the state holds "
-                f"{tuple(slots[0].shape)}. Initialise the optimizer with parameters of "
-                "the gradients' shapes."
-            )
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         rowwise = _is_rowwise(shape)
@@ -116,20 +109,16 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
             scaling_, scale = scaling_[..., None], scale[..., None]
         return (scaling_ * (g_c * scale)).astype(g.dtype), (total.astype(slots[0].dtype),)
 
-    def from_state(state):
-        elementwise.expect_state(name, state, ScaleByRowwiseRssState)
-        return (), (state.sum_of_squares,)
+    def accumulator_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+        # one sum per row (the last axis reduced), or per element for a vector
+        return tuple(range(len(accumulator_shape(shape))))
 
-    return elementwise.LeafRule(
-        name=name,
-        init_shared=elementwise.no_shared,
-        step_shared=elementwise.no_step,
+    return elementwise.declared_rule(
+        name,
+        ScaleByRowwiseRssState,
+        (elementwise.Slot("sum_of_squares", accumulator_axes),),
         init_leaf=init_leaf,
         update_leaf=update_leaf,
-        to_state=lambda shared, trees: ScaleByRowwiseRssState(trees[0]),
-        from_state=from_state,
-        num_slots=1,
-        slots_match_leaf=False,
         complex_refusal="the row-wise sum is written for real leaves",
     )
 

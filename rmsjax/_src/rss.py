@@ -111,18 +111,11 @@ def rss_rule(
         update = scaling * (g_c * scale)
         return update.astype(g.dtype), (moment.stored,)
 
-    def from_state(state):
-        elementwise.expect_state("scale_by_rss", state, ScaleByRssState)
-        return (), (state.sum_of_squares,)
-
-    return elementwise.LeafRule(
-        name="scale_by_rss",
-        init_shared=elementwise.no_shared,
-        step_shared=elementwise.no_step,
+    return elementwise.declared_rule(
+        "scale_by_rss",
+        ScaleByRssState,
+        (elementwise.Slot("sum_of_squares"),),
         init_leaf=init_leaf,
         update_leaf=update_leaf,
-        to_state=lambda shared, trees: ScaleByRssState(trees[0]),
-        from_state=from_state,
-        num_slots=1,
         complex_refusal=storage_lib.complex_refusal(storage),
     )

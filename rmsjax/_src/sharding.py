@@ -5,9 +5,10 @@ Two layouts are supported.
 * **Like the parameters** (the default, nothing to do): ``init`` gives every per-parameter
   state array the sharding of its parameter, and scalar state (step counts) is replicated
   over the parameters' mesh. State arrays whose shape differs from the parameter's
-  (row-wise, factored or block-quantized formats) get a sharding derived from it: a state
-  dimension keeps the parameter dimension's mesh axes when it has the same length, or a
-  length still divisible by the number of shards (blocks of a sharded dimension). The
+  (row-wise, factored or block-quantized formats) get a sharding derived from the rule's
+  declaration of each slot (:class:`~rmsjax._src.elementwise.Slot`): a slot dimension
+  keeps the mesh axes of the parameter dimension it runs along, and int8 codes and
+  scales follow the array they stand for as a reshape into blocks would. The
   engine calls :func:`init_leaf_like` and :func:`init_shared_like` for this; updates under
   ``jit`` keep the layout (in the types on meshes with Explicit axes, by the compiler's
   sharding propagation on Auto axes). :func:`state_shardings` gives the layout without
@@ -26,7 +27,6 @@ ZeRO-1 (:func:`zero1_shardings`, :func:`shard_state`, :func:`zero1_update_and_ap
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -93,8 +93,8 @@ def init_leaf_like(rule: Any, param: Any) -> Any:
     (one device): ``rule.init_leaf(param)`` unchanged.
 
     Args:
-      rule: the :class:`~rmsjax._src.elementwise.LeafRule`; its ``update_leaf`` settles
-        the layout of state whose shape alone does not tell it (see :func:`derived_spec`).
+      rule: the :class:`~rmsjax._src.elementwise.LeafRule`; its declared slots say
+        which of the parameter's dimensions each slot runs along.
       param: one parameter leaf.
 
     Returns:
@@ -133,11 +133,14 @@ def _shard_like(slot: Any, param: Any) -> Any:
     return shard_alike(param, slot)[1]
 
 
-def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: Any) -> Any:
-    """The specs of one leaf's slots: :func:`derived_spec`, except where the shape fits
-    several readings (a statistic of a square matrix): there, the spec the rule's own
-    update gives that slot, traced on Explicit axes."""
+def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: Any) -> tuple:
+    """The specs of one leaf's slots, from the rule's declarations (``rule.slots``): a
+    slot runs along the parameter dimensions its axes name and keeps their mesh axes
+    (a row statistic keeps the rows'); an array stored for it in another shape (int8
+    codes and their block scales) follows it as a reshape into blocks would
+    (:func:`~rmsjax._src.specs.derived_spec`)."""
     shape = tuple(param.shape)
+    entries = spec_lib.padded(spec, len(shape))
     explicit = AxisType.Explicit in tuple(mesh.axis_types)
 
     def spelled(target: PartitionSpec, ndim: int) -> PartitionSpec:
@@ -148,52 +151,19 @@ def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: An
             return PartitionSpec(*spec_lib.padded(target, ndim))
         return target if any(entry is not None for entry in target) else PartitionSpec()
 
-    specs = jax.tree.map(
-        lambda a: spelled(spec_lib.derived_spec(mesh, spec, shape, a.shape), len(a.shape)), slots
-    )
-    if not any(spec_lib.readings(shape, a.shape) > 1 for a in jax.tree.leaves(slots)):
-        return specs
-    probed = _probe(rule, mesh, spec, param, slots, specs)
-    if probed is None:
-        return specs
-    return jax.tree.map(
-        lambda a, derived, settled: (
-            spelled(settled, len(a.shape)) if spec_lib.readings(shape, a.shape) > 1 else derived
-        ),
-        slots,
-        specs,
-        probed,
-    )
+    specs = []
+    for declared, slot in zip(rule.slots, slots, strict=True):
+        logical_shape = declared.shape_for(shape)
+        logical = PartitionSpec(*(entries[axis] for axis in declared.axes_for(shape)))
 
+        def of(array, logical=logical, logical_shape=logical_shape):
+            if tuple(array.shape) == logical_shape:
+                return spelled(logical, len(array.shape))
+            derived = spec_lib.derived_spec(mesh, logical, logical_shape, array.shape)
+            return spelled(derived, len(array.shape))
 
-def _probe(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: Any, specs: Any):
-    """The specs ``rule.update_leaf`` gives the slots, traced abstractly on a copy of
-    ``mesh`` whose axes are Explicit (so the layouts travel in the types); None if the
-    rule cannot be traced that way."""
-    context: contextlib.AbstractContextManager[Any]
-    if isinstance(mesh, Mesh):
-        axis_types = (AxisType.Explicit,) * len(mesh.axis_names)
-        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=axis_types)
-        context = jax.set_mesh(mesh)
-    else:  # an abstract mesh: already inside a trace on Explicit axes
-        context = contextlib.nullcontext()
-
-    def typed(shape, dtype, target):
-        target = NamedSharding(mesh, spec_lib.explicit_only(mesh, target))
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=target)
-
-    def step(g, slots, p):
-        _, context_ = rule.step_shared(rule.init_shared())
-        return rule.update_leaf(g, slots, context_, p)[1]
-
-    p = typed(tuple(param.shape), jnp.result_type(param), spec)
-    slots = jax.tree.map(lambda a, target: typed(a.shape, a.dtype, target), slots, specs)
-    try:
-        with context:
-            out = jax.eval_shape(step, p, slots, p)
-    except Exception:  # best effort: a rule that cannot be traced so keeps the derived layout
-        return None
-    return jax.tree.map(lambda o: PartitionSpec(*o.sharding.spec), out)
+        specs.append(jax.tree.map(of, slot))
+    return tuple(specs)
 
 
 def init_shared_like(init_shared: Callable[[], Any], param_leaves: list) -> Any:

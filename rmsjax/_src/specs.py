@@ -32,21 +32,18 @@ def padded(spec: PartitionSpec, ndim: int) -> list:
 def derived_spec(
     mesh: Any, spec: PartitionSpec, param_shape: tuple, slot_shape: tuple
 ) -> PartitionSpec:
-    """The spec of a state array of ``slot_shape`` kept for a parameter of ``param_shape``
-    laid out by ``spec`` on ``mesh``.
+    """The spec of an array of ``slot_shape`` stored for an array of ``param_shape`` laid
+    out by ``spec`` on ``mesh``: int8 codes and block scales stored for a slot (whose own
+    spec comes from the rule's declaration, see ``sharding.py``), or leaves stacked into
+    a block.
 
     Any sharding gives the same numbers; this one keeps each device's state next to its
-    part of the parameter where the shapes make that plain:
+    part of the array where the shapes make that plain:
 
     * same shape: the parameter's spec;
-    * same rank: a dimension keeps the parameter dimension's axes if it has the same
+    * same rank: a dimension keeps the array dimension's axes if it has the same
       length, or a length that divides it and that the shards divide (one scale per block
-      of a sharded dimension); other dimensions are not sharded (row or column statistics
-      kept with ``keepdims``);
-    * one rank less (a statistic of each row or column, as row-wise and factored state
-      keep): the spec of the dimensions left, the last, the second-to-last or the first
-      dimension reduced, whichever the shape fits; when it fits several (a square matrix)
-      only the axes they agree on are kept;
+      of a sharded dimension); other dimensions are not sharded;
     * the last dimension split into ``(blocks, block)``: the leading dimensions' spec, and
       the last dimension's axes on the blocks if the shards divide them, else within the
       blocks if they divide the block (as ``reshape`` splits a sharded axis);
@@ -71,8 +68,8 @@ def derived_spec(
     >>> mesh = jax.sharding.AbstractMesh((2, 2), ("data", "model"))
     >>> derived_spec(mesh, P("data", "model"), (8, 512), (8, 2, 256))
     P('data', 'model', None)
-    >>> derived_spec(mesh, P("data", "model"), (8, 512), (512,))
-    P('model',)
+    >>> derived_spec(mesh, P("data", "model"), (8, 512), (8, 2))
+    P('data', 'model')
     """
     param_shape, slot_shape = tuple(param_shape), tuple(slot_shape)
     entries = padded(spec, len(param_shape))
@@ -90,20 +87,6 @@ def derived_spec(
     rank = len(slot_shape)
     if rank == len(param_shape):
         return PartitionSpec(*map(keep, entries, slot_shape, param_shape))
-    if rank == len(param_shape) - 1:
-        # A statistic of each row (last axis reduced), of each column (second-to-last), or
-        # over the first axis. When the shape fits several readings (a square matrix),
-        # keep only the axes they agree on: the shape cannot tell which one it is.
-        readings = [
-            (param_shape[:-1], entries[:-1]),
-            (param_shape[:-2] + param_shape[-1:], entries[:-2] + entries[-1:]),
-            (param_shape[1:], entries[1:]),
-        ]
-        specs = [spec for shape, spec in readings if shape == slot_shape]
-        if specs:
-            return PartitionSpec(
-                *(kept[0] if len(set(kept)) == 1 else None for kept in zip(*specs, strict=True))
-            )
     if rank == len(param_shape) + 1 and slot_shape[:-2] == param_shape[:-1]:
         blocks, block = slot_shape[-2:]
         if blocks * block == param_shape[-1]:
@@ -135,12 +118,3 @@ def explicit_only(mesh: Any, spec: PartitionSpec) -> PartitionSpec:
         names = tuple(n for n in axis_names(entry) if n in explicit)
         kept.append(None if not names else names[0] if len(names) == 1 else names)
     return PartitionSpec(*kept)
-
-
-def readings(param_shape: tuple, slot_shape: tuple) -> int:
-    """How many ways a state one rank below its parameter fits it (see derived_spec)."""
-    param_shape, slot_shape = tuple(param_shape), tuple(slot_shape)
-    if len(slot_shape) != len(param_shape) - 1 or not slot_shape:
-        return 0
-    shapes = (param_shape[:-1], param_shape[:-2] + param_shape[-1:], param_shape[1:])
-    return sum(shape == slot_shape for shape in shapes)
