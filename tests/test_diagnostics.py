@@ -119,6 +119,11 @@ def test_grouped_state_gives_the_parameters_structure():
     got = rj.effective_step_sizes(grouped, run(grouped, grads), params_tree())
     assert jax.tree.structure(got) == jax.tree.structure(want)
     chex.assert_trees_all_close(got, want, rtol=1e-6)
+    # Without the parameters a grouped state cannot tell the tree: no guess, an error.
+    with pytest.raises(ValueError, match=r"effective_step_sizes: pass params .* grouped state"):
+        rj.effective_step_sizes(grouped, run(grouped, grads))
+    with pytest.raises(ValueError, match=r"step_size_summary: pass params .* grouped state"):
+        rj.step_size_summary(grouped, run(grouped, grads))
 
 
 def test_summary_matches_numpy_and_is_jittable_without_retracing():

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, hyperparams, rms, rss, storage
+from rmsjax._src import base, grouped, hyperparams, rms, rss, storage
 
 
 class StepSizeSummary(NamedTuple):
@@ -37,6 +37,12 @@ def _moment_shapes(function: str, state: base.OptState) -> Any:
     found = []
 
     def visit(node: Any) -> None:
+        if isinstance(node, grouped.GroupedState):
+            raise ValueError(
+                f"rmsjax.{function}: pass params (the parameters the optimizer updates): "
+                "a grouped state holds its moments in blocks of stacked leaves, not in "
+                "the parameters' tree, so the gradients' shapes cannot be read from it."
+            )
         if _is_second_moment(node):
             found.append(node)
             return
@@ -105,7 +111,11 @@ def effective_step_sizes(
     >>> rj.effective_step_sizes(tx, state)
     Array([0.05, 0.2 ], dtype=float32)
     """
-    name = "effective_step_sizes"
+    return _step_sizes("effective_step_sizes", tx, state, params)
+
+
+def _step_sizes(name: str, tx: Any, state: Any, params: Any) -> Any:
+    """:func:`effective_step_sizes`, whose errors name ``name``, the function called."""
     if not isinstance(tx, tuple) or not callable(getattr(tx, "update", None)):
         raise TypeError(
             f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
@@ -151,7 +161,7 @@ def step_size_summary(
     >>> summary["w"].min, summary["w"].max
     (Array(0.03333333, dtype=float32), Array(3.3314831, dtype=float32))
     """
-    sizes = effective_step_sizes(tx, state, params)
+    sizes = _step_sizes("step_size_summary", tx, state, params)
 
     def summarize(s):
         return StepSizeSummary(
