@@ -9,8 +9,9 @@ optimizer added here reaches every suite its tags name.
 
 Tags:
   reference: compared with the float64 NumPy transcription (``case.reference``).
+  optax: bit for bit with ``case.make(optax)`` under ``jit``, within rounding eagerly.
   fusion: an alias whose fused step is compared, bit for bit, with ``case.parts`` run
-    one by one, and with its grouped form.
+    one by one and chained by hand, and with its grouped form.
   migration: trained with one library and continued with the other through orbax.
   complex: takes complex leaves, bit for bit with optax.
   step: ``make_train_step`` equals the hand-written jitted step.
@@ -18,9 +19,11 @@ Tags:
   state: a state type orbax must save and restore (every rule, storage and wrapper).
   rule: wrapped by every wrapper in :data:`WRAPPERS`.
 
-The grid over ``eps`` and ``storage`` in ``test_scale_invariance.py`` and the peers'
-presets in ``test_compat.py`` are tables of rule settings against their references, not
-optimizers under test, and stay with their suites.
+Three tables stay with their suites, as they are not lists of optimizers: the rules as
+functions of ``eps`` and ``storage`` with their references (``test_scale_invariance.py``,
+``test_storage.py``), the peers' presets against torch, Keras and TF1
+(``test_compat.py``), and the 8-device script's chains, whose masks name its own
+parameters (``_multidevice_sharding.py``).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ CASES: tuple[Case, ...] = (
     _case(
         "rmsprop",
         lambda m: m.rmsprop(0.01),
-        "reference fusion complex",
+        "reference fusion complex optax",
         in_optax=True,
         reference=lambda g: reference.rmsprop(g, 0.01),
         parts=lambda m: [m.scale_by_rms(0.9, 1e-8), m.scale_by_learning_rate(0.01), m.identity()],
@@ -146,7 +149,7 @@ CASES: tuple[Case, ...] = (
             nesterov=True,
             bias_correction=True,
         ),
-        "fusion",
+        "fusion optax",
         in_optax=True,
         parts=lambda m: [
             m.scale_by_rms(
@@ -177,7 +180,7 @@ CASES: tuple[Case, ...] = (
         lambda m: m.rmsprop(
             m.schedules.cosine_decay_schedule(1e-2, 50), centered=True, momentum=0.9
         ),
-        "checkpoint state",
+        "checkpoint state optax",
         in_optax=True,
     ),
     # A schedule from optax in both libraries, so that both see the same values.
@@ -192,7 +195,7 @@ CASES: tuple[Case, ...] = (
         "adagrad",
         "adagrad",
         {"learning_rate": 0.1},
-        "reference fusion migration complex step checkpoint state rule",
+        "reference fusion migration complex step checkpoint state rule optax",
         in_optax=True,
         reference=lambda g: reference.adagrad(g, 0.1),
         parts=lambda m: [m.scale_by_rss(0.1, 1e-7), m.scale_by_learning_rate(0.1)],
@@ -209,7 +212,7 @@ CASES: tuple[Case, ...] = (
     _case(
         "adagrad-zero-start-eps",
         lambda m: m.adagrad(0.1, initial_accumulator_value=0.0, eps=1e-5),
-        "migration",
+        "migration optax",
         in_optax=True,
     ),
     _case(
@@ -230,7 +233,7 @@ CASES: tuple[Case, ...] = (
     _case(
         "sgd-nesterov",
         lambda m: m.sgd(0.1, momentum=0.9, nesterov=True),
-        "reference fusion migration complex",
+        "reference fusion migration complex optax",
         in_optax=True,
         reference=lambda g: reference.sgd(g, 0.1, momentum=0.9, nesterov=True),
         parts=lambda m: [m.trace(0.9, nesterov=True), m.scale_by_learning_rate(0.1)],
@@ -260,15 +263,17 @@ CASES: tuple[Case, ...] = (
     _case(
         "scale-by-rss",
         lambda m: m.chain(m.scale_by_rss(), m.scale(-0.1)),
-        "migration",
+        "migration optax",
         in_optax=True,
     ),
     _case(
         "ema",
         lambda m: m.chain(m.ema(0.9), m.scale(-0.1)),
-        "complex state",
+        "complex state optax",
         in_optax=True,
     ),
+    _case("trace", lambda m: m.trace(0.9), "optax", in_optax=True),
+    _case("ema-biased", lambda m: m.ema(0.9, debias=False), "optax", in_optax=True),
     _case(
         "decayed-weights-adagrad",
         lambda m: m.chain(m.add_decayed_weights(1e-2), m.adagrad(0.1)),

@@ -144,38 +144,13 @@ def test_scale_by_rms_bit_identical_to_optax(flags):
     )
 
 
-OPTAX_PAIRS = {
-    "rmsprop": lambda m: m.rmsprop(0.01),
-    "rmsprop-all": lambda m: m.rmsprop(
-        0.003,
-        decay=0.8,
-        eps=1e-5,
-        initial_scale=0.5,
-        eps_in_sqrt=False,
-        centered=True,
-        momentum=0.9,
-        nesterov=True,
-        bias_correction=True,
-    ),
-    "rmsprop-schedule": lambda m: m.rmsprop(
-        m.schedules.cosine_decay_schedule(0.1, 40)
-        if m is rj
-        else optax.cosine_decay_schedule(0.1, 40),
-        momentum=0.9,
-    ),
-    "adagrad": lambda m: m.adagrad(0.1),
-    "adagrad-args": lambda m: m.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-3),
-    "sgd-momentum": lambda m: m.sgd(0.1, momentum=0.9, nesterov=True),
-    "trace": lambda m: m.trace(0.9),
-    "ema": lambda m: m.ema(0.9),
-    "ema-biased": lambda m: m.ema(0.9, debias=False),
-    "scale_by_rss": lambda m: m.scale_by_rss(),
-}
+OPTAX_PAIRS = registry.cases("optax")
 
 
 @pytest.mark.parametrize("name", OPTAX_PAIRS)
 def test_bit_identical_to_optax_under_jit(name):
-    assert_same_as_optax(OPTAX_PAIRS[name](rj), OPTAX_PAIRS[name](optax), steps=25)
+    make = OPTAX_PAIRS[name].make
+    assert_same_as_optax(make(rj), make(optax), steps=25)
 
 
 @pytest.mark.parametrize("name", OPTAX_PAIRS)
@@ -183,7 +158,7 @@ def test_same_as_optax_without_jit(name):
     # Op by op, optax runs its bias correction as a small jitted function whose pow may
     # round differently from the eager op by an ulp, which the centered variance's
     # cancellation can magnify tenfold. Under jit (above) the two agree to the bit.
-    ours, theirs = OPTAX_PAIRS[name](rj), OPTAX_PAIRS[name](optax)
+    ours, theirs = OPTAX_PAIRS[name].make(rj), OPTAX_PAIRS[name].make(optax)
     params = trees.mixed_params()
     s1, s2 = ours.init(params), theirs.init(params)
     for g in trees.gradient_sequence(params, 25, seed=1):
@@ -248,29 +223,13 @@ def test_first_rms_step_from_zero():
 # ------------------------------------------------------------------ composition
 
 
-HAND_BUILT = {
-    "rmsprop": (
-        lambda: rj.rmsprop(0.01, decay=0.95, eps=1e-6, momentum=0.9, centered=True),
-        lambda: rj.chain(
-            rj.scale_by_rms(0.95, 1e-6, centered=True),
-            rj.scale_by_learning_rate(0.01),
-            rj.trace(0.9),
-        ),
-    ),
-    "adagrad": (
-        lambda: rj.adagrad(0.1, initial_accumulator_value=0.2),
-        lambda: rj.chain(rj.scale_by_rss(0.2), rj.scale_by_learning_rate(0.1)),
-    ),
-    "sgd": (
-        lambda: rj.sgd(0.1, momentum=0.8),
-        lambda: rj.chain(rj.trace(0.8), rj.scale_by_learning_rate(0.1)),
-    ),
-}
+HAND_BUILT = registry.cases("fusion")  # each alias with the parts it chains
 
 
 @pytest.mark.parametrize("name", HAND_BUILT)
 def test_alias_equals_hand_built_chain(name):
-    alias, hand = (make() for make in HAND_BUILT[name])
+    case = HAND_BUILT[name]
+    alias, hand = case.make(rj), rj.chain(*case.parts(rj))
     params = trees.mixed_params()
     grads = trees.gradient_sequence(params, 20, seed=4)
     s_alias, s_hand = alias.init(params), hand.init(params)
