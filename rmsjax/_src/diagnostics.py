@@ -114,7 +114,9 @@ def effective_step_sizes(
     return _step_sizes("effective_step_sizes", tx, state, params)
 
 
-def _step_sizes(name: str, tx: Any, state: Any, params: Any) -> Any:
+def _step_sizes(
+    name: str, tx: base.GradientTransformation, state: base.OptState, params: base.Params | None
+) -> base.Updates:
     """:func:`effective_step_sizes`, whose errors name ``name``, the function called."""
     if not isinstance(tx, tuple) or not callable(getattr(tx, "update", None)):
         raise TypeError(
