@@ -11,6 +11,7 @@ one trace per step function.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import chex
 import jax
@@ -298,3 +299,33 @@ def test_every_wrapper_around_every_rule_keeps_its_fused_step(wrapper, rule):
         fused = fused_step(*fused, g)
         plain = plain_step(*plain, g)
     chex.assert_trees_all_equal(fused, plain)
+
+
+def test_update_objects_behave_as_functions_and_say_what_they_can_do():
+    tx = rj.rmsprop(0.1)
+    update = tx.update
+    # called, jitted, inspected and hashed as the function it wraps
+    assert "**extra" in str(inspect.signature(update))
+    assert update.__name__ == "update_fn"
+    assert (
+        "jit_update_fn"
+        in jax.jit(update).lower(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2)).as_text()[:200]
+    )
+    assert hash(update) == hash(update) and update != rj.rmsprop(0.1).update
+    assert repr(update) == "<rmsjax update: rule rmsprop, fused>"
+    assert repr(rj.accumulate_gradients(tx, 2).update) == (
+        "<rmsjax update: wrapper accumulate_gradients, unfused>"
+    )
+    assert repr(rj.grouped(tx).update) == "<rmsjax update: rule rmsprop, fused, grouped state>"
+
+
+def test_an_optax_transformation_has_no_capabilities_and_runs_unfused():
+    optax = pytest.importorskip("optax")
+    tx = optax.rmsprop(0.1)
+    assert fusion.fused_step_of(tx) is None and fusion.leaf_rule_of(tx) is None
+    params = trees.mixed_params()
+    g = trees.gradient_sequence(params, 1, seed=2)[0]
+    state = tx.init(params)
+    got = rj.update_and_apply(tx, g, state, params)
+    updates, new_state = tx.update(g, state, params)
+    chex.assert_trees_all_equal(got, (optax.apply_updates(params, updates), new_state))

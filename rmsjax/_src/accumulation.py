@@ -129,4 +129,4 @@ def accumulate_gradients(
     # inner step's last multiply (one rounding instead of two), so fused and unfused
     # steps would differ in the last bit, and differ from optax.MultiSteps. The inner
     # chain still runs fused; the parameters are updated after the cond.
-    return fusion.wrapper_transformation(init_fn, update_fn, None)
+    return fusion.wrapper_transformation(name, init_fn, update_fn, None)

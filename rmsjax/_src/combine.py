@@ -98,7 +98,7 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     # wrapper with a fused step of its own; otherwise there is nothing to fuse it into.
     last_fuses = segments[-1][2] is not None or fused_steps[-1] is not None
     return fusion.wrapper_transformation(
-        init_fn, update_fn, update_and_apply_fn if last_fuses else None
+        name, init_fn, update_fn, update_and_apply_fn if last_fuses else None
     )
 
 

@@ -29,7 +29,7 @@ FusedStep = Callable[..., tuple[base.Params, base.OptState]]
 """``(updates, state, params, **extra) -> (new params, new state)``."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Update:
     """An ``update`` function with its capabilities.
 
@@ -45,12 +45,15 @@ class Update:
       fused_step: the step with the parameter update in the same loop, when the
         transformation has one of its own (a wrapper around a rule, ``grouped``); None
         for a plain rule, whose fused step is the engine's, and where nothing fuses.
+      name: the public constructor of a wrapper (``chain``, ``masked``...), for its repr;
+        a rule is named by its rule.
     """
 
     function: Callable[..., tuple[base.Updates, base.OptState]]
     rule: LeafRule | None = None
     layout: engine.Layout = engine.PER_LEAF
     fused_step: FusedStep | None = None
+    name: str | None = None
 
     def __call__(
         self,
@@ -60,6 +63,17 @@ class Update:
         **extra,
     ) -> tuple[base.Updates, base.OptState]:
         return self.function(updates, state, params, **extra)
+
+    @property
+    def __name__(self) -> str:  # what jax names a jitted update after, as for a function
+        return getattr(self.function, "__name__", "update")
+
+    def __repr__(self) -> str:
+        kind = "rule" if self.rule is not None else "wrapper"
+        name = self.rule.name if self.rule is not None else (self.name or self.__name__)
+        fused = "fused" if self.rule is not None or self.fused_step is not None else "unfused"
+        layout = "" if self.layout.name is None else f", {self.layout.name} state"
+        return f"<rmsjax update: {kind} {name}, {fused}{layout}>"
 
 
 def rule_transformation(
@@ -78,12 +92,15 @@ def rule_transformation(
 
 
 def wrapper_transformation(
+    name: str,
     init_fn: base.TransformInitFn,
     update_fn: Callable[..., tuple[base.Updates, base.OptState]],
     fused_step: FusedStep | None,
 ) -> base.GradientTransformation:
-    """A transformation that is not a rule, with its fused step (None if it has none)."""
-    return base.GradientTransformation(init_fn, Update(update_fn, fused_step=fused_step))
+    """A transformation that is not a rule, with its fused step (None if it has none);
+    ``name`` is the public constructor that made it."""
+    update = Update(update_fn, fused_step=fused_step, name=name)
+    return base.GradientTransformation(init_fn, update)
 
 
 def _capabilities(tx: Any) -> Update | None:

@@ -152,4 +152,6 @@ def apply_if_finite(
         return new_params, make_state(_select(apply, new_inner, state.inner_state))
 
     fuses = fusion.fused_step_of(inner) is not None
-    return fusion.wrapper_transformation(init_fn, update_fn, update_and_apply_fn if fuses else None)
+    return fusion.wrapper_transformation(
+        name, init_fn, update_fn, update_and_apply_fn if fuses else None
+    )

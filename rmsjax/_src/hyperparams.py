@@ -290,7 +290,7 @@ def inject_hyperparams(
 
         fuses = fusion.fused_step_of(first) is not None
         return fusion.wrapper_transformation(
-            init_fn, update_fn, update_and_apply_fn if fuses else None
+            f"{name}({factory_name})", init_fn, update_fn, update_and_apply_fn if fuses else None
         )
 
     return wrapped

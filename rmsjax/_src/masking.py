@@ -97,4 +97,6 @@ def masked(
         return step(updates, state, params, extra, apply=True)
 
     fuses = fusion.fused_step_of(inner) is not None
-    return fusion.wrapper_transformation(init_fn, update_fn, update_and_apply_fn if fuses else None)
+    return fusion.wrapper_transformation(
+        name, init_fn, update_fn, update_and_apply_fn if fuses else None
+    )
