@@ -252,3 +252,51 @@ def test_errors_name_the_constructor_the_user_called(name, make):
         jax.jit(tx.update)({"a": jnp.ones(3)}, state)
     with pytest.raises(TypeError, match=rf"^rmsjax\.{re.escape(name)}\.update: expected the tuple"):
         tx.update({"w": jnp.ones(3)}, (rj.EmptyState(),))
+
+
+def _foreign_part(state, index, value=5):
+    return tuple(value if i == index else s for i, s in enumerate(state))
+
+
+@pytest.mark.parametrize(
+    "build, state_of, expected",
+    [
+        (
+            lambda: rj.rmsprop(0.1, centered=True),
+            lambda p: rj.rmsprop(0.1).init(p),
+            r"^rmsjax\.rmsprop\.update: its part scale_by_rms \(state\[0\]\): the state's mu "
+            r"is None",
+        ),
+        (
+            lambda: rj.adagrad(0.1),
+            lambda p: _foreign_part(rj.adagrad(0.1).init(p), 1),
+            r"^rmsjax\.adagrad\.update: its part scale_by_learning_rate \(state\[1\]\): "
+            r"expected a ScaleByLearningRateState",
+        ),
+        (
+            lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.scale_by_rms(), rj.trace(0.9)),
+            lambda p: _foreign_part(
+                rj.chain(rj.clip_by_global_norm(1.0), rj.scale_by_rms(), rj.trace(0.9)).init(p),
+                2,
+            ),
+            r"^rmsjax\.chain\.update: its part trace \(state\[2\]\): expected a TraceState",
+        ),
+        (
+            lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.1, centered=True)),
+            lambda p: (rj.EmptyState(), rj.rmsprop(0.1).init(p)),
+            r"^rmsjax\.chain\.update: its part rmsprop \(state\[1\]\): its part scale_by_rms "
+            r"\(state\[0\]\)",
+        ),
+        (
+            lambda: rj.compat.torch_rmsprop(lr=0.1, momentum=0.9),
+            lambda p: _foreign_part(rj.compat.torch_rmsprop(lr=0.1, momentum=0.9).init(p), 4),
+            r"^rmsjax\.compat\.torch_rmsprop\.update: its part scale_by_learning_rate "
+            r"\(state\[4\]\)",
+        ),
+    ],
+    ids=["rmsprop-centered", "adagrad", "chain", "nested", "torch-preset"],
+)
+def test_a_part_at_fault_is_named_after_the_constructor_the_user_called(build, state_of, expected):
+    params = jnp.ones(3)
+    with pytest.raises(TypeError, match=expected):
+        build().update(params, state_of(params), params)

@@ -43,6 +43,7 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     if len(present) == len(rules):
         return fusion.rule_transformation(elementwise.compose(present, name))
     fused_steps = [fusion.fused_step_of(t) for t in transforms]
+    part_names = [fusion.name_of(t) for t in transforms]
 
     # Split into segments: maximal runs of elementwise rules, and single other parts.
     segments: list[tuple[int, int, elementwise.LeafRule | None]] = []
@@ -53,7 +54,7 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
             stop += 1
         if stop - start >= 2:
             run = [r for r in rules[start:stop] if r is not None]  # all of them
-            segments.append((start, stop, elementwise.compose(run, name)))
+            segments.append((start, stop, elementwise.compose(run, name, first=start)))
         elif stop == start:
             stop = start + 1
             segments.append((start, stop, None))
@@ -64,27 +65,40 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     def init_fn(params):
         return tuple(t.init(params) for t in transforms)
 
+    def run_segment(begin, end, rule, updates, state, params, extra, apply):
+        """One segment's step: ``(updates, [its states])``; ``apply`` only for the last."""
+        own = state[begin:end]
+        if rule is None:
+            fused = fused_steps[begin]
+            if apply and fused is not None:
+                # e.g. a grouped(...) part last: it applies the updates itself.
+                updates, s = fused(updates, own[0], params, **extra)
+                return updates, [s], True
+            updates, s = transforms[begin].update(updates, own[0], params, **extra)
+            return updates, [s], False
+        own_state = own if end - begin > 1 else own[0]
+        updates, s = engine.run(rule, engine.PER_LEAF, updates, own_state, params, apply=apply)
+        return updates, list(s) if end - begin > 1 else [s], apply
+
     def run_segments(updates, state, params, extra, apply):
         elementwise.expect_state_tuple(name, state, len(transforms))
         new_state: list = []
+        applied = False
         for index, (begin, end, rule) in enumerate(segments):
             last = index == len(segments) - 1
-            own = state[begin:end]
-            if rule is None:
-                fused = fused_steps[begin]
-                if apply and last and fused is not None:
-                    # e.g. a grouped(...) part last: it applies the updates itself.
-                    updates, s = fused(updates, own[0], params, **extra)
-                    return updates, tuple(new_state) + (s,)
-                updates, s = transforms[begin].update(updates, own[0], params, **extra)
-                new_state.append(s)
-                continue
-            own_state = own if end - begin > 1 else own[0]
-            updates, s = engine.run(
-                rule, engine.PER_LEAF, updates, own_state, params, apply=apply and last
-            )
-            new_state.extend(s if end - begin > 1 else (s,))
-        if apply and segments[-1][2] is None:
+            try:
+                updates, states, applied = run_segment(
+                    begin, end, rule, updates, state, params, extra, apply and last
+                )
+            except (TypeError, ValueError) as error:
+                # A part's own error, re-worded to name the chain the user built first.
+                part = part_names[begin] if end - begin == 1 else None
+                renamed = error if part is None else elementwise.in_part(name, begin, part, error)
+                if renamed is error:
+                    raise
+                raise renamed from error
+            new_state.extend(states)
+        if apply and not applied:
             updates = base.apply_updates(params, updates)
         return updates, tuple(new_state)
 

@@ -179,6 +179,18 @@ def expect_state(rule_name: str, state: Any, state_type: type) -> None:
         )
 
 
+def in_part(name: str, index: int, part: str, error: Exception) -> Exception:
+    """``error``, raised by the part ``part`` of the chain the user built as ``name``
+    (``rmsprop``, say), re-worded to name ``name`` first and the part at fault after:
+    ``rmsjax.rmsprop.update: its part scale_by_rms (state[0]): ...``."""
+    message = str(error)
+    prefix = f"rmsjax.{part}."
+    if name == part or not message.startswith(prefix):
+        return error
+    where, _, detail = message[len(prefix) :].partition(": ")
+    return type(error)(f"rmsjax.{name}.{where}: its part {part} (state[{index}]): {detail}")
+
+
 def expect_state_tuple(name: str, state: Any, count: int) -> None:
     """Raises a TypeError unless ``state`` is the tuple of ``count`` states a chain keeps."""
     if not isinstance(state, tuple) or len(state) != count:
@@ -250,9 +262,10 @@ def counted_rule(
 # -------------------------------------------------------------------------- composition
 
 
-def compose(rules: Sequence[LeafRule], name: str = "chain") -> LeafRule:
+def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> LeafRule:
     """One rule that runs ``rules`` in order on each leaf; its state is the tuple of
-    their states, exactly as ``chain`` would hold them."""
+    their states, exactly as ``chain`` would hold them. Errors name ``name`` and the part
+    at fault, by its index in the chain's state (the first rule is part ``first``)."""
     rules = tuple(rules)
     counts = [r.num_slots for r in rules]
     offsets = [sum(counts[:i]) for i in range(len(rules))]
@@ -279,7 +292,12 @@ def compose(rules: Sequence[LeafRule], name: str = "chain") -> LeafRule:
 
     def from_state(state):
         expect_state_tuple(name, state, len(rules))
-        parts = [r.from_state(s) for r, s in zip(rules, state)]
+        parts = []
+        for index, (r, s) in enumerate(zip(rules, state)):
+            try:
+                parts.append(r.from_state(s))
+            except (TypeError, ValueError) as error:
+                raise in_part(name, first + index, r.name, error) from error
         return tuple(p[0] for p in parts), tuple(t for p in parts for t in p[1])
 
     return LeafRule(

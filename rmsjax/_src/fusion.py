@@ -108,6 +108,15 @@ def _capabilities(tx: Any) -> Update | None:
     return update if isinstance(update, Update) else None
 
 
+def name_of(tx: Any) -> str | None:
+    """The public constructor that made ``tx`` (its rule's name, or its wrapper's), as its
+    errors name it; None for a transformation from elsewhere."""
+    update = _capabilities(tx)
+    if update is None:
+        return None
+    return update.rule.name if update.rule is not None else update.name
+
+
 def leaf_rule_of(tx: Any) -> LeafRule | None:
     """The rule of a transformation that runs one with per-leaf state, else None:
     what ``chain`` can fuse with its neighbours."""
