@@ -155,14 +155,26 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
     """The per-leaf form of :func:`scale_by_factored_rms` (unchecked arguments)."""
     name = "scale_by_factored_rms"
 
-    def shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-        if is_factored(shape, min_dim_size_to_factor):
-            return (*shape[:-1],), (*shape[:-2], shape[-1]), ()
-        return (), (), shape
+    def axes(which: int):
+        # The parameter's dimensions each slot runs along: the row statistic drops the
+        # last, the column statistic the second-to-last; unfactored, the full average.
+        # A slot a leaf does not use is a scalar placeholder.
+        def of(shape: tuple[int, ...]) -> tuple[int, ...]:
+            n = len(shape)
+            if is_factored(shape, min_dim_size_to_factor):
+                return (tuple(range(n - 1)), (*range(n - 2), n - 1), ())[which]
+            return ((), (), tuple(range(n)))[which]
+
+        return of
+
+    declared = tuple(
+        elementwise.Slot(field, axes(i)) for i, field in enumerate(("nu_row", "nu_col", "nu"))
+    )
 
     def init_leaf(param):
         dtype = numerics.compute_dtype(jnp.result_type(param))
-        return tuple(jnp.zeros(s, dtype) for s in shapes(tuple(jnp.shape(param))))
+        shape = tuple(jnp.shape(param))
+        return tuple(jnp.zeros(slot.shape_for(shape), dtype) for slot in declared)
 
     def update_leaf(g, slots, context, param):
         del context, param
@@ -200,24 +212,10 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         update = jnp.where((g_c == 0) & ~(nu_hat > 0), g_c, g_s * jax.lax.rsqrt(nu_hat))
         return update.astype(g.dtype), new_slots
 
-    def axes(which: int):
-        # The parameter's dimensions each slot runs along: the row statistic drops the
-        # last, the column statistic the second-to-last; unfactored, the full average.
-        # A slot a leaf does not use is a scalar placeholder.
-        def of(shape: tuple[int, ...]) -> tuple[int, ...]:
-            n = len(shape)
-            if is_factored(shape, min_dim_size_to_factor):
-                return (tuple(range(n - 1)), (*range(n - 2), n - 1), ())[which]
-            return ((), (), tuple(range(n)))[which]
-
-        return of
-
     return elementwise.declared_rule(
         name,
         ScaleByFactoredRmsState,
-        tuple(
-            elementwise.Slot(field, axes(i)) for i, field in enumerate(("nu_row", "nu_col", "nu"))
-        ),
+        declared,
         init_leaf=init_leaf,
         update_leaf=update_leaf,
         complex_refusal="the factored second moment is written for real leaves",
