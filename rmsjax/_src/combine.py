@@ -102,17 +102,19 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
             updates = base.apply_updates(params, updates)
         return updates, tuple(new_state)
 
-    def update_fn(updates, state, params=None, **extra):
-        return run_segments(updates, state, params, extra, apply=False)
-
-    def update_and_apply_fn(updates, state, params, **extra):
-        return run_segments(updates, state, params, extra, apply=True)
-
     # The parameter update joins the last part's loop when that part is a rule, or a
     # wrapper with a fused step of its own; otherwise there is nothing to fuse it into.
     last_fuses = segments[-1][2] is not None or fused_steps[-1] is not None
-    return fusion.wrapper_transformation(
-        name, init_fn, update_fn, update_and_apply_fn if last_fuses else None
+    return fusion.stepped_wrapper(name, init_fn, run_segments, last_fuses)
+
+
+def step_of(tx: base.GradientTransformation, apply: bool) -> Any:
+    """``tx.update``, or with ``apply`` the step that also updates the parameters
+    (:func:`update_and_apply`): what a wrapper calls on its inner transformation."""
+    if not apply:
+        return tx.update
+    return lambda updates, state, params, **extra: update_and_apply(
+        tx, updates, state, params, **extra
     )
 
 

@@ -103,6 +103,25 @@ def wrapper_transformation(
     return base.GradientTransformation(init_fn, update)
 
 
+def stepped_wrapper(
+    name: str,
+    init_fn: base.TransformInitFn,
+    step: Callable[..., tuple[Any, base.OptState]],
+    fuses: bool,
+) -> base.GradientTransformation:
+    """:func:`wrapper_transformation` of a wrapper written as one function,
+    ``step(updates, state, params, extra, apply)``: its ``update`` runs it with
+    ``apply=False``, and its fused step, when ``fuses``, with ``apply=True``."""
+
+    def update_fn(updates, state, params=None, **extra):
+        return step(updates, state, params, extra, False)
+
+    def update_and_apply_fn(updates, state, params, **extra):
+        return step(updates, state, params, extra, True)
+
+    return wrapper_transformation(name, init_fn, update_fn, update_and_apply_fn if fuses else None)
+
+
 def _capabilities(tx: Any) -> Update | None:
     update = getattr(tx, "update", None)
     return update if isinstance(update, Update) else None

@@ -196,9 +196,10 @@ def grouped(
     def update_fn(updates, state, params=None, **extra):
         return _wrap(inner.update(updates, _inner_of(state), params))
 
+    fused = fusion.fused_step_of(inner)
+    assert fused is not None  # a rule always has one
+
     def update_and_apply_fn(updates, state, params, **extra):
-        fused = fusion.fused_step_of(inner)
-        assert fused is not None  # a rule always has one
         return _wrap(fused(updates, _inner_of(state), params))
 
     update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)

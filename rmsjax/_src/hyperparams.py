@@ -268,12 +268,10 @@ def inject_hyperparams(
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             inner = base.with_extra_args_support(build(values))
-            if apply:  # the inner optimizer's fused step, when it has one
-                new_updates, inner_state = combine.update_and_apply(
-                    inner, updates, state.inner_state, params, **extra
-                )
-            else:
-                new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            # with apply, the inner optimizer's fused step, when it has one
+            new_updates, inner_state = combine.step_of(inner, apply)(
+                updates, state.inner_state, params, **extra
+            )
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
@@ -282,15 +280,7 @@ def inject_hyperparams(
                 count, Hyperparams(values), schedule_states, inner_state
             )
 
-        def update_fn(updates, state, params=None, **extra):
-            return step(updates, state, params, extra, apply=False)
-
-        def update_and_apply_fn(updates, state, params, **extra):
-            return step(updates, state, params, extra, apply=True)
-
         fuses = fusion.fused_step_of(first) is not None
-        return fusion.wrapper_transformation(
-            f"{name}({factory_name})", init_fn, update_fn, update_and_apply_fn if fuses else None
-        )
+        return fusion.stepped_wrapper(f"{name}({factory_name})", init_fn, step, fuses)
 
     return wrapped

@@ -76,10 +76,7 @@ def masked(
                 key: select(mask_tree, value) if jax.tree.structure(value) == structure else value
                 for key, value in extra.items()
             }
-        inner_step = (
-            (lambda *a, **k: combine.update_and_apply(inner, *a, **k)) if apply else inner.update
-        )
-        out, inner_state = inner_step(
+        out, inner_state = combine.step_of(inner, apply)(
             select(mask_tree, updates),
             state.inner_state,
             select(mask_tree, params, what="parameters"),
@@ -90,13 +87,4 @@ def masked(
         others = base.apply_updates(params, updates) if apply else updates
         return merge(mask_tree, out, others), MaskedState(inner_state)
 
-    def update_fn(updates, state, params=None, **extra):
-        return step(updates, state, params, extra, apply=False)
-
-    def update_and_apply_fn(updates, state, params, **extra):
-        return step(updates, state, params, extra, apply=True)
-
-    fuses = fusion.fused_step_of(inner) is not None
-    return fusion.wrapper_transformation(
-        name, init_fn, update_fn, update_and_apply_fn if fuses else None
-    )
+    return fusion.stepped_wrapper(name, init_fn, step, fusion.fused_step_of(inner) is not None)
