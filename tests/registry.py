@@ -96,6 +96,11 @@ RMSPROP_FLAGS = [
 ]
 
 
+# Masks over trees.mixed_params(), the tree the suites train on.
+_NOT_DENSE = {"scalar": True, "dense": False, "nested": True}
+_NOT_SCALAR = {"scalar": False, "dense": True, "nested": True}
+
+
 def _flag_case(flags: dict) -> Case:
     name = "rmsprop[" + "-".join(f"{k}={v}" for k, v in flags.items()) + "]"
     return _case(name, lambda m: m.rmsprop(1e-2, **flags), "migration", in_optax=True)
@@ -284,7 +289,7 @@ CASES: tuple[Case, ...] = (
     _case(
         "masked-adagrad",
         lambda m: m.chain(
-            m.masked(m.adagrad(0.1), {"scalar": True, "dense": False, "nested": True}),
+            m.masked(m.adagrad(0.1), _NOT_DENSE),
             m.masked(m.sgd(0.01), {"scalar": False, "dense": True, "nested": False}),
         ),
         "migration",
@@ -293,8 +298,8 @@ CASES: tuple[Case, ...] = (
     _case(
         "masked-decay",
         lambda m: m.chain(
-            m.masked(m.adagrad(0.1), {"scalar": True, "dense": False, "nested": True}),
-            m.add_decayed_weights(1e-3, mask={"scalar": False, "dense": True, "nested": True}),
+            m.masked(m.adagrad(0.1), _NOT_DENSE),
+            m.add_decayed_weights(1e-3, mask=_NOT_SCALAR),
         ),
         "state",
         in_optax=True,
@@ -358,7 +363,7 @@ WRAPPERS: dict[str, Callable[[Any], Any]] = {
     "chain": lambda tx: rj.chain(rj.clip_by_global_norm(10.0), tx),
     "apply_if_finite": lambda tx: rj.apply_if_finite(tx, 3),
     "grouped": lambda tx: rj.grouped(tx),
-    "masked": lambda tx: rj.masked(tx, {"scalar": False, "dense": True, "nested": True}),
+    "masked": lambda tx: rj.masked(tx, _NOT_SCALAR),
     "accumulate_gradients": lambda tx: rj.accumulate_gradients(tx, 2),
     "nested": lambda tx: rj.apply_if_finite(
         rj.masked(rj.grouped(tx), lambda p: jax.tree.map(lambda _: True, p)), 3
