@@ -152,3 +152,67 @@ def test_float16_state_never_overflows_to_inf():
             chex.assert_tree_all_finite((u, state))
         # the step still moves every coordinate, in the gradient's direction
         assert (np.sign(np.asarray(u["w"], np.float32)) == -np.sign([300.0, -1000.0, 1.0])).all()
+
+
+# ------------------------------------------------ roots and reciprocals in plain arithmetic
+
+
+def _ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    return np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+
+
+def _normal_float32s(count: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    spread = np.exp2(rng.uniform(-126, 127.99, count))
+    powers = np.exp2(np.arange(-126, 128, dtype=np.float64))
+    return np.concatenate([spread, powers, powers * (1 - 2.0**-24)]).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "name, exact, limit, ulps",
+    [
+        ("rsqrt_inline", lambda x: 1 / np.sqrt(x), 2.0**128, 1),
+        ("sqrt_inline", np.sqrt, 2.0**128, 2),
+        ("reciprocal_inline", lambda x: 1 / x, 2.0**125, 1),
+    ],
+)
+def test_inline_roots_and_reciprocals_against_float64(name, exact, limit, ulps):
+    # int8 steps compute these instead of rsqrt, sqrt and division, which XLA would not
+    # recompute in each kernel that needs them (numerics.rsqrt_inline).
+    from rmsjax._src import numerics
+
+    function = jax.jit(getattr(numerics, name))
+    x = _normal_float32s(200_000)
+    x = x[x.astype(np.float64) < limit]
+    want = exact(x.astype(np.float64)).astype(np.float32)
+    got = np.asarray(function(x))
+    normal = want >= np.float32(2.0**-126)
+    assert np.all(_ulps(got[normal], want[normal]) <= ulps)
+    # the special values as jax.lax.rsqrt, jnp.sqrt and 1 / x give them
+    specials = np.float32([0.0, np.inf, np.nan])
+    with np.errstate(divide="ignore"):
+        np.testing.assert_array_equal(
+            np.asarray(function(specials)), exact(specials.astype(np.float64)).astype(np.float32)
+        )
+    if name == "rsqrt_inline":
+        assert np.isnan(np.asarray(function(np.float32([-1.0, -np.inf])))).all()
+    if name == "reciprocal_inline":
+        assert np.asarray(function(np.float32([2.0**125, 3e38]))).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.1])
+def test_inline_inverse_root_matches_the_plain_one(eps_in_sqrt, eps):
+    from rmsjax._src import numerics
+
+    value = np.concatenate([[0.0], _normal_float32s(50_000)]).astype(np.float32)
+    value = value[value < 2.0**104]  # the moments' range (numerics.MomentRange)
+    eps32 = np.float32(eps)
+
+    def both(v):
+        return [numerics.inverse_root(v, eps32, eps32, eps_in_sqrt, inline) for inline in (0, 1)]
+
+    plain, inline = (np.asarray(a) for a in jax.jit(both)(value))
+    assert np.array_equal(np.isinf(plain), np.isinf(inline))
+    finite = np.isfinite(plain) & (plain >= np.float32(2.0**-125))
+    assert np.all(_ulps(inline[finite], plain[finite]) <= 4)

@@ -62,7 +62,8 @@ def accumulate(
     concrete_eps = validate.concrete_value(eps)
     tiny = numerics.needs_tiny_mode(slot_dtype, concrete_eps, eps_in_sqrt)
     old = storage_lib.load_moment(slot, dtype, tiny)
-    new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square)
+    inline = isinstance(slot, storage_lib.QuantizedArray)  # see numerics.rsqrt_inline
+    new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square, inline)
     stored, new = storage_lib.keep_moment(new, slot, read_back, tiny)
     scale, value, eps_squared, eps_linear = numerics.moment_operands(
         new, slot_dtype, tiny, concrete_eps if tiny else eps

@@ -169,6 +169,66 @@ def shift_bits(
     return jax.lax.bitcast_convert_type(bits, x.dtype)
 
 
+def rsqrt_inline(x: jax.Array) -> jax.Array:
+    """``1 / sqrt(x)`` for float32 ``x``, in multiplies, adds and bit operations only: an
+    estimate from the exponent bits and three Newton steps, within 1 ulp of the rounded
+    value for every normal ``x > 0``, as XLA's own ``rsqrt`` on a CPU (Lomont, Fast
+    inverse square root, 2003). As
+    ``jax.lax.rsqrt``: ``inf`` at 0, 0 at ``inf``, NaN below 0 and at NaN.
+
+    XLA counts a square root, a reciprocal square root or a division as expensive and
+    never computes one twice: a value that needs one and is read by several kernels is
+    written to memory in full. These operations are cheap to XLA, so each kernel that
+    needs the value recomputes it where it stands (the step of an int8 momentum buffer,
+    whose block scale and codes are computed in two kernels besides the parameter's)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    y = jax.lax.bitcast_convert_type(jnp.int32(0x5F375A86) - jnp.right_shift(bits, 1), x.dtype)
+    for _ in range(3):
+        # (x y) y, not x (y y): y y under- or overflows at the ends of the range; the
+        # correction is added last, so the final step rounds once more, not twice
+        y = y + y * (0.5 - 0.5 * ((x * y) * y))
+    y = jnp.where(x == 0, jnp.inf, y)
+    y = jnp.where(x == jnp.inf, 0.0, y)
+    return jnp.where(x < 0, jnp.nan, y)
+
+
+def reciprocal_inline(x: jax.Array) -> jax.Array:
+    """``1 / x`` for float32 ``x >= 0``, in multiplies and adds (an estimate from the
+    exponent bits, four Newton steps): see :func:`rsqrt_inline` for why. ``inf`` at 0,
+    0 from 2^125 up (where the estimate falls under float32's normal range; the moments'
+    roots and ``eps`` stay far below), NaN at NaN."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    y = jax.lax.bitcast_convert_type(jnp.int32(0x7EF311C3) - bits, x.dtype)
+    for _ in range(4):
+        y = y + y * (1.0 - x * y)
+    y = jnp.where(x == 0, jnp.inf, y)
+    return jnp.where(x >= 2.0**125, 0.0, y)
+
+
+def inverse_root(
+    value: jax.Array, eps_squared: Any, eps_linear: Any, eps_in_sqrt: bool, inline: bool = False
+) -> jax.Array:
+    """A second moment's scaling: ``1 / sqrt(value + eps_squared)``, or with
+    ``eps_in_sqrt=False`` ``1 / (sqrt(value) + eps_linear)``, computed as optax computes
+    it; with ``inline`` (float32 only) from :func:`rsqrt_inline` and
+    :func:`reciprocal_inline`, within a few ulp of it, which XLA recomputes in every
+    kernel that reads it instead of keeping it in memory."""
+    inline = inline and value.dtype == jnp.float32
+    if eps_in_sqrt:
+        x = value + eps_squared
+        return rsqrt_inline(x) if inline else jax.lax.rsqrt(x)
+    if not inline:
+        return 1 / (jnp.sqrt(value) + eps_linear)
+    return reciprocal_inline(sqrt_inline(value) + eps_linear)
+
+
+def sqrt_inline(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for float32 ``x >= 0`` as ``x * rsqrt_inline(x)`` (see
+    :func:`rsqrt_inline` for why): 0 at 0, ``inf`` at ``inf``, within 2 ulp elsewhere."""
+    root = jnp.where(x == 0, 0.0, x * rsqrt_inline(x))
+    return jnp.where(x == jnp.inf, jnp.inf, root)
+
+
 def moment_range(slot_dtype: Any) -> MomentRange:
     """The :class:`MomentRange` of a slot kept in ``slot_dtype`` (int8 slots: float32)."""
     dtype = jnp.dtype(slot_dtype)
@@ -190,12 +250,21 @@ def needs_tiny_mode(slot_dtype: Any, eps: Any, eps_in_sqrt: bool) -> bool:
 
 
 def accumulate_moment(
-    old: jax.Array, g: jax.Array, combine: Any, slot_dtype: Any, tiny: bool, square: Any = None
+    old: jax.Array,
+    g: jax.Array,
+    combine: Any,
+    slot_dtype: Any,
+    tiny: bool,
+    square: Any = None,
+    inline: bool = False,
 ):
     """``combine(square(g), old)`` in the moment encoding, from ``old`` in that encoding.
 
     ``square`` is ``|g|^2`` by default; a rule that keeps a statistic of the squares
     (the row-wise mean, say) passes its own, of degree 2 in ``g``.
+
+    With ``inline`` (int8 slots) the tiny fallback takes its square root with
+    :func:`sqrt_inline`, which XLA recomputes where the moment is encoded.
 
     ``combine`` is the rule's own formula, e.g. ``lambda sq, nu: (1 - d) * sq + d * nu``
     (RMSprop) or ``lambda sq, s: sq + s`` (Adagrad); it must be homogeneous (scaling
@@ -237,7 +306,8 @@ def accumulate_moment(
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     is_tiny = (nu < limits.low) & (nu_up > 0)
-    return jnp.where(is_tiny, -scale_exponent(jnp.sqrt(nu_up), -t), result)
+    root = sqrt_inline(nu_up) if inline and nu_up.dtype == jnp.float32 else jnp.sqrt(nu_up)
+    return jnp.where(is_tiny, -scale_exponent(root, -t), result)
 
 
 def moment_operands(nu: jax.Array, slot_dtype: Any, tiny: bool, eps: Any):

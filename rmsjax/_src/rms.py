@@ -159,7 +159,16 @@ def rms_rule(
             )
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value
-        nu_hat = nu_scaled if correction is None else nu_scaled / correction.astype(dtype)
+        # With int8 state the step is computed again in each kernel that encodes a
+        # block (see numerics.inverse_root): no square root or division in it.
+        inline = isinstance(slots[0], storage_lib.QuantizedArray)
+
+        def over(x, c):  # x / c; inline, times 1 / c (a scalar's, or computed inline)
+            if not inline:
+                return x / c
+            return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
+
+        nu_hat = nu_scaled if correction is None else over(nu_scaled, correction.astype(dtype))
         if centered:
             mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
             mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
@@ -169,18 +178,18 @@ def rms_rule(
                 # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
                 if correction is not None:
                     c = correction.astype(dtype)
-                    nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat / c) * (1 - c), 0)
+                    nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(over(mu_hat, c)) * (1 - c), 0)
             else:
-                mu_hat = mu_hat if correction is None else mu_hat / correction.astype(dtype)
+                mu_hat = mu_hat if correction is None else over(mu_hat, correction.astype(dtype))
                 nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
-        if eps_in_sqrt:
-            scaling = jax.lax.rsqrt(nu_hat + moment.eps_squared)
-            if centered:
-                # A zero variance (a constant gradient) leaves eps alone, which counts as
-                # 0 above the range; the step is then g / sqrt(eps), unscaled.
-                scaling = jnp.where(nu_hat > 0, scaling, jax.lax.rsqrt(eps + 0 * nu_hat) / scale)
-        else:
-            scaling = 1 / (jnp.sqrt(nu_hat) + moment.eps_linear)
+        scaling = numerics.inverse_root(
+            nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, inline
+        )
+        if eps_in_sqrt and centered:
+            # A zero variance (a constant gradient) leaves eps alone, which counts as
+            # 0 above the range; the step is then g / sqrt(eps), unscaled.
+            unscaled = numerics.inverse_root(eps + 0 * nu_hat, 0, 0, True, inline)
+            scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
         update = scaling * (g_c * scale)
         if guard_zero:
             # A zero gradient gives a zero update even where the scaling is infinite

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
@@ -104,10 +103,13 @@ def rss_rule(
         )
         scale, value = moment.scale, moment.value
         seen = moments.ever_nonzero(moment, g_c != 0, eps)
-        if eps_in_sqrt:
-            scaling = jnp.where(seen, jax.lax.rsqrt(value + moment.eps_squared), 0.0)
-        else:
-            scaling = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
+        # int8 state: recomputed where a following int8 momentum encodes it (see
+        # numerics.inverse_root)
+        inline = isinstance(slots[0], storage_lib.QuantizedArray)
+        scaling = numerics.inverse_root(
+            value, moment.eps_squared, moment.eps_linear, eps_in_sqrt, inline
+        )
+        scaling = jnp.where(seen, scaling, 0.0)
         update = scaling * (g_c * scale)
         return update.astype(g.dtype), (moment.stored,)
 
