@@ -11,7 +11,8 @@ Three measurements, printed as tables and written to the memory section of
    relative to the same optimizer with float32 state (medians of alternating single
    calls, as timings on shared machines drift); and at scale, on one leaf of 4M
    parameters and on 1000 leaves of 16k, the step's **peak memory** in XLA's own
-   accounting of the compiled step (arguments and temporaries) beside its time.
+   accounting of the compiled step (arguments and temporaries) beside its time, and
+   the compile's time and peak memory (each optimizer in a process of its own).
 3. **Training quality**: an MLP classifier (64 -> 256 -> 256 -> 10) on scikit-learn's
    handwritten digits, the same minibatches and steps for every option, several seeds:
    final training loss (over the whole training set) and test accuracy, and a PNG of

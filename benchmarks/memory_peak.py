@@ -10,6 +10,9 @@ the float32-state step; compile time is the first ``lower + compile``.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -47,47 +50,88 @@ def peak_bytes(compiled) -> tuple[int, int, int]:
     return arguments, temporaries, arguments + temporaries + extra_outputs
 
 
+def reset_peak_memory() -> None:
+    """Resets this process's peak resident memory (Linux: ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory since the last reset, in GB (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure_peak(rounds: int, quick: bool = False) -> list[dict]:
-    """One row per (tree, optimizer, storage option)."""
+    """One row per (tree, optimizer, storage option). Each (tree, optimizer) group runs in
+    a process of its own: compiling an int8 step of 1000 leaves takes 20 GB and more at
+    its peak (docs/memory.md), which a process shared with the earlier groups may not
+    have left on a 24 GiB machine."""
     rows = []
-    for label, (leaves, shape) in (QUICK_SHAPES if quick else SHAPES).items():
-        params = tree(leaves, shape)
-        grads = jax.tree.map(lambda p: p * 1e-2, tree(leaves, shape, seed=1))
-        count = leaves * shape[0] * shape[1]
-        for algorithm, build in ALGORITHMS.items():
-            runners, found = {}, {}
-            for storage in STORAGES:
-                tx = build(storage)
-                step = jax.jit(
-                    lambda p, s, g, tx=tx: rj.update_and_apply(tx, g, s, p),
-                    donate_argnums=(0, 1),
-                )
-                p = jax.tree.map(jnp.copy, params)
-                state = tx.init(p)
-                start = time.perf_counter()
-                compiled = step.lower(p, state, grads).compile()
-                compile_s = time.perf_counter() - start
-                arguments, temporaries, peak = peak_bytes(compiled)
-                run = step_runner(compiled, p, state, grads)
-                run()
-                runners[storage] = run
-                found[storage] = {
-                    "tree": label,
-                    "algorithm": algorithm,
-                    "storage": storage,
-                    "arguments": arguments / count,
-                    "temporaries": temporaries / count,
-                    "peak": peak / count,
-                    "compile_s": compile_s,
-                }
-                print(
-                    f"  {label:<11} {algorithm:<17} {storage:<9} peak {peak / count:5.2f} B/param"
-                    f" (temporaries {temporaries / count:5.2f}), compile {compile_s:6.1f} s"
-                )
-            medians = median_seconds(runners, rounds)
-            for storage in STORAGES:
-                found[storage]["step_ms"] = medians[storage] * 1e3
-                found[storage]["relative"] = medians[storage] / medians["float32"]
-                rows.append(found[storage])
-            del runners
+    for label in QUICK_SHAPES if quick else SHAPES:
+        for algorithm in ALGORITHMS:
+            command = [sys.executable, __file__, label, algorithm, str(rounds)]
+            if quick:
+                command.append("--quick")
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{label} {algorithm}: {done.stderr[-2000:]}")
+            *printed, found = done.stdout.rstrip("\n").split("\n")
+            print("\n".join(printed), flush=True)
+            rows += json.loads(found)
     return rows
+
+
+def measure_group(label: str, algorithm: str, rounds: int, quick: bool) -> list[dict]:
+    """The rows of one tree and one optimizer, its storage options called in turn."""
+    leaves, shape = (QUICK_SHAPES if quick else SHAPES)[label]
+    params = tree(leaves, shape)
+    grads = jax.tree.map(lambda p: p * 1e-2, tree(leaves, shape, seed=1))
+    count = leaves * shape[0] * shape[1]
+    runners, found = {}, {}
+    for storage in STORAGES:
+        tx = ALGORITHMS[algorithm](storage)
+        step = jax.jit(
+            lambda p, s, g, tx=tx: rj.update_and_apply(tx, g, s, p),
+            donate_argnums=(0, 1),
+        )
+        p = jax.tree.map(jnp.copy, params)
+        state = tx.init(p)
+        reset_peak_memory()
+        start = time.perf_counter()
+        compiled = step.lower(p, state, grads).compile()
+        compile_s = time.perf_counter() - start
+        compile_gb = peak_memory_gb()
+        arguments, temporaries, peak = peak_bytes(compiled)
+        run = step_runner(compiled, p, state, grads)
+        run()
+        runners[storage] = run
+        found[storage] = {
+            "tree": label,
+            "algorithm": algorithm,
+            "storage": storage,
+            "arguments": arguments / count,
+            "temporaries": temporaries / count,
+            "peak": peak / count,
+            "compile_s": compile_s,
+            "compile_gb": compile_gb,
+        }
+        print(
+            f"  {label:<11} {algorithm:<17} {storage:<9} peak {peak / count:5.2f} B/param"
+            f" (temporaries {temporaries / count:5.2f}), compile {compile_s:6.1f} s,"
+            f" {compile_gb:.1f} GB",
+            flush=True,
+        )
+    medians = median_seconds(runners, rounds)
+    for storage in STORAGES:
+        found[storage]["step_ms"] = medians[storage] * 1e3
+        found[storage]["relative"] = medians[storage] / medians["float32"]
+    return [found[storage] for storage in STORAGES]
+
+
+if __name__ == "__main__":  # one group, for measure_peak: its rows as JSON, last
+    label, algorithm, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    print(json.dumps(measure_group(label, algorithm, rounds, "--quick" in sys.argv)))

@@ -58,17 +58,20 @@ def peak_section(rows, rounds) -> list[str]:
         "(`compile().memory_analysis()`): arguments (parameters, gradients and state), "
         "temporaries, and the peak (their sum: every output is written over its donated "
         f"input). Step time: median of {rounds} single calls, the three storage options "
-        "of one optimizer called in turn; compile: the first `lower` + `compile`.",
+        "of one optimizer called in turn; compile: the first `lower` + `compile`, and the "
+        "process's peak resident memory while it ran (each tree and optimizer in a "
+        "process of its own).",
         "",
         "| tree | optimizer | state | arguments B/param | temporaries B/param | "
-        "peak B/param | step ms | vs float32 state | compile s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "peak B/param | step ms | vs float32 state | compile s | compile GB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['tree']} | {row['algorithm']} | {row['storage']} | "
             f"{row['arguments']:.2f} | {row['temporaries']:.2f} | {row['peak']:.2f} | "
-            f"{row['step_ms']:.2f} | {row['relative']:.2f}x | {row['compile_s']:.1f} |"
+            f"{row['step_ms']:.2f} | {row['relative']:.2f}x | {row['compile_s']:.1f} | "
+            f"{row['compile_gb']:.1f} |"
         )
     lines += [
         "",

@@ -74,8 +74,9 @@ def zero_count() -> jax.Array:
 # The two negative ranges do not overlap (TINY_ROOT separates them). The ordinary
 # case computes exactly the formula optax computes, and each fallback computes the same
 # formula on operands scaled by a power of two (exact), so ordinary steps stay bit for
-# bit what they were, and on XLA CPU the selects cost no measurable step time (the
-# step is bound by memory traffic; measured on 4M float32 elements in one process).
+# bit what they were. The fallback is computed for every element of every step: on a
+# 2-core CPU it makes a one-leaf step 8-22% slower than optax's, against 0-9% without it
+# (docs/numerics.md, "Cost").
 
 
 class MomentRange(NamedTuple):
@@ -149,8 +150,7 @@ def shift_bits(
     the normal range; 0 under it, or under ``2**floor`` when ``floor`` is given; with
     ``k < 0``, 0 for a negative ``x`` (without ``magnitude``). With ``k > 0`` a zero or
     negative ``x`` gives a wrong value: the callers pass none there. A few integer
-    operations per element, which cost no measurable time in a step bound by memory
-    traffic (the general, exact form is :func:`scale_exponent`).
+    operations per element (the general, exact form is :func:`scale_exponent`).
 
     No result is subnormal, and with ``floor`` none is so small that squaring it or
     scaling it by a weight underflows: where the floating-point unit does not flush
