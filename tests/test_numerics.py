@@ -210,7 +210,7 @@ def test_inline_inverse_root_matches_the_plain_one(eps_in_sqrt, eps):
     eps32 = np.float32(eps)
 
     def both(v):
-        return [numerics.inverse_root(v, eps32, eps32, eps_in_sqrt, inline) for inline in (0, 1)]
+        return [numerics.inverse_root(v, eps32, eps32, eps_in_sqrt, i) for i in (False, True)]
 
     plain, inline = (np.asarray(a) for a in jax.jit(both)(value))
     assert np.array_equal(np.isinf(plain), np.isinf(inline))
