@@ -653,3 +653,18 @@ def test_int8_momentum_stays_close_to_float32_state(name):
         # an absolute floor for the sums that cancel to near 0
         floor = 1e-5 * np.max(np.abs(displacement))
         np.testing.assert_allclose(want, displacement, rtol=1e-4, atol=floor)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_centered_int8_zero_variance_steps_by_eps_in_every_dtype(dtype):
+    # A gradient equal to its mean has zero variance: the step is g / sqrt(eps). The
+    # int8 path computes it without a division in float32 only (numerics.rsqrt_inline);
+    # a float64 step once took that path too and divided by a garbage reciprocal.
+    with jax.enable_x64(dtype == jnp.float64):
+        params = {"w": jnp.ones((16, 512), dtype)}
+        tx = rj.scale_by_rms(eps=1e-8, centered=True, storage="int8")
+        state = tx.init(params)
+        state = state._replace(mu={"w": rj.quantize(jnp.ones((16, 512)), signed=True)})
+        updates, _ = jax.jit(tx.update)(params, state, params)
+        assert updates["w"].dtype == dtype
+        np.testing.assert_allclose(np.asarray(updates["w"]), 1e4, rtol=1e-6)

@@ -160,8 +160,8 @@ def rms_rule(
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value
         # With int8 state the step is computed again in each kernel that encodes a
-        # block (see numerics.inverse_root): no square root or division in it.
-        inline = isinstance(slots[0], storage_lib.QuantizedArray)
+        # block (see numerics.inverse_root): no square root or division in it (float32).
+        inline = isinstance(slots[0], storage_lib.QuantizedArray) and dtype == jnp.float32
 
         def over(x, c):  # x / c; inline, times 1 / c (a scalar's, or computed inline)
             if not inline:
