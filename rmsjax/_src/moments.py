@@ -22,6 +22,9 @@ class MomentStep(NamedTuple):
       value: the true moment times ``scale**2``, in range.
       eps_squared: ``eps * scale**2``, to add to ``value`` under the root.
       eps_linear: ``eps * scale``, to add to the root of ``value``.
+      inline: whether the step computes its roots and divisions with
+        :func:`numerics.rsqrt_inline` and its kin (an int8 slot, float32 compute), so
+        that XLA recomputes them in each kernel that encodes the state.
 
     The step on the true moment is ``(g * scale) / sqrt(value + eps_squared)`` or
     ``(g * scale) / (sqrt(value) + eps_linear)``.
@@ -33,6 +36,7 @@ class MomentStep(NamedTuple):
     value: jax.Array
     eps_squared: Any
     eps_linear: Any
+    inline: bool = False
 
 
 def accumulate(
@@ -62,13 +66,13 @@ def accumulate(
     concrete_eps = validate.concrete_value(eps)
     tiny = numerics.needs_tiny_mode(slot_dtype, concrete_eps, eps_in_sqrt)
     old = storage_lib.load_moment(slot, dtype, tiny)
-    inline = isinstance(slot, storage_lib.QuantizedArray)  # see numerics.rsqrt_inline
+    inline = isinstance(slot, storage_lib.QuantizedArray) and dtype == jnp.float32
     new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square, inline)
     stored, new = storage_lib.keep_moment(new, slot, read_back, tiny)
     scale, value, eps_squared, eps_linear = numerics.moment_operands(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )
-    return MomentStep(stored, new, scale, value, eps_squared, eps_linear)
+    return MomentStep(stored, new, scale, value, eps_squared, eps_linear, inline)
 
 
 def ever_nonzero(step: MomentStep, nonzero_gradient: jax.Array, eps: Any) -> jax.Array:

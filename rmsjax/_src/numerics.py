@@ -210,10 +210,9 @@ def inverse_root(
 ) -> jax.Array:
     """A second moment's scaling: ``1 / sqrt(value + eps_squared)``, or with
     ``eps_in_sqrt=False`` ``1 / (sqrt(value) + eps_linear)``, computed as optax computes
-    it; with ``inline`` (float32 only) from :func:`rsqrt_inline` and
+    it; with ``inline`` (float32 ``value`` only) from :func:`rsqrt_inline` and
     :func:`reciprocal_inline`, within a few ulp of it, which XLA recomputes in every
     kernel that reads it instead of keeping it in memory."""
-    inline = inline and value.dtype == jnp.float32
     if eps_in_sqrt:
         x = value + eps_squared
         return rsqrt_inline(x) if inline else jax.lax.rsqrt(x)
@@ -263,7 +262,7 @@ def accumulate_moment(
     ``square`` is ``|g|^2`` by default; a rule that keeps a statistic of the squares
     (the row-wise mean, say) passes its own, of degree 2 in ``g``.
 
-    With ``inline`` (int8 slots) the tiny fallback takes its square root with
+    With ``inline`` (int8 slots, float32 only) the tiny fallback takes its square root with
     :func:`sqrt_inline`, which XLA recomputes where the moment is encoded.
 
     ``combine`` is the rule's own formula, e.g. ``lambda sq, nu: (1 - d) * sq + d * nu``
@@ -306,7 +305,7 @@ def accumulate_moment(
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     is_tiny = (nu < limits.low) & (nu_up > 0)
-    root = sqrt_inline(nu_up) if inline and nu_up.dtype == jnp.float32 else jnp.sqrt(nu_up)
+    root = sqrt_inline(nu_up) if inline else jnp.sqrt(nu_up)
     return jnp.where(is_tiny, -scale_exponent(root, -t), result)
 
 

@@ -160,8 +160,8 @@ def rms_rule(
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value
         # With int8 state the step is computed again in each kernel that encodes a
-        # block (see numerics.inverse_root): no square root or division in it (float32).
-        inline = isinstance(slots[0], storage_lib.QuantizedArray) and dtype == jnp.float32
+        # block (see numerics.inverse_root): no square root or division in it.
+        inline = moment.inline
 
         def over(x, c):  # x / c; inline, times 1 / c (a scalar's, or computed inline)
             if not inline:
@@ -183,7 +183,7 @@ def rms_rule(
                 mu_hat = mu_hat if correction is None else over(mu_hat, correction.astype(dtype))
                 nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
         scaling = numerics.inverse_root(
-            nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, inline
+            nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
         if eps_in_sqrt and centered:
             # A zero variance (a constant gradient) leaves eps alone, which counts as

@@ -105,9 +105,8 @@ def rss_rule(
         seen = moments.ever_nonzero(moment, g_c != 0, eps)
         # int8 state: recomputed where a following int8 momentum encodes it (see
         # numerics.inverse_root)
-        inline = isinstance(slots[0], storage_lib.QuantizedArray)
         scaling = numerics.inverse_root(
-            value, moment.eps_squared, moment.eps_linear, eps_in_sqrt, inline
+            value, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
         scaling = jnp.where(seen, scaling, 0.0)
         update = scaling * (g_c * scale)
