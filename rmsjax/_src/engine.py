@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rmsjax._src import base, sharding
+from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 
 Blocks = tuple[tuple[int, ...], ...]
@@ -201,7 +202,7 @@ def run(
         param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
 
     new_shared, context = rule.step_shared(shared)
-    step_leaf = leaf_stepper(rule, context, apply, leaves)
+    step_leaf = leaf_stepper(rule, context, apply, leaves, in_turn_lib.worth_it(per_block))
     step_block = _block_stepper(rule, context, apply, leaves)
     out_leaves: list = [None] * len(leaves)
     new_slot_lists: list[list] = [[] for _ in range(rule.num_slots)]
@@ -220,7 +221,9 @@ def run(
     return treedef.unflatten(out_leaves), new_state
 
 
-def leaf_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any]) -> Callable:
+def leaf_stepper(
+    rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any], in_turn: bool = False
+) -> Callable:
     """``(g, slots, param) -> (update or new param, slots)`` for one leaf.
 
     Under a trace (inside ``jit``, ``grad``, ``vmap``...) the per-leaf step is itself
@@ -230,9 +233,16 @@ def leaf_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[Any
     as with the step written out leaf by leaf; a model with thousands of same-shaped
     leaves traces and lowers in a fraction of the time. Outside a trace the leaves run
     op by op, as any eager JAX code does.
+
+    With ``in_turn``, under a trace, a leaf whose slots are all int8 has them encoded one
+    after another (:func:`in_turn.step`): the same values, without XLA's copies of the
+    old codes (op by op there is nothing to copy).
     """
+    in_turn = in_turn and any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
     def step(g, slots, param):
+        if in_turn and in_turn_lib.applies(rule, g, slots):
+            return in_turn_lib.step(rule, context, apply, g, slots, param)
         update, slots = rule.update_leaf(g, slots, context, param)
         return (base.apply_leaf(param, update) if apply else update), slots
 

@@ -43,7 +43,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -234,7 +237,31 @@ def blocks_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (-(-math.prod(shape) // BLOCK_SIZE), BLOCK_SIZE)
 
 
+_BLOCK_VIEW: contextvars.ContextVar[bool] = contextvars.ContextVar("block_view", default=False)
+
+
+@contextlib.contextmanager
+def block_view() -> Iterator[None]:
+    """While tracing under it, arrays given to :func:`quantize` and read from
+    :func:`dequantize` are taken to be in the codes' block layout already (shape
+    ``codes.shape``): no reshape, padding or slice between the codes and the values. A
+    kernel that reads old codes and writes new ones then touches them at the same index
+    only, and XLA can write the new codes over the old (see :mod:`rmsjax._src.in_turn`)."""
+    token = _BLOCK_VIEW.set(True)
+    try:
+        yield
+    finally:
+        _BLOCK_VIEW.reset(token)
+
+
+def to_blocks(x: jax.Array) -> jax.Array:
+    """``x`` in the block layout of its codes: ``blocks_shape(x.shape)``, zero-padded."""
+    return _to_blocks(x)
+
+
 def _to_blocks(x: jax.Array) -> jax.Array:
+    if _BLOCK_VIEW.get():
+        return x
     target = blocks_shape(x.shape)
     flat = x.reshape(-1)
     pad = math.prod(target) - flat.size
@@ -244,6 +271,8 @@ def _to_blocks(x: jax.Array) -> jax.Array:
 
 
 def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    if _BLOCK_VIEW.get():
+        return blocks
     return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
@@ -307,10 +336,15 @@ def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape
 
     The block's scale comes from the exponents alone. ``values`` can then be computed
     where the codes are, and need not be kept in memory for the maximum (XLA on a CPU
-    writes out whatever a reduction reads): the exponents take one byte per element.
-    An exponent of 255 (inf or NaN) makes the block's scale infinite, so that every
-    element of it decodes to inf or NaN: a NaN is never turned into a finite value."""
-    top = jnp.max(exponents.astype(jnp.uint8), axis=-1).astype(jnp.int32)
+    writes out whatever a reduction reads): the kernel that computes them takes the
+    larger of each pair, so the reduction reads half a byte per element. (A ``select``,
+    not ``maximum``: XLA CPU hands an elementwise maximum to its reduction library,
+    which then reads both halves in full.) An exponent of 255 (inf or NaN) makes the
+    block's scale infinite, so that every element of it decodes to inf or NaN: a NaN
+    is never turned into a finite value."""
+    exponents = exponents.astype(jnp.uint8)
+    even, odd = exponents[..., 0::2], exponents[..., 1::2]
+    top = jnp.max(jnp.where(even > odd, even, odd), axis=-1).astype(jnp.int32)
     scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23), jnp.float32)  # 2^(top-127)
     # |values| / scale as two products by normal powers of two, exact where the quotient
     # is normal (it is under 2^-126 only far below the smallest code).

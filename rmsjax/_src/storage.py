@@ -22,7 +22,10 @@ The int8 format (codes, rounding, block layout) is in :mod:`rmsjax._src.quantiza
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -76,10 +79,34 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     return value.astype(dtype)
 
 
+_SLOTS_KEPT: contextvars.ContextVar[tuple[bool, Any]] = contextvars.ContextVar(
+    "slots_kept", default=(False, None)
+)
+
+
+@contextlib.contextmanager
+def slots_kept(but: Any = None) -> Iterator[None]:
+    """While tracing under it, storing a value in an int8 slot other than ``but`` returns
+    the slot as it was: a step traced so computes its update and the new ``but`` alone,
+    and each new int8 slot is computed apart (see :mod:`rmsjax._src.in_turn`)."""
+    token = _SLOTS_KEPT.set((True, but))
+    try:
+        yield
+    finally:
+        _SLOTS_KEPT.reset(token)
+
+
+def _kept(slot: QuantizedArray) -> bool:
+    keeping, but = _SLOTS_KEPT.get()
+    return keeping and slot is not but
+
+
 def store_moment(value: jax.Array, slot: Any) -> Any:
     """A second moment in the encoding, in the format of ``slot``."""
     if not isinstance(slot, QuantizedArray):
         return value.astype(slot.dtype)
+    if _kept(slot):
+        return slot
     limits = numerics.moment_range(jnp.float32)
     value = jnp.asarray(value, jnp.float32)
     blocks = _to_blocks(value)
@@ -185,5 +212,5 @@ def keep(value: jax.Array, slot: Any, read_back: bool) -> tuple[Any, jax.Array]:
 def store(value: jax.Array, slot: Any) -> Any:
     """``value`` in the format of ``slot`` (same dtype, or requantized)."""
     if isinstance(slot, QuantizedArray):
-        return quantize(value, signed=slot.signed)
+        return slot if _kept(slot) else quantize(value, signed=slot.signed)
     return value.astype(slot.dtype)
