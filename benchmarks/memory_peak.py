@@ -6,6 +6,12 @@ and state), plus the temporaries the step allocates, plus any output that could 
 written over its donated input. Step time is the median of single calls, the three
 storage options of one optimizer called in turn (see ``alternating.py``), as a ratio to
 the float32-state step; compile time is the first ``lower + compile``.
+
+Timed with them, "codes alone" re-encodes the int8 state and nothing else: every
+quantized slot decoded and encoded again (``quantize(dequantize(q))``), jitted and
+donated, with no optimizer arithmetic. An int8 step must do that much beyond a float32
+one, so its ratio to the float32-state step is a floor, on this machine, for the int8
+step's.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +121,8 @@ def measure_group(label: str, algorithm: str, rounds: int, quick: bool) -> list[
         compile_s = time.perf_counter() - start
         compile_gb = peak_memory_gb()
         arguments, temporaries, peak = peak_bytes(compiled)
+        if storage == "int8":  # a copy for the codes-alone runner (the step donates its own)
+            found_state = jax.tree.map(jnp.copy, state)
         run = step_runner(compiled, p, state, grads)
         run()
         runners[storage] = run
@@ -127,17 +136,48 @@ def measure_group(label: str, algorithm: str, rounds: int, quick: bool) -> list[
             "compile_s": compile_s,
             "compile_gb": compile_gb,
         }
+        if storage == "int8":
+            found[storage]["state"] = found_state
         print(
             f"  {label:<11} {algorithm:<17} {storage:<9} peak {peak / count:5.2f} B/param"
             f" (temporaries {temporaries / count:5.2f}), compile {compile_s:6.1f} s,"
             f" {compile_gb:.1f} GB",
             flush=True,
         )
+    runners[CODES_ALONE] = codes_runner(found["int8"].pop("state"))
+    for storage in STORAGES:
+        found[storage].pop("state", None)
     medians = median_seconds(runners, rounds)
     for storage in STORAGES:
         found[storage]["step_ms"] = medians[storage] * 1e3
         found[storage]["relative"] = medians[storage] / medians["float32"]
+    found["int8"]["codes_alone"] = medians[CODES_ALONE] / medians["float32"]
     return [found[storage] for storage in STORAGES]
+
+
+CODES_ALONE = "codes alone"
+
+
+def codes_runner(state) -> Callable[[], None]:
+    """One call of a jitted, donated re-encoding of every quantized slot of ``state``:
+    the decoding and encoding an int8 step does, and nothing else (see the notes above)."""
+    quantized = lambda x: isinstance(x, rj.QuantizedArray)  # noqa: E731
+
+    def recode(state):
+        return jax.tree.map(
+            lambda q: rj.quantize(rj.dequantize(q), signed=q.signed) if quantized(q) else q,
+            state,
+            is_leaf=quantized,
+        )
+
+    step = jax.jit(recode, donate_argnums=0)
+    carry = [jax.tree.map(jnp.copy, state)]
+
+    def run() -> None:
+        carry[0] = jax.block_until_ready(step(carry[0]))
+
+    run()  # compile
+    return run
 
 
 if __name__ == "__main__":  # one group, for measure_peak: its rows as JSON, last

@@ -48,6 +48,11 @@ def plot(results, steps, every, path):
     return True
 
 
+def codes_alone(row) -> str:
+    ratio = row.get("codes_alone")
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def peak_section(rows, rounds) -> list[str]:
     lines = [
         "",
@@ -60,17 +65,22 @@ def peak_section(rows, rounds) -> list[str]:
         f"input). Step time: median of {rounds} single calls, the three storage options "
         "of one optimizer called in turn; compile: the first `lower` + `compile`, and the "
         "process's peak resident memory while it ran (each tree and optimizer in a "
-        "process of its own).",
+        "process of its own). *Codes alone*: timed in the same rounds, the int8 state "
+        "decoded and encoded again and nothing else (`quantize(dequantize(q))` for each "
+        "quantized slot, jitted and donated), as a ratio to the float32-state step: an "
+        "int8 step does that much beyond a float32 one, so it is a floor on this machine "
+        "for the int8 step's ratio.",
         "",
         "| tree | optimizer | state | arguments B/param | temporaries B/param | "
-        "peak B/param | step ms | vs float32 state | compile s | compile GB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "peak B/param | step ms | vs float32 state | codes alone | compile s | compile GB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['tree']} | {row['algorithm']} | {row['storage']} | "
             f"{row['arguments']:.2f} | {row['temporaries']:.2f} | {row['peak']:.2f} | "
-            f"{row['step_ms']:.2f} | {row['relative']:.2f}x | {row['compile_s']:.1f} | "
+            f"{row['step_ms']:.2f} | {row['relative']:.2f}x | {codes_alone(row)} | "
+            f"{row['compile_s']:.1f} | "
             f"{row['compile_gb']:.1f} |"
         )
     lines += [
