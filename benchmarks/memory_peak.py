@@ -92,6 +92,14 @@ def measure_peak(rounds: int, quick: bool = False) -> list[dict]:
             if quick:
                 command.append("--quick")
             done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode < 0:  # killed, as the kernel does a process out of memory
+                reason = f"killed by signal {-done.returncode} (out of memory?)"
+                print(f"  {label:<11} {algorithm:<17} {reason}", flush=True)
+                rows += [
+                    {"tree": label, "algorithm": algorithm, "storage": s, "failed": reason}
+                    for s in STORAGES
+                ]
+                continue
             if done.returncode:
                 raise RuntimeError(f"{label} {algorithm}: {done.stderr[-2000:]}")
             *printed, found = done.stdout.rstrip("\n").split("\n")

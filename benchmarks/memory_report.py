@@ -76,6 +76,12 @@ def peak_section(rows, rounds) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if "failed" in row:  # the group's process did not finish
+            lines.append(
+                f"| {row['tree']} | {row['algorithm']} | {row['storage']} | "
+                f"not measured: {row['failed']} |" + " |" * 7
+            )
+            continue
         lines.append(
             f"| {row['tree']} | {row['algorithm']} | {row['storage']} | "
             f"{row['arguments']:.2f} | {row['temporaries']:.2f} | {row['peak']:.2f} | "
