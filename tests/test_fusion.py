@@ -125,6 +125,53 @@ def test_grouped_equals_per_leaf(name, alias, parts, dtype, block_size):
             assert_trees_equal(rj.group_state(gtx, s1, params), s2)
 
 
+STORAGE_CHAINS = {
+    "rmsprop": lambda storage: rj.rmsprop(1e-3, storage=storage),
+    "rmsprop_momentum": lambda storage: rj.rmsprop(1e-3, momentum=0.9, storage=storage),
+    "rmsprop_centered": lambda storage: rj.rmsprop(
+        1e-3, centered=True, momentum=0.9, storage=storage
+    ),
+    "adagrad": lambda storage: rj.adagrad(1e-2, storage=storage),
+}
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("chain", sorted(STORAGE_CHAINS))
+def test_grouped_keeps_low_precision_state_per_leaf(chain, storage):
+    # Stacked leaves of 4096 elements and more, which int8 quantizes: each row of a
+    # block holds that leaf's own codes and scales, so the numbers, the per-leaf state
+    # and the conversions are those of the ungrouped optimizer, bit for bit.
+    make = STORAGE_CHAINS[chain]
+    tx = make(storage)
+    gtx = rj.grouped(make(storage), block_size=2)
+    params = {
+        "square": [jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64) * (i + 1) for i in range(3)],
+        "rows": [jnp.linspace(-2.0, 2.0, 4096).reshape(16, 256) * (i + 1) for i in range(2)],
+        "small": [jnp.linspace(0.0, 1.0, 30) for _ in range(2)],
+    }
+    s1, s2 = tx.init(params), gtx.init(params)
+    if storage == "int8":
+        block = s2.inner
+        quantized = lambda x: isinstance(x, rj.QuantizedArray)  # noqa: E731
+        codes = [q.codes for q in jax.tree.leaves(block, is_leaf=quantized) if quantized(q)]
+        assert any(jnp.ndim(c) == 4 for c in codes)  # stacked int8 slots
+    assert_trees_equal(rj.ungroup_state(gtx, s2, params), s1)
+    per_leaf = jax.jit(lambda p, s, g: rj.update_and_apply(tx, g, s, p))
+    blocked = jax.jit(lambda p, s, g: rj.update_and_apply(gtx, g, s, p))
+    p1 = p2 = params
+    for step, g in enumerate(trees.gradient_sequence(params, 6, seed=5), 1):
+        if step == 3:  # op by op, and the update alone
+            assert_trees_equal(gtx.update(g, s2, p2)[0], tx.update(g, s1, p1)[0])
+        p1, s1 = per_leaf(p1, s1, g)
+        p2, s2 = blocked(p2, s2, g)
+        assert_trees_equal(p2, p1)
+    assert_trees_equal(rj.ungroup_state(gtx, s2, params), s1)
+    assert_trees_equal(rj.group_state(gtx, s1, params), s2)
+    other = {**params, "square": [x.reshape(32, 128) for x in params["square"]]}
+    with pytest.raises(ValueError, match=r"a block of the state has shape \(2, 64, 64\)"):
+        gtx.update(other, s2, other)
+
+
 def test_grouped_block_layout():
     params = repeated_params()
     blocks = rj.leaf_blocks(params, block_size=2, max_stacked_size=1024)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, sharding
+from rmsjax._src import base, quantization, sharding
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 
@@ -131,8 +131,8 @@ def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_b
         lead = () if len(block) == 1 else (len(block),)
         for declared, slot in zip(rule.slots, slots):
             expected = lead + declared.shape_for(leaf_shape)
-            shape = getattr(slot, "shape", None)
-            if shape is None or tuple(shape) == expected:
+            shape = _slot_shape(slot)
+            if shape is None or shape == expected:
                 continue
             path = path_of(updates, block[0])
             if lead and layout.name is not None:
@@ -148,6 +148,17 @@ def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_b
                 f"but the state holds {tuple(shape)}{needs}. Initialise the optimizer with "
                 "parameters of the gradients' shapes."
             )
+
+
+def _slot_shape(slot: Any) -> tuple[int, ...] | None:
+    """The shape of the array a slot stands for, stacked axes included. An int8 slot's
+    ``shape`` is that of one leaf; in a block of stacked leaves its codes and scales
+    carry the block's leading axis."""
+    if isinstance(slot, quantization.QuantizedArray):
+        stacked = jnp.ndim(slot.codes) - len(quantization.blocks_shape(slot.shape))
+        return tuple(jnp.shape(slot.codes)[:stacked]) + slot.shape
+    shape = getattr(slot, "shape", None)
+    return None if shape is None else tuple(shape)
 
 
 # ------------------------------------------------------------------------------ engine
