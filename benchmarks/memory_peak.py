@@ -39,6 +39,22 @@ ALGORITHMS = {
     "adagrad": lambda storage: rj.adagrad(1e-2, storage=storage),
 }
 STORAGES = ("float32", "bfloat16", "int8")
+GROUPED = "int8, grouped"
+"""On trees of many leaves, also int8 state under ``rj.grouped`` (blocks of up to 16-32
+stacked leaves): each block's step is compiled once instead of once per leaf, which
+takes a fraction of the compile time and memory of per-leaf int8 state there
+(docs/performance.md, "Compile time")."""
+
+
+def contenders(label: str, quick: bool) -> tuple[str, ...]:
+    leaves, _ = (QUICK_SHAPES if quick else SHAPES)[label]
+    return STORAGES + ((GROUPED,) if leaves > 1 else ())
+
+
+def make_tx(algorithm: str, storage: str) -> rj.GradientTransformation:
+    if storage == GROUPED:  # every leaf of these trees is stacked
+        return rj.grouped(ALGORITHMS[algorithm]("int8"), max_stacked_size=1 << 30)
+    return ALGORITHMS[algorithm](storage)
 
 
 def tree(leaves: int, shape: tuple[int, int], seed: int = 0) -> dict:
@@ -81,42 +97,59 @@ def peak_memory_gb() -> float:
 
 
 def measure_peak(rounds: int, quick: bool = False) -> list[dict]:
-    """One row per (tree, optimizer, storage option). Each (tree, optimizer) group runs in
+    """One row per (tree, optimizer, storage option); on trees of many leaves also int8
+    state under ``grouped`` (:data:`GROUPED`). Each (tree, optimizer) group runs in
     a process of its own: compiling an int8 step of 1000 leaves takes 20 GB and more at
     its peak (docs/memory.md), which a process shared with the earlier groups may not
     have left on a 24 GiB machine."""
     rows = []
     for label in QUICK_SHAPES if quick else SHAPES:
         for algorithm in ALGORITHMS:
-            command = [sys.executable, __file__, label, algorithm, str(rounds)]
-            if quick:
-                command.append("--quick")
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode < 0:  # killed, as the kernel does a process out of memory
-                reason = f"killed by signal {-done.returncode} (out of memory?)"
-                print(f"  {label:<11} {algorithm:<17} {reason}", flush=True)
-                rows += [
-                    {"tree": label, "algorithm": algorithm, "storage": s, "failed": reason}
-                    for s in STORAGES
-                ]
-                continue
-            if done.returncode:
-                raise RuntimeError(f"{label} {algorithm}: {done.stderr[-2000:]}")
-            *printed, found = done.stdout.rstrip("\n").split("\n")
-            print("\n".join(printed), flush=True)
-            rows += json.loads(found)
+            rows += _group_rows(label, algorithm, rounds, quick)
     return rows
 
 
-def measure_group(label: str, algorithm: str, rounds: int, quick: bool) -> list[dict]:
-    """The rows of one tree and one optimizer, its storage options called in turn."""
+def _group_rows(label: str, algorithm: str, rounds: int, quick: bool) -> list[dict]:
+    """One group's rows from a process of its own. When that process is killed (out of
+    memory: the int8 compile is the largest), the group is measured again without int8,
+    whose row then says why it is missing."""
+    storages, missing = contenders(label, quick), []
+    while True:
+        command = [sys.executable, __file__, label, algorithm, str(rounds), *storages]
+        if quick:
+            command.append("--quick")
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode >= 0:
+            break
+        reason = f"killed by signal {-done.returncode} (out of memory?)"
+        print(f"  {label:<11} {algorithm:<17} {'/'.join(storages)}: {reason}", flush=True)
+        dropped = ("int8",) if "int8" in storages else storages
+        missing += [
+            {"tree": label, "algorithm": algorithm, "storage": s, "failed": reason} for s in dropped
+        ]
+        storages = tuple(s for s in storages if s not in dropped)
+        if not storages:
+            return missing
+    if done.returncode:
+        raise RuntimeError(f"{label} {algorithm}: {done.stderr[-2000:]}")
+    *printed, found = done.stdout.rstrip("\n").split("\n")
+    print("\n".join(printed), flush=True)
+    order = contenders(label, quick)
+    return sorted(json.loads(found) + missing, key=lambda row: order.index(row["storage"]))
+
+
+def measure_group(
+    label: str, algorithm: str, rounds: int, quick: bool, storages: tuple = STORAGES
+) -> list[dict]:
+    """The rows of one tree and one optimizer, its storage options called in turn
+    (``storages``: float32 first, the reference of the ratios)."""
     leaves, shape = (QUICK_SHAPES if quick else SHAPES)[label]
     params = tree(leaves, shape)
     grads = jax.tree.map(lambda p: p * 1e-2, tree(leaves, shape, seed=1))
     count = leaves * shape[0] * shape[1]
     runners, found = {}, {}
-    for storage in STORAGES:
-        tx = ALGORITHMS[algorithm](storage)
+    for storage in storages:
+        tx = make_tx(algorithm, storage)
         step = jax.jit(
             lambda p, s, g, tx=tx: rj.update_and_apply(tx, g, s, p),
             donate_argnums=(0, 1),
@@ -147,20 +180,20 @@ def measure_group(label: str, algorithm: str, rounds: int, quick: bool) -> list[
         if storage == "int8":
             found[storage]["state"] = found_state
         print(
-            f"  {label:<11} {algorithm:<17} {storage:<9} peak {peak / count:5.2f} B/param"
+            f"  {label:<11} {algorithm:<17} {storage:<13} peak {peak / count:5.2f} B/param"
             f" (temporaries {temporaries / count:5.2f}), compile {compile_s:6.1f} s,"
             f" {compile_gb:.1f} GB",
             flush=True,
         )
-    runners[CODES_ALONE] = codes_runner(found["int8"].pop("state"))
-    for storage in STORAGES:
-        found[storage].pop("state", None)
+    if "int8" in found:
+        runners[CODES_ALONE] = codes_runner(found["int8"].pop("state"))
     medians = median_seconds(runners, rounds)
-    for storage in STORAGES:
+    for storage in storages:
         found[storage]["step_ms"] = medians[storage] * 1e3
         found[storage]["relative"] = medians[storage] / medians["float32"]
-    found["int8"]["codes_alone"] = medians[CODES_ALONE] / medians["float32"]
-    return [found[storage] for storage in STORAGES]
+    if "int8" in found:
+        found["int8"]["codes_alone"] = medians[CODES_ALONE] / medians["float32"]
+    return [found[storage] for storage in storages]
 
 
 CODES_ALONE = "codes alone"
@@ -190,4 +223,5 @@ def codes_runner(state) -> Callable[[], None]:
 
 if __name__ == "__main__":  # one group, for measure_peak: its rows as JSON, last
     label, algorithm, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    print(json.dumps(measure_group(label, algorithm, rounds, "--quick" in sys.argv)))
+    chosen = tuple(s for s in (*STORAGES, GROUPED) if s in sys.argv[4:])
+    print(json.dumps(measure_group(label, algorithm, rounds, "--quick" in sys.argv, chosen)))

@@ -62,14 +62,18 @@ def peak_section(rows, rounds) -> list[str]:
         "Bytes per parameter from XLA's accounting of the compiled step "
         "(`compile().memory_analysis()`): arguments (parameters, gradients and state), "
         "temporaries, and the peak (their sum: every output is written over its donated "
-        f"input). Step time: median of {rounds} single calls, the three storage options "
+        f"input). Step time: median of {rounds} single calls, the storage options "
         "of one optimizer called in turn; compile: the first `lower` + `compile`, and the "
         "process's peak resident memory while it ran (each tree and optimizer in a "
         "process of its own). *Codes alone*: timed in the same rounds, the int8 state "
         "decoded and encoded again and nothing else (`quantize(dequantize(q))` for each "
         "quantized slot, jitted and donated), as a ratio to the float32-state step: an "
         "int8 step does that much beyond a float32 one, so it is a floor on this machine "
-        "for the int8 step's ratio.",
+        "for the int8 step's ratio. *int8, grouped* (trees of many leaves): int8 state "
+        "under `rj.grouped(..., max_stacked_size=2**30)`, which stacks same-shaped leaves "
+        "in blocks of 16-32 and so compiles each block's step once, not each leaf's (see "
+        "docs/performance.md, 'Compile time'). A group whose process is killed (out of "
+        "memory, the int8 compile being the largest) is measured again without int8.",
         "",
         "| tree | optimizer | state | arguments B/param | temporaries B/param | "
         "peak B/param | step ms | vs float32 state | codes alone | compile s | compile GB |",
