@@ -75,7 +75,7 @@ def peak_bytes(compiled) -> tuple[int, int, int]:
 
 def reset_peak_memory() -> None:
     """Resets this process's peak resident memory (Linux: ``/proc/self/clear_refs``;
-    elsewhere nothing, and :func:`peak_memory_gb` reports NaN)."""
+    elsewhere nothing, and :func:`resident_gb` reports NaN)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -83,13 +83,14 @@ def reset_peak_memory() -> None:
         pass
 
 
-def peak_memory_gb() -> float:
-    """This process's peak resident memory since the last reset, in GB (Linux's
-    ``VmHWM``); NaN where ``/proc`` does not report it."""
+def resident_gb(field: str = "VmHWM") -> float:
+    """This process's peak resident memory since the last reset (Linux's ``VmHWM``), or
+    with ``field="VmRSS"`` its resident memory now, in GB; NaN where ``/proc`` does not
+    report it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
@@ -157,10 +158,11 @@ def measure_group(
         p = jax.tree.map(jnp.copy, params)
         state = tx.init(p)
         reset_peak_memory()
+        before_gb = resident_gb("VmRSS")  # the earlier contenders' executables included
         start = time.perf_counter()
         compiled = step.lower(p, state, grads).compile()
         compile_s = time.perf_counter() - start
-        compile_gb = peak_memory_gb()
+        compile_gb = resident_gb() - before_gb
         arguments, temporaries, peak = peak_bytes(compiled)
         if storage == "int8":  # a copy for the codes-alone runner (the step donates its own)
             found_state = jax.tree.map(jnp.copy, state)
