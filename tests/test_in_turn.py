@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
-from rmsjax._src import in_turn
+from rmsjax._src import fusion, in_turn
 
 CHAINS = {  # every rule that keeps int8 state, alone and with int8 momentum
     "rmsprop": lambda: rj.rmsprop(1e-3, storage="int8"),
@@ -49,6 +49,12 @@ def gradients(seed: int):
         }
 
 
+@pytest.fixture
+def small_leaves_in_turn(monkeypatch):
+    """Encode leaves of any size in turn, so that small leaves test the mechanism."""
+    monkeypatch.setattr(in_turn, "MIN_SIZE", 0)
+
+
 def trajectory(tx, apply: bool, monkeypatch, limit: int):
     monkeypatch.setattr(in_turn, "MAX_LEAVES", limit)
     if apply:
@@ -69,6 +75,7 @@ CASES = [(name, True) for name in sorted(CHAINS)] + [
 ]
 
 
+@pytest.mark.usefixtures("small_leaves_in_turn")
 @pytest.mark.parametrize("name,apply", CASES)
 def test_slots_encoded_in_turn_are_the_plain_steps_bit_for_bit(name, apply, monkeypatch):
     tx = CHAINS[name]()
@@ -91,6 +98,7 @@ def peak(tx, params) -> tuple[float, float]:
 # Measured on this jaxlib (0.10.2): 0.52-0.53 bytes per parameter of temporaries (the
 # block scales' half-byte exponents of one slot at a time, and the old scales), against
 # 1.02 (one int8 slot) and 2.03-3.05 (two or three) before the slots were encoded in turn.
+@pytest.mark.usefixtures("small_leaves_in_turn")
 @pytest.mark.parametrize("name", sorted(CHAINS))
 def test_a_step_keeps_no_copy_of_its_old_codes(name, monkeypatch):
     tx = CHAINS[name]()
@@ -104,18 +112,35 @@ def test_a_step_keeps_no_copy_of_its_old_codes(name, monkeypatch):
     assert plain_temporaries > temporaries + 0.4  # the copies this avoids
 
 
-def test_rmsprop_with_int8_momentum_peaks_under_11_bytes_per_parameter():
-    # benchmarks/memory.py's target, on one leaf and on as many leaves as are encoded in
-    # turn; float32 state peaks at 16.
+def test_rmsprop_with_int8_momentum_peaks_under_11_bytes_per_parameter(monkeypatch):
+    # benchmarks/memory.py's target, on one leaf of the smallest size encoded in turn by
+    # default, and on as many small leaves as are encoded in turn when they may be;
+    # float32 state peaks at 16.
     tx = rj.rmsprop(1e-3, momentum=0.9, storage="int8")
-    _, one_leaf = peak(tx, {"w": jnp.ones((1024, 1024))})
+    _, one_leaf = peak(tx, {"w": jnp.ones((in_turn.MIN_SIZE // 1024, 1024))})
+    monkeypatch.setattr(in_turn, "MIN_SIZE", 0)
     leaves = {f"w{i}": jnp.ones((64, 256)) for i in range(in_turn.MAX_LEAVES)}
     _, many = peak(tx, leaves)
     assert one_leaf < 11 and many < 11, (one_leaf, many)
 
 
-def test_only_a_cpu_step_with_few_int8_leaves_is_encoded_in_turn():
-    quantized = (rj.quantize(jnp.ones((4096,)), signed=False),)
-    assert in_turn.worth_it([quantized] * in_turn.MAX_LEAVES) == (jax.default_backend() == "cpu")
-    assert not in_turn.worth_it([quantized] * (in_turn.MAX_LEAVES + 1))
+def test_only_a_cpu_step_with_few_large_int8_leaves_is_encoded_in_turn():
+    cpu = jax.default_backend() == "cpu"
+    large = (rj.quantize(jnp.ones((in_turn.MIN_SIZE,)), signed=False),)
+    small = (rj.quantize(jnp.ones((in_turn.MIN_SIZE // 2,)), signed=False),)
+    assert in_turn.worth_it([large] * in_turn.MAX_LEAVES) == cpu
+    assert not in_turn.worth_it([large] * (in_turn.MAX_LEAVES + 1))
+    assert in_turn.worth_it([large] + [small] * 100) == cpu  # only large leaves count
+    assert not in_turn.worth_it([small] * 10)
     assert not in_turn.worth_it([(jnp.ones(4096),)])  # float32 state: nothing to encode
+    rule = fusion.leaf_rule_of(rj.rmsprop(1e-3, storage="int8"))
+    assert in_turn.applies(rule, jnp.ones(in_turn.MIN_SIZE), large)
+    assert not in_turn.applies(rule, jnp.ones(in_turn.MIN_SIZE // 2), small)
+
+
+def test_small_leaves_keep_the_plain_step_by_default():
+    # Below MIN_SIZE the compiled step would hold more memory for the ordering than the
+    # copies it saves: the step keeps XLA's copies of the old codes.
+    tx = rj.rmsprop(1e-3, momentum=0.9, storage="int8")
+    temporaries, _ = peak(tx, {f"w{i}": jnp.ones((64, 256)) for i in range(4)})
+    assert temporaries > 1.0, temporaries  # copies of old codes (in turn: about 0.52)

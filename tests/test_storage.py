@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
-from rmsjax._src import storage
+from rmsjax._src import in_turn, storage
 from tests import reference, trees
 
 # ------------------------------------------------------------------ NumPy reference
@@ -612,13 +612,16 @@ INT8_MOMENTUM = {  # each a function of the storage option
 
 
 @pytest.mark.parametrize("name", sorted(INT8_MOMENTUM))
-def test_int8_momentum_step_keeps_no_float32_temporary(name):
+def test_int8_momentum_step_keeps_no_float32_temporary(name, monkeypatch):
     # The update an int8 momentum buffer receives is recomputed in each kernel that
     # needs it (its block scales, its codes, the parameter) instead of being written to
     # a float32 temporary the size of the parameters: 16 bytes per parameter at the
     # step's peak became 12 (numerics.rsqrt_inline). The 2 bytes left were XLA's copies
     # of each slot's old codes, gone since the slots are encoded in turn (in_turn.py):
     # what remains is the block scales' exponents, half a byte, of one slot at a time.
+    # (By default only leaves of in_turn.MIN_SIZE elements are encoded in turn; this
+    # smaller one is too, to keep the test quick.)
+    monkeypatch.setattr(in_turn, "MIN_SIZE", 0)
     tx = INT8_MOMENTUM[name]("int8")
     params = {"w": jnp.ones((256, 1024))}
     grads = {"w": jnp.full((256, 1024), 1e-2)}

@@ -19,10 +19,14 @@ for bit: XLA computes each slot again in each kernel that encodes it anyway. On 
 4M-element leaf the peak of an RMSprop step with int8 momentum falls from 12.07 to
 10.55 bytes per parameter.
 
-Each such dependency costs the compiler: on 300 leaves of 16k elements an int8 RMSprop
-with momentum compiled in 86 s and 6.2 GB instead of 66 s and 4.1 GB, and the cost grows
-faster than the leaves. So a step does this for at most :data:`MAX_LEAVES` int8 leaves,
-on a CPU only (on other backends XLA fuses and orders a step in its own way).
+Each such dependency costs the compiler, per leaf whatever its size, and the compiled
+step holds more memory for as long as it exists: with int8 momentum, 64 leaves of 16k
+compiled in 8.4 s instead of 6.4 s and held 0.74 GB instead of 0.55 GB, to save 1.6 MB
+of the step's temporaries (300 leaves: 86 s and 6.2 GB instead of 66 s and 4.1 GB; the
+cost grows faster than the leaves). On a CPU both are the same memory, so a step does
+this only for leaves of at least :data:`MIN_SIZE` elements, where the copies it saves
+outweigh what the compiled step holds for it, and for at most :data:`MAX_LEAVES` such
+leaves; on a CPU only (on other backends XLA fuses and orders a step in its own way).
 """
 
 from __future__ import annotations
@@ -38,25 +42,36 @@ from rmsjax._src.elementwise import LeafRule
 
 MAX_LEAVES = 64
 """A step encodes the int8 slots of its leaves in turn when it has at most this many
-int8 leaves (see the module's notes for the compile cost)."""
+int8 leaves of :data:`MIN_SIZE` elements or more (see the module's notes)."""
+MIN_SIZE = 1 << 21
+"""Leaves with fewer elements keep XLA's copies of their old codes: what encoding them in
+turn would save (with int8 momentum about 1.5 bytes per element, 3 MB at 2M elements)
+is less than what it adds per leaf to the memory the compiled step holds (1.3 MB per
+leaf measured on 16 leaves, 3 MB on 64; see the module's notes)."""
 
 
 def _all_int8(slots: Sequence[Any]) -> bool:
     return bool(slots) and all(isinstance(s, quantization.QuantizedArray) for s in slots)
 
 
+def _large_int8(slots: Sequence[Any]) -> bool:
+    return _all_int8(slots) and slots[0].size >= MIN_SIZE
+
+
 def worth_it(per_block: Sequence[Sequence[Any]]) -> bool:
-    """Whether a step over blocks with these slots encodes its int8 slots in turn: on a
-    CPU, with at most :data:`MAX_LEAVES` leaves whose slots are all int8."""
-    count = sum(1 for slots in per_block if _all_int8(slots))
+    """Whether a step over blocks with these slots encodes int8 slots in turn: on a CPU,
+    with at most :data:`MAX_LEAVES` leaves of :data:`MIN_SIZE` elements or more whose
+    slots are all int8."""
+    count = sum(1 for slots in per_block if _large_int8(slots))
     return 0 < count <= MAX_LEAVES and jax.default_backend() == "cpu"
 
 
 def applies(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
-    """Whether this leaf's slots can be encoded in turn: all int8, filling whole blocks
-    (no padding, which the rule would compute too), and the rule does not read the
-    parameter (which the update has overwritten by then)."""
-    return _all_int8(slots) and not rule.needs_params and g.size % quantization.BLOCK_SIZE == 0
+    """Whether this leaf's slots are encoded in turn: all int8, at least
+    :data:`MIN_SIZE` elements filling whole blocks (no padding, which the rule would
+    compute too), and the rule does not read the parameter (which the update has
+    overwritten by then)."""
+    return _large_int8(slots) and not rule.needs_params and g.size % quantization.BLOCK_SIZE == 0
 
 
 def step(
