@@ -24,9 +24,10 @@ step holds more memory for as long as it exists: with int8 momentum, 64 leaves o
 compiled in 8.4 s instead of 6.4 s and held 0.74 GB instead of 0.55 GB, to save 1.6 MB
 of the step's temporaries (300 leaves: 86 s and 6.2 GB instead of 66 s and 4.1 GB; the
 cost grows faster than the leaves). On a CPU both are the same memory, so a step does
-this only for leaves of at least :data:`MIN_SIZE` elements, where the copies it saves
-outweigh what the compiled step holds for it, and for at most :data:`MAX_LEAVES` such
-leaves; on a CPU only (on other backends XLA fuses and orders a step in its own way).
+this only for leaves of at least :data:`MIN_SIZE` elements, about where the copies it
+saves catch up with what the compiled step holds for it, and for at most
+:data:`MAX_LEAVES` such leaves; on a CPU only (on other backends XLA fuses and orders a
+step in its own way).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ MIN_SIZE = 1 << 21
 """Leaves with fewer elements keep XLA's copies of their old codes: what encoding them in
 turn would save (with int8 momentum about 1.5 bytes per element, 3 MB at 2M elements)
 is less than what it adds per leaf to the memory the compiled step holds (1.3 MB per
-leaf measured on 16 leaves, 3 MB on 64; see the module's notes)."""
+leaf measured on 16 leaves, 3 MB on 64; see the module's notes): at 2M they are about
+even."""
 
 
 def _all_int8(slots: Sequence[Any]) -> bool:
