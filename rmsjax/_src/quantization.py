@@ -10,12 +10,16 @@ below the block's largest values. Second moments are stored as their square root
 8 per octave in the next 15 (6-12%) and 1 per octave in the last 5, down to
 :math:`2^{-22}`: a block's moments may span 13 decades, as with the decimal table of
 Dettmers et al. Momentum buffers and mean gradients have a sign and 32 codes in the top
-octave, 16 per octave in the next 2, 4 per octave in the next 15 and 1 in the last 2,
-down to :math:`2^{-19}`. Within a segment consecutive codes are consecutive float32
-numbers with its mantissa, so encoding clears an element's low mantissa bits and
-decoding shifts a code back into place: a few integer operations per element, and no
-table lookup or search. Precision is finest near the block's largest values, which
-steps feel most, as in Dettmers et al.'s dynamic codes, in octaves instead of decades.
+octave, 16 per octave in the next 3, 8 per octave in the next 4, 2 per octave in the next
+5 and 1 in the last 4, down to :math:`2^{-16}`: rounded to nearest, a value moves only
+when its change is at least half a code step, so a momentum buffer, whose values change
+by a tenth of themselves per step at a decay of 0.9, needs fine codes through the
+decades where most of a block's values lie. Within a segment consecutive codes are
+consecutive float32 numbers with its mantissa, so encoding clears an element's low
+mantissa bits and decoding shifts a code back into place: a few integer operations per
+element, and no table lookup or search. Precision is finest near the block's largest
+values, which steps feel most, as in Dettmers et al.'s dynamic codes, in octaves instead
+of decades.
 
 **Rounding.** Signed values go to the nearest code. Second moments go to one of the two
 codes around them, the upper one with the probability that makes the stored
@@ -57,7 +61,7 @@ BLOCK_SIZE = 256
 """Elements per quantization block (one float32 ``scale`` each)."""
 
 _SEGMENTS = {
-    True: ((5, 1), (4, 2), (2, 15), (0, 2)),  # signed: 126 codes under 2
+    True: ((5, 1), (4, 3), (3, 4), (1, 5), (0, 4)),  # signed: 126 codes under 2
     False: ((6, 1), (5, 2), (3, 15), (0, 5)),  # roots: 253 under 2
 }
 _LARGEST = {True: 127, False: 254}  # the largest magnitude: the value 2
@@ -101,7 +105,7 @@ def _magnitudes(signed: bool) -> np.ndarray:
 _VALUES = {signed: _magnitudes(signed) for signed in (True, False)}
 
 SIGNED_TABLE = np.concatenate([-_VALUES[True][:0:-1], _VALUES[True]])
-"""Values of the 255 signed codes -127..127, sorted: 0 and +-(2^-19 .. 2), 32 codes in
+"""Values of the 255 signed codes -127..127, sorted: 0 and +-(2^-16 .. 2), 32 codes in
 the top octave under 2 and fewer below (a block's values are divided by its scale, see
 :class:`QuantizedArray` and the module's notes)."""
 NONNEGATIVE_TABLE = _VALUES[False]
@@ -290,9 +294,9 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     where :math:`c_i` is one of the format's small floats (see the module's notes): the
     nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
     stored square is right on average (non-negative). Zeros stay exactly zero. Within 4x
-    of the block's largest magnitude the relative error is at most 3.1%; it grows by
-    steps below that, to the smallest codes, :math:`2^{-19}` (signed) and :math:`2^{-22}`
-    of the scale.
+    of the block's largest magnitude the relative error is at most 3.1% (signed: within
+    8x, and 6.25% within 128x); it grows by steps below that, to the smallest codes,
+    :math:`2^{-16}` (signed) and :math:`2^{-22}` of the scale.
 
     Args:
       x: a floating-point array; with ``signed=False`` it should be non-negative
