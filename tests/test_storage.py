@@ -434,7 +434,7 @@ def test_int8_bytes_per_parameter(param_dtype):
         assert per_moment <= 1.05
         assert per_moment == pytest.approx(1 + 4 / 256, abs=1e-3)
     bf16 = sum(x.nbytes for x in jax.tree.leaves(rj.scale_by_rss(storage="bfloat16").init(params)))
-    assert bf16 == 2 * count
+    assert bf16 == 2 * count + 4  # and the int32 step count that salts the rounding
 
 
 # ------------------------------------------------------------- rules with int8 state
@@ -509,12 +509,12 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    "case, option",
-    [(case, "bfloat16") for case in sorted(CASES)] + [("trace_nesterov", "int8")],
+    "case, option", [("trace_nesterov", "bfloat16"), ("trace_nesterov", "int8")]
 )
 def test_rules_with_stored_state_against_reference(case, option):
-    # Second moments in int8 are rounded with a dither that hashes the float32 bits of
-    # the new state, so a float64 reference cannot replay them: see the next test.
+    # Second moments in int8 or bfloat16 are rounded with a dither that hashes the
+    # float32 bits of the new state, so a float64 reference cannot replay them: see the
+    # next test. Signed state is rounded to nearest.
     build, ref = CASES[case]
     params = big_params()
     grads = gradients(params, 20, seed=3)
@@ -531,22 +531,34 @@ def test_rules_with_stored_state_against_reference(case, option):
         np.testing.assert_allclose(have, want, rtol=0.2, atol=1e-6)
 
 
+# (drift, median, 99th percentile) of the updates' relative error against the exact
+# rule: int8's codes are 1-12% apart, bfloat16's 0.4-0.8%.
+TRACKING = {"int8": (0.01, 0.02, 0.2), "bfloat16": (1e-3, 4e-3, 0.02)}
+
+
+@pytest.mark.parametrize("option", ["int8", "bfloat16"])
 @pytest.mark.parametrize("case", ["rms", "rms_centered_tf1", "rss"])
-def test_int8_second_moments_track_the_exact_rule(case):
+def test_low_precision_second_moments_track_the_exact_rule(case, option):
     build, ref = CASES[case]
     params = big_params()
     grads = gradients(params, 30, seed=3, low=-2, high=0)
-    got = run(build("int8"), params, grads)
-    for key in ["table", "w"]:
+    got = run(build(option), params, grads)
+    drift, median, tail = TRACKING[option]
+    # bfloat16 keeps every leaf's state in bfloat16 (the scalar's 30 steps are too few
+    # to measure a drift); int8 the large leaves only
+    rounded = ["table", "w", "b"] if option == "bfloat16" else ["table", "w"]
+    for key in rounded:
         seq = [np.asarray(g[key], np.float64) for g in grads]
         want = np.stack(ref(seq, lambda x, signed: x))  # no rounding at all
         have = np.stack([np.asarray(u[key], np.float64) for u in got])
         nonzero = want != 0
         assert np.all(have[~nonzero] == 0)
         ratio = have[nonzero] / want[nonzero]
-        assert abs(np.mean(ratio) - 1) < 0.01  # no drift one way
-        assert np.median(np.abs(ratio - 1)) < 0.02
-        assert np.percentile(np.abs(ratio - 1), 99) < 0.2
+        assert abs(np.mean(ratio) - 1) < drift  # no drift one way
+        assert np.median(np.abs(ratio - 1)) < median
+        assert np.percentile(np.abs(ratio - 1), 99) < tail
+    if option == "bfloat16":
+        return
     # The small leaves keep float32 state: the exact rule to float32 precision.
     for key in ["b", "s"]:
         seq = [np.asarray(g[key], np.float64) for g in grads]

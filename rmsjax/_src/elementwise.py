@@ -133,7 +133,14 @@ def declared_rule(
                     f"transformation keeps one; the state was made by a {name} with "
                     "other options (centered=False, say)."
                 )
-        return (getattr(state, shared_field) if shared_field else ()), trees
+        shared = getattr(state, shared_field) if shared_field else ()
+        if shared is None:
+            raise TypeError(
+                f"rmsjax.{name}.update: the state's {shared_field} is None, and this "
+                f"transformation keeps one; the state was made by a {name} with other "
+                "options (another storage, say)."
+            )
+        return shared, trees
 
     return LeafRule(
         name=name,

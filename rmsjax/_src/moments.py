@@ -48,13 +48,15 @@ def accumulate(
     dtype: Any,
     square: Any = None,
     read_back: bool = False,
+    salt: Any = None,
 ) -> MomentStep:
     """``combine(square(g), old)`` from the moment held in ``slot``, in compute ``dtype``.
 
     ``combine`` is the rule's own formula and ``square`` its statistic of the squares,
     ``|g|^2`` by default (see :func:`numerics.accumulate_moment`). With ``read_back`` the
     step's operands come from the moment as the new slot holds it (see
-    :func:`storage.keep`).
+    :func:`storage.keep`). ``salt``, the rule's step count when it keeps one, varies the
+    rounding of int8 and bfloat16 slots from step to step (see :func:`rounding.dither`).
     Complex leaves keep their moment as optax does (complex, real-valued), clamped
     below overflow instead of encoded.
     """
@@ -68,7 +70,7 @@ def accumulate(
     old = storage_lib.load_moment(slot, dtype, tiny)
     inline = isinstance(slot, storage_lib.QuantizedArray) and dtype == jnp.float32
     new = numerics.accumulate_moment(old, g, combine, slot_dtype, tiny, square, inline)
-    stored, new = storage_lib.keep_moment(new, slot, read_back, tiny)
+    stored, new = storage_lib.keep_moment(new, slot, read_back, tiny, salt)
     scale, value, eps_squared, eps_linear = numerics.moment_operands(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )

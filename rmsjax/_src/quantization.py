@@ -23,11 +23,9 @@ of decades.
 
 **Rounding.** Signed values go to the nearest code. Second moments go to one of the two
 codes around them, the upper one with the probability that makes the stored
-:math:`\nu` right on average (stochastic rounding); the random number is a hash of the
-new value's bits and its position in the array (:func:`dither`), so the step stays
-deterministic and needs no random state. Rounding to nearest would freeze an Adagrad
-sum, or an average with a decay close to 1, once its changes fall under half a code
-step.
+:math:`\nu` right on average (stochastic rounding, see :mod:`rmsjax._src.rounding`):
+rounding to nearest would freeze an Adagrad sum, or an average with a decay close to 1,
+once its changes fall under half a code step.
 
 **Block layout.** Blocks are 256 consecutive elements of the row-major tensor, so they
 follow the last axis. When the last axis is a multiple of 256 the codes have shape
@@ -56,6 +54,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rmsjax._src.rounding import dither
 
 BLOCK_SIZE = 256
 """Elements per quantization block (one float32 ``scale`` each)."""
@@ -165,22 +165,6 @@ def _dithered_magnitude(y: jax.Array, u: jax.Array) -> jax.Array:
     m, low, high = _magnitudes_around(y, False)
     up = u * (high * high - low * low) < y * y - low * low
     return m + up.astype(jnp.int32)
-
-
-def dither(x: jax.Array) -> jax.Array:
-    """A number in [0, 1) per element, a hash of the element's float32 bits and of its
-    position in the array: as good as random for rounding, yet reproducible and free of
-    any random state (the murmur3 finalizer; Appleby, 2008). The value changes whenever
-    the element does, so its rounding does too."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    position = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
-    h = bits ^ (position * jnp.uint32(0x9E3779B9))
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    h = h ^ (h >> 16)
-    return (h >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 def _exponent(x: jax.Array) -> jax.Array:
@@ -333,10 +317,12 @@ def _root_exponent(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, 0, root)
 
 
-def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool):
+def _quantize_blocks(
+    values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool, salt: Any = None
+):
     """Codes for ``values`` (already square-rooted for the non-negative codes), whose
     exponent fields are at most ``exponents``, dithered by the bits of ``blocks`` (the
-    values as given).
+    values as given) and ``salt`` (see :func:`~rmsjax._src.rounding.dither`).
 
     The block's scale comes from the exponents alone. ``values`` can then be computed
     where the codes are, and need not be kept in memory for the maximum (XLA on a CPU
@@ -360,7 +346,7 @@ def _quantize_blocks(values: Any, blocks: jax.Array, exponents: jax.Array, shape
         m = _nearest_magnitude(normalized)
         codes = jnp.where(values < 0, -m, m)
     else:
-        m = _dithered_magnitude(normalized, dither(blocks))
+        m = _dithered_magnitude(normalized, dither(blocks, salt))
         codes = m - _OFFSET[False]
     return QuantizedArray(codes.astype(jnp.int8), scale, shape, signed)
 

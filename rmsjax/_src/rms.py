@@ -132,8 +132,10 @@ def rms_rule(
 
     def step_shared(count):
         count = numerics.safe_increment(count)
-        # The factors 1 - decay**t, as optax computes them (None without correction).
-        return count, numerics.bias_correction_factor(decay, count) if bias_correction else None
+        # The factors 1 - decay**t, as optax computes them (None without correction),
+        # and the count, which salts the rounding of int8 and bfloat16 moments.
+        correction = numerics.bias_correction_factor(decay, count) if bias_correction else None
+        return count, (count, correction)
 
     def init_leaf(param):
         nu = storage_lib.init_slot(param, initial_scale, storage, signed=False)
@@ -141,8 +143,9 @@ def rms_rule(
             return (nu,)
         return nu, storage_lib.init_slot(param, 0.0, storage, signed=True)
 
-    def update_leaf(g, slots, correction, param):
+    def update_leaf(g, slots, context, param):
         del param
+        count, correction = context
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         # The moment in numerics' encoding: itself in range, scaled outside it, so that
@@ -151,11 +154,18 @@ def rms_rule(
             # w' = d w + d (1 - d) (g - mu)^2 from (g - mu) / 2, which cannot overflow
             half_gap = 0.5 * g_c - 0.5 * storage_lib.load(slots[1], dtype)
             moment = moments.accumulate(
-                slots[0], half_gap, combine_variance, eps, eps_in_sqrt, dtype, read_back=read_back
+                slots[0],
+                half_gap,
+                combine_variance,
+                eps,
+                eps_in_sqrt,
+                dtype,
+                read_back=read_back,
+                salt=count,
             )
         else:
             moment = moments.accumulate(
-                slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back
+                slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
             )
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value

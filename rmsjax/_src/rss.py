@@ -17,9 +17,14 @@ class ScaleByRssState(NamedTuple):
       sum_of_squares: the running sum of squared gradients, one array per parameter,
         starting at ``initial_accumulator_value`` (a :class:`QuantizedArray` for large
         parameters with ``storage="int8"``).
+      count: with ``storage="int8"`` or ``"bfloat16"``, the number of updates so far
+        (int32 scalar, saturating), which varies the sums' rounding from step to step;
+        else None. (Last, so that ``ScaleByRssState(sum_of_squares)`` still builds
+        the state of the other options.)
     """
 
     sum_of_squares: base.Updates
+    count: Any = None
 
 
 def scale_by_rss(
@@ -89,17 +94,24 @@ def rss_rule(
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rss` (unchecked arguments)."""
     read_back = storage_lib.reads_back(storage)
+    # A low-precision sum is rounded without bias, with a random number that must
+    # change from step to step even where the gradient does not (rounding.dither).
+    counted = storage in ("int8", "bfloat16")
 
     def init_leaf(param):
         return (storage_lib.init_slot(param, initial_accumulator_value, storage, signed=False),)
 
-    def update_leaf(g, slots, context, param):
-        del context, param
+    def step_shared(count):
+        count = numerics.safe_increment(count)
+        return count, count
+
+    def update_leaf(g, slots, count, param):
+        del param
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         # The sum in numerics' encoding: itself in range, scaled outside it.
         moment = moments.accumulate(
-            slots[0], g_c, _add, eps, eps_in_sqrt, dtype, read_back=read_back
+            slots[0], g_c, _add, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
         )
         scale, value = moment.scale, moment.value
         seen = moments.ever_nonzero(moment, g_c != 0, eps)
@@ -116,7 +128,12 @@ def rss_rule(
         "scale_by_rss",
         ScaleByRssState,
         (elementwise.Slot("sum_of_squares"),),
+        shared_field="count" if counted else None,
+        init_shared=numerics.zero_count if counted else None,
+        step_shared=step_shared if counted else None,
         init_leaf=init_leaf,
-        update_leaf=update_leaf,
+        update_leaf=lambda g, slots, context, param: update_leaf(
+            g, slots, context if counted else None, param
+        ),
         complex_refusal=storage_lib.complex_refusal(storage),
     )

@@ -46,9 +46,9 @@ from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
     _to_blocks,
     blocks_shape,
     dequantize,
-    dither,
     quantize,
 )
+from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-exported)
 
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
@@ -56,10 +56,6 @@ STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 MIN_QUANTIZED_SIZE = 4096
 """Arrays with fewer elements than this keep float32 state under ``storage="int8"``."""
 
-# Each format: (mantissa bits, octaves) per segment, from 2 down: precision is finest
-# near a block's largest values and the codes still reach far below them. Each segment
-# costs a few instructions in every encode and decode, which XLA compiles per leaf: four
-# compile about 1.4x faster than seven, for the same accuracy near the top.
 # ------------------------------------------------------------ second-moment slots
 # A second moment in a slot is in numerics' moment encoding (see numerics.py): the
 # value itself in range, a negative number outside it. An int8 slot keeps its root.
@@ -101,9 +97,14 @@ def _kept(slot: QuantizedArray) -> bool:
     return keeping and slot is not but
 
 
-def store_moment(value: jax.Array, slot: Any) -> Any:
-    """A second moment in the encoding, in the format of ``slot``."""
+def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any = None) -> Any:
+    """A second moment in the encoding, in the format of ``slot``: int8 codes rounded
+    without bias; with ``unbiased`` a bfloat16 slot too (:func:`round_bfloat16`), others
+    to nearest. ``salt`` (the rule's step count, when it keeps one) varies the rounding
+    from step to step (see :func:`dither`)."""
     if not isinstance(slot, QuantizedArray):
+        if unbiased and jnp.dtype(slot.dtype) == jnp.bfloat16:
+            return round_bfloat16(value, salt)
         return value.astype(slot.dtype)
     if _kept(slot):
         return slot
@@ -121,14 +122,23 @@ def store_moment(value: jax.Array, slot: Any) -> Any:
     exponents = _root_exponent(jnp.abs(blocks))
     exponents = jnp.where(huge, jnp.minimum(exponents + limits.shift, 255), exponents)
     exponents = jnp.where(tiny, _exponent(blocks), exponents)
-    return _quantize_blocks(root, blocks, exponents, value.shape, False)
+    return _quantize_blocks(root, blocks, exponents, value.shape, False, salt)
 
 
-def keep_moment(value: jax.Array, slot: Any, read_back: bool, tiny: bool) -> tuple[Any, jax.Array]:
+def keep_moment(
+    value: jax.Array, slot: Any, read_back: bool, tiny: bool, salt: Any = None
+) -> tuple[Any, jax.Array]:
     """``(new slot, moment)``: ``value`` (a second moment in the encoding) stored in the
     format of ``slot``, and the moment the step goes on with: ``value`` itself, or with
-    ``read_back`` the value the new slot holds (see :func:`keep`)."""
-    new = store_moment(value, slot)
+    ``read_back`` the value the new slot holds (see :func:`keep`).
+
+    ``read_back`` is ``storage="bfloat16"``'s behaviour (:func:`reads_back`), and such a
+    state rounds its moments without bias: to nearest, a moment whose change per step is
+    under half of bfloat16's step (0.2-0.4%) would not change at all (an Adagrad sum
+    after a few hundred steps, an average with a decay of 0.999). The moments of a
+    bfloat16 parameter's own state (``storage=None``) are rounded to nearest, as optax
+    rounds them."""
+    new = store_moment(value, slot, unbiased=read_back, salt=salt)
     if read_back and _narrower(new, value.dtype):
         return new, load_moment(new, value.dtype, tiny)
     return new, value

@@ -1,0 +1,146 @@
+"""Rounding without bias: bfloat16 second moments, against a NumPy transcription of the
+documented rule and against float64 runs of the rules they serve."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsjax as rj
+from rmsjax._src import rounding
+from tests.test_storage import reference_dither
+
+
+def reference_round_bfloat16(x: np.ndarray) -> np.ndarray:
+    """The documented rule in NumPy: add the top 16 bits of the murmur3 hash of (bits,
+    position) to the float32 bits and keep the upper half; non-finite values and
+    magnitudes from bfloat16's largest number up round to nearest (even)."""
+    x32 = np.ascontiguousarray(x, np.float32)
+    bits = x32.view(np.uint32)
+    noise = (reference_dither(x32) * 2.0**24).astype(np.uint32) >> np.uint32(8)
+    stochastic = (bits + noise) & np.uint32(0xFFFF0000)
+    nearest_bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    nearest = np.where(np.isnan(x32), bits, nearest_bits & np.uint32(0xFFFF0000))
+    fits = (bits & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F7F0000)
+    return np.where(fits, stochastic, nearest).view(np.float32)
+
+
+def as_float32(x: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def test_matches_the_documented_rule_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.normal(size=5000) * 10.0 ** rng.uniform(-30, 30, size=5000),
+            [0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, np.nan, 3.39e38, -3.4e38, 1e-40, -1e-39],
+        ]
+    ).astype(np.float32)
+    got = as_float32(rounding.round_bfloat16(jnp.asarray(x)))
+    want = reference_round_bfloat16(x)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_each_value_lands_on_a_neighbour_and_exact_values_stay():
+    rng = np.random.default_rng(1)
+    x = (rng.uniform(0.5, 1.0, size=20000) * 2.0 ** rng.integers(-100, 100, size=20000)).astype(
+        np.float32
+    )
+    got = as_float32(rounding.round_bfloat16(jnp.asarray(x)))
+    down = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    up = (down.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    assert np.all((got == down) | (got == up))
+    exact = jnp.asarray(down)  # bfloat16 holds these: nothing to round
+    np.testing.assert_array_equal(as_float32(rounding.round_bfloat16(exact)), down)
+
+
+@pytest.mark.parametrize("value", [1.0 + 2.0**-10, 3.0 + 2.0**-9, 7e-20, -5.3e15])
+def test_rounds_right_on_average(value):
+    # One value in 65536 positions: each rounds up with probability = its distance from
+    # the lower neighbour over the gap, so the mean is the value (to sampling error).
+    x = jnp.full((65536,), value, jnp.float32)
+    got = as_float32(rounding.round_bfloat16(x)).astype(np.float64)
+    assert len(np.unique(got)) == 2
+    gap = float(np.abs(np.diff(np.unique(got))[0]))
+    standard_error = gap / 2 / np.sqrt(got.size)
+    assert abs(got.mean() - float(np.float32(value))) < 5 * standard_error
+    # to nearest, the mean would sit where the nearer neighbour is
+    nearest = float(jnp.asarray(value, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    assert abs(nearest - float(np.float32(value))) > 20 * standard_error
+
+
+def test_deterministic_and_position_dependent():
+    x = jnp.full((4096,), 1.0 + 2.0**-9 + 2.0**-12, jnp.float32)
+    a = as_float32(rounding.round_bfloat16(x))
+    np.testing.assert_array_equal(a, as_float32(rounding.round_bfloat16(x)))
+    assert 0.1 < np.mean(a > 1.0 + 2.0**-8) < 0.9  # equal values, different positions
+
+
+def _moment(slot) -> np.ndarray:
+    if isinstance(slot, rj.QuantizedArray):
+        slot = rj.dequantize(slot)
+    return np.asarray(jnp.asarray(slot, jnp.float32), np.float64)
+
+
+def _steps(tx, grad, steps):
+    params = jnp.zeros(grad.shape)
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update(grad, s, params)[1])
+    for _ in range(steps):
+        state = step(state)
+    return state
+
+
+# The same gradient at every step: a stateless dither would round the same value the
+# same way each time, and a moment would stop wherever it rounds down once; the rules'
+# step count varies it.
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_low_precision_adagrad_sum_keeps_growing(storage):
+    # A constant gradient of 1 adds 1 to a sum of 0.1 at each step: after 2000 steps it
+    # is 2000.1. To nearest, bfloat16 drops increments under half its step (sum / 512)
+    # and the sum stops at 512; with an unsalted dither it stopped near 258 (int8: 60).
+    grad = jnp.ones((4096,))
+    state = _steps(rj.adagrad(0.1, storage=storage), grad, 2000)
+    total = _moment(state[0].sum_of_squares)
+    assert abs(total.mean() / 2000.1 - 1) < 0.01
+    # Each element's sum is a random walk around the true one (unbiased, not exact):
+    # its steps are bfloat16's (0.4-0.8%) or the int8 codes' (1.6-3.2% of a sum).
+    spread = np.median(np.abs(total / 2000.1 - 1))
+    assert spread < (0.06 if storage == "bfloat16" else 0.15)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_low_precision_rmsprop_average_follows_a_slow_decay(storage):
+    # With decay 0.999 and a constant gradient of 1 the average from 0 is 1 - 0.999^t:
+    # 0.95 after 3000 steps. To nearest, bfloat16 stops near 0.34, where a step's
+    # change, 0.001 * (1 - nu), falls under half of its step (unsalted dither: 0.13).
+    grad = jnp.ones((4096,))
+    state = _steps(rj.rmsprop(0.1, decay=0.999, storage=storage), grad, 3000)
+    nu = _moment(state[0].nu)
+    want = 1 - 0.999**3000
+    assert abs(nu.mean() / want - 1) < 0.01
+
+
+def test_low_precision_adagrad_counts_its_steps():
+    tx = rj.scale_by_rss(storage="bfloat16")
+    state = _steps(tx, jnp.ones((8,)), 3)
+    assert int(state.count) == 3
+    assert rj.scale_by_rss().init(jnp.zeros(8)).count is None
+    with pytest.raises(TypeError, match=r"rmsjax\.scale_by_rss\.update: the state's count is None"):
+        tx.update(jnp.ones(8), rj.scale_by_rss().init(jnp.zeros(8)))
+
+
+def test_parameters_in_bfloat16_keep_optax_rounding():
+    # Without the storage option a bfloat16 parameter's state is its own dtype and is
+    # rounded to nearest, as optax rounds it: the sum stops growing, as optax's does.
+    params = jnp.zeros((4096,), jnp.bfloat16)
+    grad = jnp.ones((4096,), jnp.bfloat16)
+    tx = rj.adagrad(0.1)
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update(grad, s, params)[1])
+    for _ in range(2000):
+        state = step(state)
+    assert np.all(_moment(state[0].sum_of_squares) < 1000)
