@@ -100,8 +100,9 @@ def _steps(tx, grad, steps):
 @pytest.mark.parametrize("storage", ["bfloat16", "int8"])
 def test_low_precision_adagrad_sum_keeps_growing(storage):
     # A constant gradient of 1 adds 1 to a sum of 0.1 at each step: after 2000 steps it
-    # is 2000.1. To nearest, bfloat16 drops increments under half its step (sum / 512)
-    # and the sum stops at 512; with an unsalted dither it stopped near 258 (int8: 60).
+    # is 2000.1. To nearest, bfloat16 drops increments of half its step or less (a tie
+    # goes to even) and the sum stops at 256; with an unsalted dither it stopped near
+    # 258 (int8: 60).
     grad = jnp.ones((4096,))
     state = _steps(rj.adagrad(0.1, storage=storage), grad, 2000)
     total = _moment(state[0].sum_of_squares)
@@ -115,7 +116,7 @@ def test_low_precision_adagrad_sum_keeps_growing(storage):
 @pytest.mark.parametrize("storage", ["bfloat16", "int8"])
 def test_low_precision_rmsprop_average_follows_a_slow_decay(storage):
     # With decay 0.999 and a constant gradient of 1 the average from 0 is 1 - 0.999^t:
-    # 0.95 after 3000 steps. To nearest, bfloat16 stops near 0.34, where a step's
+    # 0.95 after 3000 steps. To nearest, bfloat16 stops at 0.25, where a step's
     # change, 0.001 * (1 - nu), falls under half of its step (unsalted dither: 0.13).
     grad = jnp.ones((4096,))
     state = _steps(rj.rmsprop(0.1, decay=0.999, storage=storage), grad, 3000)
