@@ -409,8 +409,14 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
         for g in grads:
             p_map, s_map = jax.block_until_ready(mapped(g, s_map, p_map))
             p_jit, s_jit = jax.jit(local_step)(g, s_jit, p_jit)
-        assert_same(f"shard_map {name} params", p_map, p_jit)
-        assert_same(f"shard_map {name} state", s_map, s_jit)
+        # bfloat16 second moments are rounded without bias with a random number that
+        # hashes each element's position, which inside shard_map is its position in
+        # the shard: at each step a moment may land on the other neighbouring bfloat16
+        # number (up to 0.8% away), which moves a step by half that and the momentum
+        # with it (the steps here are about 0.03: a few percent of one).
+        tolerance = {"rtol": 3e-2, "atol": 2e-3} if "bfloat16" in name else {}
+        assert_same(f"shard_map {name} params", p_map, p_jit, **tolerance)
+        assert_same(f"shard_map {name} state", s_map, s_jit, **tolerance)
         check_layout(f"shard_map {name}", s_map, params, mesh)
         print(f"ok shard_map: {name}")
 
