@@ -105,8 +105,9 @@ def rss_rule(
         count = numerics.safe_increment(count)
         return count, count
 
-    def update_leaf(g, slots, count, param):
+    def update_leaf(g, slots, context, param):
         del param
+        count = context if counted else None  # the step count (step_shared) salts it
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
         # The sum in numerics' encoding: itself in range, scaled outside it.
@@ -132,8 +133,6 @@ def rss_rule(
         init_shared=numerics.zero_count if counted else None,
         step_shared=step_shared if counted else None,
         init_leaf=init_leaf,
-        update_leaf=lambda g, slots, context, param: update_leaf(
-            g, slots, context if counted else None, param
-        ),
+        update_leaf=update_leaf,
         complex_refusal=storage_lib.complex_refusal(storage),
     )
