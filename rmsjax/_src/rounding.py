@@ -5,8 +5,9 @@ A second moment that changes by less than half a step of its format each step ne
 changes at all when rounded to nearest: an Adagrad sum stops growing, an RMSprop average
 with a decay of 0.999 stops following its gradients. Rounded up with the probability
 that makes the stored value right on average, it keeps every increment in expectation.
-The random number is a hash of the value's bits and its position, so a step stays a
-deterministic function of its inputs and needs no random state.
+The random number is a hash of the value's bits, its position and the rule's step
+count, so a step stays a deterministic function of its inputs and needs no random state,
+and a value that repeats from step to step is not rounded the same way each time.
 """
 
 from __future__ import annotations
