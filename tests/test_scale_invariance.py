@@ -96,8 +96,8 @@ def _run(rule: str, eps: float, storage: str | None, grads: np.ndarray, dtype):
     return out, state
 
 
-def _assert_matches_reference(rule, eps, storage, dtype, scale, seed):
-    grads = _gradients(seed) * scale
+def _assert_matches_reference(rule, eps, storage, dtype, scale, seed, grads=None):
+    grads = (_gradients(seed) if grads is None else grads) * scale
     grads = np.asarray(jnp.asarray(grads, dtype), np.float64)  # what the run sees
     got, state = _run(rule, eps, storage, grads, dtype)
     want = RULES[rule][1](list(grads), eps)
@@ -140,6 +140,21 @@ def test_half_precision_steps_follow_the_equations_up_to_the_dtype_maximum(
     _assert_matches_reference(rule, 0.0, None, dtype, 10.0**exponent, seed)
 
 
+@pytest.mark.parametrize("storage", [None, "bfloat16", "int8"])
+@pytest.mark.parametrize("rule", ["rss", "rms", "rmsprop with momentum", "rms centered"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_steps_follow_the_equations_up_to_float32s_maximum(rule, storage, eps):
+    # Gradients up to 3e38, and two blocks of 256 whose gradients stay between 2.1e38
+    # and 3e38: their Adagrad sums pass float32's maximum squared (1.2e77) at the third
+    # step, where an int8 block's largest root passes float32's maximum (such a block
+    # keeps its roots in units of 2^76 instead).
+    grads = _gradients(1)
+    rng = np.random.default_rng(2)
+    large = grads[:, 8:16, :]
+    grads[:, 8:16, :] = np.sign(large + 0.5) * 1e3 * rng.uniform(0.7, 1.0, large.shape)
+    _assert_matches_reference(rule, eps, storage, jnp.float32, 3e38 / 1e3, 1, grads)
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30, 3e38])
 @pytest.mark.parametrize(
     "make",
@@ -150,6 +165,8 @@ def test_half_precision_steps_follow_the_equations_up_to_the_dtype_maximum(
         lambda: rj.rmsprop(0.01, centered=True, momentum=0.9, storage="int8"),
         lambda: rj.rmsprop(0.01, momentum=0.9, storage="int8"),
         lambda: rj.adagrad(0.01, initial_accumulator_value=0.0, eps=0.0),
+        lambda: rj.adagrad(0.01, storage="int8"),
+        lambda: rj.adagrad(0.01, storage="bfloat16"),
         lambda: rj.compat.torch_rmsprop(lr=0.01),
         lambda: rj.rowwise_adagrad(0.01, eps=0.0),
         lambda: rj.factored_rmsprop(0.01, momentum=0.9),

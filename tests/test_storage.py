@@ -249,6 +249,33 @@ def test_non_finite_values_are_not_hidden(signed, bad):
     np.testing.assert_allclose(got[256:], 1.0, rtol=1e-6)
 
 
+def test_moments_beyond_float32_squared_keep_their_roots_in_int8():
+    # In the moment encoding -nu * 2^-152 holds sums of squares up to 2^280 (Adagrad's
+    # sum of squares of gradients near float32's maximum); their roots, up to 2^140,
+    # pass float32's maximum, and their block keeps them in units of 2^76.
+    f32_max = float(np.finfo(np.float32).max)
+    encoded = np.zeros(4096, np.float32)
+    encoded[:4] = [-f32_max, -(2.0**110), 1.0, 0.0]  # moments 2^280, 2^262, 1, 0
+    encoded[256:259] = [-(2.0**60), 3.0, 0.0]  # up to 2^212: roots within float32
+    encoded[512:514] = [-(2.0**-60), -(2.0**-58)]  # tiny: roots under 2^-114 (eps=0)
+    slot = rj.quantize(jnp.zeros(4096), signed=False)
+    q = jax.jit(lambda v: storage.store_moment(v, slot, salt=jnp.int32(1)))(jnp.asarray(encoded))
+    assert float(q.scale[0]) < 0 < float(q.scale[1])  # the first block is in units
+    got = np.asarray(storage.load_moment(q, jnp.float32, tiny=True), np.float64)
+    assert np.all(np.isfinite(got))
+    # each root within a code step of the top octave (the block's largest, 1/64 of
+    # it) or of a low octave (the tiny block, with a scale of 2^-114: 1/8)
+    for i, step in [(0, 1 / 64), (1, 1 / 64), (256, 1 / 64), (512, 1 / 8), (513, 1 / 8)]:
+        assert np.sqrt(got[i] / encoded[i]) == pytest.approx(1.0, abs=step), i
+    assert got[2] == 0 and got[3] == 0  # under 2^-22 of the block's largest root
+    assert got[258] == 0 and np.all(got[1024:] == 0)
+    assert got[257] == 0  # 3 is under 2^-22 of 2^106 too
+    # optax's view of the state: a moment beyond float32 is inf, not NaN
+    moments = np.asarray(rj.dequantize(q))
+    assert np.all(moments[:2] == np.inf) and np.all(moments[2:4] == 0)
+    assert moments[256] == np.inf  # 2^212, with its root within float32
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, codes_shape",

@@ -187,7 +187,8 @@ class QuantizedArray:
       codes: int8 array ``(*blocks, 256)``, each a small float (see the module's notes).
       scale: float32 array ``blocks``: a power of two, the largest binary exponent of
         the block's values (of their roots, when not ``signed``); each stored value is
-        its code's value times the scale.
+        its code's value times the scale. (Negative in an optimizer's second moments
+        whose roots pass float32's range: see ``storage.store_moment``.)
       shape: the shape of the stored array.
       signed: True for signed values (momentum, means); False for a non-negative array
         stored as its square root (second moments).
@@ -244,10 +245,6 @@ def block_view() -> Iterator[None]:
 
 def to_blocks(x: jax.Array) -> jax.Array:
     """``x`` in the block layout of its codes: ``blocks_shape(x.shape)``, zero-padded."""
-    return _to_blocks(x)
-
-
-def _to_blocks(x: jax.Array) -> jax.Array:
     if _BLOCK_VIEW.get():
         return x
     target = blocks_shape(x.shape)
@@ -299,11 +296,15 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     True
     """
     x = jnp.asarray(x, jnp.float32)
-    blocks = _to_blocks(x)
+    blocks = to_blocks(x)
     if signed:
-        return _quantize_blocks(blocks, blocks, _exponent(blocks), x.shape, True)
-    blocks = jnp.maximum(blocks, 0.0)
-    return _quantize_blocks(jnp.sqrt(blocks), blocks, _root_exponent(blocks), x.shape, False)
+        values, exponents = blocks, _exponent(blocks)
+    else:
+        blocks = jnp.maximum(blocks, 0.0)
+        values, exponents = jnp.sqrt(blocks), _root_exponent(blocks)
+    top = block_top(exponents)
+    scale = _power_of_two(top - 127)  # 0 for a block of zeros, inf for 255
+    return encode_blocks(values, blocks, top, scale, x.shape, signed)
 
 
 def _root_exponent(x: jax.Array) -> jax.Array:
@@ -317,27 +318,30 @@ def _root_exponent(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, 0, root)
 
 
-def _quantize_blocks(
-    values: Any, blocks: jax.Array, exponents: jax.Array, shape, signed: bool, salt: Any = None
-):
-    """Codes for ``values`` (already square-rooted for the non-negative codes), whose
-    exponent fields are at most ``exponents``, dithered by the bits of ``blocks`` (the
-    values as given) and ``salt`` (see :func:`~rmsjax._src.rounding.dither`).
+def block_top(exponents: jax.Array) -> jax.Array:
+    """The largest of each block's ``exponents`` (exponent fields, 0-255), as int32: a
+    block's scale is ``2^(top - 127)``, infinite at 255 (inf or NaN), so that every
+    element of the block decodes to inf or NaN: a NaN is never turned into a finite value.
 
-    The block's scale comes from the exponents alone. ``values`` can then be computed
-    where the codes are, and need not be kept in memory for the maximum (XLA on a CPU
-    writes out whatever a reduction reads): the kernel that computes them takes the
-    larger of each pair, so the reduction reads half a byte per element. (A ``select``,
-    not ``maximum``: XLA CPU hands an elementwise maximum to its reduction library,
-    which then reads both halves in full.) An exponent of 255 (inf or NaN) makes the
-    block's scale infinite, so that every element of it decodes to inf or NaN: a NaN
-    is never turned into a finite value."""
+    The scale comes from the exponents alone. The values can then be computed where the
+    codes are, and need not be kept in memory for the maximum (XLA on a CPU writes out
+    whatever a reduction reads): the kernel that computes the exponents takes the larger
+    of each pair, so the reduction reads half a byte per element. (A ``select``, not
+    ``maximum``: XLA CPU hands an elementwise maximum to its reduction library, which
+    then reads both halves in full.)"""
     exponents = exponents.astype(jnp.uint8)
     even, odd = exponents[..., 0::2], exponents[..., 1::2]
-    top = jnp.max(jnp.where(even > odd, even, odd), axis=-1).astype(jnp.int32)
-    scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23), jnp.float32)  # 2^(top-127)
-    # |values| / scale as two products by normal powers of two, exact where the quotient
-    # is normal (it is under 2^-126 only far below the smallest code).
+    return jnp.max(jnp.where(even > odd, even, odd), axis=-1).astype(jnp.int32)
+
+
+def encode_blocks(values, blocks, top, scale, shape, signed: bool, salt=None) -> QuantizedArray:
+    """The :class:`QuantizedArray` with block scales ``scale`` whose codes stand for
+    ``values / 2^(top - 127)`` (``top`` per block, ``values`` under ``2^(top - 126)``):
+    the nearest code (``signed``) or, for roots, one of the two around, dithered by the
+    bits of ``blocks`` (the values as given) and ``salt`` (see
+    :func:`~rmsjax._src.rounding.dither`)."""
+    # |values| / 2^(top-127) as two products by normal powers of two, exact where the
+    # quotient is normal (it is under 2^-126 only far below the smallest code).
     first = jnp.clip(127 - top, -126, 127)
     second = (127 - top) - first  # 0 or -1
     normalized = jnp.abs(values) * _power_of_two(first)[..., None]
@@ -364,7 +368,9 @@ def dequantize(q: QuantizedArray) -> jax.Array:
 
     Returns:
       A float32 array of shape ``q.shape``: each code's value times its block's scale,
-      squared for a non-negative (``signed=False``) array.
+      squared for a non-negative (``signed=False``) array; ``inf`` for a second moment
+      above float32's range (a block with a negative scale, which only an optimizer's
+      state holds: see ``storage.store_moment``).
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> rj.dequantize(rj.quantize(jnp.full((64, 64), 4.0), signed=False))[0, :3]
@@ -372,7 +378,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     """
     values = _decoded(q)
     if not q.signed:
-        values = values * values
+        values = jnp.where(values < 0, jnp.inf, values * values)
     return _from_blocks(values, q.shape)
 
 

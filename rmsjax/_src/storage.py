@@ -41,17 +41,23 @@ from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
     _decoded,
     _exponent,
     _from_blocks,
-    _quantize_blocks,
     _root_exponent,
-    _to_blocks,
+    block_top,
     blocks_shape,
     dequantize,
+    encode_blocks,
     quantize,
+    to_blocks,
 )
 from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-exported)
 
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
+
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
+_BYTE_OFFSET = 12
+"""How far :func:`store_moment` shifts its roots' exponent fields down to fit a byte."""
 
 MIN_QUANTIZED_SIZE = 4096
 """Arrays with fewer elements than this keep float32 state under ``storage="int8"``."""
@@ -70,6 +76,10 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     huge = root > np.float32(limits.high**0.5)
     root_down = numerics.shift_bits(root, -limits.shift, floor=-45)  # no underflow below
     value = jnp.where(huge, -(root_down * root_down), root * root)
+    # a block beyond float32 (a negative scale) holds -root / 2^shift: the encoding's
+    # -moment / 2^(2 shift) is minus its square (at most float32's largest number, which
+    # its top code can pass)
+    value = jnp.where(root < 0, jnp.maximum(-(root * root), -_FLOAT32_MAX), value)
     if tiny:
         value = jnp.where((root > 0) & (root < np.float32(limits.low**0.5)), -root, value)
     return value.astype(dtype)
@@ -110,19 +120,37 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
         return slot
     limits = numerics.moment_range(jnp.float32)
     value = jnp.asarray(value, jnp.float32)
-    blocks = _to_blocks(value)
+    blocks = to_blocks(value)
     huge = blocks <= np.float32(-limits.tiny_root)
     tiny = (blocks < 0) & ~huge
+    huge_root = jnp.sqrt(-blocks)  # a huge moment's root in units of 2^shift
     root = jnp.where(
         huge,
-        numerics.scale_exponent(jnp.sqrt(-blocks), limits.shift),
+        numerics.scale_exponent(huge_root, limits.shift),  # inf beyond float32
         jnp.where(tiny, -blocks, jnp.sqrt(blocks)),
     )
-    # The roots' exponents, from the moments' bits (see _quantize_blocks).
+    # The roots' exponent fields, from the moments' bits (see block_top), up to 266
+    # for a huge moment: an Adagrad sum beyond float32's largest number squared, which
+    # the encoding holds, has a root beyond float32. A byte holds them shifted down by
+    # _BYTE_OFFSET (255 marks inf and NaN), so a block whose roots are all under
+    # 2^-114 takes a scale of 2^-114 instead of its own.
     exponents = _root_exponent(jnp.abs(blocks))
-    exponents = jnp.where(huge, jnp.minimum(exponents + limits.shift, 255), exponents)
+    nonfinite = exponents == 255
+    exponents = jnp.where(huge, exponents + limits.shift, exponents)
     exponents = jnp.where(tiny, _exponent(blocks), exponents)
-    return _quantize_blocks(root, blocks, exponents, value.shape, False, salt)
+    shifted = jnp.clip(exponents - _BYTE_OFFSET, 1, 254)
+    top = block_top(jnp.where(nonfinite, 255, jnp.where(exponents == 0, 0, shifted)))
+    infinite = top == 255
+    top = jnp.where(infinite | (top == 0), top, top + _BYTE_OFFSET)
+    # A block whose largest root is beyond float32 keeps its roots in units of 2^shift
+    # and a negative scale, -2^(top - 127 - shift), which says so (see load_moment). Its
+    # other moments are under 2^-78 of its largest: their codes are 0.
+    beyond = ~infinite & (top > 254)
+    top = jnp.where(beyond, top - limits.shift, top)
+    sign = jnp.where(beyond, np.int32(-(2**31)), np.int32(0))
+    scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23) | sign, jnp.float32)
+    values = jnp.where(beyond[..., None], jnp.where(huge, huge_root, 0.0), root)
+    return encode_blocks(values, blocks, top, scale, value.shape, False, salt)
 
 
 def keep_moment(
