@@ -193,6 +193,25 @@ def test_a_constant_huge_or_tiny_gradient_steps_by_the_documented_bound(make, sc
         assert float(jnp.min(jnp.abs(updates))) > 1e-3
 
 
+@pytest.mark.parametrize("storage", [None, "bfloat16", "int8"])
+def test_a_trace_of_raw_gradients_overflows_where_its_true_value_does(storage):
+    # the documented limit: g + 0.9 * trace passes float32's maximum at the second step
+    # for a constant gradient of 2e38 (optax's trace too), and stays finite at 3e37
+    import optax
+
+    for g, finite_steps in [(2e38, 1), (3e37, 30)]:
+        ours, theirs = rj.trace(0.9, storage=storage), optax.trace(0.9)
+        params = jnp.zeros(SHAPE)
+        state, their_state = ours.init(params), theirs.init(params)
+        grads = jnp.full(SHAPE, g, jnp.float32)
+        for step in range(30):
+            updates, state = jax.jit(ours.update)(grads, state)
+            their_updates, their_state = jax.jit(theirs.update)(grads, their_state)
+            finite = bool(jnp.all(jnp.isfinite(updates)))
+            assert finite == (step < finite_steps), (g, step)
+            assert finite == bool(jnp.all(jnp.isfinite(their_updates))), (g, step)
+
+
 def test_zero_eps_with_tiny_gradients_steps_like_with_ordinary_ones():
     # Down to about 1e-37: below, even the moment's root falls under float32's range.
     g = jnp.array([1e-30, -3e-25, 1e-36, 0.0], jnp.float32)

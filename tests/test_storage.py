@@ -210,7 +210,7 @@ def test_adagrad_sum_keeps_growing_by_small_increments():
 
 
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("value", [0.0, 1e-30, 1e30])
+@pytest.mark.parametrize("value", [0.0, 1e-30, 1e30, 3.4e38])
 def test_extreme_values_round_trip_finite(signed, value):
     x = jnp.full((64, 64), value, jnp.float32)
     got = rj.dequantize(rj.quantize(x, signed=signed))

@@ -64,6 +64,7 @@ _SEGMENTS = {
     True: ((5, 1), (4, 3), (3, 4), (1, 5), (0, 4)),  # signed: 126 codes under 2
     False: ((6, 1), (5, 2), (3, 15), (0, 5)),  # roots: 253 under 2
 }
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 _LARGEST = {True: 127, False: 254}  # the largest magnitude: the value 2
 # Code = magnitude - offset: the signed code 0 is 0, the non-negative codes -127..127.
 _OFFSET = {True: 0, False: 127}
@@ -348,6 +349,8 @@ def encode_blocks(values, blocks, top, scale, shape, signed: bool, salt=None) ->
     normalized = normalized * _power_of_two(second)[..., None]
     if signed:
         m = _nearest_magnitude(normalized)
+        # scaled by 2^127 the value 2 would be 2^128, inf: float32's largest rounds down
+        m = jnp.where(top[..., None] == 254, jnp.minimum(m, _LARGEST[True] - 1), m)
         codes = jnp.where(values < 0, -m, m)
     else:
         m = _dithered_magnitude(normalized, dither(blocks, salt))
@@ -378,7 +381,10 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     """
     values = _decoded(q)
     if not q.signed:
-        values = jnp.where(values < 0, jnp.inf, values * values)
+        # a root rounded up to 2^64 (the top code of float32's largest numbers) squares
+        # to float32's largest; a negative scale holds moments beyond float32
+        square = jnp.minimum(values * values, jnp.where(values <= 2.0**64, _FLOAT32_MAX, jnp.inf))
+        values = jnp.where(values < 0, jnp.inf, square)
     return _from_blocks(values, q.shape)
 
 

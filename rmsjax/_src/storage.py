@@ -34,6 +34,7 @@ import numpy as np
 
 from rmsjax._src import numerics
 from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
+    _FLOAT32_MAX,
     BLOCK_SIZE,
     NONNEGATIVE_TABLE,
     SIGNED_TABLE,
@@ -53,8 +54,6 @@ from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-expor
 
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
-
-_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 _BYTE_OFFSET = 12
 """How far :func:`store_moment` shifts its roots' exponent fields down to fit a byte."""
