@@ -253,9 +253,8 @@ def test_moments_beyond_float32_squared_keep_their_roots_in_int8():
     # In the moment encoding -nu * 2^-152 holds sums of squares up to 2^280 (Adagrad's
     # sum of squares of gradients near float32's maximum); their roots, up to 2^140,
     # pass float32's maximum, and their block keeps them in units of 2^76.
-    f32_max = float(np.finfo(np.float32).max)
     encoded = np.zeros(4096, np.float32)
-    encoded[:4] = [-f32_max, -(2.0**110), 1.0, 0.0]  # moments 2^280, 2^262, 1, 0
+    encoded[:4] = [-(2.0**126), -(2.0**110), 1.0, 0.0]  # moments 2^278, 2^262, 1, 0
     encoded[256:259] = [-(2.0**60), 3.0, 0.0]  # up to 2^212: roots within float32
     encoded[512:514] = [-(2.0**-60), -(2.0**-58)]  # tiny: roots under 2^-114 (eps=0)
     slot = rj.quantize(jnp.zeros(4096), signed=False)

@@ -34,7 +34,6 @@ import numpy as np
 
 from rmsjax._src import numerics
 from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
-    _FLOAT32_MAX,
     BLOCK_SIZE,
     NONNEGATIVE_TABLE,
     SIGNED_TABLE,
@@ -74,11 +73,9 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     root = _from_blocks(_decoded(slot), slot.shape)
     huge = root > np.float32(limits.high**0.5)
     root_down = numerics.shift_bits(root, -limits.shift, floor=-45)  # no underflow below
-    value = jnp.where(huge, -(root_down * root_down), root * root)
-    # a block beyond float32 (a negative scale) holds -root / 2^shift: the encoding's
-    # -moment / 2^(2 shift) is minus its square (at most float32's largest number, which
-    # its top code can pass)
-    value = jnp.where(root < 0, jnp.maximum(-(root * root), -_FLOAT32_MAX), value)
+    # (a block beyond float32, with a negative scale, holds -root / 2^shift: the
+    # encoding's -moment / 2^(2 shift) is minus its square)
+    value = jnp.where(huge, -(root_down * root_down), root * jnp.abs(root))
     if tiny:
         value = jnp.where((root > 0) & (root < np.float32(limits.low**0.5)), -root, value)
     return value.astype(dtype)
