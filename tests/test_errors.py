@@ -300,3 +300,44 @@ def test_a_part_at_fault_is_named_after_the_constructor_the_user_called(build, s
     params = jnp.ones(3)
     with pytest.raises(TypeError, match=expected):
         build().update(params, state_of(params), params)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: rj.quantize(jnp.ones(4096, jnp.complex64), signed=True),
+            TypeError,
+            r"^rmsjax\.quantize: x must be an array of real numbers \(floating, integer or "
+            r"bool\), got an array of dtype complex64$",
+        ),
+        (
+            lambda: rj.quantize(["a", "b"], signed=False),
+            TypeError,
+            r"^rmsjax\.quantize: x must be an array of real numbers .* got an array of dtype str",
+        ),
+        (
+            lambda: rj.quantize(jnp.ones(4096), signed="no"),
+            ValueError,
+            r"^rmsjax\.quantize: signed must be True or False, got 'no'$",
+        ),
+        (
+            lambda: rj.dequantize(jnp.ones(3)),
+            TypeError,
+            r"^rmsjax\.dequantize: q must be a QuantizedArray, got Array\(.*\(ArrayImpl\)$",
+        ),
+    ],
+    ids=["complex", "strings", "signed-not-bool", "not-quantized"],
+)
+def test_quantize_and_dequantize_refuse_what_they_cannot_hold(call, error, message):
+    # a complex array would lose its imaginary part, a truthy string would pass for True
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_quantize_takes_real_arrays_of_any_kind():
+    # values within 2x of their block's largest: within 3.1% (docs/memory.md)
+    kinds = ([1.5, -2.0], 3.0, jnp.arange(200, 300), np.ones(300, bool), jnp.ones(9, jnp.bfloat16))
+    for x in kinds:
+        got = np.asarray(rj.dequantize(rj.quantize(x, signed=True)), np.float64)
+        np.testing.assert_allclose(got, np.asarray(x, np.float64), rtol=2.0**-5)

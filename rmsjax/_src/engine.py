@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, quantization, sharding
+from rmsjax._src import base, block_layout, quantization, sharding
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 
@@ -155,7 +155,7 @@ def _slot_shape(slot: Any) -> tuple[int, ...] | None:
     ``shape`` is that of one leaf; in a block of stacked leaves its codes and scales
     carry the block's leading axis."""
     if isinstance(slot, quantization.QuantizedArray):
-        stacked = jnp.ndim(slot.codes) - len(quantization.blocks_shape(slot.shape))
+        stacked = jnp.ndim(slot.codes) - len(block_layout.blocks_shape(slot.shape))
         return tuple(jnp.shape(slot.codes)[:stacked]) + slot.shape
     shape = getattr(slot, "shape", None)
     return None if shape is None else tuple(shape)

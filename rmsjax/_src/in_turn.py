@@ -14,7 +14,7 @@ Here the leaf's update is computed first, without its int8 slots
 old state, after every slot whose computation reads it (:func:`_order`), from codes that
 depend through an exact zero on what was written before (a reduction over it: XLA
 recomputes a slice of an output where it is read instead of waiting for it), in the
-codes' block layout (:func:`quantization.block_view`). The values are the same, bit
+codes' block layout (:func:`block_layout.block_view`). The values are the same, bit
 for bit: XLA computes each slot again in each kernel that encodes it anyway. On one
 4M-element leaf the peak of an RMSprop step with int8 momentum falls from 12.07 to
 10.55 bytes per parameter.
@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, quantization, storage
+from rmsjax._src import base, block_layout, quantization, storage
 from rmsjax._src.elementwise import LeafRule
 
 MAX_LEAVES = 64
@@ -73,7 +73,7 @@ def applies(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
     :data:`MIN_SIZE` elements filling whole blocks (no padding, which the rule would
     compute too), and the rule does not read the parameter (which the update has
     overwritten by then)."""
-    return _large_int8(slots) and not rule.needs_params and g.size % quantization.BLOCK_SIZE == 0
+    return _large_int8(slots) and not rule.needs_params and g.size % block_layout.BLOCK_SIZE == 0
 
 
 def step(
@@ -84,14 +84,14 @@ def step(
     with storage.slots_kept():
         update, _ = rule.update_leaf(g, slots, context, param)
     out = base.apply_leaf(param, update) if apply else update
-    blocks = quantization.to_blocks(g)
+    blocks = block_layout.to_blocks(g)
 
     def encode(i, zero):  # slot i, computed again from codes that come after ``zero``
         view = tuple(
             quantization.QuantizedArray(s.codes + zero, s.scale, s.codes.shape, s.signed)
             for s in slots
         )
-        with quantization.block_view(), storage.slots_kept(but=view[i]):
+        with block_layout.block_view(), storage.slots_kept(but=view[i]):
             return rule.update_leaf(blocks, view, context, None)[1][i]
 
     zero = _zero_after(jnp.ravel(out)[0])

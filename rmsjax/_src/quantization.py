@@ -27,15 +27,7 @@ codes around them, the upper one with the probability that makes the stored
 rounding to nearest would freeze an Adagrad sum, or an average with a decay close to 1,
 once its changes fall under half a code step.
 
-**Block layout.** Blocks are 256 consecutive elements of the row-major tensor, so they
-follow the last axis. When the last axis is a multiple of 256 the codes have shape
-``(*shape[:-1], shape[-1] // 256, 256)``: every axis of the parameter is kept, and the
-state can be sharded like the parameter. Otherwise the tensor is read as one flat
-vector, zero-padded at its end to a multiple of 256, with codes of shape
-``(ceil(size / 256), 256)``; when 256 is a multiple of the last axis (64, 128, ...) each
-block holds whole rows, so sharding the first axis of the codes matches sharding the
-parameter's first axis. Padding per row instead would cost up to 4x for 64-wide
-embedding tables.
+**Block layout**: see :mod:`rmsjax._src.block_layout`.
 
 References:
   Dettmers, Lewis, Shleifer and Zettlemoyer, 8-bit Optimizers via Block-wise
@@ -45,20 +37,16 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsjax._src import validate
+from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.rounding import dither
-
-BLOCK_SIZE = 256
-"""Elements per quantization block (one float32 ``scale`` each)."""
 
 _SEGMENTS = {
     True: ((5, 1), (4, 3), (3, 4), (1, 5), (0, 4)),  # signed: 126 codes under 2
@@ -219,49 +207,6 @@ class QuantizedArray:
         return f"QuantizedArray(shape={self.shape}, signed={self.signed}, blocks={blocks})"
 
 
-def blocks_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the codes for an array of ``shape`` (see the module's notes)."""
-    shape = tuple(shape)
-    if shape and shape[-1] % BLOCK_SIZE == 0:
-        return (*shape[:-1], shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    return (-(-math.prod(shape) // BLOCK_SIZE), BLOCK_SIZE)
-
-
-_BLOCK_VIEW: contextvars.ContextVar[bool] = contextvars.ContextVar("block_view", default=False)
-
-
-@contextlib.contextmanager
-def block_view() -> Iterator[None]:
-    """While tracing under it, arrays given to :func:`quantize` and read from
-    :func:`dequantize` are taken to be in the codes' block layout already (shape
-    ``codes.shape``): no reshape, padding or slice between the codes and the values. A
-    kernel that reads old codes and writes new ones then touches them at the same index
-    only, and XLA can write the new codes over the old (see :mod:`rmsjax._src.in_turn`)."""
-    token = _BLOCK_VIEW.set(True)
-    try:
-        yield
-    finally:
-        _BLOCK_VIEW.reset(token)
-
-
-def to_blocks(x: jax.Array) -> jax.Array:
-    """``x`` in the block layout of its codes: ``blocks_shape(x.shape)``, zero-padded."""
-    if _BLOCK_VIEW.get():
-        return x
-    target = blocks_shape(x.shape)
-    flat = x.reshape(-1)
-    pad = math.prod(target) - flat.size
-    if pad:
-        flat = jnp.pad(flat, (0, pad))
-    return flat.reshape(target)
-
-
-def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    if _BLOCK_VIEW.get():
-        return blocks
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
-
-
 def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     r"""Stores ``x`` in 8 bits per element, block-wise (see docs/memory.md for the format).
 
@@ -296,6 +241,8 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     >>> float(jnp.max(jnp.abs(rj.dequantize(q) - jnp.linspace(-1.0, 1.0, 4096)))) < 0.04
     True
     """
+    validate.check_real_array("quantize", "x", x)
+    validate.check_bool("quantize", "signed", signed)
     x = jnp.asarray(x, jnp.float32)
     blocks = to_blocks(x)
     if signed:
@@ -379,13 +326,14 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     >>> rj.dequantize(rj.quantize(jnp.full((64, 64), 4.0), signed=False))[0, :3]
     Array([4., 4., 4.], dtype=float32)
     """
+    validate.check_instance("dequantize", "q", q, QuantizedArray, "a QuantizedArray")
     values = _decoded(q)
     if not q.signed:
         # a root rounded up to 2^64 (the top code of float32's largest numbers) squares
         # to float32's largest; a negative scale holds moments beyond float32
         square = jnp.minimum(values * values, jnp.where(values <= 2.0**64, _FLOAT32_MAX, jnp.inf))
         values = jnp.where(values < 0, jnp.inf, square)
-    return _from_blocks(values, q.shape)
+    return from_blocks(values, q.shape)
 
 
 def _decoded(q: QuantizedArray) -> jax.Array:

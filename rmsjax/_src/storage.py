@@ -33,21 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import numerics
+from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
-    BLOCK_SIZE,
     NONNEGATIVE_TABLE,
     SIGNED_TABLE,
     QuantizedArray,
     _decoded,
     _exponent,
-    _from_blocks,
     _root_exponent,
     block_top,
-    blocks_shape,
     dequantize,
     encode_blocks,
     quantize,
-    to_blocks,
 )
 from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-exported)
 
@@ -70,7 +67,7 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     if not isinstance(slot, QuantizedArray):
         return slot.astype(dtype)
     limits = numerics.moment_range(jnp.float32)
-    root = _from_blocks(_decoded(slot), slot.shape)
+    root = from_blocks(_decoded(slot), slot.shape)
     huge = root > np.float32(limits.high**0.5)
     root_down = numerics.shift_bits(root, -limits.shift, floor=-45)  # no underflow below
     # (a block beyond float32, with a negative scale, holds -root / 2^shift: the

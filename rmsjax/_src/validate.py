@@ -8,7 +8,7 @@ built, and checking them at run time would cost a host round trip every step.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -30,11 +30,11 @@ def concrete_value(value: Any) -> float | None:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _fail(function: str, argument: str, allowed: str, value: Any) -> None:
+def _fail(function: str, argument: str, allowed: str, value: Any) -> NoReturn:
     raise ValueError(f"rmsjax.{function}: {argument} must be {allowed}, got {value!r}")
 
 
-def _wrong_type(function: str, argument: str, allowed: str, value: Any) -> None:
+def _wrong_type(function: str, argument: str, allowed: str, value: Any) -> NoReturn:
     raise TypeError(
         f"rmsjax.{function}: {argument} must be {allowed}, got {value!r} ({type(value).__name__})"
     )
@@ -187,3 +187,25 @@ def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
 def check_bool(function: str, argument: str, value: Any) -> None:
     if not isinstance(value, (bool, np.bool_)):
         _fail(function, argument, "True or False", value)
+
+
+def check_real_array(function: str, argument: str, value: Any) -> None:
+    """An array (or anything ``numpy.asarray`` reads) of real numbers: floating, integer
+    or bool. A complex array would lose its imaginary part."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(value).dtype
+        except Exception:
+            _wrong_type(function, argument, "an array of real numbers", value)
+    jnp = jax.numpy
+    if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.floating, jnp.integer, jnp.bool_)):
+        raise TypeError(
+            f"rmsjax.{function}: {argument} must be an array of real numbers (floating, "
+            f"integer or bool), got an array of dtype {np.dtype(dtype).name}"
+        )
+
+
+def check_instance(function: str, argument: str, value: Any, kind: type, allowed: str) -> None:
+    if not isinstance(value, kind):
+        _wrong_type(function, argument, allowed, value)
