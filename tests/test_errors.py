@@ -341,3 +341,48 @@ def test_quantize_takes_real_arrays_of_any_kind():
     for x in kinds:
         got = np.asarray(rj.dequantize(rj.quantize(x, signed=True)), np.float64)
         np.testing.assert_allclose(got, np.asarray(x, np.float64), rtol=2.0**-5)
+
+
+@pytest.mark.parametrize(
+    "function, argument, call",
+    [
+        ("chain", r"transforms\[1\]", lambda bad: rj.chain(rj.sgd(0.1), bad)),
+        ("update_and_apply", "tx", lambda bad: rj.update_and_apply(bad, {}, (), {})),
+        ("make_train_step", "tx", lambda bad: rj.make_train_step(lambda p: 0.0, bad)),
+        ("grouped", "tx", lambda bad: rj.grouped(bad)),
+        ("apply_if_finite", "inner", lambda bad: rj.apply_if_finite(bad, 3)),
+        ("accumulate_gradients", "inner", lambda bad: rj.accumulate_gradients(bad, 2)),
+        ("masked", "inner", lambda bad: rj.masked(bad, {"w": True})),
+        ("as_optax", "tx", lambda bad: rj.as_optax(bad)),
+        ("with_extra_args_support", "tx", lambda bad: rj.with_extra_args_support(bad)),
+        ("state_shardings", "tx", lambda bad: rj.state_shardings(bad, {})),
+        (
+            "zero1_update_and_apply",
+            "tx",
+            lambda bad: rj.zero1_update_and_apply(bad, {}, (), {}, None),
+        ),
+    ],
+)
+@pytest.mark.parametrize("bad", [3, "rmsprop", rj.rmsprop], ids=["int", "str", "factory"])
+def test_wrappers_refuse_what_is_not_a_transformation(function, argument, call, bad):
+    # the factory itself (rj.rmsprop, not rj.rmsprop(...)) is the usual slip
+    with pytest.raises(
+        TypeError,
+        match=rf"^rmsjax\.{function}: {argument} must be a GradientTransformation \(with init "
+        rf"and update, from rmsjax or optax\), got .* \({type(bad).__name__}\)$",
+    ):
+        call(bad)
+
+
+def test_make_train_step_needs_a_callable_loss():
+    with pytest.raises(TypeError, match=r"^rmsjax\.make_train_step: loss_fn must be callable"):
+        rj.make_train_step(3.0, rj.sgd(0.1))
+
+
+def test_inject_hyperparams_names_the_factory_on_a_wrong_argument():
+    with pytest.raises(
+        TypeError,
+        match=r"^rmsjax\.inject_hyperparams\(rmsprop\): got an unexpected keyword argument "
+        r"'lr'; its arguments are \['learning_rate', 'decay'",
+    ):
+        rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, lr=0.1)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, sharding
+from rmsjax._src import base, elementwise, fusion, numerics, sharding, validate
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -62,6 +62,7 @@ def accumulate_gradients(
     >>> first, second
     (Array([-0.], dtype=float32), Array([-2.], dtype=float32))
     """
+    validate.check_transformation("accumulate_gradients", "inner", inner)
     name = "accumulate_gradients"
     if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
         raise ValueError(f"rmsjax.{name}: every_k must be an int >= 1, got {every_k!r}")

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from rmsjax._src import validate
+
 Params = Any
 """A pytree of parameters (arrays, or None for leaves that are not trained)."""
 Updates = Any
@@ -86,6 +88,7 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
     >>> float(tx.update(1.0, tx.init(1.0), None, step=3)[0])
     2.0
     """
+    validate.check_transformation("with_extra_args_support", "tx", tx)
     if accepts_extra(tx.update):
         return tx
     inner = tx.update

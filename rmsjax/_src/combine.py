@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmsjax._src import base, elementwise, engine, fusion
+from rmsjax._src import base, elementwise, engine, fusion, validate
 
 
 def chain(*transforms: base.GradientTransformation) -> base.GradientTransformation:
@@ -29,6 +29,8 @@ def chain(*transforms: base.GradientTransformation) -> base.GradientTransformati
     >>> tx.update(jnp.array([1.0, -2.0]), state)[0]
     Array([-0.31622776,  0.31622776], dtype=float32)
     """
+    for i, transform in enumerate(transforms):
+        validate.check_transformation("chain", f"transforms[{i}]", transform)
     return named_chain("chain", *transforms)
 
 
@@ -142,6 +144,7 @@ def update_and_apply(
     >>> rj.update_and_apply(tx, jnp.ones(2), tx.init(params), params)[0]
     Array([0.9, 0.9], dtype=float32)
     """
+    validate.check_transformation("update_and_apply", "tx", tx)
     fused = fusion.fused_step_of(tx)
     if fused is not None:
         return fused(updates, state, params, **extra)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, engine, fusion
+from rmsjax._src import base, engine, fusion, validate
 
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 32
@@ -174,6 +174,7 @@ def grouped(
     >>> rj.update_and_apply(tx, {"a": jnp.ones(2), "b": -jnp.ones(2)}, state, params)[0]["b"]
     Array([1.3162278, 1.3162278], dtype=float32)
     """
+    validate.check_transformation("grouped", "tx", tx)
     rule = fusion.leaf_rule_of(tx)
     if rule is None:
         raise TypeError(

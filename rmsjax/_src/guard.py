@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, fusion, numerics, sharding
+from rmsjax._src import base, combine, fusion, numerics, sharding, validate
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -83,6 +83,7 @@ def apply_if_finite(
     References:
       ``optax.apply_if_finite``, whose state fields and semantics this follows.
     """
+    validate.check_transformation("apply_if_finite", "inner", inner)
     name = "apply_if_finite"
     if (
         not isinstance(max_consecutive_errors, int)

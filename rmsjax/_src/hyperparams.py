@@ -198,7 +198,13 @@ def inject_hyperparams(
 
     @functools.wraps(inner_factory)
     def wrapped(*args: Any, **kwargs: Any) -> base.GradientTransformation:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"rmsjax.{name}({factory_name}): {error}; its arguments are "
+                f"{list(signature.parameters)}"
+            ) from None
         bound.apply_defaults()
         schedules, stateful, numeric, fixed = {}, {}, {}, {}
         for key, value in bound.arguments.items():

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, numerics, storage
+from rmsjax._src import base, numerics, storage, validate
 
 
 def as_optax(tx: base.GradientTransformation) -> Any:
@@ -21,6 +21,7 @@ def as_optax(tx: base.GradientTransformation) -> Any:
     >>> isinstance(rj.as_optax(rj.rmsprop(1e-3)), optax.GradientTransformation)
     True
     """
+    validate.check_transformation("as_optax", "tx", tx)
     try:
         import optax
     except ImportError as error:  # pragma: no cover - depends on the environment

@@ -51,6 +51,7 @@ def masked(
     >>> updates["w"], updates["b"]
     (Array([0., 0.], dtype=float32), Array([1.], dtype=float32))
     """
+    validate.check_transformation("masked", "inner", inner)
     name = "masked"
     if not callable(getattr(inner, "update", None)) or not callable(getattr(inner, "init", None)):
         raise TypeError(

@@ -36,6 +36,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rmsjax._src import specs as spec_lib
+from rmsjax._src import validate
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -218,6 +219,7 @@ def state_shardings(tx: Any, params: Any) -> Any:
     (P('data',), P())
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
+    validate.check_transformation("state_shardings", "tx", tx)
     mesh = None
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)

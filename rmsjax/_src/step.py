@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from rmsjax._src import base, combine
+from rmsjax._src import base, combine, validate
 
 
 def make_train_step(
@@ -56,6 +56,8 @@ def make_train_step(
     >>> params["w"], loss
     (Array([ 0.31622776, -0.31622776], dtype=float32), Array(1., dtype=float32))
     """
+    validate.check_callable("make_train_step", "loss_fn", loss_fn)
+    validate.check_transformation("make_train_step", "tx", tx)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def step(params, state, *batch):

@@ -209,3 +209,20 @@ def check_real_array(function: str, argument: str, value: Any) -> None:
 def check_instance(function: str, argument: str, value: Any, kind: type, allowed: str) -> None:
     if not isinstance(value, kind):
         _wrong_type(function, argument, allowed, value)
+
+
+def check_transformation(function: str, argument: str, value: Any) -> None:
+    """An optimizer: anything with callable ``init`` and ``update``, as rmsjax's and
+    optax's gradient transformations are."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        _wrong_type(
+            function,
+            argument,
+            "a GradientTransformation (with init and update, from rmsjax or optax)",
+            value,
+        )
+
+
+def check_callable(function: str, argument: str, value: Any) -> None:
+    if not callable(value):
+        _wrong_type(function, argument, "callable", value)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import combine
+from rmsjax._src import combine, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
@@ -156,6 +156,7 @@ def zero1_update_and_apply(
     >>> params
     Array([0.9, 0.9, 0.9, 0.9], dtype=float32)
     """
+    validate.check_transformation("zero1_update_and_apply", "tx", tx)
 
     split = zero1_shardings(params, mesh, axis)
     new_params, new_state = combine.update_and_apply(
