@@ -386,3 +386,22 @@ def test_inject_hyperparams_names_the_factory_on_a_wrong_argument():
         r"'lr'; its arguments are \['learning_rate', 'decay'",
     ):
         rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, lr=0.1)
+
+
+def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4), "frozen": None}
+    with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the"):
+        rj.apply_updates(params, {"w": jnp.ones((4, 4))})
+    # an update that would fail to add, or would silently change the parameter's shape
+    for bad, shape in [(jnp.ones(3), r"\(3,\)"), (jnp.ones((2, 4)), r"\(2, 4\)")]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^rmsjax\.apply_updates: the update at \['b'\] has shape {shape}, which "
+            r"does not fit its parameter's shape \(4,\)",
+        ):
+            jax.jit(rj.apply_updates)(params, {"w": jnp.ones((4, 4)), "b": bad, "frozen": None})
+    # what fits is added: same shapes, or updates that broadcast to the parameter's
+    out = rj.apply_updates(params, {"w": 0.5, "b": jnp.full(4, 2.0), "frozen": None})
+    np.testing.assert_array_equal(out["w"], np.full((4, 4), 1.5))
+    np.testing.assert_array_equal(out["b"], np.full(4, 3.0))
+    assert out["frozen"] is None

@@ -104,18 +104,40 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """Adds ``updates`` to ``params`` leaf by leaf, keeping each parameter's dtype.
 
     Leaves that are None in ``params`` (for instance parameters filtered out with
-    equinox's ``eqx.filter``) stay None.
+    equinox's ``eqx.filter``) stay None. ``updates`` must have the parameters' tree
+    structure, and an update the shape of its parameter (or one that broadcasts to it):
+    anything else raises a ValueError naming the leaf, where adding it would fail or
+    change the parameter's shape.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> rj.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.full(2, 0.5)})["w"]
     Array([1.5, 1.5], dtype=bfloat16)
     """
-    return jax.tree.map(
-        lambda p, u: None if p is None else apply_leaf(p, u),
-        params,
-        updates,
-        is_leaf=is_none,
-    )
+    treedef = jax.tree.structure(params, is_leaf=is_none)
+    try:
+        flat_updates = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "rmsjax.apply_updates: the tree structure of the updates differs from that of "
+            f"the parameters.\n  updates: {jax.tree.structure(updates)}\n  params: {treedef}"
+        ) from None
+    paths_and_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
+    out = []
+    for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
+        if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
+            raise ValueError(
+                f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
+                f"{jnp.shape(u)}, which does not fit its parameter's shape {jnp.shape(p)}"
+            )
+        out.append(None if p is None else apply_leaf(p, u))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    try:
+        return tuple(jnp.broadcast_shapes(shape, target)) == tuple(target)
+    except ValueError:
+        return False
 
 
 def apply_leaf(param: jax.Array, update: jax.Array) -> jax.Array:
