@@ -108,6 +108,25 @@ def test_int8_state_is_encoded_and_decoded():
     np.testing.assert_allclose(back[2].trace["w"], s[2].trace["w"], rtol=0.05)
 
 
+def test_an_overflowed_optax_sum_converts_to_int8_without_nan():
+    # optax's Adagrad sum is inf where a gradient above 1.8e19 overflowed it. In int8
+    # state it is held as the largest moment, and its block's other elements stay
+    # finite, as each element of float32 state does on its own.
+    params = jnp.zeros(4096)
+    theirs = optax.adagrad(0.01).init(params)
+    overflowed = theirs[0].sum_of_squares.at[3].set(jnp.inf)
+    theirs = (theirs[0]._replace(sum_of_squares=overflowed), *theirs[1:])
+    for storage in (None, "int8"):
+        tx = rj.adagrad(0.01, storage=storage)
+        state = rj.from_optax_state(theirs, like=jax.eval_shape(tx.init, params))
+        for _ in range(3):
+            updates, state = jax.jit(tx.update)(jnp.ones(4096), state, params)
+            assert bool(jnp.all(jnp.isfinite(updates))), storage
+            assert abs(float(updates[3])) < 1e-20  # the overflowed element barely moves
+        # the other blocks step as from a sum of 0.1 + 3 (within int8's rounding)
+        np.testing.assert_allclose(updates[256:], -0.01 / np.sqrt(3.1), rtol=0.02)
+
+
 def test_centered_int8_state_moves_its_variance_to_optax_and_back():
     # A centered int8 state holds nu - mu^2 (rounding nu and mu apart would lose small
     # variances); optax holds nu, so the conversion adds mu^2 and takes it off again.

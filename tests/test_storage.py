@@ -275,6 +275,24 @@ def test_moments_beyond_float32_squared_keep_their_roots_in_int8():
     assert moments[256] == np.inf  # 2^212, with its root within float32
 
 
+def test_an_infinite_moment_is_held_as_the_largest_and_spares_its_block():
+    # an encoded -inf (a moment past the encoding's end, 2^280) in an int8 slot: the
+    # block keeps it as the largest moment, not an infinite scale that reads as NaN
+    encoded = np.ones(4096, np.float32)
+    encoded[5] = -np.inf
+    slot = rj.quantize(jnp.zeros(4096), signed=False)
+    q = jax.jit(lambda v: storage.store_moment(v, slot, salt=jnp.int32(1)))(jnp.asarray(encoded))
+    assert np.all(np.isfinite(np.asarray(q.scale)))
+    got = np.asarray(storage.load_moment(q, jnp.float32, tiny=False))
+    assert not np.any(np.isnan(got))
+    assert got[5] <= -np.finfo(np.float32).max  # still the largest moment there is
+    np.testing.assert_array_equal(got[256:], 1.0)  # other blocks untouched
+    # a NaN still makes its block's scale infinite (test_non_finite_values_are_not_hidden)
+    encoded[300] = np.nan
+    q = storage.store_moment(jnp.asarray(encoded), slot, salt=jnp.int32(1))
+    assert float(q.scale[1]) == np.inf and np.all(np.isfinite(np.asarray(q.scale)[[0, 2]]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, codes_shape",

@@ -74,7 +74,12 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     if isinstance(value, storage.QuantizedArray):
         value = storage.dequantize(value)
     if isinstance(like, storage.QuantizedArray):
-        return storage.quantize(jnp.asarray(value, jnp.float32), signed=like.signed)
+        value = jnp.asarray(value, jnp.float32)
+        if not like.signed:
+            # optax's sum of squares is inf where it overflowed: held as the largest
+            # moment, its block's other moments stay finite (an inf would make them NaN)
+            value = jnp.where(jnp.isinf(value), jnp.finfo(jnp.float32).max, value)
+        return storage.quantize(value, signed=like.signed)
     value = jnp.asarray(value)
     if tuple(value.shape) != tuple(like.shape):
         _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")

@@ -35,6 +35,7 @@ import numpy as np
 from rmsjax._src import numerics
 from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
+    _FLOAT32_MAX,
     NONNEGATIVE_TABLE,
     SIGNED_TABLE,
     QuantizedArray,
@@ -50,6 +51,8 @@ from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-expor
 
 STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
 """The accepted values of the ``storage`` option."""
+
+_LARGEST_ROOT = np.sqrt(_FLOAT32_MAX)
 
 _BYTE_OFFSET = 12
 """How far :func:`store_moment` shifts its roots' exponent fields down to fit a byte."""
@@ -116,7 +119,11 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     blocks = to_blocks(value)
     huge = blocks <= np.float32(-limits.tiny_root)
     tiny = (blocks < 0) & ~huge
-    huge_root = jnp.sqrt(-blocks)  # a huge moment's root in units of 2^shift
+    # a huge moment's root in units of 2^shift. An infinite moment (a root rounded up
+    # past the encoding's end, 2^280) is held as the largest, as float32 state saturates:
+    # it would otherwise make its block's scale infinite and the block's other moments
+    # NaN. A NaN still does.
+    huge_root = jnp.minimum(jnp.sqrt(-blocks), _LARGEST_ROOT)
     root = jnp.where(
         huge,
         numerics.scale_exponent(huge_root, limits.shift),  # inf beyond float32
@@ -128,7 +135,7 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     # _BYTE_OFFSET (255 marks inf and NaN), so a block whose roots are all under
     # 2^-114 takes a scale of 2^-114 instead of its own.
     exponents = _root_exponent(jnp.abs(blocks))
-    nonfinite = exponents == 255
+    nonfinite = jnp.isnan(blocks)
     exponents = jnp.where(huge, exponents + limits.shift, exponents)
     exponents = jnp.where(tiny, _exponent(blocks), exponents)
     shifted = jnp.clip(exponents - _BYTE_OFFSET, 1, 254)
