@@ -287,10 +287,27 @@ def test_an_infinite_moment_is_held_as_the_largest_and_spares_its_block():
     assert not np.any(np.isnan(got))
     assert got[5] <= -np.finfo(np.float32).max  # still the largest moment there is
     np.testing.assert_array_equal(got[256:], 1.0)  # other blocks untouched
-    # a NaN still makes its block's scale infinite (test_non_finite_values_are_not_hidden)
+    # a NaN marks its block: every moment of it reads as NaN
     encoded[300] = np.nan
     q = storage.store_moment(jnp.asarray(encoded), slot, salt=jnp.int32(1))
-    assert float(q.scale[1]) == np.inf and np.all(np.isfinite(np.asarray(q.scale)[[0, 2]]))
+    assert np.isnan(float(q.scale[1])) and np.all(np.isfinite(np.asarray(q.scale)[[0, 2]]))
+    got = np.asarray(storage.load_moment(q, jnp.float32, tiny=False))
+    assert np.all(np.isnan(got[256:512])) and not np.any(np.isnan(got[512:]))
+
+
+def test_a_nan_gradient_in_int8_state_is_never_turned_into_a_finite_step():
+    # float32 state keeps the NaN in its element; int8 state in the element's block of
+    # 256, whose steps stay NaN instead of reading the block as the largest moments and
+    # stopping at 0 without a sign
+    tx = rj.adagrad(0.01, storage="int8")
+    params = jnp.zeros(4096)
+    state, update = tx.init(params), jax.jit(tx.update)
+    _, state = update(jnp.ones(4096).at[5].set(jnp.nan), state, params)
+    for step in (2, 3):
+        updates, state = update(jnp.ones(4096), state, params)
+        assert np.all(np.isnan(np.asarray(updates[:256])))
+        # the other blocks: Adagrad on a sum of 0.1 + step, within int8's rounding
+        np.testing.assert_allclose(updates[256:], -0.01 / np.sqrt(0.1 + step), rtol=0.02)
 
 
 @pytest.mark.slow

@@ -149,6 +149,10 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     top = jnp.where(beyond, top - limits.shift, top)
     sign = jnp.where(beyond, np.int32(-(2**31)), np.int32(0))
     scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23) | sign, jnp.float32)
+    # a NaN's block gets a NaN scale, so that every moment of it reads as NaN: with an
+    # infinite one, the step would read its roots as the largest moments and the block
+    # would stop moving without a sign
+    scale = jnp.where(infinite, np.float32(np.nan), scale)
     values = jnp.where(beyond[..., None], jnp.where(huge, huge_root, 0.0), root)
     return encode_blocks(values, blocks, top, scale, value.shape, False, salt)
 
