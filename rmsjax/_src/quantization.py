@@ -176,8 +176,9 @@ class QuantizedArray:
       codes: int8 array ``(*blocks, 256)``, each a small float (see the module's notes).
       scale: float32 array ``blocks``: a power of two, the largest binary exponent of
         the block's values (of their roots, when not ``signed``); each stored value is
-        its code's value times the scale. (Negative in an optimizer's second moments
-        whose roots pass float32's range: see ``storage.store_moment``.)
+        its code's value times the scale. (In an optimizer's second moments, negative
+        where the roots pass float32's range, and NaN in a block that holds a NaN: see
+        ``storage.store_moment``.)
       shape: the shape of the stored array.
       signed: True for signed values (momentum, means); False for a non-negative array
         stored as its square root (second moments).
