@@ -78,7 +78,7 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
         if not like.signed:
             # optax's sum of squares is inf where it overflowed: held as the largest
             # moment, its block's other moments stay finite (an inf would make them NaN)
-            value = jnp.where(jnp.isinf(value), jnp.finfo(jnp.float32).max, value)
+            value = jnp.where(jnp.isinf(value), validate.FLOAT32_MAX, value)
         return storage.quantize(value, signed=like.signed)
     value = jnp.asarray(value)
     if tuple(value.shape) != tuple(like.shape):

@@ -122,7 +122,7 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     # a huge moment's root in units of 2^shift. An infinite moment (a root rounded up
     # past the encoding's end, 2^280) is held as the largest, as float32 state saturates:
     # it would otherwise make its block's scale infinite and the block's other moments
-    # NaN. A NaN still does.
+    # NaN. Only a NaN marks its block (below).
     huge_root = jnp.minimum(jnp.sqrt(-blocks), _LARGEST_ROOT)
     root = jnp.where(
         huge,
@@ -132,7 +132,7 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     # The roots' exponent fields, from the moments' bits (see block_top), up to 266
     # for a huge moment: an Adagrad sum beyond float32's largest number squared, which
     # the encoding holds, has a root beyond float32. A byte holds them shifted down by
-    # _BYTE_OFFSET (255 marks inf and NaN), so a block whose roots are all under
+    # _BYTE_OFFSET (255 marks a NaN), so a block whose roots are all under
     # 2^-114 takes a scale of 2^-114 instead of its own.
     exponents = _root_exponent(jnp.abs(blocks))
     nonfinite = jnp.isnan(blocks)
@@ -140,19 +140,19 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     exponents = jnp.where(tiny, _exponent(blocks), exponents)
     shifted = jnp.clip(exponents - _BYTE_OFFSET, 1, 254)
     top = block_top(jnp.where(nonfinite, 255, jnp.where(exponents == 0, 0, shifted)))
-    infinite = top == 255
-    top = jnp.where(infinite | (top == 0), top, top + _BYTE_OFFSET)
+    holds_nan = top == 255
+    top = jnp.where(holds_nan | (top == 0), top, top + _BYTE_OFFSET)
     # A block whose largest root is beyond float32 keeps its roots in units of 2^shift
     # and a negative scale, -2^(top - 127 - shift), which says so (see load_moment). Its
     # other moments are under 2^-78 of its largest: their codes are 0.
-    beyond = ~infinite & (top > 254)
+    beyond = ~holds_nan & (top > 254)
     top = jnp.where(beyond, top - limits.shift, top)
     sign = jnp.where(beyond, np.int32(-(2**31)), np.int32(0))
     scale = jax.lax.bitcast_convert_type(jnp.left_shift(top, 23) | sign, jnp.float32)
     # a NaN's block gets a NaN scale, so that every moment of it reads as NaN: with an
     # infinite one, the step would read its roots as the largest moments and the block
     # would stop moving without a sign
-    scale = jnp.where(infinite, np.float32(np.nan), scale)
+    scale = jnp.where(holds_nan, np.float32(np.nan), scale)
     values = jnp.where(beyond[..., None], jnp.where(huge, huge_root, 0.0), root)
     return encode_blocks(values, blocks, top, scale, value.shape, False, salt)
 
