@@ -1,7 +1,7 @@
 """rmsjax: RMSprop, Adagrad and the rules they chain with, as optax-style gradient
 transformations over JAX pytrees."""
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from rmsjax import compat as compat
 from rmsjax import schedules as schedules
@@ -74,10 +74,10 @@ from rmsjax._src.zero1 import zero1_shardings as zero1_shardings
 from rmsjax._src.zero1 import zero1_update_and_apply as zero1_update_and_apply
 
 try:
-    __version__ = version("rmsjax")
+    __version__ = _metadata.version("rmsjax")
     """The installed version of rmsjax (``0.0.0+unknown`` in a source tree that is not
     installed)."""
-except PackageNotFoundError:  # running from a source tree that is not installed
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [

@@ -94,6 +94,7 @@ NONE_MEANS_OFF = {
     ("compat.keras_adagrad", "weight_decay"),
     ("rmsprop", "momentum"),
     ("sgd", "momentum"),
+    ("scale_by_learning_rate", "learning_rate"),  # identity(), as in optax
 }
 
 BAD_VALUES = {

@@ -41,14 +41,14 @@ def clip(max_delta: float) -> base.GradientTransformation:
     return fusion.rule_transformation(rule)
 
 
-def global_norm(tree: base.Updates) -> jax.Array:
+def global_norm(updates: base.Updates) -> jax.Array:
     r"""The Euclidean norm of all the elements of a pytree, :math:`\sqrt{\sum_i g_i^2}`.
 
     Squares are summed in float32 for half-precision leaves; a complex element counts
     :math:`|g_i|^2`; None leaves are skipped.
 
     Args:
-      tree: a pytree of arrays.
+      updates: a pytree of arrays (the argument's name is optax's).
 
     Returns:
       A scalar array (float32, or wider if a leaf is wider).
@@ -57,7 +57,7 @@ def global_norm(tree: base.Updates) -> jax.Array:
     >>> rj.global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])})
     Array(5., dtype=float32)
     """
-    leaves = jax.tree.leaves(tree)
+    leaves = jax.tree.leaves(updates)
     total = jnp.zeros([], jnp.float32)
     for leaf in leaves:
         leaf = jnp.asarray(leaf)

@@ -282,8 +282,12 @@ def inject_hyperparams(
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
             count = numerics.safe_increment(state.count)
+            # optax.tree_utils.tree_set hands back hyperparams as a plain dict: keep the
+            # container the state came with, so that its tree structure (a scan's or a
+            # compiled step's carry) does not change from one step to the next
+            keep = Hyperparams if isinstance(state.hyperparams, Hyperparams) else dict
             return new_updates, InjectHyperparamsState(
-                count, Hyperparams(values), schedule_states, inner_state
+                count, keep(values), schedule_states, inner_state
             )
 
         fuses = fusion.fused_step_of(first) is not None

@@ -43,21 +43,23 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 def scale_by_learning_rate(
-    learning_rate: base.ScalarOrSchedule, *, flip_sign: bool = True
+    learning_rate: base.ScalarOrSchedule | None = None, *, flip_sign: bool = True
 ) -> base.GradientTransformation:
     """Multiplies updates by ``-learning_rate`` (or ``+`` with ``flip_sign=False``).
 
     ``learning_rate`` may be a constant or a schedule, a function of the step count
     (see :mod:`rmsjax.schedules`); the schedule is evaluated at counts 0, 1, 2, ...
     The state holds the count in both cases, so switching a constant for a schedule
-    keeps the state's layout (and checkpoints) unchanged.
+    keeps the state's layout (and checkpoints) unchanged. ``None``, the default as in
+    optax, scales by nothing: the result is :func:`identity`, whatever ``flip_sign``.
 
     Args:
-      learning_rate: a scalar >= 0, or a schedule.
+      learning_rate: a scalar >= 0, a schedule, or None.
       flip_sign: negate, so that the result can be added to the parameters.
 
     Returns:
-      A :class:`GradientTransformation` with state :class:`ScaleByLearningRateState`.
+      A :class:`GradientTransformation` with state :class:`ScaleByLearningRateState`
+      (:class:`EmptyState` for ``None``).
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> tx = rj.scale_by_learning_rate(0.1)
@@ -65,8 +67,10 @@ def scale_by_learning_rate(
     Array([-0.1, -0.1], dtype=float32)
     """
     name = "scale_by_learning_rate"
-    validate.check_learning_rate(name, "learning_rate", learning_rate)
     validate.check_bool(name, "flip_sign", flip_sign)
+    if learning_rate is None:
+        return fusion.identity()
+    validate.check_learning_rate(name, "learning_rate", learning_rate)
     sign = -1 if flip_sign else 1
 
     def factor_at(count):

@@ -1,0 +1,206 @@
+"""rmsjax transformations inside optax's own tools, and optax's signatures, checked live.
+
+An optax user keeps optax's combinators (MultiSteps, multi_transform, inject_hyperparams,
+apply_if_finite, contrib schedules that read extra arguments), its tree utilities and
+flax's TrainState when switching the import. Each test runs the same code with optax's
+transformation and with rmsjax's and asks for the same bits.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax as rj
+
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": jnp.array([0.5, -2.0])}
+
+
+def _grads(step):
+    rng = np.random.default_rng(step)
+    return jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-2, 1), p.dtype),
+        PARAMS,
+    )
+
+
+def _trajectory(tx, steps=5, **extra):
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
+    params, state = PARAMS, tx.init(PARAMS)
+    for step in range(steps):
+        updates, state = update(_grads(step), state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _assert_same_bits(ours, theirs):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# Each case builds a transformation from a module: rmsjax's or optax's parts, inside
+# optax's combinators either way.
+COMBINED = {
+    "optax.chain": lambda m: optax.chain(m.clip_by_global_norm(1.0), m.rmsprop(0.1)),
+    "optax.named_chain": lambda m: optax.named_chain(
+        ("clip", m.clip(0.5)), ("rms", m.adagrad(0.1))
+    ),
+    "optax.MultiSteps": lambda m: optax.MultiSteps(m.rmsprop(0.1, momentum=0.9), 2),
+    "optax.apply_if_finite": lambda m: optax.apply_if_finite(m.adagrad(0.1), 3),
+    "optax.inject_hyperparams": lambda m: optax.inject_hyperparams(m.rmsprop)(
+        learning_rate=optax.linear_schedule(0.1, 0.01, 4), decay=0.8
+    ),
+    "optax.masked": lambda m: optax.masked(m.rmsprop(0.1, centered=True), {"w": True, "b": False}),
+    "optax.multi_transform": lambda m: optax.multi_transform(
+        {"a": m.rmsprop(0.1, momentum=0.5), "b": m.adagrad(0.2)}, {"w": "a", "b": "b"}
+    ),
+    "optax.partition": lambda m: optax.partition(
+        {"a": m.sgd(0.1, momentum=0.9), "b": m.rmsprop(0.2)}, {"w": "a", "b": "b"}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINED))
+def test_optax_combinators_around_rmsjax_give_optax_bits(name):
+    _assert_same_bits(_trajectory(COMBINED[name](rj)), _trajectory(COMBINED[name](optax)))
+
+
+@pytest.mark.parametrize("chain", [rj.chain, optax.chain])
+def test_an_optax_part_that_reads_extra_arguments_gets_them_through_a_chain(chain):
+    # reduce_on_plateau reads `value`; with a loss that never improves it cuts the scale
+    loss = jnp.array(1.0)
+    contrib = optax.contrib.reduce_on_plateau(patience=1, cooldown=0, factor=0.5)
+    ours = chain(rj.rmsprop(0.1), contrib)
+    theirs = optax.chain(optax.rmsprop(0.1), contrib)
+    _assert_same_bits(_trajectory(ours, 6, value=loss), _trajectory(theirs, 6, value=loss))
+
+
+def _injected(module):
+    return module.inject_hyperparams(module.rmsprop)(learning_rate=0.1)
+
+
+def test_optax_tree_utils_read_and_set_injected_hyperparameters():
+    state = _injected(rj).init(PARAMS)
+    assert float(optax.tree_utils.tree_get(state, "learning_rate")) == pytest.approx(0.1)
+    ours = optax.tree_utils.tree_set(state, learning_rate=0.03)
+    theirs = optax.tree_utils.tree_set(_injected(optax).init(PARAMS), learning_rate=0.03)
+    u1, s1 = jax.jit(_injected(rj).update)(_grads(0), ours, PARAMS)
+    u2, s2 = jax.jit(_injected(optax).update)(_grads(0), theirs, PARAMS)
+    _assert_same_bits(u1, u2)
+    assert float(s1.hyperparams["learning_rate"]) == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("set_before", [False, True])
+def test_a_state_from_tree_set_keeps_its_structure_through_a_scan(set_before):
+    # optax's tree_set hands the hyperparameters back as a plain dict; a scan's carry must
+    # come out of each step with the structure it went in with
+    tx = _injected(rj)
+    state = tx.init(PARAMS)
+    if set_before:
+        state = optax.tree_utils.tree_set(state, learning_rate=0.05)
+
+    def body(carry, g):
+        params, state = carry
+        updates, new_state = tx.update(g, state, params)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        return (optax.apply_updates(params, updates), new_state), None
+
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[_grads(i) for i in range(3)])
+    (params, state), _ = jax.lax.scan(body, (PARAMS, state), grads)
+
+    theirs = _injected(optax)
+    other = theirs.init(PARAMS)
+    if set_before:
+        other = optax.tree_utils.tree_set(other, learning_rate=0.05)
+    expected = PARAMS
+    for i in range(3):
+        updates, other = jax.jit(theirs.update)(_grads(i), other, expected)
+        expected = optax.apply_updates(expected, updates)
+    np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-6)
+
+
+def test_flax_train_state_steps_as_with_optax():
+    train_state = pytest.importorskip("flax.training.train_state")
+
+    def run(tx):
+        state = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
+        step = jax.jit(lambda state, g: state.apply_gradients(grads=g))
+        for i in range(4):
+            state = step(state, _grads(i))
+        return state.params
+
+    _assert_same_bits(run(rj.rmsprop(0.1, momentum=0.9)), run(optax.rmsprop(0.1, momentum=0.9)))
+
+
+# ------------------------------------------------------------------------ signatures
+
+# rmsjax may add keyword arguments of its own (storage, centered, ...) after optax's,
+# each with a default; optax's own must keep their names, kinds, defaults and order.
+SHARED = [
+    "rmsprop",
+    "adagrad",
+    "sgd",
+    "scale_by_rms",
+    "scale_by_rss",
+    "trace",
+    "ema",
+    "scale",
+    "scale_by_learning_rate",
+    "clip",
+    "clip_by_global_norm",
+    "add_decayed_weights",
+    "masked",
+    "apply_if_finite",
+    "inject_hyperparams",
+    "identity",
+    "apply_updates",
+    "global_norm",
+    "with_extra_args_support",
+]
+
+
+def _shape(parameter):
+    default = parameter.default
+    if isinstance(default, float):
+        default = float(default)
+    return parameter.name, parameter.kind, default
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_optax_names_defaults_and_order(name):
+    theirs = list(inspect.signature(getattr(optax, name)).parameters.values())
+    ours = list(inspect.signature(getattr(rj, name)).parameters.values())
+    if theirs and theirs[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        assert ours[0].kind is inspect.Parameter.VAR_POSITIONAL
+        return
+    assert [_shape(p) for p in ours[: len(theirs)]] == [_shape(p) for p in theirs]
+    for extra in ours[len(theirs) :]:
+        assert extra.default is not inspect.Parameter.empty, extra
+
+
+def test_scale_by_learning_rate_of_none_scales_by_nothing_as_optax():
+    g = {"w": jnp.array([2.0, -3.0])}
+    for flip_sign in (True, False):
+        ours = rj.scale_by_learning_rate(flip_sign=flip_sign)
+        theirs = optax.scale_by_learning_rate(None, flip_sign=flip_sign)
+        u1, _ = ours.update(g, ours.init(g))
+        u2, _ = theirs.update(g, theirs.init(g))
+        _assert_same_bits(u1, u2)
+        np.testing.assert_array_equal(u1["w"], g["w"])
+
+
+def test_global_norm_takes_optax_keyword():
+    tree = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}
+    assert float(rj.global_norm(updates=tree)) == float(optax.global_norm(updates=tree)) == 5.0
+
+
+@pytest.mark.parametrize("module", [rj, rj.compat, rj.schedules])
+def test_the_public_namespace_is_what_all_lists(module):
+    # nothing the package imports for itself (importlib's helpers) leaks into `rj.`
+    public = {name for name in dir(module) if not name.startswith("_")}
+    assert public == set(module.__all__) - {"__version__"}
