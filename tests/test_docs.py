@@ -177,6 +177,37 @@ def test_every_public_name_is_on_a_reference_page():
     assert sorted(listed - set(public_api.public_names()) - {"rmsjax"}) == []
 
 
+def test_the_readme_api_table_gives_the_real_signatures():
+    import ast
+    import inspect
+
+    import rmsjax as rj
+
+    table = (ROOT / "README.md").read_text().partition("## API")[2].partition("\n## ")[0]
+    signatures = re.findall(r"`(\w+)\(([^`]*?=[^`]*?)\)`", table)  # those with defaults
+    assert len(signatures) >= 5
+    kinds = {
+        "args": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        "kwonlyargs": inspect.Parameter.KEYWORD_ONLY,
+    }
+    for name, arguments in signatures:
+        listed = ast.parse(f"def f({arguments}): pass").body[0].args
+        real = inspect.signature(getattr(rj, name)).parameters
+        shown = []
+        for field, kind in kinds.items():
+            given = getattr(listed, field)
+            defaults = listed.defaults if field == "args" else listed.kw_defaults
+            defaults = [None] * (len(given) - len(defaults)) + list(defaults)
+            for argument, default in zip(given, defaults, strict=True):
+                parameter = real[argument.arg]
+                assert parameter.kind == kind, (name, argument.arg)
+                if default is not None:
+                    assert parameter.default == ast.literal_eval(default), (name, argument.arg)
+                shown.append(argument.arg)
+        # the table may leave arguments out (storage), but not reorder them
+        assert shown == [n for n in real if n in shown], (name, shown, list(real))
+
+
 def test_gallery_shows_every_picture():
     text = (DOCS / "gallery.md").read_text() + (ROOT / "README.md").read_text()
     missing = [p.name for p in sorted((DOCS / "gallery").glob("*.png")) if p.name not in text]
