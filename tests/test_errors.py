@@ -380,6 +380,42 @@ def test_make_train_step_needs_a_callable_loss():
         rj.make_train_step(3.0, rj.sgd(0.1))
 
 
+@pytest.mark.parametrize(
+    "loss_fn,has_aux,says",
+    [
+        (
+            lambda p: (jnp.sum(p), 2.0),
+            False,
+            "got a tuple of length 2; if it returns .loss, aux., pass has_aux=True",
+        ),
+        (
+            lambda p: jnp.sum(p),
+            True,
+            r"with has_aux=True, loss_fn must return \(loss, aux\), got an array of shape \(\)",
+        ),
+        (lambda p: p * 2.0, False, r"must return a scalar loss, got an array of shape \(3,\)"),
+        (lambda p: (p, {}), True, r"must return a scalar loss, got an array of shape \(3,\)"),
+    ],
+)
+def test_make_train_step_names_what_loss_fn_returned(loss_fn, has_aux, says):
+    params = jnp.ones(3)
+    tx = rj.sgd(0.1)
+    state = tx.init(params)
+    step = rj.make_train_step(loss_fn, tx, has_aux=has_aux)
+    with pytest.raises(TypeError, match=r"^rmsjax\.make_train_step: .*" + says):
+        step(params, state)
+    # refused while tracing: the donated arrays were never used
+    np.testing.assert_array_equal(params, jnp.ones(3))
+
+
+@pytest.mark.parametrize("argument", ["has_aux", "donate"])
+def test_make_train_step_flags_are_bools(argument):
+    with pytest.raises(
+        ValueError, match=rf"^rmsjax\.make_train_step: {argument} must be True or False, got 'yes'"
+    ):
+        rj.make_train_step(lambda p: 0.0, rj.sgd(0.1), **{argument: "yes"})
+
+
 def test_inject_hyperparams_names_the_factory_on_a_wrong_argument():
     with pytest.raises(
         TypeError,

@@ -6,8 +6,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from rmsjax._src import base, combine, validate
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    if hasattr(value, "shape"):
+        return f"an array of shape {value.shape}"
+    return f"{type(value).__name__} {value!r}"
 
 
 def make_train_step(
@@ -56,9 +65,36 @@ def make_train_step(
     >>> params["w"], loss
     (Array([ 0.31622776, -0.31622776], dtype=float32), Array(1., dtype=float32))
     """
-    validate.check_callable("make_train_step", "loss_fn", loss_fn)
-    validate.check_transformation("make_train_step", "tx", tx)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    name = "make_train_step"
+    validate.check_callable(name, "loss_fn", loss_fn)
+    validate.check_transformation(name, "tx", tx)
+    validate.check_bool(name, "has_aux", has_aux)
+    validate.check_bool(name, "donate", donate)
+
+    def checked_loss(params, *batch):
+        # checked while value_and_grad traces it: JAX's own error would not say which
+        # argument of make_train_step to change
+        out = loss_fn(params, *batch)
+        is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+        if has_aux and not is_pair:
+            raise TypeError(
+                f"rmsjax.{name}: with has_aux=True, loss_fn must return (loss, aux), "
+                f"got {_describe(out)}"
+            )
+        if not has_aux and isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"rmsjax.{name}: loss_fn must return a scalar loss, got {_describe(out)}; "
+                "if it returns (loss, aux), pass has_aux=True"
+            )
+        loss = out[0] if has_aux else out
+        if jnp.shape(loss) != ():
+            raise TypeError(
+                f"rmsjax.{name}: loss_fn must return a scalar loss, got an array of "
+                f"shape {jnp.shape(loss)}; reduce it (e.g. with jnp.mean)"
+            )
+        return out
+
+    grad_fn = jax.value_and_grad(checked_loss, has_aux=has_aux)
 
     def step(params, state, *batch):
         loss, grads = grad_fn(params, *batch)
