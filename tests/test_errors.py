@@ -442,3 +442,36 @@ def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
     np.testing.assert_array_equal(out["w"], np.full((4, 4), 1.5))
     np.testing.assert_array_equal(out["b"], np.full(4, 3.0))
     assert out["frozen"] is None
+
+
+# ------------------------------------------------------------------- helpers' arguments
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1.5, True, "8"])
+def test_block_counts_are_positive_integers(bad):
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.auto_block_size: count must be an integer >= 1"
+    ):
+        rj.auto_block_size(bad)
+    for argument in ("block_size", "max_stacked_size"):
+        with pytest.raises(
+            ValueError, match=rf"^rmsjax\.leaf_blocks: {argument} must be an integer >= 1"
+        ):
+            rj.leaf_blocks([jnp.zeros(3)], **{argument: bad})
+    assert rj.auto_block_size(np.int64(300)) == rj.auto_block_size(300) == 16
+
+
+@pytest.mark.parametrize("function", [rj.effective_step_sizes, rj.step_size_summary])
+def test_step_sizes_of_integer_parameters_name_the_leaf(function):
+    tx = rj.rmsprop(0.1)
+    state = tx.init({"w": jnp.ones(3), "n": jnp.ones(2)})
+    with pytest.raises(
+        TypeError, match=rf"^rmsjax\.{function.__name__}: params leaf \['n'\] has dtype int32"
+    ):
+        function(tx, state, {"w": jnp.ones(3), "n": jnp.ones(2, jnp.int32)})
+
+
+def test_bytes_per_device_counts_device_arrays_only():
+    # a state after optax.tree_utils.tree_set can hold a Python float; host arrays too
+    tree = {"a": jnp.zeros(3), "b": 0.05, "c": np.zeros(100), "d": None}
+    assert list(rj.bytes_per_device(tree).values()) == [12]

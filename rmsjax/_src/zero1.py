@@ -181,6 +181,8 @@ def bytes_per_device(tree: Any) -> dict:
 
     Returns:
       A dict from device to the bytes of the shards it holds, replicated copies included.
+      Leaves that are not JAX arrays (NumPy arrays, Python numbers, None) are in host
+      memory, on no device, and are not counted.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> list(rj.bytes_per_device({"a": jnp.zeros(4), "b": jnp.zeros(2)}).values())
@@ -188,6 +190,8 @@ def bytes_per_device(tree: Any) -> dict:
     """
     held: collections.Counter = collections.Counter()
     for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
         for shard in leaf.addressable_shards:
             held[shard.device] += shard.data.nbytes
     return dict(held)
