@@ -48,6 +48,7 @@ def dither(x: jax.Array, salt: Any = None) -> jax.Array:
 _LARGEST = 0x7F7F0000  # float32 bits of bfloat16's largest finite number
 
 
+@jax.custom_jvp
 def round_bfloat16(x: jax.Array, salt: Any = None) -> jax.Array:
     """Float32 ``x`` rounded to bfloat16 without bias: to one of the two bfloat16 numbers
     around it, the one of larger magnitude with probability (the distance from the
@@ -61,13 +62,24 @@ def round_bfloat16(x: jax.Array, salt: Any = None) -> jax.Array:
 
     (The conversion also keeps XLA from computing the rounding again in the kernels
     that read the new state: with the upper half taken by integer operations alone, a
-    step kept a copy of its old state to recompute it, 2 bytes per element more.)"""
+    step kept a copy of its old state to recompute it, 2 bytes per element more.)
+
+    Differentiated, it is the identity, as a conversion to bfloat16 is: the rounding's
+    integer operations alone would have no derivative and cut every gradient that
+    passes through a bfloat16 state (a loss after unrolled steps, with respect to the
+    learning rate)."""
     x = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     fits = (bits & jnp.uint32(0x7FFFFFFF)) < jnp.uint32(_LARGEST)
     rounded = (bits + (_hash(x, salt) >> 16)) & jnp.uint32(0xFFFF0000)
     bits = jnp.where(fits, rounded, bits)
     return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(jnp.bfloat16)
+
+
+@round_bfloat16.defjvp
+def _round_bfloat16_jvp(primals, tangents):
+    x, salt = primals
+    return round_bfloat16(x, salt), jnp.asarray(tangents[0], jnp.float32).astype(jnp.bfloat16)
 
 
 __all__ = ["dither", "round_bfloat16"]
