@@ -14,6 +14,7 @@ import pytest
 
 import rmsjax as rj
 from rmsjax._src import fusion
+from tests import registry
 
 # ------------------------------------------------------------------ NumPy references
 
@@ -574,3 +575,24 @@ def test_extras_reach_the_parts_that_take_them_and_skip_the_others():
         assert all(keys == ["step"] for keys in seen)
         new_params, _ = rj.update_and_apply(tx, grads, tx.init(params), params, step=3)
         np.testing.assert_allclose(new_params["w"], np.full(3, 2.0))
+
+
+# (masked-decay's masks name the registry's own tree)
+@pytest.mark.parametrize("name", sorted(set(registry.cases("state")) - {"masked-decay"}))
+def test_leaves_with_no_elements_step_as_nothing(name):
+    # a zero-size leaf (an empty bias, a layer of width 0) beside ordinary ones: its
+    # update is empty, every other leaf steps as it does without it
+    tx = registry.cases("state")[name].make(rj)
+    full = {"w": jnp.linspace(-1.0, 1.0, 4096 * 2).reshape(64, 128), "b": jnp.arange(3.0)}
+    empty = {"e": jnp.zeros((0,)), "m": jnp.zeros((2, 0, 3)), "n": jnp.zeros((0, 300, 200))}
+    with_empty = {**full, **empty}
+    step = jax.jit(lambda g, s, p: rj.update_and_apply(tx, g, s, p))
+    params, state = with_empty, tx.init(with_empty)
+    alone, alone_state = full, tx.init(full)
+    for _ in range(3):
+        params, state = step(jax.tree.map(jnp.cos, params), state, params)
+        alone, alone_state = step(jax.tree.map(jnp.cos, alone), alone_state, alone)
+    for key, leaf in empty.items():
+        assert params[key].shape == leaf.shape
+    for key in full:
+        np.testing.assert_array_equal(params[key], alone[key])

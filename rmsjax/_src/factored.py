@@ -131,8 +131,9 @@ def _exponent(g: jax.Array, moments: list, exponent: jax.Array, eps: Any) -> jax
     the largest moment's root lie under 2^(E+40) and the largest non-zero gradient
     above 2^(E-40); else the exponent of the larger of the two (the moments then move by
     an exact power of 4, never outside float32). ``eps * 4^-E`` stays finite."""
-    largest = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), g.dtype)
-    top = jnp.max(jnp.stack([jnp.max(m) for m in moments])) if moments else 0.0
+    # (initial=0: a leaf with no elements has empty gradients and moments)
+    largest = jnp.max(jnp.abs(g), initial=0.0)
+    top = jnp.max(jnp.stack([jnp.max(m, initial=0.0) for m in moments])) if moments else 0.0
     # exponents of the largest gradient and of the largest moment's root (true units)
     g_exp = jnp.frexp(largest)[1].astype(g.dtype)
     m_exp = jnp.frexp(jnp.sqrt(top))[1].astype(g.dtype) + exponent
