@@ -75,6 +75,40 @@ class TestAgainstReference(chex.TestCase):
                     np.testing.assert_allclose(state.nu[key], full, rtol=5e-5, atol=1e-30)
 
 
+@pytest.mark.parametrize("outlier", [3e38, 1e-37])
+def test_one_outlier_among_ordinary_gradients_keeps_every_step_finite(outlier):
+    # One element 2^128 above (or below) the others moves the leaf's exponent by up to
+    # 256 binades; the moments then moved by 4^-128 on the exponent bits, which wrapped
+    # into the sign, and the other elements, whose averages are 0 in the new units,
+    # stepped by 0 / 0.
+    decay, eps = 0.9, 1e-30
+    params = params_tree()
+    tx = rj.scale_by_factored_rms(decay, eps)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    sequence = trees.gradient_sequence(params, 4, seed=3)
+    for step, grads in enumerate(sequence):
+        if step == 2:
+            grads = {
+                k: g if g is None else g.at[(0,) * g.ndim].set(outlier) for k, g in grads.items()
+            }
+        updates, state = update(grads, state)
+        chex.assert_tree_all_finite((updates, state))
+        for key in ("bias", "small"):  # unfactored: per element, as RMSprop
+            u, g = np.asarray(updates[key]), np.asarray(grads[key])
+            assert np.all(np.abs(u) <= (1 - decay) ** -0.5 * (1 + 1e-6))
+            # (0 where the true step is under float32's range: the outlier's own element,
+            # once its gradient is ordinary again)
+            assert np.all((np.sign(u) == np.sign(g)) | (u == 0))
+            assert np.mean(u == 0) < 0.1
+        if step == 2 and outlier > 1:
+            # the outlier itself steps as the float64 equations say
+            want, _ = factored_reference(
+                [g["bias"] for g in sequence[:2]] + [grads["bias"]], decay, eps
+            )
+            np.testing.assert_allclose(updates["bias"][0], want[-1][0], rtol=1e-6)
+
+
 def test_state_shapes_and_bytes():
     params = {
         "w": jnp.zeros((512, 256), jnp.bfloat16),

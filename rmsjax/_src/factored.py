@@ -204,6 +204,9 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
             col = decay * moments[1] + (1 - decay) * _mean(squares, axis=-2)
             row, col = numerics.finite_ceiling(row), numerics.finite_ceiling(col)
             row_mean = _mean(row, axis=-1, keepdims=True)
+            # (a matrix whose averages are all 0 in units of 4^E, beside one that holds
+            # an outlier, has an estimate of 0, not 0 / 0: its elements step as below)
+            row_mean = jnp.where(row_mean > 0, row_mean, jnp.ones_like(row_mean))
             nu_hat = _ratio(row, row_mean)[..., :, None] * col[..., None, :]
             new_slots = (row, col, new_exponent)
         else:
@@ -211,6 +214,15 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
             new_slots = (new_exponent, slots[1], nu_hat)
         # a zero gradient gives a zero update, also where nu_hat is 0 (eps = 0)
         update = jnp.where((g_c == 0) & ~(nu_hat > 0), g_c, g_s * jax.lax.rsqrt(nu_hat))
+        # A gradient more than 2^126 below the leaf's largest (one huge outlier among
+        # ordinary gradients) has an average of 0 in units of 4^E: it steps as on its
+        # own first step, g / sqrt((1 - decay) g^2 + eps), which is at most
+        # 1 / sqrt(1 - decay), instead of 0 / 0 (computed as sign(g) over the root of
+        # 1 - decay + eps / g^2, where nothing overflows)
+        lost = (nu_hat == 0) & (g_c != 0)
+        inverse = 1 / jnp.where(g_c == 0, jnp.ones_like(g_c), g_c)
+        alone = jnp.sign(g_c) * jax.lax.rsqrt((1 - decay) + eps * (inverse * inverse))
+        update = jnp.where(lost, alone.astype(dtype), update)
         return update.astype(g.dtype), new_slots
 
     return elementwise.declared_rule(
