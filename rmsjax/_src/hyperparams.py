@@ -59,6 +59,21 @@ class Hyperparams(dict):
         else:
             super().__setitem__(key, jnp.asarray(value, jnp.result_type(old)))
 
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
+        is set if one entry is refused."""
+        entries = dict(*args, **kwargs)
+        trial = dict.__new__(Hyperparams)
+        dict.update(trial, self)
+        for key, value in entries.items():
+            trial[key] = value
+        dict.update(self, trial)
+
+    def __reduce__(self) -> tuple:
+        # pickle and copy.deepcopy rebuild from the entries, not item by item into an
+        # empty Hyperparams (which holds no entry to set)
+        return (Hyperparams, (dict(self),))
+
 
 jax.tree_util.register_pytree_with_keys(
     Hyperparams,
