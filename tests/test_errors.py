@@ -475,3 +475,29 @@ def test_bytes_per_device_counts_device_arrays_only():
     # a state after optax.tree_utils.tree_set can hold a Python float; host arrays too
     tree = {"a": jnp.zeros(3), "b": 0.05, "c": np.zeros(100), "d": None}
     assert list(rj.bytes_per_device(tree).values()) == [12]
+
+
+ZERO1_CALLS = {
+    "zero1_shardings": lambda mesh, axis: rj.zero1_shardings(
+        rj.sgd(0.1).init(jnp.ones(4)), mesh, axis
+    ),
+    "shard_state": lambda mesh, axis: rj.shard_state(rj.sgd(0.1).init(jnp.ones(4)), mesh, axis),
+    "zero1_update_and_apply": lambda mesh, axis: rj.zero1_update_and_apply(
+        rj.sgd(0.1), jnp.ones(4), rj.sgd(0.1).init(jnp.ones(4)), jnp.ones(4), mesh, axis
+    ),
+}
+
+
+@pytest.mark.parametrize("function", ZERO1_CALLS)
+def test_zero1_helpers_name_themselves_for_a_bad_mesh_or_axis(function):
+    mesh = jax.make_mesh((1,), ("data",))
+    with pytest.raises(
+        ValueError,
+        match=rf"^rmsjax\.{function}: axis must be one of the mesh's axes \('data',\), got 'model'",
+    ):
+        ZERO1_CALLS[function](mesh, "model")
+    with pytest.raises(
+        TypeError,
+        match=rf"^rmsjax\.{function}: mesh must be a jax.sharding.Mesh, got 'data' \(str\)",
+    ):
+        ZERO1_CALLS[function]("data", "data")

@@ -206,7 +206,9 @@ def check_real_array(function: str, argument: str, value: Any) -> None:
         )
 
 
-def check_instance(function: str, argument: str, value: Any, kind: type, allowed: str) -> None:
+def check_instance(
+    function: str, argument: str, value: Any, kind: type | tuple[type, ...], allowed: str
+) -> None:
     if not isinstance(value, kind):
         _wrong_type(function, argument, allowed, value)
 

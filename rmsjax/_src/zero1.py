@@ -45,6 +45,20 @@ def _zero1_spec(mesh: Mesh, leaf: Any, axis: str) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
+def _check_mesh_axis(function: str, mesh: Any, axis: Any) -> None:
+    meshes = (Mesh, jax.sharding.AbstractMesh)
+    validate.check_instance(function, "mesh", mesh, meshes, "a jax.sharding.Mesh")
+    if not isinstance(axis, str) or axis not in mesh.axis_names:
+        raise ValueError(
+            f"rmsjax.{function}: axis must be one of the mesh's axes "
+            f"{tuple(mesh.axis_names)}, got {axis!r}."
+        )
+
+
+def _layout(state: Any, mesh: Mesh, axis: str) -> Any:
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, _zero1_spec(mesh, leaf, axis)), state)
+
+
 def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     """Shardings that split optimizer state over the data-parallel axis (ZeRO stage 1).
 
@@ -78,12 +92,8 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     >>> shardings[0].nu["w"].spec, shardings[0].count.spec
     (P('data', None), P())
     """
-    if axis not in mesh.axis_names:
-        raise ValueError(
-            f"rmsjax.zero1_shardings: axis must be one of the mesh's axes "
-            f"{tuple(mesh.axis_names)}, got {axis!r}."
-        )
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, _zero1_spec(mesh, leaf, axis)), state)
+    _check_mesh_axis("zero1_shardings", mesh, axis)
+    return _layout(state, mesh, axis)
 
 
 def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
@@ -103,7 +113,8 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     >>> state[0].sum_of_squares.sharding.spec
     P('data',)
     """
-    return jax.device_put(state, zero1_shardings(state, mesh, axis))
+    _check_mesh_axis("shard_state", mesh, axis)
+    return jax.device_put(state, _layout(state, mesh, axis))
 
 
 def _constrain(tree: Any, shardings: Any) -> Any:
@@ -157,8 +168,9 @@ def zero1_update_and_apply(
     Array([0.9, 0.9, 0.9, 0.9], dtype=float32)
     """
     validate.check_transformation("zero1_update_and_apply", "tx", tx)
+    _check_mesh_axis("zero1_update_and_apply", mesh, axis)
 
-    split = zero1_shardings(params, mesh, axis)
+    split = _layout(params, mesh, axis)
     new_params, new_state = combine.update_and_apply(
         tx, _constrain(grads, split), state, _constrain(params, split), **extra
     )
