@@ -501,3 +501,25 @@ def test_zero1_helpers_name_themselves_for_a_bad_mesh_or_axis(function):
         match=rf"^rmsjax\.{function}: mesh must be a jax.sharding.Mesh, got 'data' \(str\)",
     ):
         ZERO1_CALLS[function]("data", "data")
+
+
+def test_grouping_helpers_name_themselves_and_the_mismatch():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones(5)}
+    tx = rj.grouped(rj.rmsprop(0.1, momentum=0.9))
+    grouped_state, per_leaf = tx.init(params), rj.rmsprop(0.1, momentum=0.9).init(params)
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.ungroup_state: the state holds 2 blocks, and params"
+    ):
+        rj.ungroup_state(tx, grouped_state, {"a": jnp.ones(3)})
+    wider = {"a": jnp.ones(4), "b": jnp.ones(4), "c": jnp.ones(5)}
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.ungroup_state: .* has shape \(2, 3\), and params make it \(2, 4\)",
+    ):
+        rj.ungroup_state(tx, grouped_state, wider)
+    with pytest.raises(TypeError, match=r"^rmsjax\.ungroup_state: expected the GroupedState"):
+        rj.ungroup_state(tx, per_leaf, params)
+    with pytest.raises(TypeError, match=r"^rmsjax\.group_state: state is a GroupedState already"):
+        rj.group_state(tx, grouped_state, params)
+    with pytest.raises(ValueError, match=r"^rmsjax\.group_state: the state's tree structure"):
+        rj.group_state(tx, per_leaf, {"a": jnp.ones(3)})

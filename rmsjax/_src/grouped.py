@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import base, engine, fusion, validate
+from rmsjax._src.quantization import QuantizedArray
 
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 32
@@ -199,13 +200,13 @@ def grouped(
         return GroupedState(inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
-        return _wrap(inner.update(updates, _inner_of(state), params))
+        return _wrap(inner.update(updates, _inner_of("grouped.update", state), params))
 
     fused = fusion.fused_step_of(inner)
     assert fused is not None  # a rule always has one
 
     def update_and_apply_fn(updates, state, params, **extra):
-        return _wrap(fused(updates, _inner_of(state), params))
+        return _wrap(fused(updates, _inner_of("grouped.update", state), params))
 
     update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)
     return base.GradientTransformation(init_fn, update)
@@ -228,14 +229,22 @@ def _unpack(rule_name: str, treedef: Any, blocks: Any, count: int) -> list:
     return list(blocks)
 
 
-def _inner_of(state: Any) -> Any:
+def _inner_of(function: str, state: Any) -> Any:
     if not isinstance(state, GroupedState):
         raise TypeError(
-            f"rmsjax.grouped.update: expected the GroupedState that init returned, got "
+            f"rmsjax.{function}: expected the GroupedState that init returned, got "
             f"{type(state).__name__}. A per-leaf state can be converted with "
             "group_state(tx, state, params)."
         )
     return state.inner
+
+
+def _blocks_mismatch(function: str, held: Any, blocks: tuple, params: Any) -> ValueError:
+    return ValueError(
+        f"rmsjax.{function}: the state holds {held} blocks, and params "
+        f"({jax.tree.structure(params)}) make {len(blocks)}: {blocks}. Pass the parameters "
+        "the state was made for."
+    )
 
 
 def _wrap(result: tuple) -> tuple:
@@ -251,6 +260,25 @@ def _layout_of(function: str, tx: base.GradientTransformation):
             f"got {type(tx).__name__}."
         )
     return found
+
+
+def _check_block_shape(function: str, block: tuple, stacked: Any, leaf_shape: tuple) -> None:
+    """Raises unless a block's slot of parameter shape fits params' leaves (a slot of
+    another shape, a count or a row statistic, is not compared)."""
+    if isinstance(stacked, QuantizedArray):  # its shape is a leaf's, stacked or not
+        have, want = tuple(stacked.shape), leaf_shape
+    elif hasattr(stacked, "shape"):
+        have = tuple(stacked.shape)
+        want = leaf_shape if len(block) == 1 else (len(block), *leaf_shape)
+        if len(have) != len(want):
+            return
+    else:
+        return
+    if have != want:
+        raise ValueError(
+            f"rmsjax.{function}: the state's block of leaves {block} has shape {have}, and "
+            f"params make it {want}. Pass the parameters the state was made for."
+        )
 
 
 def ungroup_state(
@@ -272,13 +300,19 @@ def ungroup_state(
     >>> rj.ungroup_state(tx, tx.init(params), params)[0].sum_of_squares["b"]
     Array([0.1, 0.1], dtype=float32)
     """
-    rule, layout = _layout_of("ungroup_state", tx)
-    shared, slot_trees = rule.from_state(_inner_of(state))
+    name = "ungroup_state"
+    rule, layout = _layout_of(name, tx)
+    shared, slot_trees = rule.from_state(_inner_of(name, state))
     leaves, treedef = jax.tree.flatten(params)
+    blocks = layout.blocks(params)
     per_leaf_trees = []
     for trees in slot_trees:
+        if not isinstance(trees, tuple) or len(trees) != len(blocks):
+            held = len(trees) if isinstance(trees, tuple) else type(trees).__name__
+            raise _blocks_mismatch(name, held, blocks, params)
         per_leaf: list = [None] * len(leaves)
-        for block, stacked in zip(layout.blocks(params), trees):
+        for block, stacked in zip(blocks, trees):
+            _check_block_shape(name, block, stacked, tuple(jnp.shape(leaves[block[0]])))
             for i, slot in zip(block, _unstack_slots(block, stacked)):
                 per_leaf[i] = slot
         per_leaf_trees.append(treedef.unflatten(per_leaf))
@@ -297,12 +331,21 @@ def group_state(
     Array([[0.1, 0.1],
            [0.1, 0.1]], dtype=float32)
     """
-    rule, layout = _layout_of("group_state", tx)
+    name = "group_state"
+    rule, layout = _layout_of(name, tx)
+    if isinstance(state, GroupedState):
+        raise TypeError(f"rmsjax.{name}: state is a GroupedState already; pass a per-leaf state.")
     shared, slot_trees = rule.from_state(state)
     blocks = layout.blocks(params)
     treedef = jax.tree.structure(params)
     grouped_trees = []
     for tree in slot_trees:
-        leaves = treedef.flatten_up_to(tree)
+        try:
+            leaves = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "
+                f"not that of params ({treedef}). Pass the parameters the state was made for."
+            ) from None
         grouped_trees.append(tuple(_stack_slots([leaves[k] for k in b]) for b in blocks))
     return GroupedState(rule.to_state(shared, grouped_trees))
