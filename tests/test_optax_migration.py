@@ -160,3 +160,23 @@ def test_a_state_of_another_optimizer_is_refused_with_its_place():
     centered_like = rj.rmsprop(0.1, centered=True).init(params)
     with pytest.raises(ValueError, match=r"at state\[0\]\.mu: ScaleByRmsState holds no 'mu'"):
         rj.from_optax_state(optax.rmsprop(0.1).init(params), like=centered_like)
+
+
+def test_a_grouped_state_converts_through_its_per_leaf_state():
+    params = {"a": jnp.ones(3), "b": jnp.linspace(0.0, 1.0, 3)}
+    grouped = rj.grouped(rj.rmsprop(0.1, momentum=0.9))
+    tx = rj.chain(rj.clip(1.0), grouped)
+    opt = optax.chain(optax.clip(1.0), optax.rmsprop(0.1, momentum=0.9))
+    state = tx.update(params, tx.init(params), params)[1]
+    with pytest.raises(ValueError, match=r"at state\[1\]: a GroupedState .* rj\.ungroup_state"):
+        rj.to_optax_state(state, like=jax.eval_shape(opt.init, params))
+    with pytest.raises(ValueError, match=r"at state\[1\]: a GroupedState .* rj\.group_state"):
+        rj.from_optax_state(opt.init(params), like=jax.eval_shape(tx.init, params))
+    # what the messages say works, both ways, bit for bit (optax keeps no count here,
+    # so the count restarts at 0)
+    per_leaf = rj.ungroup_state(grouped, state[1], params)
+    theirs = rj.to_optax_state(per_leaf, like=jax.eval_shape(opt.init, params)[1])
+    back = rj.from_optax_state(theirs, like=rj.rmsprop(0.1, momentum=0.9).init(params))
+    regrouped = rj.group_state(grouped, back, params)
+    chex.assert_trees_all_equal(regrouped.inner[0].nu, state[1].inner[0].nu)
+    chex.assert_trees_all_equal(regrouped.inner[2].trace, state[1].inner[2].trace)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from rmsjax._src import base, numerics, storage, validate
+from rmsjax._src.grouped import GroupedState
 
 
 def as_optax(tx: base.GradientTransformation) -> Any:
@@ -125,6 +126,18 @@ def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
 def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, parent: Any) -> Any:
     if like is None:
         return None
+    if isinstance(like, GroupedState) or isinstance(other, GroupedState):
+        # optax keeps no blocks: the per-leaf state is the one that converts
+        how = (
+            "convert rj.ungroup_state(grouped_tx, grouped_state, params) instead"
+            if to_optax
+            else "pass as `like` the per-leaf state of the optimizer rj.grouped wraps, and "
+            "group the result with rj.group_state(grouped_tx, state, params)"
+        )
+        raise ValueError(
+            f"rmsjax.{function}: at {path}: a GroupedState (from rj.grouped) keeps its "
+            f"leaves in blocks, which optax does not: {how}."
+        )
     if isinstance(like, storage.QuantizedArray) or _is_array_like(like):
         return _convert_leaf(function, path, like, other)
     if _is_namedtuple(like):
