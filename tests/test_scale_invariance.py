@@ -213,13 +213,61 @@ def test_a_trace_of_raw_gradients_overflows_where_its_true_value_does(storage):
 
 
 def test_zero_eps_with_tiny_gradients_steps_like_with_ordinary_ones():
-    # Down to about 1e-37: below, even the moment's root falls under float32's range.
+    # Down to about 1e-37 exactly (below, see the test of float32's smallest gradients).
     g = jnp.array([1e-30, -3e-25, 1e-36, 0.0], jnp.float32)
     updates, _ = jax.jit(rj.rmsprop(0.1, eps=0.0).update)(g, rj.rmsprop(0.1, eps=0.0).init(g))
     np.testing.assert_allclose(updates, [-0.1 / 0.1**0.5, 0.1 / 0.1**0.5, -0.1 / 0.1**0.5, 0], 1e-6)
     tx = rj.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
     updates, _ = jax.jit(tx.update)(g, tx.init(g))
     np.testing.assert_allclose(updates, [-0.1, 0.1, -0.1, 0.0], 1e-6)
+
+
+@pytest.mark.parametrize("storage", [None, "bfloat16", "int8"])
+@pytest.mark.parametrize(
+    "decay,momentum,centered", [(0.9, None, False), (0.9, None, True), (1 - 2**-24, 0.9, False)]
+)
+def test_gradients_near_float32s_smallest_step_finitely_with_zero_eps(
+    storage, decay, momentum, centered
+):
+    # RMSprop's moment (1 - decay) g^2 falls under 2^-252, where its root is no normal
+    # number, for gradients near float32's smallest (and for larger ones as decay nears
+    # 1): it is held as 2^-252 instead of 0, and the step stays finite and at most
+    # lr / sqrt(1 - decay) (the momentum adds at most 1 / (1 - momentum))
+    lr = 0.1
+    tx = rj.rmsprop(lr, decay=decay, eps=0.0, momentum=momentum, centered=centered, storage=storage)
+    g = jnp.tile(jnp.array([2e-38, -1.2e-38, 1e-37, -1e-35, 1e-30], jnp.float32), 1000)
+    # (centered: a constant gradient's first variance is decay (1 - decay) g^2)
+    spread = decay * (1 - decay) if centered else 1 - decay
+    state, bound = tx.init(g), lr / spread**0.5 / (1 - (momentum or 0)) * 1.01
+    for _ in range(3):
+        updates, state = jax.jit(tx.update)(g, state)
+        assert np.all(np.isfinite(np.asarray(updates)))
+        assert np.all(np.abs(np.asarray(updates)) <= bound)
+        assert np.all(np.sign(np.asarray(updates)) == -np.sign(np.asarray(g)))
+    if decay == 0.9 and not centered and storage is None:  # 1e-37 and up: exact
+        # (int8 blocks hold 2^-22 of their largest root; 1e-37 lies 2^-23 under 1e-30's)
+        np.testing.assert_allclose(np.abs(updates[2:5]), lr / np.sqrt(1 - 0.9**3), rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(0.1, decay=0.0, eps=0.0),
+        lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=0.0, eps=0.0),
+        lambda: rj.rmsprop(0.1, decay=0.0, eps=0.0, storage="int8"),
+        lambda: rj.compat.torch_rmsprop(lr=0.1, alpha=0.0, eps=0.0),
+    ],
+)
+def test_a_decay_of_zero_forgets_a_moment_beyond_float32(make):
+    # with decay 0 the old moment has weight 0; beyond float32 it reads as inf in the
+    # ordinary formula, and 0 * inf made every later moment and step NaN
+    tx = make()
+    params = jnp.zeros(SHAPE)
+    state = tx.init(params)
+    for scale in (3e38, 3e38, 1.0, 3e38, 0.5):
+        grads = jnp.full(SHAPE, scale, jnp.float32)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        np.testing.assert_allclose(updates, -0.1, rtol=1e-6)  # lr g / sqrt(g^2)
 
 
 def test_ordinary_state_is_the_moment_itself_and_huge_state_decodes():

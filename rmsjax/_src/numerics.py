@@ -311,7 +311,12 @@ def accumulate_moment(
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     is_tiny = (nu < limits.low) & (nu_up > 0)
     root = sqrt_inline(nu_up) if inline else jnp.sqrt(nu_up)
-    return jnp.where(is_tiny, -scale_exponent(root, -t), result)
+    # A root under the smallest normal number (a moment under 2^-252: RMSprop's
+    # (1 - decay) g^2 for a gradient near float32's smallest) is held as that number
+    # instead of 0, where eps = 0 would step by g / 0: the step is then at most
+    # 1 / sqrt(1 - decay), and smaller than the exact one by up to that factor.
+    smallest = jnp.asarray(jnp.finfo(old.dtype).tiny, old.dtype)
+    return jnp.where(is_tiny, -jnp.maximum(scale_exponent(root, -t), smallest), result)
 
 
 def moment_operands(nu: jax.Array, slot_dtype: Any, tiny: bool, eps: Any):

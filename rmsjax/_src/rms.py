@@ -124,11 +124,22 @@ def rms_rule(
     guard_zero = concrete_eps is None or not np.float32(concrete_eps) > 0
     read_back = storage_lib.reads_back(storage)
 
+    concrete_decay = validate.concrete_value(decay)
+
+    def decayed(old):
+        # decay * old, and 0 with a decay of 0: an old moment beyond float32 reads as
+        # inf in the ordinary formula, and 0 * inf would make the new moment NaN
+        if concrete_decay == 0:
+            return jnp.zeros_like(old)
+        if concrete_decay is not None:
+            return decay * old
+        return jnp.where(decay == 0, jnp.zeros_like(old), decay * old)
+
     def combine(square, old):  # optax's formula, in the order optax computes it
-        return (1 - decay) * square + decay * old
+        return (1 - decay) * square + decayed(old)
 
     def combine_variance(half_gap_square, old):  # see _holds_variance
-        return decay * old + (4 * decay * (1 - decay)) * half_gap_square
+        return decayed(old) + (4 * decay * (1 - decay)) * half_gap_square
 
     def step_shared(count):
         count = numerics.safe_increment(count)
@@ -151,15 +162,28 @@ def rms_rule(
         # The moment in numerics' encoding: itself in range, scaled outside it, so that
         # no gradient's square overflows or underflows (see numerics.py).
         if _holds_variance(slots):
-            # w' = d w + d (1 - d) (g - mu)^2 from (g - mu) / 2, which cannot overflow
-            half_gap = 0.5 * g_c - 0.5 * storage_lib.load(slots[1], dtype)
+            # w' = d w + d (1 - d) (g - mu)^2 = d w + 4 d (1 - d) ((g - mu) / 2)^2. The
+            # half gap cannot overflow, but under 2^-126 it is no normal number (and
+            # flushed to 0 on a CPU). Where such variances count (eps = 0: tiny mode),
+            # for operands under 2^-100 the gap is passed as it is and halved inside the
+            # square, after numerics has scaled it into range.
+            mu_old = storage_lib.load(slots[1], dtype)
+            gap, square = 0.5 * g_c - 0.5 * mu_old, None
+            if numerics.needs_tiny_mode(jnp.float32, concrete_eps, eps_in_sqrt):
+                small = (jnp.abs(g_c) < 2.0**-100) & (jnp.abs(mu_old) < 2.0**-100)
+                gap = jnp.where(small, g_c - mu_old, gap)
+
+                def square(x):
+                    return jnp.where(small, 0.25 * (x * x), x * x)
+
             moment = moments.accumulate(
                 slots[0],
-                half_gap,
+                gap,
                 combine_variance,
                 eps,
                 eps_in_sqrt,
                 dtype,
+                square=square,
                 read_back=read_back,
                 salt=count,
             )
