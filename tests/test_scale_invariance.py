@@ -334,3 +334,15 @@ def test_int8_blocks_holding_zeros_keep_tiny_moments(rule, exponent):
     # a zero's root once counted as 2^-63 when a block's scale was taken, which rounded
     # every root of the block to zero and sent the next step to 1/sqrt(1 - decay).
     _assert_matches_reference(rule, 0.0, "int8", jnp.float32, 10.0**exponent, seed=1)
+
+
+def test_float16_moments_under_its_smallest_root_keep_the_step_finite():
+    # a float16 slot holds roots under its smallest normal number, 6.1e-5, as subnormals
+    g = jnp.array([1e-4, 3e-5, 1e-5, 2e-6, 1.0], jnp.float16)
+    for tx in (rj.rmsprop(0.1, eps=0.0), rj.rmsprop(0.1, eps=0.0, centered=True)):
+        state = tx.init(g)
+        for _ in range(3):
+            updates, state = jax.jit(tx.update)(g, state)
+            u = np.asarray(updates, np.float32)
+            assert np.all(np.isfinite(u)) and np.all(u < 0)
+            assert np.all(-u <= 0.1 / np.sqrt(0.9 * 0.1) * 1.01)
