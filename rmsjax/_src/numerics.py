@@ -112,6 +112,13 @@ def _bit_layout(dtype: Any) -> tuple[Any, int, int]:
     return integer, one, ((1 << (info.bits - 1 - info.nmant)) - 1) * one
 
 
+def _shift_limit(dtype: Any) -> int:
+    """The largest shift of the exponent field that can leave a finite number finite and
+    non-zero (254 for float32): any larger one gives 0 or inf for every number."""
+    _, one, infinity = _bit_layout(dtype)
+    return infinity // one - 1
+
+
 def scale_exponent(x: jax.Array, k: Any) -> jax.Array:
     """``x * 2**k`` for float32 or float64 ``x`` and an integer ``k`` (a Python int or an
     integer array that broadcasts against ``x``), computed on the exponent bits.
@@ -130,9 +137,9 @@ def scale_exponent(x: jax.Array, k: Any) -> jax.Array:
     known = isinstance(k, int)  # a known sign needs one range check, not two
     # Beyond +-(exponent fields - 1) every result is 0 or inf already; clamped there, the
     # bit arithmetic below cannot wrap around (k = -256 wrapped a float32 into its sign)
-    limit = infinity // one - 1
+    limit = _shift_limit(x.dtype)
     k = max(-limit, min(limit, k)) if known else jnp.clip(jnp.asarray(k, integer), -limit, limit)
-    step = k * one if known else jnp.asarray(k, integer) * one
+    step = k * one
     result = jax.lax.bitcast_convert_type(bits + step, x.dtype)
     # (the bounds are moved, not the magnitudes: magnitude + step could wrap around)
     down = min(step, 0) if known else jnp.minimum(step, 0)
@@ -162,7 +169,7 @@ def shift_bits(
     operation takes a slow microcode path, and this is computed for every element of
     every step. Measured on one leaf of 16M, that made RMSprop's step 1.6x slower."""
     integer, one, infinity = _bit_layout(x.dtype)
-    k = max(-(infinity // one - 1), min(infinity // one - 1, k))  # see scale_exponent
+    k = max(-_shift_limit(x.dtype), min(_shift_limit(x.dtype), k))  # see scale_exponent
     bits = jax.lax.bitcast_convert_type(x, integer)
     bits = bits & (infinity | (one - 1)) if magnitude else jnp.maximum(bits, 0)
     if k < 0:
