@@ -16,6 +16,7 @@ from rmsjax._src.base import OptState as OptState
 from rmsjax._src.base import Params as Params
 from rmsjax._src.base import ScalarOrSchedule as ScalarOrSchedule
 from rmsjax._src.base import Schedule as Schedule
+from rmsjax._src.base import Storage as Storage
 from rmsjax._src.base import Updates as Updates
 from rmsjax._src.base import apply_updates as apply_updates
 from rmsjax._src.base import with_extra_args_support as with_extra_args_support
@@ -102,6 +103,7 @@ __all__ = [
     "ScaleByRssState",
     "Schedule",
     "StepSizeSummary",
+    "Storage",
     "TraceState",
     "Updates",
     "__version__",

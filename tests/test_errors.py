@@ -40,6 +40,10 @@ CALLS = {
     "clip_by_global_norm": rj.clip_by_global_norm,
     "accumulate_gradients": lambda **kw: rj.accumulate_gradients(rj.sgd(0.1), **kw),
     "apply_if_finite": lambda **kw: rj.apply_if_finite(rj.sgd(0.1), **kw),
+    "factored_rmsprop": lambda **kw: rj.factored_rmsprop(**{"learning_rate": 0.1, **kw}),
+    "scale_by_factored_rms": rj.scale_by_factored_rms,
+    "grouped": lambda **kw: rj.grouped(rj.rmsprop(0.1), **kw),
+    "auto_block_size": rj.auto_block_size,
     "compat.torch_rmsprop": rj.compat.torch_rmsprop,
     "compat.torch_adagrad": rj.compat.torch_adagrad,
     "compat.keras_rmsprop": rj.compat.keras_rmsprop,
@@ -81,12 +85,8 @@ def test_nan_is_rejected_wherever_a_number_is_checked(function, argument, allowe
         CALLS[function](**{argument: float("nan")})
 
 
-# Counts: checked as ints, with a ValueError for any wrong value.
-INTEGER_ARGUMENTS = {
-    ("linear_schedule", "transition_steps"),
-    ("exponential_decay", "transition_steps"),
-    ("cosine_decay_schedule", "decay_steps"),
-}
+# Counts (steps, leaves, entries, errors): one check, validate.check_count, with a
+# ValueError for any wrong value; the table says "an integer >= N" for each.
 
 # Arguments for which None means "off" in the signature itself.
 NONE_MEANS_OFF = {
@@ -95,6 +95,7 @@ NONE_MEANS_OFF = {
     ("rmsprop", "momentum"),
     ("sgd", "momentum"),
     ("scale_by_learning_rate", "learning_rate"),  # identity(), as in optax
+    ("grouped", "block_size"),  # rj.auto_block_size picks it
 }
 
 BAD_VALUES = {
@@ -115,7 +116,7 @@ BAD_VALUES = {
     "function,argument,integer",
     sorted(
         {
-            (f, a, allowed.startswith("an int") or (f, a) in INTEGER_ARGUMENTS)
+            (f, a, allowed.startswith("an integer"))
             for f, a, allowed, _ in ROWS
             if allowed != "True or False"
         }
@@ -125,7 +126,7 @@ def test_every_documented_argument_refuses_what_is_not_a_real_scalar(
     function, argument, integer, bad
 ):
     value, error_type = BAD_VALUES[bad]
-    if integer:  # counts (every_k, ...) say "must be an int" for any wrong value
+    if integer:  # counts (every_k, ...) say "must be an integer" for any wrong value
         error_type = (TypeError, ValueError)
     if value is None and (function, argument) in NONE_MEANS_OFF:
         return
@@ -459,6 +460,25 @@ def test_block_counts_are_positive_integers(bad):
         ):
             rj.leaf_blocks([jnp.zeros(3)], **{argument: bad})
     assert rj.auto_block_size(np.int64(300)) == rj.auto_block_size(300) == 16
+
+
+def test_counts_take_numpy_integers_and_refuse_bools():
+    # one check for every count: a NumPy integer (from a config array, say) is a count,
+    # a bool is not, whatever its integer value
+    params = {"w": jnp.ones((2, 3))}
+    grads = {"w": jnp.full((2, 3), 0.5)}
+    for make in (
+        lambda n: rj.accumulate_gradients(rj.sgd(0.1), every_k=n),
+        lambda n: rj.apply_if_finite(rj.sgd(0.1), max_consecutive_errors=n),
+        lambda n: rj.factored_rmsprop(0.1, min_dim_size_to_factor=n),
+        lambda n: rj.grouped(rj.rmsprop(0.1), block_size=n),
+    ):
+        plain, numpy_count = make(2), make(np.int64(2))
+        expected, _ = plain.update(grads, plain.init(params), params)
+        got, _ = numpy_count.update(grads, numpy_count.init(params), params)
+        np.testing.assert_array_equal(got["w"], expected["w"])
+        with pytest.raises(ValueError, match=r"must be an integer >= \d"):
+            make(True)
 
 
 @pytest.mark.parametrize("function", [rj.effective_step_sizes, rj.step_size_summary])

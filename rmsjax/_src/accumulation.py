@@ -47,7 +47,7 @@ def accumulate_gradients(
 
     Args:
       inner: the optimizer to step once per ``every_k`` calls.
-      every_k: the number of micro-batches per step, an int >= 1.
+      every_k: the number of micro-batches per step, an integer >= 1.
       accumulator_dtype: dtype of the running sum; None keeps each parameter's dtype
         (pass ``jnp.float32`` to accumulate bfloat16 gradients without rounding).
 
@@ -64,8 +64,7 @@ def accumulate_gradients(
     """
     validate.check_transformation("accumulate_gradients", "inner", inner)
     name = "accumulate_gradients"
-    if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
-        raise ValueError(f"rmsjax.{name}: every_k must be an int >= 1, got {every_k!r}")
+    validate.check_count(name, "every_k", every_k)
     inner = base.with_extra_args_support(inner)
 
     def zeros_like(leaf):

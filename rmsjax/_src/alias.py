@@ -56,7 +56,7 @@ def rmsprop(
     momentum: float | None = None,
     nesterov: bool = False,
     bias_correction: bool = False,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""RMSprop: each update divided by the root of a decaying average of squared
     gradients, then scaled by the learning rate, then (optionally) momentum.
@@ -135,7 +135,7 @@ def adagrad(
     learning_rate: base.ScalarOrSchedule,
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""Adagrad: each update divided by the root of the running sum of squared gradients,
     then scaled by the learning rate; as ``optax.adagrad``, with the same numbers.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ Schedule = Callable[[jax.Array], jax.Array]
 """A function from the step count (an int32 scalar) to a scalar value."""
 ScalarOrSchedule = float | jax.Array | Schedule
 """A constant (python float or scalar array) or a schedule."""
+Storage = Literal["float32", "bfloat16", "int8"]
+"""How a rule keeps its state arrays (the ``storage`` option; None keeps each in its
+parameter's dtype): see docs/memory.md."""
 
 
 class TransformInitFn(Protocol):

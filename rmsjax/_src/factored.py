@@ -95,15 +95,8 @@ def scale_by_factored_rms(
     name = "scale_by_factored_rms"
     validate.check_decay(name, "decay", decay)
     validate.check_non_negative(name, "eps", eps)
-    _check_min_dim(name, min_dim_size_to_factor)
+    validate.check_count(name, "min_dim_size_to_factor", min_dim_size_to_factor)
     return fusion.rule_transformation(factored_rms_rule(decay, eps, min_dim_size_to_factor))
-
-
-def _check_min_dim(function: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"rmsjax.{function}: min_dim_size_to_factor must be an integer >= 1, got {value!r}"
-        )
 
 
 def _mean(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
@@ -281,7 +274,7 @@ def factored_rmsprop(
     validate.check_decay(name, "decay", decay)
     validate.check_non_negative(name, "eps", eps)
     validate.check_bool(name, "nesterov", nesterov)
-    _check_min_dim(name, min_dim_size_to_factor)
+    validate.check_count(name, "min_dim_size_to_factor", min_dim_size_to_factor)
     parts = [
         scale_by_factored_rms(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
         scaling.scale_by_learning_rate(learning_rate),

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rmsjax._src import base, engine, fusion, validate
 from rmsjax._src.quantization import QuantizedArray
@@ -39,7 +38,7 @@ def auto_block_size(count: int) -> int:
     >>> [auto_block_size(n) for n in (1, 256, 1000, 3000)]
     [8, 8, 16, 32]
     """
-    _check_count("auto_block_size", "count", count)
+    validate.check_count("auto_block_size", "count", count)
     size = MIN_BLOCK_SIZE
     while size < MAX_BLOCK_SIZE and 4 * size * size < count:
         size *= 2
@@ -86,8 +85,8 @@ def leaf_blocks(
     >>> rj.leaf_blocks([jnp.zeros(3), jnp.zeros(2), jnp.zeros(3)], block_size=8)
     ((0, 2), (1,))
     """
-    _check_count("leaf_blocks", "block_size", block_size, allow_none=True)
-    _check_count("leaf_blocks", "max_stacked_size", max_stacked_size)
+    validate.check_count("leaf_blocks", "block_size", block_size, allow_none=True)
+    validate.check_count("leaf_blocks", "max_stacked_size", max_stacked_size)
     groups: dict[tuple, list[int]] = {}
     order: list[tuple] = []
     for index, leaf in enumerate(jax.tree.leaves(params)):
@@ -124,14 +123,6 @@ def _unstack_slots(block: tuple, stacked: Any) -> list:
     if len(block) == 1:
         return [stacked]
     return [jax.tree.map(lambda a, row=row: a[row], stacked) for row in range(len(block))]
-
-
-def _check_count(function: str, name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        allowed = "an integer >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"rmsjax.{function}: {name} must be {allowed}, got {value!r}.")
 
 
 def grouped(
@@ -187,8 +178,8 @@ def grouped(
             "adagrad, sgd, scale_by_rms, trace, ...); this one has other parts. Chain "
             "those outside: chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3)))."
         )
-    _check_count("grouped", "block_size", block_size, allow_none=True)
-    _check_count("grouped", "max_stacked_size", max_stacked_size)
+    validate.check_count("grouped", "block_size", block_size, allow_none=True)
+    validate.check_count("grouped", "max_stacked_size", max_stacked_size)
 
     def blocks(tree):
         return leaf_blocks(tree, block_size=block_size, max_stacked_size=max_stacked_size)

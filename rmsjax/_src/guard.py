@@ -68,7 +68,7 @@ def apply_if_finite(
 
     Args:
       inner: the transformation to guard, usually the whole optimizer.
-      max_consecutive_errors: how many non-finite steps in a row are skipped, an int >= 0.
+      max_consecutive_errors: how many non-finite steps in a row are skipped, an integer >= 0.
 
     Returns:
       A :class:`GradientTransformation` with state :class:`ApplyIfFiniteState`.
@@ -85,15 +85,7 @@ def apply_if_finite(
     """
     validate.check_transformation("apply_if_finite", "inner", inner)
     name = "apply_if_finite"
-    if (
-        not isinstance(max_consecutive_errors, int)
-        or isinstance(max_consecutive_errors, bool)
-        or max_consecutive_errors < 0
-    ):
-        raise ValueError(
-            f"rmsjax.{name}: max_consecutive_errors must be an int >= 0, "
-            f"got {max_consecutive_errors!r}"
-        )
+    validate.check_count(name, "max_consecutive_errors", max_consecutive_errors, minimum=0)
 
     inner = base.with_extra_args_support(inner)
 

@@ -34,7 +34,7 @@ def trace(
     nesterov: bool = False,
     accumulator_dtype: Any = None,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""Heavy-ball momentum: :math:`b_t = g_t + \beta\,b_{t-1}`, and the update is
     :math:`b_t` (or :math:`g_t + \beta\,b_t` with ``nesterov=True``).

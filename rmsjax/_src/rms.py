@@ -35,7 +35,7 @@ def scale_by_rms(
     bias_correction: bool = False,
     *,
     centered: bool = False,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""Divides updates by the root of a decaying average of squared gradients.
 
@@ -115,7 +115,7 @@ def rms_rule(
     initial_scale: Any,
     bias_correction: bool,
     centered: bool,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rms` (unchecked arguments)."""
     # With eps > 0 in float32 the scaling is finite (the average is >= 0 and below

@@ -32,7 +32,7 @@ def scale_by_rss(
     eps: float = 1e-7,
     *,
     eps_in_sqrt: bool = True,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""Divides updates by the root of the running sum of squared gradients (Adagrad).
 
@@ -90,7 +90,7 @@ def _add(square, total):  # Adagrad's sum, in the order optax computes it
 
 
 def rss_rule(
-    initial_accumulator_value: Any, eps: Any, eps_in_sqrt: bool, storage: str | None = None
+    initial_accumulator_value: Any, eps: Any, eps_in_sqrt: bool, storage: base.Storage | None = None
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rss` (unchecked arguments)."""
     read_back = storage_lib.reads_back(storage)

@@ -14,12 +14,6 @@ import jax.numpy as jnp
 from rmsjax._src import base, validate
 
 
-def _steps(function: str, argument: str, value: int, *, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"rmsjax.{function}: {argument} must be an int, got {value!r}")
-    validate.check_range(function, argument, value, 0.0, low_open=not allow_zero)
-
-
 def constant_schedule(value: float) -> base.Schedule:
     """The same ``value`` at every step.
 
@@ -44,8 +38,8 @@ def linear_schedule(
     name = "linear_schedule"
     validate.check_finite(name, "init_value", init_value)
     validate.check_finite(name, "end_value", end_value)
-    _steps(name, "transition_steps", transition_steps)
-    _steps(name, "transition_begin", transition_begin, allow_zero=True)
+    validate.check_count(name, "transition_steps", transition_steps)
+    validate.check_count(name, "transition_begin", transition_begin, minimum=0)
 
     def schedule(count):
         done = jnp.clip(count - transition_begin, 0, transition_steps)
@@ -73,9 +67,9 @@ def exponential_decay(
     """
     name = "exponential_decay"
     validate.check_finite(name, "init_value", init_value)
-    _steps(name, "transition_steps", transition_steps)
+    validate.check_count(name, "transition_steps", transition_steps)
     validate.check_range(name, "decay_rate", decay_rate, 0.0, low_open=True)
-    _steps(name, "transition_begin", transition_begin, allow_zero=True)
+    validate.check_count(name, "transition_begin", transition_begin, minimum=0)
     validate.check_bool(name, "staircase", staircase)
     if end_value is not None:
         validate.check_finite(name, "end_value", end_value)
@@ -106,7 +100,7 @@ def cosine_decay_schedule(
     """
     name = "cosine_decay_schedule"
     validate.check_finite(name, "init_value", init_value)
-    _steps(name, "decay_steps", decay_steps)
+    validate.check_count(name, "decay_steps", decay_steps)
     validate.check_range(name, "alpha", alpha, 0.0, 1.0)
     validate.check_range(name, "exponent", exponent, 0.0, low_open=True)
 
@@ -140,8 +134,8 @@ def warmup_cosine_decay_schedule(
     for argument, value in [("init_value", init_value), ("peak_value", peak_value)]:
         validate.check_finite(name, argument, value)
     validate.check_finite(name, "end_value", end_value)
-    _steps(name, "warmup_steps", warmup_steps, allow_zero=True)
-    _steps(name, "decay_steps", decay_steps)
+    validate.check_count(name, "warmup_steps", warmup_steps, minimum=0)
+    validate.check_count(name, "decay_steps", decay_steps)
     if decay_steps <= warmup_steps:
         raise ValueError(
             f"rmsjax.{name}: decay_steps must be > warmup_steps ({warmup_steps}), "
@@ -173,7 +167,7 @@ def piecewise_constant_schedule(
     validate.check_finite(name, "init_value", init_value)
     items = sorted((boundaries_and_scales or {}).items())
     for boundary, factor in items:
-        _steps(name, "a boundary", boundary, allow_zero=True)
+        validate.check_count(name, "a boundary", boundary, minimum=0)
         validate.check_range(name, f"the scale at boundary {boundary}", factor, 0.0)
 
     def schedule(count):

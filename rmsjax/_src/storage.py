@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import numerics
+from rmsjax._src import base, numerics
 from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
     _FLOAT32_MAX,
@@ -49,7 +50,7 @@ from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
 )
 from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-exported)
 
-STORAGE_OPTIONS = (None, "float32", "bfloat16", "int8")
+STORAGE_OPTIONS = (None, *typing.get_args(base.Storage))
 """The accepted values of the ``storage`` option."""
 
 _LARGEST_ROOT = np.sqrt(_FLOAT32_MAX)
@@ -191,12 +192,12 @@ def check_storage(function: str, storage: Any) -> None:
         raise ValueError(f"rmsjax.{function}: storage must be one of {allowed}, got {storage!r}")
 
 
-def complex_refusal(storage: str | None) -> str | None:
+def complex_refusal(storage: base.Storage | None) -> str | None:
     """Why a state kept as ``storage`` cannot hold complex values (None: it can)."""
     return None if storage is None else f"storage={storage!r} keeps real values only"
 
 
-def init_slot(param: Any, fill: Any, storage: str | None, *, signed: bool) -> Any:
+def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bool) -> Any:
     """A state array for ``param`` filled with ``fill``, in the format ``storage`` asks.
 
     ``signed`` picks the code table under ``"int8"``: True for values of either sign,
@@ -220,7 +221,7 @@ def load(slot: Any, dtype: Any) -> jax.Array:
     return slot.astype(dtype)
 
 
-def reads_back(storage: str | None) -> bool:
+def reads_back(storage: base.Storage | None) -> bool:
     """Whether a rule with this ``storage`` option steps with the values its new state
     holds (see :func:`keep`): for ``"bfloat16"`` only. An int8 step goes on with the
     unrounded values: read back, its codes would be encoded a second time, from the old

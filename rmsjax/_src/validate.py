@@ -184,6 +184,19 @@ def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
     return value
 
 
+def check_count(
+    function: str, argument: str, value: Any, minimum: int = 1, allow_none: bool = False
+) -> None:
+    """A Python or NumPy integer of at least ``minimum`` (``None`` too, where it means
+    "choose for me"): how many steps, leaves, entries or errors. A bool is refused."""
+    if value is None and allow_none:
+        return
+    integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not integer or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        _fail(function, argument, allowed, value)
+
+
 def check_bool(function: str, argument: str, value: Any) -> None:
     if not isinstance(value, (bool, np.bool_)):
         _fail(function, argument, "True or False", value)

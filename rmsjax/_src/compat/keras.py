@@ -22,7 +22,7 @@ def keras_rmsprop(
     centered: bool = False,
     weight_decay: float | None = None,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``keras.optimizers.RMSprop`` (Keras 3), with its argument names and defaults.
 
@@ -98,7 +98,7 @@ def keras_adagrad(
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``keras.optimizers.Adagrad`` (Keras 3), with its argument names and defaults.
 

@@ -149,5 +149,5 @@ def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTra
     return decoupled_weight_decay(value, learning_rate)
 
 
-def momentum_or_identity(value: float, storage: str | None) -> base.GradientTransformation:
+def momentum_or_identity(value: float, storage: base.Storage | None) -> base.GradientTransformation:
     return fusion.identity() if is_zero(value) else momentum.trace(decay=value, storage=storage)

@@ -26,7 +26,7 @@ def torch_rmsprop(
     centered: bool = False,
     maximize: bool = False,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``torch.optim.RMSprop``, with its argument names and defaults.
 
@@ -112,7 +112,7 @@ def torch_adagrad(
     eps: float = 1e-10,
     maximize: bool = False,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``torch.optim.Adagrad``, with its argument names and defaults.
 

@@ -20,7 +20,7 @@ def tf1_rmsprop(
     epsilon: float = 1e-10,
     centered: bool = False,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``tf.compat.v1.train.RMSPropOptimizer``, with its argument names and defaults.
 
@@ -88,7 +88,7 @@ def tf1_adagrad(
     learning_rate: base.ScalarOrSchedule,
     initial_accumulator_value: float = 0.1,
     *,
-    storage: str | None = None,
+    storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``tf.compat.v1.train.AdagradOptimizer``, with its argument names and defaults.
 
