@@ -53,3 +53,27 @@ def test_closed_forms():
         assert float(cosine(t)) == pytest.approx(want, abs=1e-6)
     linear = S.linear_schedule(1.0, 0.0, transition_steps=10, transition_begin=5)
     assert [float(linear(t)) for t in (0, 5, 10, 15, 99)] == pytest.approx([1, 1, 0.5, 0, 0])
+
+
+def test_piecewise_boundaries_are_checked_before_they_are_sorted():
+    # a string among integer boundaries used to fail inside sorted() with Python's own
+    # TypeError; a list of pairs with an AttributeError
+    make = S.piecewise_constant_schedule
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.piecewise_constant_schedule: a boundary must be an integer >= 0, "
+        r"got '10'$",
+    ):
+        make(1.0, {"10": 0.1, 5: 0.5})
+    with pytest.raises(
+        TypeError,
+        match=r"boundaries_and_scales must be a dict or None, got \[\(10, 0\.1\)\] \(list\)",
+    ):
+        make(1.0, [(10, 0.1)])
+    with pytest.raises(ValueError, match=r"the scale at boundary 10 must be >= 0, got -0\.5"):
+        make(1.0, {10: -0.5})
+    # NumPy integer boundaries are boundaries, as in optax
+    schedule = make(1.0, {np.int64(10): 0.1, 20: 0.5})
+    expected = optax.piecewise_constant_schedule(1.0, {10: 0.1, 20: 0.5})
+    for t in (0, 9, 10, 19, 20, 25):
+        np.testing.assert_allclose(float(schedule(t)), float(expected(t)), rtol=1e-7)

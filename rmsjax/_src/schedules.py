@@ -165,10 +165,14 @@ def piecewise_constant_schedule(
     """
     name = "piecewise_constant_schedule"
     validate.check_finite(name, "init_value", init_value)
-    items = sorted((boundaries_and_scales or {}).items())
-    for boundary, factor in items:
+    boundaries_and_scales = {} if boundaries_and_scales is None else boundaries_and_scales
+    validate.check_instance(
+        name, "boundaries_and_scales", boundaries_and_scales, Mapping, "a dict or None"
+    )
+    for boundary, factor in boundaries_and_scales.items():  # checked before sorting them
         validate.check_count(name, "a boundary", boundary, minimum=0)
         validate.check_range(name, f"the scale at boundary {boundary}", factor, 0.0)
+    items = sorted(boundaries_and_scales.items())
 
     def schedule(count):
         value = jnp.asarray(init_value, jnp.float32)
