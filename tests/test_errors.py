@@ -430,6 +430,12 @@ def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4), "frozen": None}
     with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the"):
         rj.apply_updates(params, {"w": jnp.ones((4, 4))})
+    # updates whose tree goes on below a parameter (a dict or tuple where it is an array)
+    deeper = {"w": {"x": jnp.ones((4, 4))}, "b": jnp.ones(4), "frozen": None}
+    with pytest.raises(ValueError, match=r"the tree structure of the updates differs"):
+        rj.apply_updates(params, deeper)
+    with pytest.raises(ValueError, match=r"the tree structure of the updates differs"):
+        rj.apply_updates(jnp.ones(3), (jnp.ones(3),))
     # an update that would fail to add, or would silently change the parameter's shape
     for bad, shape in [(jnp.ones(3), r"\(3,\)"), (jnp.ones((2, 4)), r"\(2, 4\)")]:
         with pytest.raises(

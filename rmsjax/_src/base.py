@@ -119,6 +119,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     treedef = jax.tree.structure(params, is_leaf=is_none)
     try:
         flat_updates = treedef.flatten_up_to(updates)
+        # flatten_up_to takes updates whose tree goes on below a parameter leaf (a dict
+        # where a parameter is an array); the sum would then fail on the container
+        if not all(jax.tree_util.treedef_is_leaf(_leaf_structure(u)) for u in flat_updates):
+            raise ValueError
     except (ValueError, TypeError):
         raise ValueError(
             "rmsjax.apply_updates: the tree structure of the updates differs from that of "
@@ -134,6 +138,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             )
         out.append(None if p is None else apply_leaf(p, u))
     return jax.tree.unflatten(treedef, out)
+
+
+def _leaf_structure(x: Any) -> Any:
+    return jax.tree.structure(x, is_leaf=is_none)
 
 
 def _broadcasts_to(shape: tuple, target: tuple) -> bool:
