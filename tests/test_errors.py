@@ -468,6 +468,18 @@ def test_block_counts_are_positive_integers(bad):
     assert rj.auto_block_size(np.int64(300)) == rj.auto_block_size(300) == 16
 
 
+def test_leaf_blocks_names_a_leaf_that_is_not_an_array():
+    # a string leaf was read by jnp.result_type as the name of a dtype
+    with pytest.raises(
+        TypeError, match=r"^rmsjax\.leaf_blocks: params leaf \['name'\] is 'abc' \(str\)"
+    ):
+        rj.leaf_blocks({"w": jnp.ones(3), "name": "abc"})
+    # numbers and shape-dtype structs are leaves it reads
+    assert rj.leaf_blocks(
+        [jnp.ones(3), 1.0, jax.ShapeDtypeStruct((3,), jnp.float32)], block_size=8
+    ) == ((0, 2), (1,))
+
+
 def test_counts_take_numpy_integers_and_refuse_bools():
     # one check for every count: a NumPy integer (from a config array, say) is a count,
     # a bool is not, whatever its integer value

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, engine, fusion, validate
 from rmsjax._src.quantization import QuantizedArray
@@ -90,6 +91,15 @@ def leaf_blocks(
     groups: dict[tuple, list[int]] = {}
     order: list[tuple] = []
     for index, leaf in enumerate(jax.tree.leaves(params)):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not isinstance(
+            leaf, (int, float, complex, np.number)
+        ):
+            # jnp.result_type would read a string leaf as the name of a dtype
+            raise TypeError(
+                f"rmsjax.leaf_blocks: params leaf {engine.path_of(params, index)} is "
+                f"{leaf!r} ({type(leaf).__name__}); leaves must be arrays, numbers or "
+                "jax.ShapeDtypeStruct"
+            )
         shape = tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(jnp.shape(leaf))
         dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
         size = 1
