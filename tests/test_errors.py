@@ -203,6 +203,27 @@ def test_structure_mismatch_shows_both_structures():
     assert "state: PyTreeDef({'a': *, 'b': *})" in message
 
 
+def test_params_or_state_deeper_than_the_updates_show_both_structures():
+    # a dict where the updates hold an array: flatten_up_to takes it, and the step then
+    # failed inside jnp.asarray ("entry not a 2- or 3- tuple")
+    tx = rj.rmsprop(0.1)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"differs from that of the parameters") as error:
+        rj.update_and_apply(tx, params, state, {"w": {"x": jnp.ones(3)}})
+    assert "parameters: PyTreeDef({'w': {'x': *}})" in str(error.value)
+    bad = (state[0]._replace(nu={"w": {"x": jnp.ones(3)}}),) + tuple(state[1:])
+    with pytest.raises(ValueError, match=r"differs from that of the state"):
+        tx.update(params, bad, params)
+    with pytest.raises(ValueError, match=r"^rmsjax\.group_state: the state's tree structure"):
+        rj.group_state(rj.grouped(tx), bad, params)
+    # an int8 slot is one array of the state, not a subtree
+    tx8 = rj.rmsprop(0.1, storage="int8")
+    big = {"w": jnp.ones(5000)}
+    updates, _ = tx8.update(big, tx8.init(big), big)
+    assert updates["w"].shape == (5000,)
+
+
 def test_shape_mismatch_names_the_leaf():
     tx = rj.adagrad(0.1)
     state = tx.init({"layer": {"w": jnp.ones((3, 4))}})

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, block_layout, quantization, sharding
 from rmsjax._src import in_turn as in_turn_lib
@@ -100,7 +101,7 @@ def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
     """``tree``'s leaves in the order of ``treedef``; a ValueError shows both structures
     when they differ."""
     try:
-        return treedef.flatten_up_to(tree)
+        return leaves_up_to(treedef, tree)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
@@ -108,6 +109,20 @@ def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
             f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
             "same structure as the gradients."
         ) from error
+
+
+def leaves_up_to(treedef: Any, tree: Any) -> list:
+    """``treedef.flatten_up_to(tree)``, which also takes a tree that goes on below a leaf
+    of ``treedef`` (a dict where the updates hold an array); here each item must be one
+    array (an int8 slot included), a number or None, else a ValueError."""
+    flat = treedef.flatten_up_to(tree)
+    if not all(x is None or hasattr(x, "shape") or _is_number(x) for x in flat):
+        raise ValueError("a subtree where a leaf belongs")
+    return flat
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, complex, np.number, np.bool_))
 
 
 def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list:

@@ -342,7 +342,7 @@ def group_state(
     grouped_trees = []
     for tree in slot_trees:
         try:
-            leaves = treedef.flatten_up_to(tree)
+            leaves = engine.leaves_up_to(treedef, tree)
         except (ValueError, TypeError):
             raise ValueError(
                 f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "
