@@ -160,6 +160,20 @@ def test_a_state_of_another_optimizer_is_refused_with_its_place():
     centered_like = rj.rmsprop(0.1, centered=True).init(params)
     with pytest.raises(ValueError, match=r"at state\[0\]\.mu: ScaleByRmsState holds no 'mu'"):
         rj.from_optax_state(optax.rmsprop(0.1).init(params), like=centered_like)
+    # the other way round nothing may be dropped either: optax's centered mean has no
+    # place in an uncentered rmsjax state (it was left out without a word)
+    centered = optax.rmsprop(0.1, centered=True)
+    centered_state = centered.update(params, centered.init(params), params)[1]
+    with pytest.raises(ValueError, match=r"at state\[0\]\.mu: `like` holds None, the state a"):
+        rj.from_optax_state(centered_state, like=rj.rmsprop(0.1).init(params))
+    # a template that is not a state
+    for bad in (None, 3, "abc"):
+        with pytest.raises(ValueError, match=r"^rmsjax\.from_optax_state: at state: `like` holds"):
+            rj.from_optax_state(s, like=bad)
+    # None parameters stay None
+    frozen = {"w": jnp.ones(3), "frozen": None}
+    state = rj.from_optax_state(optax.adagrad(0.1).init(frozen), rj.adagrad(0.1).init(frozen))
+    assert state[0].sum_of_squares["frozen"] is None
 
 
 def test_a_grouped_state_converts_through_its_per_leaf_state():

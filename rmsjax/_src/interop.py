@@ -68,6 +68,8 @@ def _fail(function: str, path: str, message: str) -> None:
 
 def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     """``value`` in the format of the template leaf ``like``."""
+    if not (isinstance(like, storage.QuantizedArray) or _has_shape_and_dtype(like)):
+        _fail(function, path, f"`like` holds {like!r} ({type(like).__name__}), not an array")
     if value is None or not (
         _is_array_like(value) or isinstance(value, (int, float, storage.QuantizedArray))
     ):
@@ -85,6 +87,10 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     if tuple(value.shape) != tuple(like.shape):
         _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")
     return value if value.dtype == like.dtype else value.astype(like.dtype)
+
+
+def _has_shape_and_dtype(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _zeros_like(like: Any) -> Any:
@@ -125,6 +131,10 @@ def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
 
 def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, parent: Any) -> Any:
     if like is None:
+        # None stands for a parameter left out (a None leaf): nothing of the state is
+        # dropped here, or the conversion would lose it without a word
+        if jax.tree.leaves(other):
+            _fail(function, path, f"`like` holds None, the state a {type(other).__name__}")
         return None
     if isinstance(like, GroupedState) or isinstance(other, GroupedState):
         # optax keeps no blocks: the per-leaf state is the one that converts
