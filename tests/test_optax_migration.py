@@ -166,6 +166,11 @@ def test_a_state_of_another_optimizer_is_refused_with_its_place():
     centered_state = centered.update(params, centered.init(params), params)[1]
     with pytest.raises(ValueError, match=r"at state\[0\]\.mu: `like` holds None, the state a"):
         rj.from_optax_state(centered_state, like=rj.rmsprop(0.1).init(params))
+    # nor from rmsjax to optax: a centered rmsjax state has no uncentered optax twin
+    tx = rj.rmsprop(0.1, centered=True)
+    ours = tx.update(params, tx.init(params), params)[1]
+    with pytest.raises(ValueError, match=r"at state\[0\]\.mu: `like`, a ScaleByRmsState, has no"):
+        rj.to_optax_state(ours, like=optax.rmsprop(0.1).init(params))
     # a template that is not a state
     for bad in (None, 3, "abc"):
         with pytest.raises(ValueError, match=r"^rmsjax\.from_optax_state: at state: `like` holds"):

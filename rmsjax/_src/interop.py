@@ -172,6 +172,17 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
                 fields[field] = _zeros_like(template)
             else:
                 _fail(function, sub, f"{type(other).__name__} holds no {field!r}")
+        for field in other._fields:
+            # a step count the other library does not keep is dropped (see the docstrings);
+            # any other field with arrays would be lost, and the optimizer changed with it
+            if field not in like._fields and field != "count" and jax.tree.leaves(
+                getattr(other, field)
+            ):
+                _fail(
+                    function,
+                    f"{path}.{field}",
+                    f"`like`, a {type(like).__name__}, has no place for {field!r}",
+                )
         return type(like)(**fields)
     if isinstance(like, dict):
         if not isinstance(other, dict):
