@@ -175,8 +175,10 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
         for field in other._fields:
             # a step count the other library does not keep is dropped (see the docstrings);
             # any other field with arrays would be lost, and the optimizer changed with it
-            if field not in like._fields and field != "count" and jax.tree.leaves(
-                getattr(other, field)
+            if (
+                field not in like._fields
+                and field != "count"
+                and jax.tree.leaves(getattr(other, field))
             ):
                 _fail(
                     function,
