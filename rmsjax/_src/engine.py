@@ -116,12 +116,13 @@ def leaves_up_to(treedef: Any, tree: Any) -> list:
     of ``treedef`` (a dict where the updates hold an array); here each item must be one
     array (an int8 slot included), a number or None, else a ValueError."""
     flat = treedef.flatten_up_to(tree)
-    if not all(x is None or hasattr(x, "shape") or _is_number(x) for x in flat):
+    if not all(x is None or hasattr(x, "shape") or is_number(x) for x in flat):
         raise ValueError("a subtree where a leaf belongs")
     return flat
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A Python or NumPy scalar, which JAX takes as a leaf of a tree of arrays."""
     return isinstance(x, (int, float, complex, np.number, np.bool_))
 
 

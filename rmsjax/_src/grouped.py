@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rmsjax._src import base, engine, fusion, validate
 from rmsjax._src.quantization import QuantizedArray
@@ -91,9 +90,7 @@ def leaf_blocks(
     groups: dict[tuple, list[int]] = {}
     order: list[tuple] = []
     for index, leaf in enumerate(jax.tree.leaves(params)):
-        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not isinstance(
-            leaf, (int, float, complex, np.number)
-        ):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not engine.is_number(leaf):
             # jnp.result_type would read a string leaf as the name of a dtype
             raise TypeError(
                 f"rmsjax.leaf_blocks: params leaf {engine.path_of(params, index)} is "

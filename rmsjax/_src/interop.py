@@ -68,7 +68,7 @@ def _fail(function: str, path: str, message: str) -> None:
 
 def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     """``value`` in the format of the template leaf ``like``."""
-    if not (isinstance(like, storage.QuantizedArray) or _has_shape_and_dtype(like)):
+    if not (_is_quantized(like) or _is_array_like(like)):
         _fail(function, path, f"`like` holds {like!r} ({type(like).__name__}), not an array")
     if value is None or not (
         _is_array_like(value) or isinstance(value, (int, float, storage.QuantizedArray))
@@ -87,10 +87,6 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
     if tuple(value.shape) != tuple(like.shape):
         _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")
     return value if value.dtype == like.dtype else value.astype(like.dtype)
-
-
-def _has_shape_and_dtype(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _zeros_like(like: Any) -> Any:
