@@ -169,7 +169,8 @@ def shift_bits(
     operation takes a slow microcode path, and this is computed for every element of
     every step. Measured on one leaf of 16M, that made RMSprop's step 1.6x slower."""
     integer, one, infinity = _bit_layout(x.dtype)
-    k = max(-_shift_limit(x.dtype), min(_shift_limit(x.dtype), k))  # see scale_exponent
+    limit = _shift_limit(x.dtype)
+    k = max(-limit, min(limit, k))  # see scale_exponent
     bits = jax.lax.bitcast_convert_type(x, integer)
     bits = bits & (infinity | (one - 1)) if magnitude else jnp.maximum(bits, 0)
     if k < 0:
