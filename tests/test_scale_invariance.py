@@ -193,6 +193,88 @@ def test_a_constant_huge_or_tiny_gradient_steps_by_the_documented_bound(make, sc
         assert float(jnp.min(jnp.abs(updates))) > 1e-3
 
 
+def _hostile_gradients(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Finite float32 gradients of one of five kinds: magnitudes spread over all of
+    float32's range, float32's largest and smallest numbers mixed in one block, one
+    spike among zeros, ordinary noise at a random scale, or mostly zeros."""
+    kind = rng.integers(0, 5)
+    magnitudes = 10.0 ** rng.uniform(-45, 38.5, size=shape)
+    if kind == 0:
+        x = magnitudes
+    elif kind == 1:
+        x = np.where(rng.uniform(size=shape) < 0.5, 3.4e38, rng.choice([1e-45, 1.2e-38, 0.0]))
+    elif kind == 2:
+        x = np.zeros(shape)
+        x.flat[rng.integers(0, x.size)] = 3.4e38
+    elif kind == 3:
+        x = rng.normal(size=shape) * 10.0 ** rng.uniform(-30, 30)
+    else:
+        x = np.where(rng.uniform(size=shape) < 0.9, 0.0, magnitudes)
+    x = x * rng.choice([-1.0, 1.0], size=shape)
+    return np.clip(x, -3.4e38, 3.4e38).astype(np.float32)
+
+
+# The rules whose step has a bound whatever the gradients, and the bound: RMSprop's
+# average holds at least (1 - decay) g^2 of the current gradient, Adagrad's sum all of
+# g^2, a row-wise sum the row's mean of g^2 (so an element is at most sqrt(row length)
+# times its row's root mean square). Momentum m multiplies the bound by 1 / (1 - m).
+# Centered RMSprop (a variance can be 0) and the factored estimate (it can be far under
+# an element's own average) have none: docs/numerics.md.
+BOUNDED = {
+    "rmsprop": (lambda storage: rj.rmsprop(0.01, storage=storage), 0.01 / 0.1**0.5),
+    "rmsprop eps=0, eps outside, bias-corrected": (
+        lambda storage: rj.rmsprop(
+            0.01, decay=0.99, eps=0.0, eps_in_sqrt=False, bias_correction=True, storage=storage
+        ),
+        0.01 / 0.01**0.5,
+    ),
+    "rmsprop with momentum": (
+        lambda storage: rj.rmsprop(0.01, momentum=0.9, storage=storage),
+        0.01 / 0.1**0.5 / 0.1,
+    ),
+    "adagrad": (lambda storage: rj.adagrad(0.01, storage=storage), 0.01),
+    "adagrad eps=0": (
+        lambda storage: rj.adagrad(0.01, initial_accumulator_value=0.0, eps=0.0, storage=storage),
+        0.01,
+    ),
+    "torch rmsprop": (lambda storage: rj.compat.torch_rmsprop(0.01, storage=storage), 0.1),
+    "tf1 rmsprop": (lambda storage: rj.compat.tf1_rmsprop(0.01, storage=storage), 0.01 / 0.1**0.5),
+    "keras adagrad": (lambda storage: rj.compat.keras_adagrad(0.01, storage=storage), 0.01),
+    "row-wise adagrad": (lambda storage: rj.rowwise_adagrad(0.01, eps=0.0), 0.01 * 64**0.5),
+}
+
+
+@pytest.mark.parametrize(
+    "name,storage",
+    [
+        (name, storage)
+        for name in BOUNDED
+        # row-wise state is one float32 number per row: it takes no storage option
+        for storage in ([None] if name == "row-wise adagrad" else [None, "bfloat16", "int8"])
+    ],
+)
+def test_hostile_gradients_step_within_the_rules_bound(name, storage):
+    # Not constant, unlike the test above: each step's gradients mix magnitudes from
+    # float32's smallest to its largest, in the same 256-element blocks. Every update
+    # and every float in the state stays finite, and no update passes the bound (1%
+    # over it for bfloat16 state, whose rounding of the new average reaches the step).
+    make, bound = BOUNDED[name]
+    tx = make(storage)
+    params = {"matrix": jnp.zeros(SHAPE), "odd": jnp.zeros((4097,)), "small": jnp.zeros((3, 5))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for _ in range(10):
+        grads = {key: jnp.asarray(_hostile_gradients(rng, p.shape)) for key, p in params.items()}
+        updates, state = update(grads, state, params)
+        for leaf in jax.tree.leaves(updates):
+            assert np.all(np.isfinite(np.asarray(leaf)))
+            assert float(jnp.max(jnp.abs(leaf))) <= bound * 1.01
+        for leaf in jax.tree.leaves(state):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
 @pytest.mark.parametrize("storage", [None, "bfloat16", "int8"])
 def test_a_trace_of_raw_gradients_overflows_where_its_true_value_does(storage):
     # the documented limit: g + 0.9 * trace passes float32's maximum at the second step
