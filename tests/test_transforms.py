@@ -130,6 +130,66 @@ def test_global_norm_matches_numpy():
     assert float(rj.global_norm({})) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30, 1e36, 1e38])
+def test_global_norm_and_clipping_hold_at_every_scale(scale, dtype):
+    # A plain float32 sum of squares overflows from a norm of 1.8e19 (optax's norm is
+    # inf there and every clipped update 0) and underflows under 1e-19. The norm is
+    # right wherever it fits in float32, inf where it does not (the largest scale
+    # here), and the clipped updates are right at every scale, in float32 and bfloat16.
+    rng = np.random.default_rng(3)
+    raw = {"a": rng.normal(size=(40, 50)), "b": rng.normal(size=7), "c": np.array(-3.0)}
+    raw = jax.tree.map(lambda x: x / np.abs(x).max() * 0.9, raw)  # the largest is 0.9 * scale
+    grads = jax.tree.map(lambda x: jnp.asarray(x * scale, dtype), raw)
+    exact = np_global_norm(jax.tree.leaves(grads))
+    norm = float(jax.jit(rj.global_norm)(grads))
+    if exact < np.finfo(np.float32).max:
+        np.testing.assert_allclose(norm, exact, rtol=1e-6)
+    else:
+        assert norm == np.inf
+    for max_norm in [1.0, exact * 2]:
+        tx = rj.clip_by_global_norm(min(max_norm, 1e38))
+        ours, _ = jax.jit(tx.update)(grads, tx.init(None))
+        factor = min(1.0, min(max_norm, 1e38) / exact)
+        for got, g in zip(jax.tree.leaves(ours), jax.tree.leaves(grads)):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(
+                np.asarray(got, np.float64),
+                factor * np.asarray(g, np.float64),
+                rtol=2e-6 if dtype == jnp.float32 else 2**-8,
+            )
+
+
+def test_global_norm_keeps_optax_bits_for_every_tree_optax_does_not_overflow():
+    # Scaling by a power of two changes no rounding: random trees of float32 and complex
+    # leaves whose norms span 1e-8 ... 1e8, jitted and eager. (Half-precision leaves
+    # are summed and clipped in float32 here, in their own dtype by optax: the test
+    # above and test_clip_by_global_norm_bfloat16_computes_norm_in_float32.)
+    rng = np.random.default_rng(4)
+    optax_norm = optax.tree.norm if hasattr(optax, "tree") else optax.global_norm
+    for trial in range(16):
+        tree = {}
+        for i in range(int(rng.integers(1, 4))):
+            size = int(rng.integers(1, 3000))
+            x = rng.normal(size=size) * 10.0 ** rng.uniform(-8, 8)
+            if rng.uniform() < 0.3:
+                x = x + 1j * rng.normal(size=size) * np.abs(x).max()
+            tree[f"leaf{i}"] = jnp.asarray(x, jnp.complex64 if np.iscomplexobj(x) else jnp.float32)
+        max_norm = float(10.0 ** rng.uniform(-3, 3))
+        variant = jax.jit if trial % 2 else (lambda fn: fn)
+        assert variant(rj.global_norm)(tree) == variant(optax_norm)(tree)
+        ours = variant(rj.clip_by_global_norm(max_norm).update)(tree, rj.EmptyState())[0]
+        theirs = variant(optax.clip_by_global_norm(max_norm).update)(tree, optax.EmptyState())[0]
+        chex.assert_trees_all_equal(ours, theirs)
+
+
+def test_global_norm_of_constants_folded_by_the_compiler():
+    # Gradients that are constants of the jitted function: XLA folds what it can, and
+    # must not turn (g * s) * (g * s) into (g * g) * (s * s), where g * g overflows.
+    norm = jax.jit(lambda: rj.global_norm({"a": jnp.full(4, 1e20), "b": jnp.full(5, -2e20)}))()
+    np.testing.assert_allclose(float(norm), np.sqrt(4 * 1e40 + 5 * 4e40), rtol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf")])
 def test_clip_by_global_norm_rejects_bad_max_norm(bad):
     with pytest.raises(ValueError, match=r"rmsjax\.clip_by_global_norm: max_norm must be"):

@@ -45,25 +45,61 @@ def global_norm(updates: base.Updates) -> jax.Array:
     r"""The Euclidean norm of all the elements of a pytree, :math:`\sqrt{\sum_i g_i^2}`.
 
     Squares are summed in float32 for half-precision leaves; a complex element counts
-    :math:`|g_i|^2`; None leaves are skipped.
+    :math:`|g_i|^2`; None leaves are skipped. The elements are first scaled by the power
+    of two that brings the largest magnitude into [0.5, 1), so no square overflows or
+    underflows: a norm of 1e21 (gradients of 1e20) is 1e21, not inf as a plain sum of
+    squares gives in float32, and one of 1e-29 is not 0. The scaling is exact, so where
+    the plain sum neither overflows nor underflows the result is optax's, bit for bit.
+    It costs one more pass over the elements (their largest magnitude).
 
     Args:
       updates: a pytree of arrays (the argument's name is optax's).
 
     Returns:
-      A scalar array (float32, or wider if a leaf is wider).
+      A scalar array (float32, or wider if a leaf is wider): inf only where the norm
+      itself exceeds the dtype's largest number.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> rj.global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])})
     Array(5., dtype=float32)
+    >>> rj.global_norm({"a": jnp.array([3e20]), "b": jnp.array([[4e20]])})
+    Array(5.e+20, dtype=float32)
     """
-    leaves = jax.tree.leaves(updates)
-    total = jnp.zeros([], jnp.float32)
-    for leaf in leaves:
-        leaf = jnp.asarray(leaf)
-        leaf = leaf.astype(numerics.compute_dtype(leaf.dtype))
-        total = total + jnp.sum(numerics.abs_sq(leaf))
-    return jnp.sqrt(total)
+    root, exponent = _scaled_norm(jax.tree.leaves(updates))
+    return jnp.ldexp(root, exponent)
+
+
+def _scaled_norm(leaves: list) -> tuple[jax.Array, jax.Array]:
+    """``(root, exponent)``: the norm of ``leaves`` is ``root * 2**exponent``, and
+    ``root`` is the norm of the leaves divided by ``2**exponent``, the power of two that
+    brings their largest magnitude into [0.5, 1) (as near as a normal number allows).
+    The sum of the scaled squares cannot overflow (each is at most 16) and is the plain
+    sum's, divided by ``4**exponent`` exactly, wherever the plain sum is finite and
+    normal: numbers scaled by a power of two round as the unscaled ones do."""
+    arrays = [jnp.asarray(leaf) for leaf in leaves]
+    arrays = [x.astype(numerics.compute_dtype(x.dtype)) for x in arrays]
+    real = jnp.result_type(jnp.float32, *(jnp.finfo(x.dtype).dtype for x in arrays))
+    largest = jnp.zeros([], real)
+    for x in arrays:
+        largest = jnp.maximum(largest, jnp.max(jnp.abs(x), initial=0).astype(real))
+    # largest = f * 2^e with f in [0.5, 1); 2^e and 2^-e must be normal numbers (e is 0
+    # for 0, inf and NaN, whose sums come out 0, inf and NaN, as optax's do)
+    info = jnp.finfo(real)
+    exponent = jnp.clip(jnp.frexp(largest)[1], info.minexp, -info.minexp)
+    # Divided by 2^exponent, not multiplied by 2^-exponent (the same numbers): where
+    # the leaves are constants XLA folds the factor into one too, and rewrites
+    # (x * c) * (x * c) as (x * x) * (c * c), which overflows; behind the barrier the
+    # divisor is no constant, and a quotient is not reordered.
+    unit = _power_of_two(exponent, real)
+    total = jnp.zeros([], real)
+    for x in arrays:
+        total = total + jnp.sum(numerics.abs_sq(x / unit.astype(jnp.finfo(x.dtype).dtype)))
+    return jnp.sqrt(total), exponent
+
+
+def _power_of_two(exponent: jax.Array, dtype) -> jax.Array:
+    """``2**exponent`` in ``dtype``, which XLA treats as no constant (see above)."""
+    return jax.lax.optimization_barrier(jnp.ldexp(jnp.ones([], dtype), exponent))
 
 
 def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
@@ -74,8 +110,12 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
     .. math:: u = g \ \text{if}\ n < \text{max\_norm},\ \text{else}\ (g / n)\,\text{max\_norm}
 
     so the direction is kept and only the length shrinks, the same numbers as
-    ``optax.clip_by_global_norm``. The norm couples the leaves, so this transformation is
-    not fused with its neighbours in a ``chain``. Place it first, on the raw gradients.
+    ``optax.clip_by_global_norm`` wherever optax's sum of squares does not overflow.
+    Where it does (a norm above 1.8e19 in float32, exploding gradients), optax's norm is
+    inf and every update 0; here the norm is taken as :func:`global_norm` takes it, and
+    the updates are clipped to ``max_norm`` as for any other norm. The norm couples the
+    leaves, so this transformation is not fused with its neighbours in a ``chain``.
+    Place it first, on the raw gradients.
 
     Args:
       max_norm: the largest global norm allowed, > 0.
@@ -98,13 +138,19 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        norm = global_norm(updates)
-        keep = norm < max_norm
+        root, exponent = _scaled_norm(jax.tree.leaves(updates))
+        keep = jnp.ldexp(root, exponent) < max_norm
+        # (g * 2^-e) / (norm * 2^-e) is g / norm, bit for bit, and stays right where
+        # the norm itself exceeds float32 (gradients of 1e20 and more). (A quotient
+        # by 2^e here would be merged with the one by the root: XLA rewrites
+        # (g / a) / b as g / (a * b), and a * b is the norm again.)
+        scale = _power_of_two(-exponent, root.dtype)
 
         def clip_leaf(g):
             dtype = numerics.compute_dtype(g.dtype)
             g_c = g.astype(dtype)
-            clipped = (g_c / norm.astype(dtype)) * jnp.asarray(max_norm, dtype)
+            scaled = g_c * scale.astype(jnp.finfo(dtype).dtype)
+            clipped = (scaled / root.astype(dtype)) * jnp.asarray(max_norm, dtype)
             return jnp.where(keep, g_c, clipped).astype(g.dtype)
 
         return jax.tree.map(clip_leaf, updates), state
