@@ -546,6 +546,25 @@ def test_accumulate_gradients_matches_optax_multisteps_and_numpy():
             np.testing.assert_array_equal(emitted[i], 0.0)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
+def test_accumulate_gradients_averages_gradients_near_float32s_maximum(k):
+    # A float32 sum of micro-batch gradients overflows long before their mean does:
+    # four gradients of 1e38 summed are inf. Each cycle's mean is compared with the
+    # float64 mean (up to float32 rounding of the sums), over gradients up to 3.4e38 of
+    # both signs, and ordinary and tiny ones in between.
+    rng = np.random.default_rng(k)
+    tx = rj.accumulate_gradients(rj.sgd(1.0), every_k=k)
+    params = jnp.zeros(6)
+    state, step = tx.init(params), jax.jit(tx.update)
+    for scale in [3.4e38, 1.0, 1e38, 1e-30]:
+        grads = [(rng.uniform(-1, 1, 6) * scale).astype(np.float32) for _ in range(k)]
+        for g in grads:
+            updates, state = step(jnp.asarray(g), state, params)
+        want = -np.mean(np.asarray(grads, np.float64), axis=0)
+        # float32 sums: each addition rounds by at most half a step of the scale
+        np.testing.assert_allclose(np.asarray(updates, np.float64), want, atol=2**-22 * scale)
+
+
 def test_accumulate_gradients_every_1_is_the_inner_optimizer():
     inner = rj.adagrad(0.1)
     tx = rj.accumulate_gradients(inner, every_k=1)

@@ -18,8 +18,9 @@ class AccumulateGradientsState(NamedTuple):
         ``[0, every_k)`` (int32); 0 right after a step, so ``mini_step == 0`` tells that
         the last call updated the parameters.
       gradient_step: optimizer steps taken so far (int32, saturating).
-      accumulated: the sum of the gradients of the current micro-batches, one array per
-        parameter.
+      accumulated: the sum of the gradients of the current micro-batches divided by
+        ``2**m``, the power of two at or above ``every_k`` (so that it cannot overflow
+        where the gradients do not), one array per parameter.
       inner_state: the wrapped transformation's state.
     """
 
@@ -34,16 +35,17 @@ def accumulate_gradients(
 ) -> base.GradientTransformation:
     r"""Averages the gradients of ``every_k`` micro-batches and steps ``inner`` once.
 
-    Calls 1 to k-1 of each cycle add the gradient to a running sum and return zero
-    updates (so ``apply_updates`` leaves the parameters as they are); call k hands the
-    mean :math:`\bar g = \frac{1}{k}\sum_{j=1}^{k} g_j` to ``inner`` and returns its
-    updates. When each micro-batch loss is a mean over the same number of examples,
-    :math:`\bar g` is the gradient of the big batch, so training with micro-batches of
-    size ``b`` matches training with batches of size ``k * b`` (up to rounding) while
-    holding only one micro-batch of activations in memory. ``inner`` (RMSprop's average,
-    Adagrad's sum, momentum, schedules) sees one step per cycle. The semantics are those
-    of ``optax.MultiSteps``; the inner step runs under ``lax.cond``, so its cost is paid
-    once per cycle.
+    Calls 1 to k-1 of each cycle add the gradient to a running sum (kept in units of a
+    power of two at or above k, so that gradients near float32's maximum do not make it
+    overflow) and return zero updates (so ``apply_updates`` leaves the parameters as
+    they are); call k hands the mean :math:`\bar g = \frac{1}{k}\sum_{j=1}^{k} g_j` to
+    ``inner`` and returns its updates. When each micro-batch loss is a mean over the
+    same number of examples, :math:`\bar g` is the gradient of the big batch, so
+    training with micro-batches of size ``b`` matches training with batches of size
+    ``k * b`` (up to rounding) while holding only one micro-batch of activations in memory.
+    ``inner`` (RMSprop's average, Adagrad's sum, momentum, schedules) sees one step per
+    cycle. The semantics are those of ``optax.MultiSteps``; the inner step runs under
+    ``lax.cond``, so its cost is paid once per cycle.
 
     Args:
       inner: the optimizer to step once per ``every_k`` calls.
@@ -66,6 +68,11 @@ def accumulate_gradients(
     name = "accumulate_gradients"
     validate.check_count(name, "every_k", every_k)
     inner = base.with_extra_args_support(inner)
+    # The sum is kept in units of 2^m >= every_k, so that it stays under the largest
+    # gradient: a plain float32 sum of four gradients of 1e38 is inf. Scaling by a power
+    # of two rounds nothing, and the mean below, the scaled sum over every_k / 2^m, is
+    # the plain sum over every_k bit for bit wherever that sum is finite.
+    unit = 2 ** (int(every_k) - 1).bit_length()
 
     def zeros_like(leaf):
         # zeros_like keeps a sharded parameter's layout for its accumulator
@@ -88,7 +95,7 @@ def accumulate_gradients(
 
         def add(acc, g):
             dtype = numerics.compute_dtype(jnp.result_type(acc, g))
-            return (acc.astype(dtype) + g.astype(dtype)).astype(acc.dtype)
+            return (acc.astype(dtype) + g.astype(dtype) * (1 / unit)).astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)
         last = state.mini_step == every_k - 1
@@ -96,7 +103,7 @@ def accumulate_gradients(
         def step(_):
             def mean(acc, g):
                 dtype = numerics.compute_dtype(acc.dtype)
-                return (acc.astype(dtype) / every_k).astype(g.dtype)
+                return (acc.astype(dtype) / (every_k / unit)).astype(g.dtype)
 
             averaged = jax.tree.map(mean, accumulated, updates)
             new_updates, inner_state = inner.update(averaged, state.inner_state, params, **extra)
