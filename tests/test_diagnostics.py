@@ -153,6 +153,20 @@ def test_summary_matches_numpy_and_is_jittable_without_retracing():
         assert leaf.min.shape == () and leaf.min.dtype == jnp.float32
 
 
+def test_summary_mean_of_step_sizes_near_float32s_maximum():
+    # eps=0 and gradients near 1e-37: each step size is about 1e35 and their float32
+    # sum over 4096 elements passes float32's maximum; the mean does not.
+    tx = rj.rmsprop(0.1, eps=0.0)
+    params = {"w": jnp.zeros((64, 64))}
+    g = {"w": jnp.asarray(np.linspace(1.0, 3.0, 4096).reshape(64, 64) * 1e-37, jnp.float32)}
+    _, state = tx.update(g, tx.init(params), params)
+    sizes = np.asarray(rj.effective_step_sizes(tx, state, params)["w"], np.float64)
+    assert np.sum(sizes) > np.finfo(np.float32).max
+    summary = rj.step_size_summary(tx, state, params)["w"]
+    np.testing.assert_allclose(float(summary.mean), sizes.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(summary.max), sizes.max(), rtol=1e-6)
+
+
 def test_adagrad_step_sizes_only_shrink():
     tx = rj.adagrad(0.1)
     params = params_tree()

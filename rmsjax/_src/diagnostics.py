@@ -173,11 +173,16 @@ def step_size_summary(
     sizes = _step_sizes("step_size_summary", tx, state, params)
 
     def summarize(s):
+        top = jnp.max(s)
+        # The mean of the sizes over the power of two at or above the largest, times it:
+        # step sizes near float32's maximum (eps=0 and gradients of 1e-38) sum past it,
+        # and this rounds as the plain mean does wherever that sum is finite.
+        unit = jnp.ldexp(jnp.ones([], s.dtype), jnp.clip(jnp.frexp(top)[1], -125, 125))
         return StepSizeSummary(
             min=jnp.min(s),
-            mean=jnp.mean(s),
+            mean=jnp.mean(s / unit) * unit,
             geometric_mean=jnp.exp(jnp.mean(jnp.log(s))),
-            max=jnp.max(s),
+            max=top,
         )
 
     return jax.tree.map(summarize, sizes)
