@@ -221,8 +221,11 @@ def rms_rule(
         )
         if eps_in_sqrt and centered:
             # A zero variance (a constant gradient) leaves eps alone, which counts as
-            # 0 above the range; the step is then g / sqrt(eps), unscaled.
-            unscaled = numerics.inverse_root(eps + 0 * nu_hat, 0, 0, True, inline)
+            # 0 above the range; the step is then g / sqrt(eps), unscaled. It does not
+            # depend on nu_hat: with eps = 0 its derivative through nu_hat, 0 * inf,
+            # made every gradient through the step NaN, selected or not.
+            zero = 0 * jax.lax.stop_gradient(nu_hat)
+            unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
             scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
         update = scaling * (g_c * scale)
         if guard_zero:
