@@ -184,6 +184,50 @@ def test_a_gradient_through_steps_with_zero_eps_is_finite_at_every_scale(name):
         np.testing.assert_allclose(tiny, ordinary, rtol=0.1)
 
 
+def _loss_with_a_frozen_weight(lr, make):
+    # The last weight's gradient is always 0 (a parameter the loss does not use).
+    tx = make(lr)
+    w = jnp.zeros(4, jnp.result_type(lr, jnp.float32))
+    state = tx.init(w)
+    target, used = jnp.array([1.0, -2.0, 0.5, 0.0]), jnp.array([1.0, 1.0, 1.0, 0.0])
+    for _ in range(4):
+        w, state = rj.update_and_apply(tx, 2 * used * (w - target), state, w)
+    return jnp.sum((w - target) ** 2)
+
+
+FROZEN = {
+    "rmsprop": lambda lr: rj.rmsprop(lr),
+    "rmsprop eps=0": lambda lr: rj.rmsprop(lr, eps=0.0),
+    "rmsprop, eps outside": lambda lr: rj.rmsprop(lr, eps_in_sqrt=False),
+    "centered, eps outside": lambda lr: rj.rmsprop(lr, centered=True, eps_in_sqrt=False),
+    "adagrad eps=0": lambda lr: rj.adagrad(lr, eps=0.0, initial_accumulator_value=0.0),
+    "torch rmsprop": lambda lr: rj.compat.torch_rmsprop(lr),
+    "torch adagrad": lambda lr: rj.compat.torch_adagrad(lr),
+    "factored": lambda lr: rj.factored_rmsprop(lr),
+    "row-wise adagrad": lambda lr: rj.rowwise_adagrad(lr),
+}
+
+
+@pytest.mark.parametrize("name", list(FROZEN))
+def test_a_gradient_through_steps_with_a_frozen_weight_matches_finite_differences(name):
+    # A moment that is still 0 has an infinite derivative (sqrt at 0, rsqrt at 0), and
+    # its rule selects a zero step there: JAX's derivative multiplied the zero cotangent
+    # of the branch not taken by that infinity, and the gradient with respect to the
+    # learning rate was NaN for every rule with eps outside the root or eps = 0, the
+    # torch presets, factored and row-wise rules.
+    make = FROZEN[name]
+    with jax.enable_x64(True):
+        lr, h = jnp.float64(0.05), 1e-6
+        exact = jax.grad(_loss_with_a_frozen_weight)(lr, make)
+        fd = (
+            _loss_with_a_frozen_weight(lr + h, make) - _loss_with_a_frozen_weight(lr - h, make)
+        ) / (2 * h)
+        # (row-wise state is float32 whatever the parameters: the differences see its
+        # rounding, 1e-4 of the gradient here)
+        np.testing.assert_allclose(float(exact), float(fd), rtol=1e-3 if "row" in name else 1e-5)
+    assert np.isfinite(float(jax.grad(_loss_with_a_frozen_weight)(0.05, make)))  # float32 too
+
+
 def _loss_after_steps(lr, storage, steps=4):
     tx = rj.rmsprop(lr, storage=storage)
     params = {"w": jnp.linspace(0.5, 1.5, 5000)}

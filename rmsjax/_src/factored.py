@@ -205,8 +205,12 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         else:
             nu_hat = numerics.finite_ceiling(decay * moments[0] + (1 - decay) * squares)
             new_slots = (new_exponent, slots[1], nu_hat)
-        # a zero gradient gives a zero update, also where nu_hat is 0 (eps = 0)
-        update = jnp.where((g_c == 0) & ~(nu_hat > 0), g_c, g_s * jax.lax.rsqrt(nu_hat))
+        # a zero gradient gives a zero update, also where nu_hat is 0 (eps = 0); the
+        # root is not taken there, or 0 * inf in the branch not taken would make every
+        # derivative through the step NaN
+        zero_step = (g_c == 0) & ~(nu_hat > 0)
+        root = numerics.rsqrt(jnp.where(zero_step, jnp.ones_like(nu_hat), nu_hat))
+        update = jnp.where(zero_step, g_c, g_s * root)
         # A gradient more than 2^126 below the leaf's largest (one huge outlier among
         # ordinary gradients) has an average of 0 in units of 4^E: it steps as on its
         # own first step, g / sqrt((1 - decay) g^2 + eps), which is at most

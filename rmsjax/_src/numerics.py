@@ -61,22 +61,19 @@ def zero_count() -> jax.Array:
 
 # ------------------------------------------------------------ second moments in range
 #
-# A second moment (RMSprop's average of g^2, Adagrad's sum) spans twice the exponent
-# range of the gradients it comes from: a float32 gradient of 1e30 has a square of 1e60,
-# and one of 1e-30 a square of 1e-60, neither of which a float32 holds. So that a step
-# never depends on the scale of the gradients (RMSprop's and Adagrad's steps are
-# invariant to it), a moment slot keeps the value itself while it lies in
-# [LOW, HIGH] and a negative number outside it, which no true moment is:
+# A second moment spans twice the exponent range of its gradients: a float32 gradient of
+# 1e30 has a square of 1e60, one of 1e-30 a square of 1e-60, neither a float32. So that a
+# step never depends on the gradients' scale (as RMSprop's and Adagrad's do not), a slot
+# keeps the moment while it lies in [LOW, HIGH], else a negative number:
 #
 #   above HIGH:  -nu * 2^-(2 k)          (k = MomentRange.shift; "huge")
 #   below LOW:   -sqrt(nu)               (only in tiny mode; "tiny")
 #
-# The two negative ranges do not overlap (TINY_ROOT separates them). The ordinary
-# case computes exactly the formula optax computes, and each fallback computes the same
-# formula on operands scaled by a power of two (exact), so ordinary steps stay bit for
-# bit what they were. The fallback is computed for every element of every step: on a
-# 2-core CPU a one-leaf step takes 1.08-1.31x optax's time with it, 0.99-1.09x without
-# (docs/numerics.md, "Cost").
+# The two negative ranges do not overlap (TINY_ROOT separates them). The ordinary case
+# computes optax's formula, each fallback the same formula on operands scaled by a power
+# of two (exact), so ordinary steps stay bit for bit. The fallback is computed for every
+# element of every step: a one-leaf step took 1.08-1.31x optax's time with it on a
+# 2-core CPU, 0.99-1.09x without (docs/numerics.md, "Cost").
 
 
 class MomentRange(NamedTuple):
@@ -220,20 +217,35 @@ def reciprocal_inline(x: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def rsqrt(x: jax.Array) -> jax.Array:
-    """``jax.lax.rsqrt``, whose derivative is taken in an order that stays in float32's
-    range: ``-(y / 2) * (dx / x)`` with ``y = rsqrt(x)``. JAX's own rule multiplies
-    ``dx`` by ``rsqrt(x) / x``, which overflows for ``x`` under 2e-26; a moment held
-    scaled up by a power of two (numerics' tiny encoding, ``eps = 0`` and gradients
-    near 1e-36) lies there, and its derivative became ``0 * inf``, NaN. The step
-    itself is the same operation, bit for bit."""
+    """``jax.lax.rsqrt`` (the same operation in a step), differentiated as
+    ``-(y / 2) * (dx / x)``, not as JAX's ``dx * (rsqrt(x) / x)``, which overflows for
+    ``x`` under 2e-26, where a moment held scaled up lies; and as 0 at ``x = 0``, where
+    a rule selects a zero gradient's step away: there JAX's ``0 * inf`` is NaN, and
+    reaches every gradient through the step. Both factors stay finite where ``x`` is
+    not > 0: transposed, a zero cotangent times an infinite factor is NaN again."""
     return jax.lax.rsqrt(x)
 
 
 @rsqrt.defjvp
 def _rsqrt_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    y = jax.lax.rsqrt(x)
-    return y, -(0.5 * y) * (dx / x)
+    y, positive = jax.lax.rsqrt(x), x > 0
+    finite_y = jnp.where(positive, y, 0)
+    return y, jnp.where(positive, -(0.5 * finite_y) * (dx / jnp.where(positive, x, 1)), 0)
+
+
+@jax.custom_jvp
+def sqrt(x: jax.Array) -> jax.Array:
+    """``jnp.sqrt``, differentiated as 0 at ``x = 0`` (see :func:`rsqrt`): the moment of a
+    weight whose gradient has always been 0."""
+    return jnp.sqrt(x)
+
+
+@sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = jnp.sqrt(x)
+    return y, jnp.where(x > 0, (0.5 * dx) / jnp.where(x > 0, y, 1), 0)
 
 
 def inverse_root(
@@ -248,7 +260,7 @@ def inverse_root(
         x = value + eps_squared
         return rsqrt_inline(x) if inline else rsqrt(x)
     if not inline:
-        return 1 / (jnp.sqrt(value) + eps_linear)
+        return 1 / (sqrt(value) + eps_linear)
     return reciprocal_inline(sqrt_inline(value) + eps_linear)
 
 
@@ -336,7 +348,7 @@ def accumulate_moment(
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     is_tiny = (nu < limits.low) & (nu_up > 0)
-    root = sqrt_inline(nu_up) if inline else jnp.sqrt(nu_up)
+    root = sqrt_inline(nu_up) if inline else sqrt(nu_up)
     # A root under the smallest normal number (a moment under 2^-252: RMSprop's
     # (1 - decay) g^2 for a gradient near float32's smallest) is held as that number
     # instead of 0, where eps = 0 would step by g / 0: the step is then at most

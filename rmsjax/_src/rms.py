@@ -227,12 +227,17 @@ def rms_rule(
             zero = 0 * jax.lax.stop_gradient(nu_hat)
             unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
             scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
-        update = scaling * (g_c * scale)
-        if guard_zero:
+        if not guard_zero:
+            update = scaling * (g_c * scale)
+        else:
             # A zero gradient gives a zero update even where the scaling is infinite
             # (eps=0 with a zero average), instead of 0 * inf = NaN. Only there: at a
             # zero gradient elsewhere the update's derivative stays the scaling.
-            update = jnp.where((g_c == 0) & ~jnp.isfinite(scaling), g_c, update)
+            # (The scaling is also kept out of the product there: 0 * inf in a branch
+            # not taken still makes every derivative through the step NaN.)
+            zero_step = (g_c == 0) & ~jnp.isfinite(scaling)
+            finite = jnp.where(zero_step, jnp.zeros_like(scaling), scaling)
+            update = jnp.where(zero_step, g_c, finite * (g_c * scale))
         return update.astype(g.dtype), new_slots
 
     slots = (elementwise.Slot("nu"),) + ((elementwise.Slot("mu"),) if centered else ())

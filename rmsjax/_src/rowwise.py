@@ -104,7 +104,7 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         total, scale, value = moment.new, moment.scale, moment.value
         nonzero = jnp.any(g_c != 0, axis=-1) if rowwise else g_c != 0
         seen = moments.ever_nonzero(moment, nonzero, eps)
-        scaling_ = jnp.where(seen, 1 / (jnp.sqrt(value) + moment.eps_linear), 0.0)
+        scaling_ = jnp.where(seen, 1 / (numerics.sqrt(value) + moment.eps_linear), 0.0)
         if rowwise:
             scaling_, scale = scaling_[..., None], scale[..., None]
         return (scaling_ * (g_c * scale)).astype(g.dtype), (total.astype(slots[0].dtype),)
