@@ -82,10 +82,8 @@ def _scaled_norm(leaves: list) -> tuple[jax.Array, jax.Array]:
     largest = jnp.zeros([], real)
     for x in arrays:
         largest = jnp.maximum(largest, jnp.max(jnp.abs(x), initial=0).astype(real))
-    # largest = f * 2^e with f in [0.5, 1); 2^e and 2^-e must be normal numbers (e is 0
-    # for 0, inf and NaN, whose sums come out 0, inf and NaN, as optax's do)
-    info = jnp.finfo(real)
-    exponent = jnp.clip(jnp.frexp(largest)[1], info.minexp, -info.minexp)
+    # (e is 0 for 0, inf and NaN, whose sums come out 0, inf and NaN, as optax's do)
+    exponent = numerics.binary_exponent(largest)
     # Divided by 2^exponent, not multiplied by 2^-exponent (the same numbers): where
     # the leaves are constants XLA folds the factor into one too, and rewrites
     # (x * c) * (x * c) as (x * x) * (c * c), which overflows; behind the barrier the

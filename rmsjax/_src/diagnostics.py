@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, grouped, hyperparams, rms, rss, storage
+from rmsjax._src import base, grouped, hyperparams, numerics, rms, rss, storage
 
 
 class StepSizeSummary(NamedTuple):
@@ -177,7 +177,7 @@ def step_size_summary(
         # The mean of the sizes over the power of two at or above the largest, times it:
         # step sizes near float32's maximum (eps=0 and gradients of 1e-38) sum past it,
         # and this rounds as the plain mean does wherever that sum is finite.
-        unit = jnp.ldexp(jnp.ones([], s.dtype), jnp.clip(jnp.frexp(top)[1], -125, 125))
+        unit = jnp.ldexp(jnp.ones([], s.dtype), numerics.binary_exponent(top))
         return StepSizeSummary(
             min=jnp.min(s),
             mean=jnp.mean(s / unit) * unit,

@@ -43,9 +43,8 @@ def finite_ceiling(x: jax.Array, *stored: Any) -> jax.Array:
         dtype = getattr(slot, "dtype", None)
         if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
             top = min(top, float(jnp.finfo(dtype).max))
-    # The same values as jnp.minimum(x, top), NaN included, but XLA CPU fuses a select
-    # differently: with minimum it recomputed the moment inside the consumer from the
-    # old state and copied the state buffer first (16M float32 steps ran 2x slower).
+    # jnp.minimum(x, top)'s values, NaN included; with minimum XLA CPU recomputed the moment
+    # in the consumer and copied the old state first (16M float32 steps ran 2x slower).
     return jnp.where(x > top, jnp.asarray(top, x.dtype), x)
 
 
@@ -88,10 +87,9 @@ class MomentRange(NamedTuple):
 
 
 _RANGES = {
-    # 8-bit exponents (float32, bfloat16, and int8's float32 scales): moments up to
-    # 2^256 (every float32 gradient's square) as -nu * 2^-152, in (2^-52, 2^104]; tiny
-    # ones as their roots, under 2^-53. The low end leaves 20 bits of headroom above
-    # float32's smallest normal, under which XLA CPU flushes a square to zero.
+    # 8-bit exponents (float32, bfloat16, int8's scales): moments up to 2^256 (every float32
+    # gradient's square) as -nu * 2^-152, in (2^-52, 2^104]; tiny ones as roots, under
+    # 2^-53, 20 bits above float32's smallest normal, under which XLA CPU flushes squares.
     8: MomentRange(low=2.0**-106, high=2.0**100, shift=76, tiny_root=2.0**-52.5, tiny_shift=76),
     # float16: 65504^2 = 2^32 as -nu * 2^-20, in (2^-6, 2^12]; roots under 2^-7.
     5: MomentRange(low=2.0**-14, high=2.0**14, shift=10, tiny_root=2.0**-6.5, tiny_shift=10),
@@ -101,8 +99,7 @@ _RANGES = {
 
 
 def _bit_layout(dtype: Any) -> tuple[Any, int, int]:
-    """For float32 or float64: the integer type of the same width, one step of the
-    exponent field, and the bits of inf."""
+    """float32 or float64's integer type of its width, one exponent step, and inf's bits."""
     info = jnp.finfo(dtype)
     integer = jnp.int32 if info.bits == 32 else jnp.int64
     one = 1 << info.nmant
@@ -110,8 +107,7 @@ def _bit_layout(dtype: Any) -> tuple[Any, int, int]:
 
 
 def _shift_limit(dtype: Any) -> int:
-    """The largest shift of the exponent field that can leave a finite number finite and
-    non-zero (254 for float32): any larger one gives 0 or inf for every number."""
+    """The largest exponent shift that can leave a finite number finite and non-zero (254)."""
     _, one, infinity = _bit_layout(dtype)
     return infinity // one - 1
 
@@ -217,12 +213,10 @@ def reciprocal_inline(x: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def rsqrt(x: jax.Array) -> jax.Array:
-    """``jax.lax.rsqrt`` (the same operation in a step), differentiated as
-    ``-(y / 2) * (dx / x)``, not as JAX's ``dx * (rsqrt(x) / x)``, which overflows for
-    ``x`` under 2e-26, where a moment held scaled up lies; and as 0 at ``x = 0``, where
-    a rule selects a zero gradient's step away: there JAX's ``0 * inf`` is NaN, and
-    reaches every gradient through the step. Both factors stay finite where ``x`` is
-    not > 0: transposed, a zero cotangent times an infinite factor is NaN again."""
+    """``jax.lax.rsqrt``, differentiated as ``-(y / 2) * (dx / x)``, not as JAX's
+    ``dx * (rsqrt(x) / x)``, which overflows for ``x`` under 2e-26 (a moment held scaled
+    up); and as 0 at ``x = 0``, where a rule selects a zero gradient's step away and JAX's
+    ``0 * inf`` is NaN (both factors stay finite: transposed, 0 * inf is NaN again)."""
     return jax.lax.rsqrt(x)
 
 
@@ -244,8 +238,14 @@ def sqrt(x: jax.Array) -> jax.Array:
 @sqrt.defjvp
 def _sqrt_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    y = jnp.sqrt(x)
-    return y, jnp.where(x > 0, (0.5 * dx) / jnp.where(x > 0, y, 1), 0)
+    y, positive = jnp.sqrt(x), x > 0
+    return y, jnp.where(positive, (0.5 * dx) / jnp.where(positive, y, 1), 0)
+
+
+def binary_exponent(x: jax.Array) -> jax.Array:
+    """``e`` in ``x = f 2**e``, ``f`` in [0.5, 1), with ``2**+-e`` normal; 0 at 0, inf, NaN."""
+    info = jnp.finfo(x.dtype)
+    return jnp.clip(jnp.frexp(x)[1], info.minexp, -info.minexp)
 
 
 def inverse_root(
