@@ -94,14 +94,14 @@ def step(
         with block_layout.block_view(), storage.slots_kept(but=view[i]):
             return rule.update_leaf(blocks, view, context, None)[1][i]
 
-    zero = _zero_after(jnp.ravel(out)[0])
+    zero = zero_after(jnp.ravel(out)[0])
     new_slots = list(slots)
     for i in _order(encode, slots):
         new = encode(i, zero)
         new_slots[i] = quantization.QuantizedArray(
             new.codes, new.scale, slots[i].shape, slots[i].signed
         )
-        zero = _zero_after(jnp.max(new.codes))
+        zero = zero_after(jnp.max(new.codes))
     return out, tuple(new_slots)
 
 
@@ -137,7 +137,7 @@ def _slots_read(fn, slots: Sequence[Any]) -> set[int]:
     return {i for i, s in enumerate(slots) if id(s.codes) in read}
 
 
-def _zero_after(x: jax.Array) -> jax.Array:
+def zero_after(x: jax.Array) -> jax.Array:
     """An int8 zero computed from the scalar ``x`` (any value, NaN and inf included),
     which XLA can neither compute before ``x`` nor fold into a constant."""
     if jnp.issubdtype(x.dtype, jnp.floating):
