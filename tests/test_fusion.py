@@ -191,6 +191,22 @@ def test_grouped_block_layout():
     assert state.inner[0].count.shape == ()
 
 
+def test_grouped_stacks_leaves_of_up_to_32768_elements_by_default():
+    params = {
+        "mid": [jnp.ones((128, 256)) * i for i in range(3)],  # 32768 elements: stacked
+        "big": [jnp.ones(32769) * i for i in range(2)],  # one more: alone
+    }
+    assert rj.leaf_blocks(params) == ((0,), (1,), (2, 3, 4))  # "big" sorts first
+    # A state saved before the default changed (4096) keeps its layout with that limit.
+    old_layout = rj.grouped(rj.rmsprop(0.1), max_stacked_size=4096)
+    state = old_layout.init(params)
+    assert [x.shape for x in state.inner[0].nu] == [(32769,)] * 2 + [(128, 256)] * 3
+    grads = jax.tree.map(lambda x: x + 1.0, params)
+    new_params, _ = rj.update_and_apply(old_layout, grads, state, params)
+    want, _ = rj.update_and_apply(rj.rmsprop(0.1), grads, rj.rmsprop(0.1).init(params), params)
+    assert_trees_equal(new_params, want)
+
+
 @pytest.mark.slow
 def test_grouped_default_block_size_follows_the_group_size():
     # 300 vectors of one shape: more than 256 leaves, so blocks of 16 (18 full ones and

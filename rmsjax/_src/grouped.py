@@ -167,7 +167,7 @@ def grouped(
       block_size: at most this many leaves per block (>= 1), or None (the default) for
         :func:`auto_block_size` of each group's leaf count: 8 to 32.
       max_stacked_size: leaves with more elements than this are not stacked (each is a
-        block of one); by default 32768 (:data:`DEFAULT_MAX_STACKED_SIZE`).
+        block of one); by default 32768.
 
     Returns:
       A :class:`GradientTransformation` with state :class:`GroupedState`.
