@@ -67,6 +67,20 @@ def test_blocks_in_turn_are_the_same_steps_bit_for_bit(name, monkeypatch):
     assert_same(one_at_a_time, all_at_once)
 
 
+def test_a_block_of_empty_leaves_between_others(monkeypatch):
+    # The block after the empty one waits on the block before it (an empty array has
+    # no largest value to wait on).
+    params = {
+        "a": [jnp.linspace(-1.0, 1.0, 16) * i for i in range(3)],
+        "e": [jnp.zeros((0,)) for _ in range(2)],
+        "z": [jnp.linspace(1.0, 2.0, 8) * i for i in range(3)],
+    }
+    tx = rj.grouped(rj.rmsprop(1e-3, momentum=0.9))
+    assert rj.leaf_blocks(params) == ((0, 1, 2), (3, 4), (5, 6, 7))
+    in_turn = trajectory(tx, params, 1, monkeypatch)
+    assert_same(in_turn, trajectory(tx, params, 1 << 40, monkeypatch))
+
+
 def test_complex_blocks_in_turn_are_the_same_steps(monkeypatch):
     tx = rj.grouped(rj.rmsprop(1e-3, momentum=0.9))
     params = jax.tree.map(lambda x: x + 1j * x[::-1], tree())

@@ -276,9 +276,10 @@ class _InFlight:
         self.started_blocks: list[tuple[Any, int]] = []  # (written last, elements)
 
     def started(self, slots: Any, outs: list, elements: int) -> None:
-        if self.traced:
-            arrays = jax.tree.leaves(slots)
-            self.started_blocks.append((arrays[-1] if arrays else outs[-1], elements))
+        # the last array written, of the state if any; a block of empty leaves has none
+        arrays = [a for a in jax.tree.leaves(slots) or outs if a.size]
+        if self.traced and arrays:
+            self.started_blocks.append((arrays[-1], elements))
 
     def wait(self, gs: list) -> list:
         """``gs``, read after the latest block with ``IN_FLIGHT`` elements after it."""
