@@ -231,7 +231,7 @@ def run(
     new_shared, context = rule.step_shared(shared)
     step_leaf = leaf_stepper(rule, context, apply, leaves, in_turn_lib.worth_it(per_block))
     step_block = _block_stepper(rule, context, apply, leaves)
-    in_flight = _InFlight(any(isinstance(leaf, jax.core.Tracer) for leaf in leaves))
+    in_flight = _InFlight(_traced(leaves))
     out_leaves: list = [None] * len(leaves)
     new_slot_lists: list[list] = [[] for _ in range(rule.num_slots)]
     for block, own in zip(blocks, per_block):
@@ -242,7 +242,7 @@ def run(
             ps = [param_leaves[i] for i in block]
             gs = in_flight.wait([leaves[i] for i in block])
             outs, slots = step_block(gs, own, ps)
-            in_flight.started(slots, outs, sum(leaves[i].size for i in block))
+            in_flight.started(slots, outs)
             for i, out in zip(block, outs):
                 out_leaves[i] = out
         for k, s in enumerate(slots):
@@ -275,11 +275,11 @@ class _InFlight:
         self.traced = traced
         self.started_blocks: list[tuple[Any, int]] = []  # (written last, elements)
 
-    def started(self, slots: Any, outs: list, elements: int) -> None:
+    def started(self, slots: Any, outs: list) -> None:
         # the last array written, of the state if any; a block of empty leaves has none
         arrays = [a for a in jax.tree.leaves(slots) or outs if a.size]
         if self.traced and arrays:
-            self.started_blocks.append((arrays[-1], elements))
+            self.started_blocks.append((arrays[-1], sum(out.size for out in outs)))
 
     def wait(self, gs: list) -> list:
         """``gs``, read after the latest block with ``IN_FLIGHT`` elements after it."""
@@ -310,7 +310,7 @@ def leaf_stepper(
     after another (:func:`in_turn.step`): the same values, without XLA's copies of the
     old codes (op by op there is nothing to copy).
     """
-    in_turn = in_turn and any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+    in_turn = in_turn and _traced(leaves)
 
     def step(g, slots, param):
         if in_turn and in_turn_lib.applies(rule, g, slots):
@@ -342,6 +342,11 @@ def _block_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[A
 
 def jit_under_trace(fn: Callable, leaves: Sequence[Any]) -> Callable:
     """``jax.jit(fn)`` when ``leaves`` are tracers (see :func:`leaf_stepper`), else ``fn``."""
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if _traced(leaves):
         return jax.jit(fn)
     return fn
+
+
+def _traced(leaves: Sequence[Any]) -> bool:
+    """Whether a step runs under a trace (``jit``, ``grad``, ``vmap``...): some leaf is a tracer."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
