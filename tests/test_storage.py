@@ -48,16 +48,12 @@ def reference_blocks(x: np.ndarray) -> np.ndarray:
 
 
 def reference_dither(x32: np.ndarray) -> np.ndarray:
-    """The documented hash: murmur3's finalizer of (float32 bits of x) XOR
-    (flat position * 0x9E3779B9), top 24 bits as a fraction of 1."""
+    """The documented hash: h = (float32 bits of x) XOR (flat position * 0x9E3779B9),
+    then (h XOR h >> 15) * 0x85EBCA6B modulo 2^32; its top 24 bits as a fraction of 1."""
     bits = np.ascontiguousarray(x32, np.float32).view(np.uint32)
     position = np.arange(x32.size, dtype=np.uint32).reshape(x32.shape)
     h = bits ^ (position * np.uint32(0x9E3779B9))
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    h = h ^ (h >> np.uint32(16))
+    h = (h ^ (h >> np.uint32(15))) * np.uint32(0x85EBCA6B)
     return (h >> np.uint32(8)).astype(np.float64) * 2.0**-24
 
 
@@ -641,17 +637,20 @@ def _displacement(tx, grads):
 def test_centered_int8_state_tracks_float32_state_as_closely_as_plain(shape):
     # Gradients with a mean, spanning 4 decades within a block: rounding nu and mu
     # separately made nu - mu^2 clamp to 0 for the block's small elements (steps 270x
-    # too large, displacement errors of 6700%); the state now holds the variance.
-    rng = np.random.default_rng(0)
-    scales = 10.0 ** rng.uniform(-2, 2, size=shape)
-    grads = [rng.normal(size=shape) * scales + 0.3 * scales for _ in range(50)]
-    errors = {}
-    for centered in (False, True):
-        want = _displacement(rj.rmsprop(1e-3, centered=centered), grads)
-        got = _displacement(rj.rmsprop(1e-3, centered=centered, storage="int8"), grads)
-        errors[centered] = np.max(np.abs(got - want)) / np.max(np.abs(want))
-    assert errors[False] < 0.25
-    assert errors[True] < 1.5 * errors[False]
+    # too large, displacement errors of 6700%); the state now holds the variance. The
+    # largest error of one run depends on its rounding (on one seed the ratio of the
+    # two ranged over 0.9-1.7 with either hash the dither has used): the mean of four.
+    errors: dict = {False: [], True: []}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        scales = 10.0 ** rng.uniform(-2, 2, size=shape)
+        grads = [rng.normal(size=shape) * scales + 0.3 * scales for _ in range(50)]
+        for centered in (False, True):
+            want = _displacement(rj.rmsprop(1e-3, centered=centered), grads)
+            got = _displacement(rj.rmsprop(1e-3, centered=centered, storage="int8"), grads)
+            errors[centered].append(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    assert max(errors[False]) < 0.25
+    assert np.mean(errors[True]) < 1.5 * np.mean(errors[False])
 
 
 def test_int8_state_stays_close_to_float32_state():

@@ -20,18 +20,25 @@ import numpy as np
 
 
 def _hash(x: jax.Array, salt: Any = None) -> jax.Array:
-    """32 well-mixed bits per element from the element's float32 bits, its position in
-    the array and ``salt`` (the murmur3 finalizer; Appleby, 2008)."""
+    """32 bits per element from the element's float32 bits, its position in the array and
+    ``salt``, mixed well in the upper 24 bits, the ones the roundings read.
+
+    The three are combined by exclusive or (position and salt each spread over the word
+    by an odd multiplier); a shift folds the upper bits into the lower, and a product
+    with an odd constant carries every bit into all the bits above it (multiplicative
+    hashing; Knuth, TAOCP vol. 3, 6.4). Without the shift, equal values at consecutive
+    positions would give dithers on a line, correlated from element to element. That is
+    what the roundings need: a dither uniform, independent of the bits they round away
+    and of its neighbours', and new at each step (tests/test_rounding.py measures all
+    three). It costs one product and one shift per element; murmur3's finalizer, used
+    before, took two and three, and a bfloat16 step is little more than its memory
+    traffic and this arithmetic (docs/memory.md, "Step time")."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     position = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
     h = bits ^ (position * jnp.uint32(0x9E3779B9))
     if salt is not None:
         h = h ^ (jnp.asarray(salt).astype(jnp.uint32) * jnp.uint32(0x632BE5AB))
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+    return (h ^ (h >> 15)) * jnp.uint32(0x85EBCA6B)
 
 
 def dither(x: jax.Array, salt: Any = None) -> jax.Array:
