@@ -145,8 +145,14 @@ def test_every_documented_argument_refuses_what_is_not_a_real_scalar(
     ],
 )
 def test_integer_accumulator_dtypes_are_refused(make):
-    with pytest.raises(ValueError, match="accumulator_dtype must be None or a floating dtype"):
+    with pytest.raises(ValueError, match=r"accumulator_dtype must be None or a floating \(or"):
         make()
+
+
+@pytest.mark.parametrize("value", [jnp.array([1.0]), np.float64(np.nan), 0.5])
+def test_accumulator_dtype_must_be_a_dtype_not_a_value_that_has_one(value):
+    with pytest.raises(TypeError, match="rmsjax.trace: accumulator_dtype must be None or a"):
+        rj.trace(0.9, accumulator_dtype=value)
 
 
 @pytest.mark.parametrize(
@@ -567,9 +573,14 @@ def test_grouping_helpers_name_themselves_and_the_mismatch():
     tx = rj.grouped(rj.rmsprop(0.1, momentum=0.9))
     grouped_state, per_leaf = tx.init(params), rj.rmsprop(0.1, momentum=0.9).init(params)
     with pytest.raises(
-        ValueError, match=r"^rmsjax\.ungroup_state: the state holds 2 blocks, and params"
+        ValueError, match=r"^rmsjax\.ungroup_state: the tree structure of the params differs"
     ):
         rj.ungroup_state(tx, grouped_state, {"a": jnp.ones(3)})
+    unchecked = grouped_state._replace(structure=None)  # a state that does not say its tree
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.ungroup_state: the state holds 2 blocks, and params"
+    ):
+        rj.ungroup_state(tx, unchecked, {"a": jnp.ones(3)})
     wider = {"a": jnp.ones(4), "b": jnp.ones(4), "c": jnp.ones(5)}
     with pytest.raises(
         ValueError,

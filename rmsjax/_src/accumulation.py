@@ -94,6 +94,7 @@ def accumulate_gradients(
 
     def update_fn(updates, state, params=None, **extra):
         elementwise.expect_state(name, state, AccumulateGradientsState)
+        updates = _like_accumulated(name, updates, state.accumulated)
 
         def add(acc, g):
             dtype = numerics.compute_dtype(jnp.result_type(acc, g))
@@ -105,7 +106,12 @@ def accumulate_gradients(
         def step(_):
             def mean(acc, g):
                 dtype = numerics.compute_dtype(acc.dtype)
-                return (acc.astype(dtype) / (every_k / unit)).astype(g.dtype)
+                mean = (acc.astype(dtype) / (every_k / unit)).astype(g.dtype)
+                # A mean of finite gradients is finite: at float32's maximum the quotient
+                # can round past it (seven gradients of 3.4e38 gave inf).
+                largest = jnp.finfo(mean.dtype).max
+                rounded_over = jnp.isinf(mean) & jnp.isfinite(acc)
+                return jnp.where(rounded_over, jnp.sign(mean) * largest, mean)
 
             averaged = jax.tree.map(mean, accumulated, updates)
             new_updates, inner_state = inner.update(averaged, state.inner_state, params, **extra)
@@ -139,3 +145,24 @@ def accumulate_gradients(
     # steps would differ in the last bit, and differ from optax.MultiSteps. The inner
     # chain still runs fused; the parameters are updated after the cond.
     return fusion.wrapper_transformation(name, init_fn, update_fn, None)
+
+
+def _like_accumulated(name: str, updates: Any, accumulated: Any) -> Any:
+    """``updates`` as arrays, once their tree and shapes are the accumulator's: else a
+    ValueError naming the leaf (a shape) or showing both structures."""
+    if jax.tree.structure(updates) != jax.tree.structure(accumulated):
+        raise ValueError(
+            f"rmsjax.{name}.update: the tree structure of the updates differs from that of "
+            f"the state.\n  updates: {jax.tree.structure(updates)}\n  state: "
+            f"{jax.tree.structure(accumulated)}\nInitialise the optimizer with parameters "
+            "of the same structure as the gradients."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for (path, g), acc in zip(paths, jax.tree.leaves(accumulated)):
+        if jnp.shape(g) != jnp.shape(acc):
+            raise ValueError(
+                f"rmsjax.{name}.update: the update at {jax.tree_util.keystr(path)} has shape "
+                f"{jnp.shape(g)} but the state holds {jnp.shape(acc)}. Initialise the "
+                "optimizer with parameters of the gradients' shapes."
+            )
+    return jax.tree.map(jnp.asarray, updates)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, overload
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +131,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     paths_and_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
     out = []
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
+        if p is not None and not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+            raise TypeError(
+                f"rmsjax.apply_updates: the parameter at {jax.tree_util.keystr(path)} has "
+                f"dtype {jnp.result_type(p)}; adding a floating-point update to it would "
+                "truncate it. Leave it out of the trained tree (None in the parameters and "
+                "the updates) or cast it to a float dtype."
+            )
         if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
             raise ValueError(
                 f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
@@ -151,7 +158,43 @@ def _broadcasts_to(shape: tuple, target: tuple) -> bool:
         return False
 
 
-def apply_leaf(param: jax.Array, update: jax.Array) -> jax.Array:
-    """One leaf of :func:`apply_updates`: ``param + update`` in the parameter's dtype."""
+@overload
+def apply_leaf(param: None, update: jax.Array) -> None: ...
+@overload
+def apply_leaf(param: jax.Array, update: jax.Array) -> jax.Array: ...
+def apply_leaf(param: jax.Array | None, update: jax.Array) -> jax.Array | None:
+    """One leaf of :func:`apply_updates`: ``param + update`` in the parameter's dtype (a
+    None parameter stays None)."""
+    if param is None:
+        return None
     param = jnp.asarray(param)
     return jnp.asarray(param + update).astype(param.dtype)
+
+
+class TreeStructure:
+    """The tree structure of the parameters a ``GroupedState`` was made for, held in
+    the state as static data (a pytree node without leaves): it is no array, saves
+    nothing to a checkpoint, and is part of what ``jit`` compares, as a shape is."""
+
+    def __init__(self, treedef: Any):
+        self.treedef = treedef
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TreeStructure) and other.treedef == self.treedef
+
+    def __hash__(self) -> int:
+        return hash(self.treedef)
+
+    def __repr__(self) -> str:
+        return f"TreeStructure({self.treedef})"
+
+
+jax.tree_util.register_pytree_node(
+    TreeStructure, lambda t: ((), t.treedef), lambda treedef, _: TreeStructure(treedef)
+)
+
+
+def structure_of(tree: Any) -> Any:
+    """A tree's structure as :class:`GroupedState` keeps it (None counts as a leaf, so a
+    leaf left out of one step, None in its updates, does not change it)."""
+    return jax.tree.structure(tree, is_leaf=is_none)

@@ -91,6 +91,36 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
             )
 
 
+def check_params(
+    rule_name: str, updates: Any, leaves: list, param_leaves: list, needs_params: bool
+) -> None:
+    """Raises unless each parameter that goes with an update is floating point (or
+    complex) and has the update's shape: a TypeError or ValueError naming the leaf.
+    (Added to an integer parameter, an update would be truncated without a word.)"""
+    for i, (g, p) in enumerate(zip(leaves, param_leaves)):
+        if g is None or (p is None and not needs_params):
+            continue
+        if p is None:
+            raise ValueError(
+                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} is None "
+                "but its update is not; this transformation needs every updated parameter."
+            )
+        dtype = jnp.result_type(p)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
+                f"dtype {dtype}; optimizers update floating-point (or complex) parameters "
+                "only. Leave it out of the trained tree (None in the parameters and the "
+                "gradients) or cast it to a float dtype."
+            )
+        if jnp.shape(p) != jnp.shape(g):
+            raise ValueError(
+                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
+                f"shape {jnp.shape(p)} but its update has shape {jnp.shape(g)}; pass the "
+                "parameters the gradients were taken of."
+            )
+
+
 def path_of(tree: Any, index: int) -> str:
     """The key path of leaf ``index`` of ``tree``, as jax prints it."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -227,6 +257,7 @@ def run(
         param_leaves: list = [None] * len(leaves)
     else:
         param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
+        check_params(rule.name, updates, leaves, param_leaves, rule.needs_params)
 
     new_shared, context = rule.step_shared(shared)
     step_leaf = leaf_stepper(rule, context, apply, leaves, in_turn_lib.worth_it(per_block))

@@ -65,9 +65,14 @@ class GroupedState(NamedTuple):
         into ``jax.tree.leaves(params)``); a block of one leaf holds that leaf's state as
         it is, without the leading axis. Scalars such as step counts are unchanged.
         :func:`ungroup_state` turns it back into the per-leaf state.
+      structure: the tree structure of the parameters it was made for, held as static
+        data (no array: nothing to save), which each step compares with its gradients'.
+        Blocks of same-shaped leaves cannot tell a renamed or reordered leaf apart;
+        without this check its state would go to another leaf. None skips the check.
     """
 
     inner: Any
+    structure: Any = None
 
 
 def leaf_blocks(
@@ -189,6 +194,14 @@ def grouped(
             "adagrad, sgd, scale_by_rms, trace, ...); this one has other parts. Chain "
             "those outside: chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3)))."
         )
+    not_elementwise = [slot.field for slot in rule.slots if slot.axes is not None]
+    if not_elementwise:
+        raise TypeError(
+            "rmsjax.grouped: tx must be built only from elementwise rules; this one keeps "
+            f"statistics over rows or columns of each leaf ({', '.join(not_elementwise)}), "
+            "which stacked blocks would sum in another order, with other rounding. Use it "
+            "without grouped."
+        )
     validate.check_count("grouped", "block_size", block_size, allow_none=True)
     validate.check_count("grouped", "max_stacked_size", max_stacked_size)
 
@@ -199,16 +212,17 @@ def grouped(
     inner = fusion.rule_transformation(rule, layout)
 
     def init_fn(params):
-        return GroupedState(inner.init(params))
+        return GroupedState(inner.init(params), base.TreeStructure(base.structure_of(params)))
 
     def update_fn(updates, state, params=None, **extra):
-        return _wrap(inner.update(updates, _inner_of("grouped.update", state), params))
+        held = _inner_of("grouped.update", state, updates)
+        return _wrap(inner.update(updates, held, params), state)
 
     fused = fusion.fused_step_of(inner)
     assert fused is not None  # a rule always has one
 
     def update_and_apply_fn(updates, state, params, **extra):
-        return _wrap(fused(updates, _inner_of("grouped.update", state), params))
+        return _wrap(fused(updates, _inner_of("grouped.update", state, updates), params), state)
 
     update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)
     return base.GradientTransformation(init_fn, update)
@@ -231,12 +245,26 @@ def _unpack(rule_name: str, treedef: Any, blocks: Any, count: int) -> list:
     return list(blocks)
 
 
-def _inner_of(function: str, state: Any) -> Any:
+def _inner_of(function: str, state: Any, tree: Any) -> Any:
+    """``state.inner``, once ``state`` is a GroupedState made for ``tree``'s structure."""
     if not isinstance(state, GroupedState):
         raise TypeError(
             f"rmsjax.{function}: expected the GroupedState that init returned, got "
             f"{type(state).__name__}. A per-leaf state can be converted with "
             "group_state(tx, state, params)."
+        )
+    if state.structure is not None and state.structure.treedef != base.structure_of(tree):
+        stepping = function.endswith("update")
+        what = "updates" if stepping else "params"
+        hint = (
+            "Initialise the optimizer with parameters of the gradients' structure."
+            if stepping
+            else "Pass the parameters the state was made for."
+        )
+        raise ValueError(
+            f"rmsjax.{function}: the tree structure of the {what} differs from that of the "
+            f"parameters the state was made for.\n  {what}: {base.structure_of(tree)}\n  state: "
+            f"{state.structure.treedef}\n{hint}"
         )
     return state.inner
 
@@ -249,9 +277,9 @@ def _blocks_mismatch(function: str, held: Any, blocks: tuple, params: Any) -> Va
     )
 
 
-def _wrap(result: tuple) -> tuple:
+def _wrap(result: tuple, state: GroupedState) -> tuple:
     out, inner_state = result
-    return out, GroupedState(inner_state)
+    return out, GroupedState(inner_state, state.structure)
 
 
 def _layout_of(function: str, tx: base.GradientTransformation):
@@ -304,7 +332,7 @@ def ungroup_state(
     """
     name = "ungroup_state"
     rule, layout = _layout_of(name, tx)
-    shared, slot_trees = rule.from_state(_inner_of(name, state))
+    shared, slot_trees = rule.from_state(_inner_of(name, state, params))
     leaves, treedef = jax.tree.flatten(params)
     blocks = layout.blocks(params)
     per_leaf_trees = []
@@ -350,4 +378,6 @@ def group_state(
                 f"not that of params ({treedef}). Pass the parameters the state was made for."
             ) from None
         grouped_trees.append(tuple(_stack_slots([leaves[k] for k in b]) for b in blocks))
-    return GroupedState(rule.to_state(shared, grouped_trees))
+    return GroupedState(
+        rule.to_state(shared, grouped_trees), base.TreeStructure(base.structure_of(params))
+    )

@@ -93,7 +93,11 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         rowwise = _is_rowwise(shape)
 
         def squares(x):
-            return jnp.mean(x * x, axis=-1) if rowwise else x * x
+            if not rowwise:
+                return x * x
+            if shape[-1] == 0:  # rows without elements: no squares to add (not 0 / 0)
+                return jnp.zeros(shape[:-1], x.dtype)
+            return jnp.mean(x * x, axis=-1)
 
         def add(square, total):  # FBGEMM's order: the accumulator first
             return total + square

@@ -103,6 +103,11 @@ def cosine_decay_schedule(
     validate.check_count(name, "decay_steps", decay_steps)
     validate.check_range(name, "alpha", alpha, 0.0, 1.0)
     validate.check_range(name, "exponent", exponent, 0.0, low_open=True)
+    return _cosine_decay(init_value, decay_steps, alpha, exponent)
+
+
+def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: float):
+    """:func:`cosine_decay_schedule` without its checks (the caller made them)."""
 
     def schedule(count):
         # The order of operations follows optax's, so both give the same float32 values.
@@ -133,7 +138,8 @@ def warmup_cosine_decay_schedule(
     name = "warmup_cosine_decay_schedule"
     for argument, value in [("init_value", init_value), ("peak_value", peak_value)]:
         validate.check_finite(name, argument, value)
-    validate.check_finite(name, "end_value", end_value)
+    validate.check_finite(name, "end_value", end_value)  # above peak_value too, as in optax
+    validate.check_range(name, "exponent", exponent, 0.0, low_open=True)
     validate.check_count(name, "warmup_steps", warmup_steps, minimum=0)
     validate.check_count(name, "decay_steps", decay_steps)
     if decay_steps <= warmup_steps:
@@ -143,7 +149,7 @@ def warmup_cosine_decay_schedule(
         )
     warmup = linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else None
     alpha = 0.0 if peak_value == 0 else end_value / peak_value
-    cosine = cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent)
+    cosine = _cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)
 
     def schedule(count):
         if warmup is None:

@@ -122,9 +122,23 @@ def _fmt(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else repr(bound)
 
 
+LARGEST_DECAY = float(np.nextafter(np.float32(1), np.float32(0)))
+"""The largest float32 number under 1 (1 - 2^-24): a decay above it rounds to 1 where the
+step computes in float32, and ``1 - decay`` (or a bias correction's ``1 - decay**t``) to 0."""
+
+
 def check_decay(function: str, argument: str, value: Any) -> None:
-    """Decay rates and momenta: in [0, 1)."""
+    """Decay rates: in [0, 1), and under 1 once rounded to float32 (unless x64 is on)."""
     check_range(function, argument, value, 0.0, 1.0, high_open=True)
+    number = read_number(function, argument, value)
+    if number is not None and number > LARGEST_DECAY and not jax.config.read("jax_enable_x64"):
+        _fail(
+            function,
+            argument,
+            f"in [0, 1) and at most {LARGEST_DECAY!r}, the largest float32 number under 1 "
+            "(float32 rounds larger ones to 1, where 1 - decay is 0)",
+            value,
+        )
 
 
 def check_momentum(function: str, argument: str, value: Any) -> None:
@@ -134,7 +148,7 @@ def check_momentum(function: str, argument: str, value: Any) -> None:
 
 def check_nesterov(function: str, momentum: Any, nesterov: Any) -> None:
     """``nesterov=True`` needs a momentum: without one the flag would do nothing."""
-    if momentum is None and nesterov is True:
+    if momentum is None and isinstance(nesterov, (bool, np.bool_)) and nesterov:
         raise ValueError(
             f"rmsjax.{function}: nesterov=True needs a momentum, got momentum=None; "
             "pass a momentum in [0, 1] or nesterov=False"
@@ -164,12 +178,15 @@ def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
     truncate."""
     if dtype is None:
         return
+    allowed = "None or a floating (or complex) dtype"
+    if not isinstance(dtype, (str, type, np.dtype)):  # an array or a number has a dtype too
+        _wrong_type(function, argument, allowed, dtype)
     try:
         resolved = np.dtype(jax.numpy.dtype(dtype))
     except TypeError:
-        _wrong_type(function, argument, "None or a floating dtype", dtype)
+        _wrong_type(function, argument, allowed, dtype)
     if not jax.numpy.issubdtype(resolved, jax.numpy.inexact):
-        _fail(function, argument, "None or a floating dtype", dtype)
+        _fail(function, argument, allowed, dtype)
 
 
 def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:

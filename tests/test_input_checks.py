@@ -1,0 +1,193 @@
+"""Inputs a user can get wrong between steps: parameters that do not go with their
+gradients, trees that changed under a grouped or accumulating state, hyperparameters that
+pass a range check but not float32. Each is refused with an error naming the function,
+the leaf or argument and the value, where it was once truncated, mixed up or NaN."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax as rj
+
+PARAMS = {"w": jnp.ones(3), "b": jnp.ones(2)}
+GRADS = {"w": jnp.array([1.0, -1.0, 0.5]), "b": jnp.array([0.25, -2.0])}
+
+
+def _steps(tx):
+    """update (+ apply_updates) and update_and_apply, each jitted."""
+
+    def split(g, s, p):
+        updates, s = tx.update(g, s, p)
+        return rj.apply_updates(p, updates), s
+
+    return [jax.jit(split), jax.jit(lambda g, s, p: rj.update_and_apply(tx, g, s, p))]
+
+
+OPTIMIZERS = {
+    "rmsprop": lambda: rj.rmsprop(0.1, momentum=0.9),
+    "adagrad": lambda: rj.adagrad(0.1),
+    "grouped": lambda: rj.grouped(rj.rmsprop(0.1)),
+    "weight decay": lambda: rj.chain(rj.add_decayed_weights(0.1), rj.sgd(0.1)),
+    "torch": lambda: rj.compat.torch_rmsprop(weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_parameters_are_refused_not_truncated(make, dtype):
+    tx = make()
+    state = tx.init(PARAMS)
+    params = {**PARAMS, "w": jnp.ones(3, dtype)}
+    for step in _steps(tx):
+        with pytest.raises(
+            TypeError, match=rf"the parameter at \['w'\] has dtype {dtype.__name__}"
+        ):
+            step(GRADS, state, params)
+
+
+def test_apply_updates_refuses_integer_parameters():
+    with pytest.raises(TypeError, match=r"rmsjax.apply_updates: the parameter at \['w'\]"):
+        rj.apply_updates({"w": jnp.array([5, 5, 5])}, {"w": jnp.array([1.0, -1.0, 0.5])})
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_parameters_of_another_shape_are_refused(make):
+    tx = make()
+    state = tx.init(PARAMS)
+    for step in _steps(tx):
+        with pytest.raises(ValueError, match=r"at \['w'\] has shape \(4,\)"):
+            step(GRADS, state, {**PARAMS, "w": jnp.ones(4)})
+
+
+def test_a_missing_parameter_is_refused_where_the_rule_reads_it():
+    tx = rj.add_decayed_weights(0.1)
+    with pytest.raises(
+        ValueError, match=r"rmsjax.add_decayed_weights.update: the parameter at \['w'\] is None"
+    ):
+        tx.update(GRADS, tx.init(PARAMS), {**PARAMS, "w": None})
+
+
+@pytest.mark.parametrize("make", [OPTIMIZERS["rmsprop"], OPTIMIZERS["grouped"]])
+def test_update_and_apply_leaves_a_none_parameter_none_as_apply_updates_does(make):
+    tx = make()
+    state = tx.init(PARAMS)
+    params = {**PARAMS, "w": None}
+    split, fused = _steps(tx)
+    chex.assert_trees_all_equal(fused(GRADS, state, params), split(GRADS, state, params))
+    assert fused(GRADS, state, params)[0]["w"] is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: rj.rmsprop(0.01, decay=d, bias_correction=True),
+        lambda d: rj.scale_by_rms(decay=d),
+        lambda d: rj.ema(d),
+        lambda d: rj.compat.tf1_rmsprop(0.01, decay=d),
+        lambda d: rj.factored_rmsprop(0.01, decay=d),
+    ],
+)
+def test_a_decay_that_float32_rounds_to_one_is_refused(make):
+    # 0.99999999 is under 1, but float32 rounds it to 1: 1 - decay**t was 0 (NaN and
+    # infinite steps with bias correction or debiasing).
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\) and at most 0.99999994"):
+        make(0.99999999)
+    largest = float(np.nextafter(np.float32(1), np.float32(0)))
+    make(largest)  # the largest float32 under 1 is fine
+
+
+def test_the_largest_decay_steps_finitely():
+    largest = float(np.nextafter(np.float32(1), np.float32(0)))
+    g = jnp.array([1.0, 0.0])
+    for tx in [rj.rmsprop(0.01, decay=largest, bias_correction=True), rj.ema(largest)]:
+        updates, _ = jax.jit(tx.update)(g, tx.init(g), g)
+        assert np.all(np.isfinite(updates)), updates
+        assert updates[1] == 0
+
+
+@pytest.mark.parametrize("flag", [np.True_, True])
+def test_nesterov_without_momentum_is_refused_whatever_its_bool_type(flag):
+    with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+        rj.sgd(0.1, nesterov=flag)
+
+
+def test_grouped_state_refuses_a_renamed_or_reshaped_tree():
+    # Same shapes in the same order: the blocks alone cannot tell the trees apart, and
+    # "small"'s sum of squares went to the renamed leaf.
+    tx = rj.grouped(rj.adagrad(0.1))
+    state = tx.init({"big": jnp.zeros(4), "small": jnp.zeros(4)})
+    renamed = {"a_new": jnp.full(4, 0.01), "big": jnp.full(4, 100.0)}
+    for call in [
+        lambda: tx.update(renamed, state),
+        lambda: rj.update_and_apply(tx, renamed, state, renamed),
+        lambda: tx.update((jnp.ones(4), jnp.ones(4)), state),
+    ]:
+        with pytest.raises(
+            ValueError, match=r"(?s)rmsjax.grouped.update: the tree structure.*'small'"
+        ):
+            call()
+    with pytest.raises(ValueError, match=r"(?s)rmsjax.ungroup_state: the tree structure.*a_new"):
+        rj.ungroup_state(tx, state, renamed)
+    # the structure travels through jit and group_state
+    same = {"big": jnp.ones(4), "small": jnp.ones(4)}
+    stepped = jax.jit(tx.update)(same, state)[1]
+    assert stepped.structure == state.structure
+    regrouped = rj.group_state(tx, rj.ungroup_state(tx, stepped, same), same)
+    assert regrouped.structure == state.structure
+    assert jax.tree.leaves(state) == jax.tree.leaves(state.inner)  # nothing to save
+
+
+@pytest.mark.parametrize("tx", [rj.rowwise_adagrad(0.05), rj.factored_rmsprop(0.01)])
+def test_grouped_refuses_rules_with_row_statistics(tx):
+    with pytest.raises(TypeError, match="rmsjax.grouped: tx must be built only from elementwise"):
+        rj.grouped(tx)
+
+
+def test_rows_without_elements_keep_a_finite_rowwise_state():
+    params = {"emb": jnp.ones((8, 4)), "empty": jnp.ones((8, 0))}
+    grads = {"emb": jnp.full((8, 4), 0.5), "empty": jnp.ones((8, 0))}
+    tx = rj.apply_if_finite(rj.rowwise_adagrad(0.05), 100)
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = rj.update_and_apply(tx, grads, state, params)
+    assert int(state.notfinite_count) == 0
+    assert np.all(np.isfinite(state.inner_state[0].sum_of_squares["empty"]))
+    assert float(params["emb"][0, 0]) < 1  # it stepped
+
+
+def test_warmup_cosine_errors_name_it_and_end_values_above_the_peak_are_optax_s():
+    with pytest.raises(ValueError, match="rmsjax.warmup_cosine_decay_schedule: exponent"):
+        rj.schedules.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, exponent=0.0)
+    for end_value in (-0.5, 2.0):
+        ours = rj.schedules.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, end_value=end_value)
+        theirs = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, end_value=end_value)
+        for t in range(13):
+            assert float(ours(t)) == float(theirs(t))
+
+
+def test_accumulate_gradients_names_a_mismatched_tree_or_shape():
+    tx = rj.accumulate_gradients(rj.rmsprop(0.1), 2)
+    state = tx.init({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
+    with pytest.raises(
+        ValueError, match=r"(?s)accumulate_gradients.update: the tree structure.*'b'"
+    ):
+        tx.update({"a": jnp.ones(3)}, state)
+    with pytest.raises(
+        ValueError, match=r"update at \['a'\] has shape \(4,\) but the state holds \(3,\)"
+    ):
+        tx.update({"a": jnp.ones(4), "b": jnp.ones((2, 2))}, state)
+
+
+@pytest.mark.parametrize("every_k", [3, 5, 6, 7])
+def test_the_mean_of_gradients_at_float32_s_maximum_is_finite(every_k):
+    top = np.finfo(np.float32).max
+    tx = rj.accumulate_gradients(rj.sgd(1.0), every_k)
+    state, step = tx.init(jnp.zeros(2)), jax.jit(tx.update)
+    for _ in range(every_k):
+        updates, state = step(jnp.array([top, -top], jnp.float32), state)
+    np.testing.assert_array_equal(updates, [-top, top])
