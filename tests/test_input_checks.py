@@ -191,3 +191,28 @@ def test_the_mean_of_gradients_at_float32_s_maximum_is_finite(every_k):
     for _ in range(every_k):
         updates, state = step(jnp.array([top, -top], jnp.float32), state)
     np.testing.assert_array_equal(updates, [-top, top])
+
+
+def test_step_size_summary_of_a_leaf_without_elements_is_nan():
+    params = {"a": jnp.ones(3), "e": jnp.ones((0,))}
+    tx = rj.rmsprop(0.1)
+    summary = jax.jit(lambda s: rj.step_size_summary(tx, s, params))(tx.init(params))
+    assert all(np.isnan(float(v)) for v in summary["e"])
+    np.testing.assert_allclose(float(summary["a"].max), 0.1 / np.sqrt(1e-8), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: rj.schedules.linear_schedule(1.0, 0.0, n),
+        lambda n: rj.schedules.cosine_decay_schedule(1.0, n),
+        lambda n: rj.schedules.exponential_decay(1.0, 10, 0.5, transition_begin=n),
+        lambda n: rj.accumulate_gradients(rj.sgd(0.1), n),
+    ],
+)
+def test_counts_beyond_int32_are_refused_where_given(make):
+    with pytest.raises(
+        ValueError, match=r"must be at most 2147483647 \(2\*\*31 - 1\), got 2147483648"
+    ):
+        make(2**31)
+    make(2**31 - 1)

@@ -152,7 +152,7 @@ def step_size_summary(
 
     Elements whose step size is infinite (a zero average with ``eps=0``) count as
     infinite in ``max`` and ``mean``; elements whose step size is 0 (an Adagrad sum that
-    is still zero) make ``geometric_mean`` 0.
+    is still zero) make ``geometric_mean`` 0. A leaf without elements has NaN in all four.
 
     Args:
       tx: as for :func:`effective_step_sizes`.
@@ -173,6 +173,9 @@ def step_size_summary(
     sizes = _step_sizes("step_size_summary", tx, state, params)
 
     def summarize(s):
+        if s.size == 0:  # no step sizes to summarise (and no identity for min and max)
+            nothing = jnp.full((), jnp.nan, s.dtype)
+            return StepSizeSummary(nothing, nothing, nothing, nothing)
         top = jnp.max(s)
         # The mean of the sizes over the power of two at or above the largest, times it:
         # step sizes near float32's maximum (eps=0 and gradients of 1e-38) sum past it,

@@ -201,6 +201,10 @@ def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
     return value
 
 
+INT32_MAX = 2**31 - 1
+"""The largest count: step counts are int32 arrays in the state."""
+
+
 def check_count(
     function: str, argument: str, value: Any, minimum: int = 1, allow_none: bool = False
 ) -> None:
@@ -212,6 +216,8 @@ def check_count(
     if not integer or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
         _fail(function, argument, allowed, value)
+    if value > INT32_MAX:  # steps are counted in int32: a larger one fails inside a step
+        _fail(function, argument, f"at most {INT32_MAX} (2**31 - 1)", value)
 
 
 def check_bool(function: str, argument: str, value: Any) -> None:
