@@ -216,3 +216,12 @@ def test_counts_beyond_int32_are_refused_where_given(make):
     ):
         make(2**31)
     make(2**31 - 1)
+
+
+def test_a_state_array_of_an_integer_dtype_is_refused():
+    params = {"w": jnp.ones(3)}
+    tx = rj.rmsprop(0.1)
+    state = tx.init(params)
+    truncating = (state[0]._replace(nu={"w": jnp.zeros(3, jnp.int32)}), *state[1:])
+    with pytest.raises(TypeError, match=r"the state's nu at \['w'\] has dtype int32"):
+        tx.update(params, truncating, params)

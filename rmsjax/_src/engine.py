@@ -176,6 +176,13 @@ def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_b
         leaf_shape = tuple(jnp.shape(leaves[block[0]]))
         lead = () if len(block) == 1 else (len(block),)
         for declared, slot in zip(rule.slots, slots):
+            if hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.inexact):
+                raise TypeError(
+                    f"rmsjax.{rule.name}.update: the state's {declared.field} at "
+                    f"{path_of(updates, block[0])} has dtype {slot.dtype}; it is kept in "
+                    "a floating dtype (or as a QuantizedArray), and an integer one would "
+                    "truncate it. Pass the state this optimizer's init made."
+                )
             expected = lead + declared.shape_for(leaf_shape)
             shape = _slot_shape(slot)
             if shape is None or shape == expected:
