@@ -128,10 +128,11 @@ def declared_rule(
         trees = tuple(getattr(state, slot.field) for slot in slots)
         for slot, tree in zip(slots, trees):
             if tree is None:
+                example = " (centered=False, say)" if slot.field == "mu" else ""
                 raise TypeError(
                     f"rmsjax.{name}.update: the state's {slot.field} is None, and this "
                     f"transformation keeps one; the state was made by a {name} with "
-                    "other options (centered=False, say)."
+                    f"other options{example}, or for parameters that were None."
                 )
         shared = getattr(state, shared_field) if shared_field else ()
         if shared is None:
