@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, sharding, validate
+from rmsjax._src import base, elementwise, engine, fusion, numerics, sharding, validate
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -150,15 +150,9 @@ def accumulate_gradients(
 def _like_accumulated(name: str, updates: Any, accumulated: Any) -> Any:
     """``updates`` as arrays, once their tree and shapes are the accumulator's: else a
     ValueError naming the leaf (a shape) or showing both structures."""
-    if jax.tree.structure(updates) != jax.tree.structure(accumulated):
-        raise ValueError(
-            f"rmsjax.{name}.update: the tree structure of the updates differs from that of "
-            f"the state.\n  updates: {jax.tree.structure(updates)}\n  state: "
-            f"{jax.tree.structure(accumulated)}\nInitialise the optimizer with parameters "
-            "of the same structure as the gradients."
-        )
+    held = engine.flatten_like(name, "state", jax.tree.structure(updates), accumulated)
     paths = jax.tree_util.tree_flatten_with_path(updates)[0]
-    for (path, g), acc in zip(paths, jax.tree.leaves(accumulated)):
+    for (path, g), acc in zip(paths, held):
         if jnp.shape(g) != jnp.shape(acc):
             raise ValueError(
                 f"rmsjax.{name}.update: the update at {jax.tree_util.keystr(path)} has shape "

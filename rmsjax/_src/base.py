@@ -131,13 +131,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     paths_and_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
     out = []
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
-        if p is not None and not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
-            raise TypeError(
-                f"rmsjax.apply_updates: the parameter at {jax.tree_util.keystr(path)} has "
-                f"dtype {jnp.result_type(p)}; adding a floating-point update to it would "
-                "truncate it. Leave it out of the trained tree (None in the parameters and "
-                "the updates) or cast it to a float dtype."
-            )
+        if p is not None:
+            check_float_parameter("apply_updates", jax.tree_util.keystr(path), p)
         if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
             raise ValueError(
                 f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
@@ -145,6 +140,19 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             )
         out.append(None if p is None else apply_leaf(p, u))
     return jax.tree.unflatten(treedef, out)
+
+
+def check_float_parameter(where: str, path: str, param: Any) -> None:
+    """Raises a TypeError naming ``rmsjax.{where}`` and the leaf at ``path`` unless
+    ``param`` is floating point (or complex): an update added to an integer or bool
+    parameter would be truncated without a word."""
+    dtype = jnp.result_type(param)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"rmsjax.{where}: the parameter at {path} has dtype {dtype}; an update added "
+            "to it would be truncated. Leave it out of the trained tree (None in the "
+            "parameters and the updates) or cast it to a float dtype."
+        )
 
 
 def _leaf_structure(x: Any) -> Any:

@@ -95,8 +95,8 @@ def check_params(
     rule_name: str, updates: Any, leaves: list, param_leaves: list, needs_params: bool
 ) -> None:
     """Raises unless each parameter that goes with an update is floating point (or
-    complex) and has the update's shape: a TypeError or ValueError naming the leaf.
-    (Added to an integer parameter, an update would be truncated without a word.)"""
+    complex, :func:`base.check_float_parameter`) and has the update's shape: a TypeError
+    or ValueError naming the leaf."""
     for i, (g, p) in enumerate(zip(leaves, param_leaves)):
         if g is None or (p is None and not needs_params):
             continue
@@ -105,14 +105,7 @@ def check_params(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} is None "
                 "but its update is not; this transformation needs every updated parameter."
             )
-        dtype = jnp.result_type(p)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
-                f"dtype {dtype}; optimizers update floating-point (or complex) parameters "
-                "only. Leave it out of the trained tree (None in the parameters and the "
-                "gradients) or cast it to a float dtype."
-            )
+        base.check_float_parameter(f"{rule_name}.update", path_of(updates, i), p)
         if jnp.shape(p) != jnp.shape(g):
             raise ValueError(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
