@@ -17,6 +17,7 @@ import pytest
 
 import rmsjax as rj
 from tests import optax_checks, registry, trees
+from tests.test_numerics import ulps_apart
 
 
 def _complex_params() -> dict:
@@ -400,13 +401,6 @@ def test_optax_schedules_give_optax_numbers(schedule, alias):
         assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(b))
 
 
-def _ulps_apart(a, b) -> np.ndarray:
-    """How many float32 steps apart two arrays are, element by element."""
-    ints = [np.asarray(x, np.float32).view(np.int32).astype(np.int64) for x in (a, b)]
-    ordered = [np.where(i < 0, np.int64(-(2**31)) - i, i) for i in ints]
-    return np.abs(ordered[0] - ordered[1])
-
-
 # Kernels where XLA CPU contracts g * g + sum into one fused multiply-add on one side and
 # not on the other (docs/porting.md, "What still differs"): the sums concerned are an
 # ulp apart after a step, and the updates (through the root) two at most; this pins the
@@ -428,7 +422,7 @@ def test_where_xla_contracts_differently_the_step_is_an_ulp_apart(ours, theirs, 
     grads = {k: jax.random.normal(key, p.shape) for (k, p), key in zip(params.items(), keys)}
     mine, _ = jax.jit(ours.update)(grads, ours.init(params), params)
     other, _ = jax.jit(theirs.update)(grads, theirs.init(params), params)
-    apart = _ulps_apart(
+    apart = ulps_apart(
         np.concatenate([np.ravel(mine[k]) for k in params]),
         np.concatenate([np.ravel(other[k]) for k in params]),
     )
