@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol, overload
@@ -132,7 +133,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     out = []
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
         if p is not None:
-            check_float_parameter("apply_updates", jax.tree_util.keystr(path), p)
+            check_float_parameter("apply_updates", functools.partial(jax.tree_util.keystr, path), p)
         if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
             raise ValueError(
                 f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
@@ -142,14 +143,15 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def check_float_parameter(where: str, path: str, param: Any) -> None:
-    """Raises a TypeError naming ``rmsjax.{where}`` and the leaf at ``path`` unless
-    ``param`` is floating point (or complex): an update added to an integer or bool
-    parameter would be truncated without a word."""
+def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> None:
+    """Raises a TypeError naming ``rmsjax.{where}`` and the leaf at ``locate()`` (its
+    key path, looked up only for the error: a step checks every leaf) unless ``param``
+    is floating point (or complex): an update added to an integer or bool parameter
+    would be truncated without a word."""
     dtype = jnp.result_type(param)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"rmsjax.{where}: the parameter at {path} has dtype {dtype}; an update added "
+            f"rmsjax.{where}: the parameter at {locate()} has dtype {dtype}; an update added "
             "to it would be truncated. Leave it out of the trained tree (None in the "
             "parameters and the updates) or cast it to a float dtype."
         )

@@ -16,6 +16,7 @@ for both, so a block of one leaf is exactly the per-leaf step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -105,7 +106,7 @@ def check_params(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} is None "
                 "but its update is not; this transformation needs every updated parameter."
             )
-        base.check_float_parameter(f"{rule_name}.update", path_of(updates, i), p)
+        base.check_float_parameter(f"{rule_name}.update", functools.partial(path_of, updates, i), p)
         if jnp.shape(p) != jnp.shape(g):
             raise ValueError(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
