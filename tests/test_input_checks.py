@@ -225,3 +225,62 @@ def test_a_state_array_of_an_integer_dtype_is_refused():
     truncating = (state[0]._replace(nu={"w": jnp.zeros(3, jnp.int32)}), *state[1:])
     with pytest.raises(TypeError, match=r"the state's nu at \['w'\] has dtype int32"):
         tx.update(params, truncating, params)
+
+
+def test_accumulate_gradients_refuses_integer_gradients_naming_the_leaf():
+    tx = rj.accumulate_gradients(rj.rmsprop(0.1), 2)
+    state = tx.init({"a": jnp.ones(3)})
+    with pytest.raises(
+        TypeError, match=r"rmsjax.accumulate_gradients.update: leaf \['a'\] has dtype int32"
+    ):
+        tx.update({"a": jnp.ones(3, jnp.int32)}, state)
+
+
+def test_a_grouped_step_with_a_leaf_left_out_names_the_structures():
+    # As a per-leaf state does (optax's too): a None update where the state holds an
+    # array is refused, and the message shows both trees rather than a count of blocks.
+    params = {"a": jnp.ones(3), "b": jnp.ones(4)}
+    grads = {"a": jnp.ones(3), "b": None}
+    for tx, where in [(rj.rmsprop(0.1), "rmsprop"), (rj.grouped(rj.rmsprop(0.1)), "grouped")]:
+        with pytest.raises(
+            ValueError, match=rf"(?s)rmsjax.{where}.update: the tree structure.*'b': None"
+        ):
+            tx.update(grads, tx.init(params), params)
+
+
+WRAPPERS = {
+    "masked": (lambda tx: rj.masked(tx, {"w": True, "b": False}), "masked"),
+    "grouped": (rj.grouped, "grouped"),
+    "inject_hyperparams": (
+        lambda tx: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1),
+        r"inject_hyperparams\(rmsprop\)",
+    ),
+    "apply_if_finite": (lambda tx: rj.apply_if_finite(tx, 3), "apply_if_finite"),
+    "accumulate_gradients": (
+        lambda tx: rj.apply_if_finite(rj.accumulate_gradients(tx, 1), 3),
+        "apply_if_finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS.keys())
+@pytest.mark.parametrize("apply", [False, True])
+def test_a_wrapper_s_errors_name_the_wrapper_then_its_inner_transformation(wrap, apply):
+    make, name = wrap
+    tx = make(rj.rmsprop(0.1))
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    state = tx.init(params)
+
+    def step(grads):
+        if apply:
+            return rj.update_and_apply(tx, grads, state, params)
+        return tx.update(grads, state, params)
+
+    transposed = {"w": jnp.ones((4, 3)), "b": jnp.ones(4)}
+    with pytest.raises(ValueError, match=rf"^rmsjax.{name}.update: its inner .*\(4, 3\)"):
+        step(transposed)
+    integer = {"w": jnp.ones((3, 4), jnp.int32), "b": jnp.ones(4, jnp.int32)}
+    with pytest.raises(TypeError, match=rf"^rmsjax.{name}.update: its inner .*dtype int32"):
+        step(integer)
+    with pytest.raises(TypeError, match=rf"^rmsjax.{name}.init: its inner .*rmsprop: .*int32"):
+        make(rj.rmsprop(0.1)).init(integer)

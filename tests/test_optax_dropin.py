@@ -340,6 +340,58 @@ def test_add_decayed_weights_with_updates_left_out():
     np.testing.assert_array_equal(u1["w"], u2["w"])
 
 
+NONE_TREE = {
+    "rmsprop": lambda m: m.rmsprop(0.1),
+    "rmsprop centered, momentum": lambda m: m.rmsprop(0.1, centered=True, momentum=0.9),
+    "adagrad": lambda m: m.adagrad(0.1),
+    "sgd with momentum": lambda m: m.sgd(0.1, momentum=0.9),
+    "trace": lambda m: m.trace(0.9),
+    "ema": lambda m: m.ema(0.9),
+    "clip_by_global_norm": lambda m: m.clip_by_global_norm(1.0),
+    "chain": lambda m: m.chain(m.clip(1.0), m.scale_by_rms(), m.scale(-0.1)),
+    "masked": lambda m: m.masked(m.rmsprop(0.1), lambda p: p),
+    "inject_hyperparams": lambda m: m.inject_hyperparams(m.rmsprop)(learning_rate=0.1),
+    "apply_if_finite": lambda m: m.apply_if_finite(m.rmsprop(0.1), 3),
+}
+
+
+@pytest.mark.parametrize("make", NONE_TREE.values(), ids=NONE_TREE.keys())
+def test_the_tree_none_steps_to_none_as_in_optax(make):
+    # optax's rules map over the updates: init(None) makes a state for no arrays, and a
+    # step of None hands back None (a model with nothing to train, a placeholder).
+    theirs = make(optax)
+    assert theirs.update(None, theirs.init(None), None)[0] is None
+    ours = make(rj)
+    state = ours.init(None)
+    assert ours.update(None, state, None)[0] is None
+    assert jax.jit(ours.update)(None, state, None)[0] is None
+    new_params, new_state = rj.update_and_apply(ours, None, state, None)
+    assert new_params is None
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_the_tree_none_steps_to_none_grouped_and_with_int8_state():
+    for tx in [rj.grouped(rj.rmsprop(0.1)), rj.rmsprop(0.1, momentum=0.9, storage="int8")]:
+        assert tx.update(None, tx.init(None), None)[0] is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e10])
+def test_centered_bias_corrected_steps_are_optax_s_where_the_variance_is_rounding(scale):
+    # The first step's variance is 0 by the equations and rounding in float32: the step
+    # is far from a float64 transcription's g / sqrt(eps), and eagerly the same as
+    # optax's; jitted, the roundings differ in the last bit, which this variance turns
+    # into a different step of the same size (docs/numerics.md, "Limits").
+    params = jnp.asarray([1.0, -0.5, 0.3], jnp.float32) * scale
+    grads = [params, params * 0.9, params * 1.1]
+    ours = rj.rmsprop(0.01, centered=True, bias_correction=True)
+    theirs = optax.rmsprop(0.01, centered=True, bias_correction=True)
+    optax_checks.same_trajectory(ours, theirs, params, grads, jit=False)
+    # rounding of relative size r makes a step of about 0.01 / sqrt(r), at any scale
+    for tx in [ours, theirs]:
+        first = np.abs(np.asarray(jax.jit(tx.update)(params, tx.init(params), params)[0]))
+        assert np.all((first > 5.0) & (first < 100.0)), first
+
+
 # ------------------------------------------------------------------- eager, and optax states
 
 

@@ -85,11 +85,13 @@ def accumulate_gradients(
         mini_step, gradient_step = sharding.init_shared_like(
             lambda: (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)), jax.tree.leaves(params)
         )
+        with elementwise.naming_wrapper(name, "init"):
+            inner_state = inner.init(params)
         return AccumulateGradientsState(
             mini_step=mini_step,
             gradient_step=gradient_step,
             accumulated=jax.tree.map(zeros_like, params),
-            inner_state=inner.init(params),
+            inner_state=inner_state,
         )
 
     def update_fn(updates, state, params=None, **extra):
@@ -114,7 +116,10 @@ def accumulate_gradients(
                 return jnp.where(rounded_over, jnp.sign(mean) * largest, mean)
 
             averaged = jax.tree.map(mean, accumulated, updates)
-            new_updates, inner_state = inner.update(averaged, state.inner_state, params, **extra)
+            with elementwise.naming_wrapper(name, "update"):
+                new_updates, inner_state = inner.update(
+                    averaged, state.inner_state, params, **extra
+                )
             return (
                 new_updates,
                 inner_state,
@@ -152,6 +157,9 @@ def _like_accumulated(name: str, updates: Any, accumulated: Any) -> Any:
     ValueError naming the leaf (a shape) or showing both structures."""
     held = engine.flatten_like(name, "state", jax.tree.structure(updates), accumulated)
     paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+    # floating-point or complex gradients, as a stateless rule takes them
+    any_float = elementwise.stateless_rule(name, lambda g, param: g)
+    engine.check_inexact(any_float, "update", updates, [g for _, g in paths])
     for (path, g), acc in zip(paths, held):
         if jnp.shape(g) != jnp.shape(acc):
             raise ValueError(

@@ -205,6 +205,6 @@ jax.tree_util.register_pytree_node(
 
 
 def structure_of(tree: Any) -> Any:
-    """A tree's structure as :class:`GroupedState` keeps it (None counts as a leaf, so a
-    leaf left out of one step, None in its updates, does not change it)."""
-    return jax.tree.structure(tree, is_leaf=is_none)
+    """A tree's structure as :class:`GroupedState` keeps it: updates with None for a
+    parameter that has an array differ from it, as they do from a per-leaf state."""
+    return jax.tree.structure(tree)

@@ -14,7 +14,8 @@ fused and unfused chains give bit-identical numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -67,7 +68,9 @@ class LeafRule(NamedTuple):
       update_leaf: ``(g, slots, context, param) -> (g, slots)`` for one leaf; ``param``
         is None when ``update`` was called without parameters.
       to_state: ``(shared, slot_trees) -> state``, the rule's public state NamedTuple.
-      from_state: ``state -> (shared, slot_trees)``; raises TypeError on a foreign state.
+      from_state: ``(state, none_tree=False) -> (shared, slot_trees)``; raises TypeError
+        on a foreign state. With ``none_tree`` (the updates are the tree ``None``, as
+        ``init(None)`` makes a state for) a slot tree may be None.
       slots: the per-leaf slots, declared (:class:`Slot`), in the order of ``init_leaf``'s.
       needs_params: whether ``update_leaf`` reads ``param``.
       complex_refusal: None when the rule takes complex leaves (as optax's rules do),
@@ -81,7 +84,7 @@ class LeafRule(NamedTuple):
     init_leaf: Callable[[jax.Array], Slots]
     update_leaf: Callable[[jax.Array, Slots, Any, Any], tuple[jax.Array, Slots]]
     to_state: Callable[[Any, Sequence[Any]], Any]
-    from_state: Callable[[Any], tuple[Any, tuple]]
+    from_state: Callable[..., tuple[Any, tuple]]
     slots: tuple[Slot, ...] = ()
     needs_params: bool = False
     complex_refusal: str | None = None
@@ -123,11 +126,11 @@ def declared_rule(
             values[shared_field] = shared
         return state_type(**{field: values.get(field) for field in fields})
 
-    def from_state(state):
+    def from_state(state, none_tree=False):
         expect_state(name, state, state_type)
         trees = tuple(getattr(state, slot.field) for slot in slots)
         for slot, tree in zip(slots, trees):
-            if tree is None:
+            if tree is None and not none_tree:
                 example = " (centered=False, say)" if slot.field == "mu" else ""
                 raise TypeError(
                     f"rmsjax.{name}.update: the state's {slot.field} is None, and this "
@@ -199,6 +202,28 @@ def in_part(name: str, index: int, part: str, error: Exception) -> Exception:
     return type(error)(f"rmsjax.{name}.{where}: its part {part} (state[{index}]): {detail}")
 
 
+@contextlib.contextmanager
+def naming_wrapper(name: str, where: str) -> Iterator[None]:
+    """Re-words the errors the inner transformation of the wrapper the user built as
+    ``name`` raises in ``where`` (``init``, ``update``) to name the wrapper first and the
+    inner transformation after: ``rmsjax.masked.update: its inner rmsprop: ...``."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        head, colon, detail = message.partition(": ")
+        if type(error) not in (TypeError, ValueError) or not colon:
+            raise
+        if not head.startswith("rmsjax.") or " " in head:
+            raise
+        inner = head[len("rmsjax.") :]
+        if inner.endswith((".init", ".update")):
+            inner = inner.rpartition(".")[0]
+        if inner == name:
+            raise
+        raise type(error)(f"rmsjax.{name}.{where}: its inner {inner}: {detail}") from error
+
+
 def expect_state_tuple(name: str, state: Any, count: int) -> None:
     """Raises a TypeError unless ``state`` is the tuple of ``count`` states a chain keeps."""
     if not isinstance(state, tuple) or len(state) != count:
@@ -230,7 +255,7 @@ def stateless_rule(
         init_leaf=lambda param: (),
         update_leaf=lambda g, slots, context, param: (update_leaf(g, param), ()),
         to_state=lambda state, trees: state,
-        from_state=lambda state: (state, ()),
+        from_state=lambda state, none_tree=False: (state, ()),
         needs_params=needs_params,
         complex_refusal=complex_refusal,
     )
@@ -251,7 +276,7 @@ def counted_rule(
     def step_shared(count):
         return numerics.safe_increment(count), factor_at(count)
 
-    def from_state(state):
+    def from_state(state, none_tree=False):
         expect_state(name, state, state_type)
         return state.count, ()
 
@@ -298,12 +323,12 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
     def to_state(shared, slot_trees):
         return tuple(r.to_state(s, t) for r, s, t in zip(rules, shared, split(slot_trees)))
 
-    def from_state(state):
+    def from_state(state, none_tree=False):
         expect_state_tuple(name, state, len(rules))
         parts = []
         for index, (r, s) in enumerate(zip(rules, state)):
             try:
-                parts.append(r.from_state(s))
+                parts.append(r.from_state(s, none_tree))
             except (TypeError, ValueError) as error:
                 raise in_part(name, first + index, r.name, error) from error
         return tuple(p[0] for p in parts), tuple(t for p in parts for t in p[1])

@@ -75,17 +75,18 @@ def as_arrays(leaves: Sequence[Any]) -> list:
 def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
     """Raises a TypeError unless every leaf is floating point (or complex, where the rule
     takes complex leaves), naming the first leaf that is not."""
+    name = rule.name
     for i, leaf in enumerate(leaves):
         dtype = jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
             raise TypeError(
-                f"rmsjax.{rule.name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
+                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
                 f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
                 "the default storage, or split the leaf into its real and imaginary parts."
             )
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"rmsjax.{rule.name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
+                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
                 "optimizers update floating-point (or complex) leaves only. Leave it out of "
                 "the trained tree (replace it by None, e.g. with eqx.filter(model, "
                 "eqx.is_inexact_array)) or cast it to a float dtype."
@@ -241,7 +242,7 @@ def run(
 ) -> tuple[Any, Any]:
     """One step of ``rule`` over the tree, its state in ``layout``: returns (updates,
     state), or with ``apply=True`` (params + updates in each parameter's dtype, state)."""
-    shared, slot_trees = rule.from_state(state)
+    shared, slot_trees = rule.from_state(state, none_tree=updates is None)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = as_arrays(leaves)
     check_inexact(rule, "update", updates, leaves)
@@ -250,7 +251,8 @@ def run(
     per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]
     _check_shapes(rule, layout, updates, leaves, blocks, per_block)
     if params is None:
-        if rule.needs_params or apply:
+        # the tree None is its own parameters: nothing to apply an update to
+        if rule.needs_params or (apply and updates is not None):
             raise ValueError(
                 f"rmsjax.{rule.name}.update: this transformation needs the parameters; "
                 "call update(updates, state, params)."

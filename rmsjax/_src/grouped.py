@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, engine, fusion, validate
+from rmsjax._src import base, elementwise, engine, fusion, validate
 from rmsjax._src.quantization import QuantizedArray
 
 MIN_BLOCK_SIZE = 8
@@ -212,17 +212,22 @@ def grouped(
     inner = fusion.rule_transformation(rule, layout)
 
     def init_fn(params):
-        return GroupedState(inner.init(params), base.TreeStructure(base.structure_of(params)))
+        with elementwise.naming_wrapper("grouped", "init"):
+            inner_state = inner.init(params)
+        return GroupedState(inner_state, base.TreeStructure(base.structure_of(params)))
 
     def update_fn(updates, state, params=None, **extra):
         held = _inner_of("grouped.update", state, updates)
-        return _wrap(inner.update(updates, held, params), state)
+        with elementwise.naming_wrapper("grouped", "update"):
+            return _wrap(inner.update(updates, held, params), state)
 
     fused = fusion.fused_step_of(inner)
     assert fused is not None  # a rule always has one
 
     def update_and_apply_fn(updates, state, params, **extra):
-        return _wrap(fused(updates, _inner_of("grouped.update", state, updates), params), state)
+        held = _inner_of("grouped.update", state, updates)
+        with elementwise.naming_wrapper("grouped", "update"):
+            return _wrap(fused(updates, held, params), state)
 
     update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)
     return base.GradientTransformation(init_fn, update)

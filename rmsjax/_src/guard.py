@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, combine, fusion, numerics, sharding, validate
+from rmsjax._src import base, combine, elementwise, fusion, numerics, sharding, validate
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -95,11 +95,13 @@ def apply_if_finite(
     def init_fn(params):
         # the counters are replicated over the parameters' mesh, if they have one
         notfinite, last_finite, total = sharding.init_shared_like(counters, jax.tree.leaves(params))
+        with elementwise.naming_wrapper(name, "init"):
+            inner_state = inner.init(params)
         return ApplyIfFiniteState(
             notfinite_count=notfinite,
             last_finite=last_finite,
             total_notfinite=total,
-            inner_state=inner.init(params),
+            inner_state=inner_state,
         )
 
     def check_state(state):
@@ -123,7 +125,8 @@ def apply_if_finite(
 
     def update_fn(updates, state, params=None, **extra):
         check_state(state)
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        with elementwise.naming_wrapper(name, "update"):
+            new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         # The gradients, and what the inner transformation made of them: a schedule that
         # yields NaN or a rule that overflows is caught as well as a NaN gradient.
         apply, make_state = decide(all_finite((updates, new_updates, new_inner)), state)
@@ -132,9 +135,10 @@ def apply_if_finite(
 
     def update_and_apply_fn(updates, state, params, **extra):
         check_state(state)
-        new_params, new_inner = combine.update_and_apply(
-            inner, updates, state.inner_state, params, **extra
-        )
+        with elementwise.naming_wrapper(name, "update"):
+            new_params, new_inner = combine.update_and_apply(
+                inner, updates, state.inner_state, params, **extra
+            )
         apply, make_state = decide(all_finite((updates, new_params, new_inner)), state)
         new_params = jax.tree.map(
             lambda n, p: None if p is None else jnp.where(apply, n, p),

@@ -272,9 +272,9 @@ def inject_hyperparams(
             count, values, schedule_states = sharding.init_shared_like(
                 fresh, jax.tree.leaves(params)
             )
-            return InjectHyperparamsState(
-                count, values, schedule_states, build(dict(values)).init(params)
-            )
+            with elementwise.naming_wrapper(f"{name}({factory_name})", "init"):
+                inner_state = build(dict(values)).init(params)
+            return InjectHyperparamsState(count, values, schedule_states, inner_state)
 
         def step(updates, state, params, extra, apply):
             elementwise.expect_state(name, state, InjectHyperparamsState)
@@ -290,9 +290,10 @@ def inject_hyperparams(
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             inner = base.with_extra_args_support(build(values))
             # with apply, the inner optimizer's fused step, when it has one
-            new_updates, inner_state = combine.step_of(inner, apply)(
-                updates, state.inner_state, params, **extra
-            )
+            with elementwise.naming_wrapper(f"{name}({factory_name})", "update"):
+                new_updates, inner_state = combine.step_of(inner, apply)(
+                    updates, state.inner_state, params, **extra
+                )
             schedule_states = {
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }

@@ -64,9 +64,11 @@ def masked(
         if params is not None and not jax.tree.leaves(params):
             # A tree without arrays (optax's tree_map_params calls init with an empty
             # placeholder) has nothing to mask: hand it on as it is.
-            return MaskedState(inner.init(params))
+            with elementwise.naming_wrapper(name, "init"):
+                return MaskedState(inner.init(params))
         mask_tree = resolve_mask(name, mask, params)
-        return MaskedState(inner.init(select(mask_tree, params, what="parameters")))
+        with elementwise.naming_wrapper(name, "init"):
+            return MaskedState(inner.init(select(mask_tree, params, what="parameters")))
 
     def step(updates, state, params, extra, apply):
         elementwise.expect_state(name, state, MaskedState)
@@ -77,12 +79,13 @@ def masked(
                 key: select(mask_tree, value) if jax.tree.structure(value) == structure else value
                 for key, value in extra.items()
             }
-        out, inner_state = combine.step_of(inner, apply)(
-            select(mask_tree, updates),
-            state.inner_state,
-            select(mask_tree, params, what="parameters"),
-            **extra,
-        )
+        with elementwise.naming_wrapper(name, "update"):
+            out, inner_state = combine.step_of(inner, apply)(
+                select(mask_tree, updates),
+                state.inner_state,
+                select(mask_tree, params, what="parameters"),
+                **extra,
+            )
         # The leaves left out pass their updates on unchanged (added to their parameters
         # when the step applies them).
         others = base.apply_updates(params, updates) if apply else updates
