@@ -116,7 +116,9 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
     Place it first, on the raw gradients.
 
     Args:
-      max_norm: the largest global norm allowed, > 0.
+      max_norm: the largest global norm allowed, > 0 and at least float32's smallest
+        normal number (XLA on a CPU reads smaller numbers as 0, and zero gradients
+        then came out NaN, as in optax).
 
     Returns:
       A stateless :class:`GradientTransformation` (state :class:`EmptyState`).
@@ -133,6 +135,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
     name = "clip_by_global_norm"
     validate.check_range(name, "max_norm", max_norm, 0.0, low_open=True)
     validate.check_finite(name, "max_norm", max_norm)
+    validate.check_normal(name, "max_norm", max_norm)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra

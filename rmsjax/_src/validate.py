@@ -168,6 +168,17 @@ def check_finite(function: str, argument: str, value: Any) -> None:
         _check_representable(function, argument, number, value)
 
 
+SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+"""float32's smallest normal number, 2^-126: XLA on a CPU flushes smaller ones to 0."""
+
+
+def check_normal(function: str, argument: str, value: Any) -> None:
+    """Raises ValueError for a concrete positive ``value`` under :data:`SMALLEST_NORMAL`."""
+    number = read_number(function, argument, value)
+    if number is not None and 0 < number < SMALLEST_NORMAL:
+        _fail(function, argument, "at least float32's smallest normal number, 1.1754944e-38", value)
+
+
 def check_learning_rate(function: str, argument: str, value: Any) -> None:
     """Learning rates: a finite number >= 0, or a schedule."""
     check_range(function, argument, value, 0.0, schedule=True)
