@@ -163,6 +163,52 @@ def test_nnx_optimizer_steps_like_functional_rmsjax():
     np.testing.assert_allclose(ours["bias"], plain["bias"], rtol=1e-6, atol=1e-7)
 
 
+NNX_OPTIMIZERS = {
+    "int8 momentum": lambda rj: rj.rmsprop(1e-3, momentum=0.9, storage="int8"),
+    "int8 adagrad": lambda rj: rj.adagrad(1e-2, storage="int8"),
+    "bfloat16": lambda rj: rj.rmsprop(1e-3, storage="bfloat16"),
+    "grouped": lambda rj: rj.grouped(rj.rmsprop(1e-3, momentum=0.9)),
+    "grouped int8": lambda rj: rj.grouped(rj.rmsprop(1e-3, storage="int8")),
+}
+
+
+@pytest.mark.parametrize("make", NNX_OPTIMIZERS.values(), ids=NNX_OPTIMIZERS.keys())
+def test_nnx_optimizer_takes_low_precision_and_grouped_state(make):
+    # nnx.Optimizer builds the state from variables (nnx.Param) and steps it with bare
+    # arrays, and keeps a variable per array of the state: the steps must be those of
+    # the functional optimizer on the same arrays, bit for bit.
+    nnx = pytest.importorskip("flax.nnx")
+    import jax
+    import jax.numpy as jnp
+
+    import rmsjax as rj
+
+    model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))  # a kernel of 8192: int8 state
+    tx = make(rj)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    plain = jax.tree.map(jnp.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = tx.init(plain)
+    x = jnp.linspace(-1.0, 1.0, 4 * 128).reshape(4, 128)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    @jax.jit
+    def functional_step(p, state):
+        grads = jax.grad(lambda p: jnp.mean((x @ p["kernel"] + p["bias"]) ** 2))(p)
+        updates, state = tx.update(grads, state, p)
+        return rj.apply_updates(p, updates), state
+
+    for _ in range(3):
+        train_step(model, optimizer)
+        plain, state = functional_step(plain, state)
+    ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    np.testing.assert_array_equal(ours["kernel"], plain["kernel"])
+    np.testing.assert_array_equal(ours["bias"], plain["bias"])
+
+
 def test_equinox_filtered_model_keeps_state_only_for_arrays():
     eqx = pytest.importorskip("equinox")
     import jax

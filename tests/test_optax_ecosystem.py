@@ -124,6 +124,13 @@ def test_a_state_from_tree_set_keeps_its_structure_through_a_scan(set_before):
     np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-6)
 
 
+def test_int8_state_has_named_key_paths():
+    state = rj.rmsprop(0.1, momentum=0.9, storage="int8").init({"w": jnp.ones(4096)})
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert "[0].nu['w'].codes" in paths and "[0].nu['w'].scale" in paths
+    assert "[2].trace['w'].codes" in paths
+
+
 def test_flax_train_state_steps_as_with_optax():
     train_state = pytest.importorskip("flax.training.train_state")
 

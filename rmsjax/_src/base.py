@@ -64,6 +64,14 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
+def is_variable(x: Any) -> bool:
+    """Whether ``x`` is a framework's variable, a pytree node around one array that
+    carries metadata (flax nnx's ``Param``: it has ``get_value`` and ``get_metadata``).
+    Gradients and parameters reach an optimizer with such nodes or without them
+    (``nnx.Optimizer`` builds the state from the first and steps it with the second)."""
+    return callable(getattr(x, "get_value", None)) and callable(getattr(x, "get_metadata", None))
+
+
 def accepts_extra(function: Callable) -> bool:
     """Whether ``function`` takes keyword extras (a ``**kwargs`` parameter)."""
     try:
@@ -206,5 +214,6 @@ jax.tree_util.register_pytree_node(
 
 def structure_of(tree: Any) -> Any:
     """A tree's structure as :class:`GroupedState` keeps it: updates with None for a
-    parameter that has an array differ from it, as they do from a per-leaf state."""
-    return jax.tree.structure(tree)
+    parameter that has an array differ from it, as they do from a per-leaf state; a
+    framework's variable counts as the array it holds (:func:`is_variable`)."""
+    return jax.tree.structure(tree, is_leaf=is_variable)

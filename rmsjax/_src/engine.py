@@ -55,10 +55,28 @@ def _each_leaf_alone(tree: Any) -> Blocks:
     return tuple((i,) for i in range(len(jax.tree.leaves(tree))))
 
 
+def _pack_per_leaf(treedef: Any, per_leaf: list) -> Any:
+    """Each leaf's slot where the leaf is, in the parameters' tree. An int8 slot takes
+    the place of a framework's variable around its parameter (:func:`base.is_variable`)
+    instead of going inside it: its codes and scales do not have the parameter's shape,
+    and flax's ``nnx.Optimizer``, which keeps a variable per array of the state, would
+    store them as a mapping inside the variable after its first step."""
+    tree = treedef.unflatten(per_leaf)
+    if not any(isinstance(slot, quantization.QuantizedArray) for slot in per_leaf):
+        return tree
+
+    def unwrap(x):
+        inside = jax.tree.leaves(x, is_leaf=lambda y: isinstance(y, quantization.QuantizedArray))
+        held = len(inside) == 1 and isinstance(inside[0], quantization.QuantizedArray)
+        return inside[0] if base.is_variable(x) and held else x
+
+    return jax.tree.map(unwrap, tree, is_leaf=base.is_variable)
+
+
 PER_LEAF = Layout(
     name=None,
     blocks=_each_leaf_alone,
-    pack=lambda treedef, per_block: treedef.unflatten(per_block),
+    pack=_pack_per_leaf,
     unpack=lambda rule_name, treedef, tree, count: flatten_like(rule_name, "state", treedef, tree),
 )
 """Each leaf's slots in trees shaped like the parameters (optax's layout)."""

@@ -163,7 +163,7 @@ def _exponent(x: jax.Array) -> jax.Array:
     return jnp.right_shift(bits, 23) & 0xFF
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class QuantizedArray:
     """An array of float32 values stored in 8 bits per element, block by block.
 
@@ -194,6 +194,12 @@ class QuantizedArray:
 
     def tree_flatten(self):
         return (self.codes, self.scale), (self.shape, self.signed)
+
+    def tree_flatten_with_keys(self):
+        # named paths (``.codes``, ``.scale``) for logging, ``tree_get`` and frameworks
+        # that rebuild a state by its paths (flax's nnx.Optimizer)
+        keys = (jax.tree_util.GetAttrKey("codes"), jax.tree_util.GetAttrKey("scale"))
+        return tuple(zip(keys, (self.codes, self.scale))), (self.shape, self.signed)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
