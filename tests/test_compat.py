@@ -956,3 +956,34 @@ def test_presets_pass_storage_through(name):
 def test_presets_reject_unknown_storage(name):
     with pytest.raises(ValueError, match=f"rmsjax.compat.{name}: storage must be one of"):
         STORAGE_PRESETS[name](storage="int4")
+
+
+INJECTED_PRESETS = {
+    "torch_rmsprop": (compat.torch_rmsprop, {"lr": 0.01}),
+    "torch_rmsprop, momentum 0.0": (compat.torch_rmsprop, {"lr": 0.01, "momentum": 0.0}),
+    "keras_rmsprop": (compat.keras_rmsprop, {"learning_rate": 0.01}),
+    "tf1_rmsprop": (compat.tf1_rmsprop, {"learning_rate": 0.01}),
+    "keras_adagrad, weight_decay 0.0": (
+        compat.keras_adagrad,
+        {"learning_rate": 0.01, "weight_decay": 0.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", INJECTED_PRESETS.values(), ids=INJECTED_PRESETS.keys())
+def test_injected_presets_step_under_jit_as_the_plain_preset(preset):
+    # A rate of zero leaves a part out of the plain preset; injected, the rate is an
+    # array (concrete in init, traced in a jitted update), so the part stays in, with a
+    # rate of zero: the state's structure must not depend on where it was traced, and
+    # the steps are the plain preset's.
+    factory, kwargs = preset
+    params = jnp.linspace(-1.0, 1.0, 5)
+    grads = [jnp.sin(params * k) for k in range(1, 5)]
+    injected = rj.inject_hyperparams(factory)(**kwargs)
+    plain = factory(**kwargs)
+    s1, s2 = injected.init(params), plain.init(params)
+    step = jax.jit(injected.update)
+    for g in grads:
+        u1, s1 = step(g, s1, params)
+        u2, s2 = plain.update(g, s2, params)
+        np.testing.assert_allclose(u1, u2, rtol=1e-6, atol=0)

@@ -118,3 +118,37 @@ def test_one_trace_for_many_steps(name):
     for x, y in batches(8):
         params, state, loss = step(params, state, x, y)
     chex.assert_tree_all_finite((params, loss))
+
+
+SCALAR_STATE = {
+    "inject_hyperparams": lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1),
+    "inject_hyperparams, array values": lambda: rj.inject_hyperparams(rj.rmsprop)(
+        learning_rate=jnp.float32(0.1), decay=jnp.float32(0.9), initial_scale=jnp.float32(0.0)
+    ),
+    "adagrad, array accumulator": lambda: rj.adagrad(0.1, initial_accumulator_value=ACCUMULATOR),
+    "rmsprop, array initial_scale": lambda: rj.rmsprop(0.1, initial_scale=jnp.float32(0.0)),
+    "torch_rmsprop": lambda: rj.inject_hyperparams(rj.compat.torch_rmsprop)(lr=0.1),
+}
+ACCUMULATOR = jnp.float32(0.1)
+
+
+@pytest.mark.parametrize("make", SCALAR_STATE.values(), ids=SCALAR_STATE.keys())
+def test_a_fresh_state_holds_no_buffer_twice_nor_the_caller_s(make):
+    # jnp.full((), x) is x itself for a 0-d x of the dtype: a scalar parameter's moment
+    # was the injected initial_scale, or the caller's accumulator value, and the first
+    # donated step refused the buffer given twice, or deleted the caller's array.
+    params = {"w": jnp.ones(3), "t": jnp.float32(1.0)}
+    tx = make()
+    state = tx.init(params)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))]
+    assert len(set(pointers)) == len(pointers)
+    assert ACCUMULATOR.unsafe_buffer_pointer() not in pointers
+
+    def loss(p, x):
+        return jnp.sum((x * p["w"]) ** 2) * p["t"]
+
+    step = rj.make_train_step(loss, tx)
+    params, state, value = step(params, state, jnp.ones(3))
+    params, state, value = step(params, state, jnp.ones(3))
+    assert np.isfinite(float(value))
+    assert float(ACCUMULATOR) == np.float32(0.1)  # the caller's array is still there

@@ -57,7 +57,7 @@ class Hyperparams(dict):
         if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
             super().__setitem__(key, value)
         else:
-            super().__setitem__(key, jnp.asarray(value, jnp.result_type(old)))
+            super().__setitem__(key, jnp.array(value, jnp.result_type(old), copy=True))
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
@@ -150,8 +150,11 @@ def inject_hyperparams(
       schedule (an object with ``init()``, ``update(state, **extra)`` and
       ``__call__(state, **extra)``, as optax's ``StatefulSchedule``) keeps its state in
       ``state.hyperparams_states`` and sees the keyword extras of ``update``;
-    * bools, None, strings and the names in ``static_args`` are passed unchanged and
-      fixed for the life of the optimizer.
+    * bools, None, strings, the names in ``static_args`` and python ints left at their
+      default (a size that shapes the state, as ``factored_rmsprop``'s
+      ``min_dim_size_to_factor``) are passed unchanged and fixed for the life of the
+      optimizer. Unlike optax, which injects integer defaults too and so cannot rebuild
+      such a factory under ``jit``.
 
     Args:
       inner_factory: a function returning a :class:`GradientTransformation`, such as
@@ -220,10 +223,14 @@ def inject_hyperparams(
                 f"rmsjax.{name}({factory_name}): {error}; its arguments are "
                 f"{list(signature.parameters)}"
             ) from None
+        passed = set(bound.arguments)
         bound.apply_defaults()
         schedules, stateful, numeric, fixed = {}, {}, {}, {}
         for key, value in bound.arguments.items():
-            if key in static_args or isinstance(value, (bool, np.bool_)):
+            # an integer left at its default is a size or a count that shapes the
+            # state (factored_rmsprop's min_dim_size_to_factor): it stays static
+            default_count = key not in passed and _is_integer(value)
+            if key in static_args or isinstance(value, (bool, np.bool_)) or default_count:
                 fixed[key] = value
             elif _is_stateful_schedule(value):
                 stateful[key] = value
@@ -235,10 +242,12 @@ def inject_hyperparams(
                 fixed[key] = value
 
         def cast(key, value, dtype):
-            # ints stay int32 and real numbers take the float dtype, whatever comes in
+            # ints stay int32 and real numbers take the float dtype, whatever comes in;
+            # a copy, so that the state never holds the caller's array (a donated step
+            # would delete it) nor one buffer twice (a donated step refuses it)
             if key in numeric and _is_integer(numeric[key]):
-                return jnp.asarray(value, jnp.int32)
-            return jnp.asarray(value, dtype)
+                return jnp.array(value, jnp.int32, copy=True)
+            return jnp.array(value, dtype, copy=True)
 
         where = f"inject_hyperparams({factory_name})"
 

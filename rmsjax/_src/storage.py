@@ -206,12 +206,16 @@ def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bo
     zero imaginary part, as optax keeps it, and computed with optax's operations).
     """
     shape = jnp.shape(param)
-    if storage is None:
-        return jnp.full(shape, fill, jnp.result_type(param))
+    dtype = jnp.result_type(param) if storage is None else jnp.dtype(storage)
     if storage == "int8":
-        full = jnp.full(shape, fill, jnp.float32)
-        return full if math.prod(shape) < MIN_QUANTIZED_SIZE else quantize(full, signed=signed)
-    return jnp.full(shape, fill, jnp.dtype(storage))
+        dtype = jnp.float32
+    # jnp.full of a 0-d array of the dtype is that array: a copy, so that the state
+    # never holds the caller's array (a donated step would delete it) nor one buffer
+    # twice (inject_hyperparams' initial_scale and a scalar parameter's second moment)
+    full = jnp.array(jnp.full(shape, fill, dtype), copy=shape == ())
+    if storage == "int8" and math.prod(shape) >= MIN_QUANTIZED_SIZE:
+        return quantize(full, signed=signed)
+    return full
 
 
 def load(slot: Any, dtype: Any) -> jax.Array:

@@ -226,6 +226,8 @@ def check_count(
     integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if not integer or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        if isinstance(value, jax.Array):  # a count injected by inject_hyperparams, say
+            allowed += " (a Python integer: under inject_hyperparams, name it in static_args)"
         _fail(function, argument, allowed, value)
     if value > INT32_MAX:  # steps are counted in int32: a larger one fails inside a step
         _fail(function, argument, f"at most {INT32_MAX} (2**31 - 1)", value)

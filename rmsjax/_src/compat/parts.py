@@ -117,9 +117,15 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
 
 
 def is_zero(value: Any) -> bool:
-    """True for a concrete zero (or None); a traced value counts as non-zero."""
+    """True for None or a Python or NumPy zero: the part it switches on is left out. A
+    JAX array counts as non-zero whatever it holds, so that the state's structure does
+    not depend on its value: ``inject_hyperparams`` builds the optimizer from concrete
+    arrays in ``init`` and from traced ones in a jitted ``update`` (a part with a zero
+    rate steps as none: ``g + 0 * m`` is ``g``)."""
     if value is None:
         return True
+    if isinstance(value, jax.Array):
+        return False
     number = validate.concrete_value(value)
     return number is not None and number == 0
 
