@@ -142,6 +142,7 @@ def test_every_documented_argument_refuses_what_is_not_a_real_scalar(
         lambda: rj.sgd(0.1, accumulator_dtype=jnp.int32),
         lambda: rj.trace(0.9, accumulator_dtype="int8"),
         lambda: rj.ema(0.9, accumulator_dtype=jnp.bool_),
+        lambda: rj.accumulate_gradients(rj.sgd(1.0), 2, accumulator_dtype=jnp.int32),
     ],
 )
 def test_integer_accumulator_dtypes_are_refused(make):

@@ -284,3 +284,32 @@ def test_a_wrapper_s_errors_name_the_wrapper_then_its_inner_transformation(wrap,
         step(integer)
     with pytest.raises(TypeError, match=rf"^rmsjax.{name}.init: its inner .*rmsprop: .*int32"):
         make(rj.rmsprop(0.1)).init(integer)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: rj.sgd(1.0, momentum=0.9), lambda: rj.rmsprop(0.1, momentum=0.9)]
+)
+def test_complex_gradients_on_a_state_made_for_real_parameters_are_refused(make):
+    # the real momentum buffer dropped the imaginary part without a word
+    tx = make()
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    grads = jnp.array([1j, 1 + 1j], jnp.complex64)
+    with pytest.raises(
+        TypeError, match=r"has dtype complex64 but the state's .* float32, made for"
+    ):
+        tx.update(grads, state, params)
+    complex_params = jnp.zeros(2, jnp.complex64)  # made for complex parameters: it steps
+    update, _ = tx.update(grads, tx.init(complex_params), complex_params)
+    assert update.dtype == jnp.complex64
+
+
+def test_clip_by_global_norm_takes_a_python_float_leaf_eagerly_as_under_jit():
+    grads = {"w": jnp.ones(3), "s": 0.5}
+    tx = rj.clip_by_global_norm(1.0)
+    eager, _ = tx.update(grads, tx.init(grads))
+    jitted, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    for key in grads:
+        np.testing.assert_array_equal(eager[key], jitted[key])
+    norm = np.sqrt(3.0 + 0.25)
+    np.testing.assert_allclose(eager["s"], 0.5 / norm, rtol=1e-6)

@@ -67,6 +67,7 @@ def accumulate_gradients(
     validate.check_transformation("accumulate_gradients", "inner", inner)
     name = "accumulate_gradients"
     validate.check_count(name, "every_k", every_k)
+    validate.check_float_dtype(name, "accumulator_dtype", accumulator_dtype)
     inner = base.with_extra_args_support(inner)
     # The sum is kept in units of 2^m >= every_k, so that it stays under the largest
     # gradient: a plain float32 sum of four gradients of 1e38 is inf. Scaling by a power

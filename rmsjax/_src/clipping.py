@@ -148,6 +148,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
         scale = _power_of_two(-exponent, root.dtype)
 
         def clip_leaf(g):
+            g = jnp.asarray(g)  # a Python float leaf, eagerly
             dtype = numerics.compute_dtype(g.dtype)
             g_c = g.astype(dtype)
             scaled = g_c * scale.astype(jnp.finfo(dtype).dtype)

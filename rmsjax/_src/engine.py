@@ -187,6 +187,7 @@ def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_b
     A slot stored in 8 bits is checked by the shape of the array it stands for."""
     for block, slots in zip(blocks, per_block):
         leaf_shape = tuple(jnp.shape(leaves[block[0]]))
+        complex_leaf = jnp.iscomplexobj(leaves[block[0]])
         lead = () if len(block) == 1 else (len(block),)
         for declared, slot in zip(rule.slots, slots):
             if hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.inexact):
@@ -195,6 +196,14 @@ def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_b
                     f"{path_of(updates, block[0])} has dtype {slot.dtype}; it is kept in "
                     "a floating dtype (or as a QuantizedArray), and an integer one would "
                     "truncate it. Pass the state this optimizer's init made."
+                )
+            if complex_leaf and hasattr(slot, "dtype") and not jnp.iscomplexobj(slot):
+                # a real state would drop the imaginary part of what it keeps (momentum)
+                raise TypeError(
+                    f"rmsjax.{rule.name}.update: the update at {path_of(updates, block[0])} "
+                    f"has dtype {jnp.result_type(leaves[block[0]])} but the state's "
+                    f"{declared.field} there has dtype {slot.dtype}, made for real "
+                    "parameters. Initialise the optimizer with the complex parameters."
                 )
             expected = lead + declared.shape_for(leaf_shape)
             shape = _slot_shape(slot)
