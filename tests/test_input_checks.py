@@ -313,3 +313,28 @@ def test_clip_by_global_norm_takes_a_python_float_leaf_eagerly_as_under_jit():
         np.testing.assert_array_equal(eager[key], jitted[key])
     norm = np.sqrt(3.0 + 0.25)
     np.testing.assert_allclose(eager["s"], 0.5 / norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value,error",
+    [
+        (True, TypeError),
+        ("0.9", TypeError),
+        (None, TypeError),
+        (1 + 2j, TypeError),
+        (1e39, ValueError),
+        (float("nan"), ValueError),
+    ],
+)
+def test_an_injected_hyperparameter_set_in_the_state_is_checked(value, error):
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
+    params = jnp.ones(3)
+    state = tx.init(params)
+    with pytest.raises(error, match=r"^rmsjax.inject_hyperparams: state.hyperparams\['decay'\]"):
+        state.hyperparams["decay"] = value
+    assert float(state.hyperparams["decay"]) == np.float32(0.9)  # unchanged
+    state.hyperparams["decay"] = 1.0  # a number, out of range: refused by the step
+    with pytest.raises(
+        ValueError, match=r"inject_hyperparams\(rmsprop\).update: its inner rmsprop"
+    ):
+        tx.update(params, state, params)

@@ -56,8 +56,13 @@ class Hyperparams(dict):
             )
         if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
             super().__setitem__(key, value)
-        else:
-            super().__setitem__(key, jnp.array(value, jnp.result_type(old), copy=True))
+            return
+        if np.shape(old) == ():
+            # a real number, finite in float32 (a bool would be stored as 1.0, a decay
+            # of True stepping by -1000 g); its range is checked where the step builds
+            # the optimizer from it
+            validate.check_finite("inject_hyperparams", f"state.hyperparams[{key!r}]", value)
+        super().__setitem__(key, jnp.array(value, jnp.result_type(old), copy=True))
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
@@ -297,9 +302,9 @@ def inject_hyperparams(
             dtype = _float_dtype(updates, hyperparam_dtype)
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
-            inner = base.with_extra_args_support(build(values))
             # with apply, the inner optimizer's fused step, when it has one
             with elementwise.naming_wrapper(f"{name}({factory_name})", "update"):
+                inner = base.with_extra_args_support(build(values))
                 new_updates, inner_state = combine.step_of(inner, apply)(
                     updates, state.inner_state, params, **extra
                 )
