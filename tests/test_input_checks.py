@@ -338,3 +338,16 @@ def test_an_injected_hyperparameter_set_in_the_state_is_checked(value, error):
         ValueError, match=r"inject_hyperparams\(rmsprop\).update: its inner rmsprop"
     ):
         tx.update(params, state, params)
+
+
+def test_masked_refuses_a_mask_of_none():
+    with pytest.raises(TypeError, match=r"rmsjax.masked: mask must be a pytree of bools"):
+        rj.masked(rj.scale(0.0), None)
+
+
+def test_the_geometric_mean_of_equal_step_sizes_is_that_size():
+    tx = rj.rmsprop(1e-3)
+    params = {"w": jnp.ones(1000)}
+    summary = rj.step_size_summary(tx, tx.init(params), params)["w"]
+    assert summary.min <= summary.geometric_mean <= summary.max
+    assert float(summary.geometric_mean) == float(summary.max)

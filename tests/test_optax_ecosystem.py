@@ -131,6 +131,37 @@ def test_int8_state_has_named_key_paths():
     assert "[2].trace['w'].codes" in paths
 
 
+def test_tree_map_params_reaches_float_state_not_int8_or_grouped_as_documented():
+    # docs/porting.md, "What still differs": tree_map_params maps the subtrees shaped
+    # like the parameters; int8 codes and grouped blocks are not.
+    params = {"w": jnp.ones((64, 64))}
+    seen = []
+
+    def record(leaf):
+        seen.append(jnp.shape(leaf))
+        return leaf
+
+    for storage in [None, "bfloat16"]:
+        tx = rj.rmsprop(0.1, storage=storage)
+        optax.tree_utils.tree_map_params(tx, record, tx.init(params))
+    assert seen == [(64, 64), (64, 64)]
+    tx = rj.rmsprop(0.1, storage="int8")
+    seen.clear()
+    optax.tree_utils.tree_map_params(tx, record, tx.init(params))
+    assert sorted(seen) == [(16,), (16, 256)]  # the scales and the codes
+    tx = rj.grouped(rj.rmsprop(0.1))
+    with pytest.raises(ValueError):
+        optax.tree_utils.tree_map_params(tx, record, tx.init(params))
+
+
+def test_lower_precision_gradients_give_updates_in_their_dtype_as_documented():
+    params = jnp.ones(3)
+    grads = jnp.full(3, 0.3, jnp.bfloat16)
+    ours, theirs = rj.rmsprop(0.1), optax.rmsprop(0.1)
+    assert ours.update(grads, ours.init(params))[0].dtype == jnp.bfloat16
+    assert theirs.update(grads, theirs.init(params))[0].dtype == jnp.float32
+
+
 def test_flax_train_state_steps_as_with_optax():
     train_state = pytest.importorskip("flax.training.train_state")
 

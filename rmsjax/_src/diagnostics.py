@@ -184,7 +184,8 @@ def step_size_summary(
         return StepSizeSummary(
             min=jnp.min(s),
             mean=jnp.mean(s / unit) * unit,
-            geometric_mean=jnp.exp(jnp.mean(jnp.log(s))),
+            # within [min, max]: exp(mean(log s)) of equal sizes can round past them
+            geometric_mean=jnp.clip(jnp.exp(jnp.mean(jnp.log(s))), jnp.min(s), jnp.max(s)),
             max=top,
         )
 
