@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, engine, fusion, numerics, sharding, validate
+from rmsjax._src import base, elementwise, fusion, numerics, sharding, tree_checks, validate
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -156,11 +156,11 @@ def accumulate_gradients(
 def _like_accumulated(name: str, updates: Any, accumulated: Any) -> Any:
     """``updates`` as arrays, once their tree and shapes are the accumulator's: else a
     ValueError naming the leaf (a shape) or showing both structures."""
-    held = engine.flatten_like(name, "state", jax.tree.structure(updates), accumulated)
+    held = tree_checks.flatten_like(name, "state", jax.tree.structure(updates), accumulated)
     paths = jax.tree_util.tree_flatten_with_path(updates)[0]
     # floating-point or complex gradients, as a stateless rule takes them
     any_float = elementwise.stateless_rule(name, lambda g, param: g)
-    engine.check_inexact(any_float, "update", updates, [g for _, g in paths])
+    tree_checks.check_inexact(any_float, "update", updates, [g for _, g in paths])
     for (path, g), acc in zip(paths, held):
         if jnp.shape(g) != jnp.shape(acc):
             raise ValueError(

@@ -16,17 +16,23 @@ for both, so a block of one leaf is exactly the per-leaf step.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rmsjax._src import base, block_layout, quantization, sharding
+from rmsjax._src import base, quantization, sharding
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
+from rmsjax._src.tree_checks import (
+    as_arrays,
+    check_inexact,
+    check_params,
+    check_slots,
+    flatten_like,
+    params_like,
+)
 
 Blocks = tuple[tuple[int, ...], ...]
 """Indices into ``jax.tree.leaves(tree)``, one tuple per block of leaves sharing state."""
@@ -82,160 +88,6 @@ PER_LEAF = Layout(
 """Each leaf's slots in trees shaped like the parameters (optax's layout)."""
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def as_arrays(leaves: Sequence[Any]) -> list:
-    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax."""
-    return [x if isinstance(x, jax.Array) or x is None else jnp.asarray(x) for x in leaves]
-
-
-def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
-    """Raises a TypeError unless every leaf is floating point (or complex, where the rule
-    takes complex leaves), naming the first leaf that is not."""
-    name = rule.name
-    for i, leaf in enumerate(leaves):
-        dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
-            raise TypeError(
-                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
-                f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
-                "the default storage, or split the leaf into its real and imaginary parts."
-            )
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
-                "optimizers update floating-point (or complex) leaves only. Leave it out of "
-                "the trained tree (replace it by None, e.g. with eqx.filter(model, "
-                "eqx.is_inexact_array)) or cast it to a float dtype."
-            )
-
-
-def check_params(
-    rule_name: str, updates: Any, leaves: list, param_leaves: list, needs_params: bool
-) -> None:
-    """Raises unless each parameter that goes with an update is floating point (or
-    complex, :func:`base.check_float_parameter`) and has the update's shape: a TypeError
-    or ValueError naming the leaf."""
-    for i, (g, p) in enumerate(zip(leaves, param_leaves)):
-        if g is None or (p is None and not needs_params):
-            continue
-        if p is None:
-            raise ValueError(
-                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} is None "
-                "but its update is not; this transformation needs every updated parameter."
-            )
-        base.check_float_parameter(f"{rule_name}.update", functools.partial(path_of, updates, i), p)
-        if jnp.shape(p) != jnp.shape(g):
-            raise ValueError(
-                f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "
-                f"shape {jnp.shape(p)} but its update has shape {jnp.shape(g)}; pass the "
-                "parameters the gradients were taken of."
-            )
-
-
-def path_of(tree: Any, index: int) -> str:
-    """The key path of leaf ``index`` of ``tree``, as jax prints it."""
-    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return jax.tree_util.keystr(paths[index][0]) or "<root>"
-
-
-def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
-    """``tree``'s leaves in the order of ``treedef``; a ValueError shows both structures
-    when they differ."""
-    try:
-        return leaves_up_to(treedef, tree)
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
-            f"that of the {what}.\n  updates: {treedef}\n  {what}: "
-            f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
-            "same structure as the gradients."
-        ) from error
-
-
-def leaves_up_to(treedef: Any, tree: Any) -> list:
-    """``treedef.flatten_up_to(tree)``, which also takes a tree that goes on below a leaf
-    of ``treedef`` (a dict where the updates hold an array); here each item must be one
-    array (an int8 slot included), a number or None, else a ValueError."""
-    flat = treedef.flatten_up_to(tree)
-    if not all(x is None or hasattr(x, "shape") or is_number(x) for x in flat):
-        raise ValueError("a subtree where a leaf belongs")
-    return flat
-
-
-def is_number(x: Any) -> bool:
-    """A Python or NumPy scalar, which JAX takes as a leaf of a tree of arrays."""
-    return isinstance(x, (int, float, complex, np.number, np.bool_))
-
-
-def params_like(rule_name: str, treedef: Any, updates: Any, params: Any) -> list:
-    """The parameter leaves that go with the update leaves. Where ``updates`` holds None
-    (a leaf left out of this step) the parameter is skipped, as optax does."""
-    try:
-        pruned = jax.tree.map(
-            lambda g, p: None if g is None else p, updates, params, is_leaf=base.is_none
-        )
-    except (ValueError, TypeError):
-        pruned = params  # let flatten_like report the two structures
-    return flatten_like(rule_name, "parameters", treedef, pruned)
-
-
-def _check_shapes(rule: LeafRule, layout: Layout, updates, leaves, blocks, per_block) -> None:
-    """Each slot against its declaration (:class:`~rmsjax._src.elementwise.Slot`): the
-    shape it must have for its leaf, with a leading axis for a block of stacked leaves.
-    A slot stored in 8 bits is checked by the shape of the array it stands for."""
-    for block, slots in zip(blocks, per_block):
-        leaf_shape = tuple(jnp.shape(leaves[block[0]]))
-        complex_leaf = jnp.iscomplexobj(leaves[block[0]])
-        lead = () if len(block) == 1 else (len(block),)
-        for declared, slot in zip(rule.slots, slots):
-            if hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.inexact):
-                raise TypeError(
-                    f"rmsjax.{rule.name}.update: the state's {declared.field} at "
-                    f"{path_of(updates, block[0])} has dtype {slot.dtype}; it is kept in "
-                    "a floating dtype (or as a QuantizedArray), and an integer one would "
-                    "truncate it. Pass the state this optimizer's init made."
-                )
-            if complex_leaf and hasattr(slot, "dtype") and not jnp.iscomplexobj(slot):
-                # a real state would drop the imaginary part of what it keeps (momentum)
-                raise TypeError(
-                    f"rmsjax.{rule.name}.update: the update at {path_of(updates, block[0])} "
-                    f"has dtype {jnp.result_type(leaves[block[0]])} but the state's "
-                    f"{declared.field} there has dtype {slot.dtype}, made for real "
-                    "parameters. Initialise the optimizer with the complex parameters."
-                )
-            expected = lead + declared.shape_for(leaf_shape)
-            shape = _slot_shape(slot)
-            if shape is None or shape == expected:
-                continue
-            path = path_of(updates, block[0])
-            if lead and layout.name is not None:
-                raise ValueError(
-                    f"rmsjax.{layout.name}.update: a block of the state has shape "
-                    f"{tuple(shape)} but the updates at {path} and the leaves stacked with "
-                    f"it need {expected}. Initialise the optimizer with parameters of the "
-                    "gradients' shapes and dtypes."
-                )
-            needs = "" if expected == leaf_shape else f" (its {declared.field} needs {expected})"
-            raise ValueError(
-                f"rmsjax.{rule.name}.update: the update at {path} has shape {leaf_shape} "
-                f"but the state holds {tuple(shape)}{needs}. Initialise the optimizer with "
-                "parameters of the gradients' shapes."
-            )
-
-
-def _slot_shape(slot: Any) -> tuple[int, ...] | None:
-    """The shape of the array a slot stands for, stacked axes included. An int8 slot's
-    ``shape`` is that of one leaf; in a block of stacked leaves its codes and scales
-    carry the block's leading axis."""
-    if isinstance(slot, quantization.QuantizedArray):
-        stacked = jnp.ndim(slot.codes) - len(block_layout.blocks_shape(slot.shape))
-        return tuple(jnp.shape(slot.codes)[:stacked]) + slot.shape
-    shape = getattr(slot, "shape", None)
-    return None if shape is None else tuple(shape)
-
-
 # ------------------------------------------------------------------------------ engine
 
 
@@ -276,7 +128,7 @@ def run(
     blocks = layout.blocks(updates)
     slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
     per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]
-    _check_shapes(rule, layout, updates, leaves, blocks, per_block)
+    check_slots(rule, layout.name, updates, leaves, blocks, per_block)
     if params is None:
         # the tree None is its own parameters: nothing to apply an update to
         if rule.needs_params or (apply and updates is not None):

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, engine, fusion, validate
+from rmsjax._src import base, elementwise, engine, fusion, tree_checks, validate
 from rmsjax._src.quantization import QuantizedArray
 
 MIN_BLOCK_SIZE = 8
@@ -98,10 +98,12 @@ def leaf_blocks(
     groups: dict[tuple, list[int]] = {}
     order: list[tuple] = []
     for index, leaf in enumerate(jax.tree.leaves(params)):
-        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not engine.is_number(leaf):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not tree_checks.is_number(
+            leaf
+        ):
             # jnp.result_type would read a string leaf as the name of a dtype
             raise TypeError(
-                f"rmsjax.leaf_blocks: params leaf {engine.path_of(params, index)} is "
+                f"rmsjax.leaf_blocks: params leaf {tree_checks.path_of(params, index)} is "
                 f"{leaf!r} ({type(leaf).__name__}); leaves must be arrays, numbers or "
                 "jax.ShapeDtypeStruct"
             )
@@ -376,7 +378,7 @@ def group_state(
     grouped_trees = []
     for tree in slot_trees:
         try:
-            leaves = engine.leaves_up_to(treedef, tree)
+            leaves = tree_checks.leaves_up_to(treedef, tree)
         except (ValueError, TypeError):
             raise ValueError(
                 f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "

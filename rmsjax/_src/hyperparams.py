@@ -291,7 +291,7 @@ def inject_hyperparams(
             return InjectHyperparamsState(count, values, schedule_states, inner_state)
 
         def step(updates, state, params, extra, apply):
-            elementwise.expect_state(name, state, InjectHyperparamsState)
+            elementwise.expect_state(f"{name}({factory_name})", state, InjectHyperparamsState)
             unknown = set(state.hyperparams) - set(numeric) - set(schedules) - set(stateful)
             if unknown:
                 raise KeyError(

@@ -55,8 +55,7 @@ def masked(
     name = "masked"
     if mask is None:  # a tree without leaves: it would select nothing, without a word
         raise TypeError(
-            "rmsjax.masked: mask must be a pytree of bools or a function returning one, "
-            "got None"
+            "rmsjax.masked: mask must be a pytree of bools or a function returning one, got None"
         )
     if not callable(getattr(inner, "update", None)) or not callable(getattr(inner, "init", None)):
         raise TypeError(

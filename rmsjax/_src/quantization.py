@@ -227,7 +227,11 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
 
     where :math:`c_i` is one of the format's small floats (see the module's notes): the
     nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
-    stored square is right on average (non-negative). Zeros stay exactly zero. Within 4x
+    stored square is right on average (non-negative). Zeros stay exactly zero. A block
+    that holds an inf or a NaN has an infinite scale, and every element of it decodes
+    to inf or NaN (``[1.0, inf]`` to ``[nan, inf]``): a value that is not finite is
+    never turned into a finite one, and its neighbours in the block are lost with it
+    (an optimizer's int8 state stores finite moments only: see docs/memory.md). Within 4x
     of the block's largest magnitude the relative error is at most 3.1% (signed: within
     8x, and 6.25% within 128x); it grows by steps below that, to the smallest codes,
     :math:`2^{-16}` (signed) and :math:`2^{-22}` of the scale.
