@@ -124,6 +124,27 @@ def test_a_state_from_tree_set_keeps_its_structure_through_a_scan(set_before):
     np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-6)
 
 
+def test_a_compiled_step_is_traced_once_per_tree_set_not_per_step():
+    # the first step after tree_set compiles anew (a plain dict, a Python float); the
+    # steps after it reuse that compilation, as optax's do
+    tx = _injected(rj)
+    traces = []
+
+    @jax.jit
+    def step(params, state, g):
+        traces.append(1)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(PARAMS, tx.init(PARAMS), _grads(0))
+    for rate in [0.02, 0.03]:
+        state = optax.tree_utils.tree_set(state, learning_rate=rate)
+        for i in range(3):
+            params, state = step(params, state, _grads(i))
+    assert len(traces) == 2
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.03)
+
+
 def test_int8_state_has_named_key_paths():
     state = rj.rmsprop(0.1, momentum=0.9, storage="int8").init({"w": jnp.ones(4096)})
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]

@@ -313,12 +313,15 @@ def inject_hyperparams(
             }
             count = numerics.safe_increment(state.count)
             # optax.tree_utils.tree_set hands back hyperparams as a plain dict: keep the
-            # container the state came with, so that its tree structure (a scan's or a
-            # compiled step's carry) does not change from one step to the next
-            keep = Hyperparams if isinstance(state.hyperparams, Hyperparams) else dict
-            return new_updates, InjectHyperparamsState(
-                count, keep(values), schedule_states, inner_state
-            )
+            # container the state came with, and in a plain dict the numeric entries as
+            # they came (a Python float is a weakly typed array: cast, the next call of a
+            # compiled step would be traced again), so that the state's structure and
+            # types (a scan's or a compiled step's carry) do not change from step to step
+            if isinstance(state.hyperparams, Hyperparams):
+                kept: dict = Hyperparams(values)
+            else:
+                kept = {**values, **{key: jnp.asarray(stored[key]) for key in numeric}}
+            return new_updates, InjectHyperparamsState(count, kept, schedule_states, inner_state)
 
         fuses = fusion.fused_step_of(first) is not None
         return fusion.stepped_wrapper(f"{name}({factory_name})", init_fn, step, fuses)
