@@ -351,3 +351,11 @@ def test_the_geometric_mean_of_equal_step_sizes_is_that_size():
     summary = rj.step_size_summary(tx, tx.init(params), params)["w"]
     assert summary.min <= summary.geometric_mean <= summary.max
     assert float(summary.geometric_mean) == float(summary.max)
+
+
+def test_diagnostics_name_themselves_before_the_optimizer_s_error():
+    params = {"w": jnp.ones(3)}
+    other = rj.adagrad(0.1).init(params)
+    for function in [rj.effective_step_sizes, rj.step_size_summary]:
+        with pytest.raises(TypeError, match=rf"^rmsjax.{function.__name__}: its tx rmsprop: "):
+            function(rj.rmsprop(0.1), other, params)

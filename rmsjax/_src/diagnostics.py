@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, grouped, hyperparams, numerics, rms, rss, storage
+from rmsjax._src import base, elementwise, grouped, hyperparams, numerics, rms, rss, storage
 
 
 class StepSizeSummary(NamedTuple):
@@ -139,7 +139,8 @@ def _step_sizes(
     def update(grads: Any) -> Any:
         return tx.update(grads, state, params)[0]
 
-    _, derivative = jax.jvp(update, (zeros,), (ones,))
+    with elementwise.naming_wrapper(name, None, role="tx"):
+        _, derivative = jax.jvp(update, (zeros,), (ones,))
     return jax.tree.map(lambda d: jnp.abs(d).astype(jnp.float32), derivative)
 
 

@@ -203,10 +203,12 @@ def in_part(name: str, index: int, part: str, error: Exception) -> Exception:
 
 
 @contextlib.contextmanager
-def naming_wrapper(name: str, where: str) -> Iterator[None]:
+def naming_wrapper(name: str, where: str | None, role: str = "inner") -> Iterator[None]:
     """Re-words the errors the inner transformation of the wrapper the user built as
     ``name`` raises in ``where`` (``init``, ``update``) to name the wrapper first and the
-    inner transformation after: ``rmsjax.masked.update: its inner rmsprop: ...``."""
+    inner transformation after: ``rmsjax.masked.update: its inner rmsprop: ...``. For a
+    function the user called with a transformation, ``where`` is None and ``role``
+    names the argument: ``rmsjax.effective_step_sizes: its tx rmsprop: ...``."""
     try:
         yield
     except (TypeError, ValueError) as error:
@@ -221,7 +223,8 @@ def naming_wrapper(name: str, where: str) -> Iterator[None]:
             inner = inner.rpartition(".")[0]
         if inner == name:
             raise
-        raise type(error)(f"rmsjax.{name}.{where}: its inner {inner}: {detail}") from error
+        called = name if where is None else f"{name}.{where}"
+        raise type(error)(f"rmsjax.{called}: its {role} {inner}: {detail}") from error
 
 
 def expect_state_tuple(name: str, state: Any, count: int) -> None:
