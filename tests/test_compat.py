@@ -567,7 +567,7 @@ def test_presets_are_chains_of_the_core_parts():
     schedule = jax_rate(peers._schedule(1e-2))
     pairs = [
         (
-            compat.torch_rmsprop(schedule, 0.9, 1e-6, 0.1, 0.9, True, True),
+            compat.torch_rmsprop(schedule, 0.9, 1e-6, 0.1, 0.9, True, maximize=True),
             rj.chain(
                 rj.scale(-1.0),
                 rj.add_decayed_weights(0.1),
@@ -577,7 +577,7 @@ def test_presets_are_chains_of_the_core_parts():
             ),
         ),
         (
-            compat.torch_adagrad(0.1, 0.05, 0.1, 0.2, 1e-6, True),
+            compat.torch_adagrad(0.1, 0.05, 0.1, 0.2, 1e-6, maximize=True),
             rj.chain(
                 rj.scale(-1.0),
                 rj.add_decayed_weights(0.1),
@@ -987,3 +987,24 @@ def test_injected_presets_step_under_jit_as_the_plain_preset(preset):
         u1, s1 = step(g, s1, params)
         u2, s2 = plain.update(g, s2, params)
         np.testing.assert_allclose(u1, u2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs", [("torch_rmsprop", "RMSprop"), ("torch_adagrad", "Adagrad")]
+)
+def test_torch_presets_take_positional_arguments_where_torch_does(ours, theirs):
+    # a positional argument must mean what it means to torch, or be refused: torch's
+    # seventh RMSprop argument is capturable, not maximize
+    import inspect
+
+    torch = pytest.importorskip("torch")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ours_names = [
+        p.name
+        for p in inspect.signature(getattr(compat, ours)).parameters.values()
+        if p.kind in positional
+    ]
+    theirs_names = list(inspect.signature(getattr(torch.optim, theirs)).parameters)[1:]
+    assert ours_names == theirs_names[: len(ours_names)]
+    with pytest.raises(TypeError):
+        getattr(compat, ours)(*([0.01] + [0] * len(ours_names)))

@@ -352,6 +352,23 @@ def test_a_decay_of_zero_forgets_a_moment_beyond_float32(make):
         np.testing.assert_allclose(updates, -0.1, rtol=1e-6)  # lr g / sqrt(g^2)
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+@pytest.mark.parametrize("g", [1e18, -3e29, 1e30])
+def test_a_zero_centered_variance_steps_by_g_over_eps_beyond_float32(eps_in_sqrt, g):
+    # decay 0: the variance is 0 by the equations and the step lr g / eps (or / sqrt
+    # eps); beyond float32's squares eps counted as 0 and the step was infinite. Under
+    # jit XLA may round g^2 and mu^2 apart (a fused multiply-add), and the variance is
+    # then that rounding (docs/porting.md, centered RMSprop with rho=0): finite.
+    tx = rj.rmsprop(0.01, decay=0.0, eps=1e-8, centered=True, eps_in_sqrt=eps_in_sqrt)
+    params = jnp.zeros(())
+    grads = jnp.float32(g)
+    expected = -0.01 * g / (np.sqrt(1e-8) if eps_in_sqrt else 1e-8)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(float(updates), expected, rtol=1e-6)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert np.isfinite(float(updates)) and np.sign(float(updates)) == -np.sign(g)
+
+
 def test_ordinary_state_is_the_moment_itself_and_huge_state_decodes():
     tx = rj.scale_by_rms(decay=0.5)
     g = jnp.array([2.0, 1e30], jnp.float32)

@@ -219,13 +219,18 @@ def rms_rule(
         scaling = numerics.inverse_root(
             nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
-        if eps_in_sqrt and centered:
-            # A zero variance (a constant gradient) leaves eps alone, which counts as
-            # 0 above the range; the step is then g / sqrt(eps), unscaled. It does not
-            # depend on nu_hat: with eps = 0 its derivative through nu_hat, 0 * inf,
-            # made every gradient through the step NaN, selected or not.
+        if centered:
+            # A zero variance (a constant gradient, a decay of 0) leaves eps alone,
+            # which counts as 0 above the range; the step is then g / sqrt(eps) (g / eps
+            # with eps outside the root), unscaled: scaled, it was g / 0 = inf for a
+            # gradient of 1e18. It does not depend on nu_hat: with eps = 0 its
+            # derivative through nu_hat, 0 * inf, made every gradient through the step
+            # NaN, selected or not. In range it is the same number, bit for bit.
             zero = 0 * jax.lax.stop_gradient(nu_hat)
-            unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
+            if eps_in_sqrt:
+                unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
+            else:
+                unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline)
             scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
         if not guard_zero:
             update = scaling * (g_c * scale)

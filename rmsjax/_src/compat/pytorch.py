@@ -24,8 +24,8 @@ def torch_rmsprop(
     weight_decay: float = 0,
     momentum: float = 0,
     centered: bool = False,
-    maximize: bool = False,
     *,
+    maximize: bool = False,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``torch.optim.RMSprop``, with its argument names and defaults.
@@ -56,7 +56,10 @@ def torch_rmsprop(
       weight_decay: coupled (L2) weight decay >= 0, added to the gradient.
       momentum: in [0, 1); 0 for none. The learning rate stays outside the buffer.
       centered: divide by the root of the variance estimate instead.
-      maximize: ascend the objective (negate the gradient first).
+      maximize: ascend the objective (negate the gradient first). Keyword-only: torch's
+        next positional argument after ``centered`` is ``capturable``, and
+        ``torch_rmsprop(lr, alpha, eps, weight_decay, momentum, centered, True)`` would
+        ascend where torch's same call does not.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
@@ -110,8 +113,8 @@ def torch_adagrad(
     weight_decay: float = 0,
     initial_accumulator_value: float = 0,
     eps: float = 1e-10,
-    maximize: bool = False,
     *,
+    maximize: bool = False,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
     r"""``torch.optim.Adagrad``, with its argument names and defaults.
@@ -138,7 +141,8 @@ def torch_adagrad(
       weight_decay: coupled (L2) weight decay >= 0, added to the gradient.
       initial_accumulator_value: :math:`s_0` >= 0.
       eps: added to the root, outside it, >= 0.
-      maximize: ascend the objective (negate the gradient first).
+      maximize: ascend the objective (negate the gradient first). Keyword-only, as in
+        torch (whose next positional argument after ``eps`` is ``foreach``).
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
