@@ -147,10 +147,16 @@ def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: An
     def spelled(target: PartitionSpec, ndim: int) -> PartitionSpec:
         # As the step will return it, so that a jitted step does not compile again for
         # the same layout spelled another way: in full on Explicit axes (the types), and
-        # P() for nothing sharded on Auto axes (the compiler's output).
+        # on Auto axes as the compiler writes the layout of an array it computes,
+        # without unsharded trailing dimensions (P() for nothing sharded; int8 codes
+        # P('data', 'model'), not P('data', 'model', None), which compiled the step a
+        # second time).
         if explicit:
             return PartitionSpec(*spec_lib.padded(target, ndim))
-        return target if any(entry is not None for entry in target) else PartitionSpec()
+        entries = list(target)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return PartitionSpec(*entries)
 
     specs = []
     for declared, slot in zip(rule.slots, slots, strict=True):
