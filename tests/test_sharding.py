@@ -74,14 +74,9 @@ def test_int8_state_on_explicit_mesh():
     run_on_8_devices("tests/_multidevice_sharding.py", "layout-explicit-int8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zero1_shardings splits a factored second moment's row and column statistics "
-    "over the same axis, and their outer product is then sharded twice over it "
-    "(ShardingTypeError on Explicit axes); docs/scale_out.md, Known limits.",
-)
-def test_factored_zero1_on_explicit_mesh():
-    run_on_8_devices("tests/_multidevice_sharding.py", "zero1-factored-explicit")
+def test_factored_zero1_on_auto_and_explicit_meshes():
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "zero1-factored")
+    assert out.count("ok zero1 factored") == 2, out
 
 
 def test_wrapper_state_laid_out_like_params():

@@ -18,14 +18,14 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import combine, validate
+from rmsjax._src import combine, factored, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
 # ---------------------------------------------------------------------------- ZeRO-1
 
 
-def _zero1_spec(mesh: Mesh, leaf: Any, axis: str) -> PartitionSpec:
+def _zero1_spec(mesh: Mesh, leaf: Any, axis: str, split: bool = True) -> PartitionSpec:
     shape = tuple(getattr(leaf, "shape", ()))
     current = known_sharding(leaf)
     if isinstance(current, NamedSharding) and tuple(current.mesh.axis_names) == tuple(
@@ -35,7 +35,7 @@ def _zero1_spec(mesh: Mesh, leaf: Any, axis: str) -> PartitionSpec:
     else:
         entries = [None] * len(shape)
     used = {name for entry in entries for name in spec_lib.axis_names(entry)}
-    if axis in used:
+    if axis in used or not split:
         return PartitionSpec(*entries)
     size = mesh.shape[axis]
     for dim, length in enumerate(shape):
@@ -56,7 +56,24 @@ def _check_mesh_axis(function: str, mesh: Any, axis: Any) -> None:
 
 
 def _layout(state: Any, mesh: Mesh, axis: str) -> Any:
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, _zero1_spec(mesh, leaf, axis)), state)
+    def place(leaf: Any, split: bool = True) -> NamedSharding:
+        return NamedSharding(mesh, _zero1_spec(mesh, leaf, axis, split))
+
+    def node(x: Any) -> Any:
+        if not isinstance(x, factored.ScaleByFactoredRmsState):
+            return place(x)
+        # A factored moment is the outer product of its row and column statistics: split
+        # over the same axis both, it would be split twice over it (a sharding error on
+        # Explicit axes). The rows are split; the columns, m numbers per matrix, are not.
+        return x._replace(
+            nu_row=jax.tree.map(place, x.nu_row),
+            nu_col=jax.tree.map(lambda leaf: place(leaf, split=False), x.nu_col),
+            nu=jax.tree.map(place, x.nu),
+        )
+
+    return jax.tree.map(
+        node, state, is_leaf=lambda x: isinstance(x, factored.ScaleByFactoredRmsState)
+    )
 
 
 def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
@@ -70,7 +87,9 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     statistics) split like the parameter, so the step needs no reshuffling. With
     parameters replicated over ``axis`` and the state laid out this way, each device keeps
     about ``1/N`` of the optimizer state and updates only its part; ``jit`` inserts the
-    gather of the updated parameters (see :func:`zero1_update_and_apply`).
+    gather of the updated parameters (see :func:`zero1_update_and_apply`). One
+    exception: the column statistics of :func:`factored_rmsprop` (``nu_col``) are not
+    split, as the moment is their outer product with the row statistics, which are.
 
     Args:
       state: an optimizer state, or its abstract form (``jax.eval_shape(tx.init, params)``);
