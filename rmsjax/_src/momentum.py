@@ -88,7 +88,9 @@ def trace(
         new = g_c + decay * storage_lib.load(slots[0], dtype)
         stored, new = storage_lib.keep(new, slots[0], read_back)
         update = g_c + decay * new if nesterov else new
-        return update.astype(g.dtype), (stored,)
+        # in the dtype optax's g + decay * trace has: the wider of the two
+        out = g.dtype if storage is not None else jnp.result_type(g, slots[0])
+        return update.astype(out), (stored,)
 
     return fusion.rule_transformation(
         elementwise.declared_rule(
@@ -150,7 +152,8 @@ def ema(
         dtype = numerics.compute_dtype(g.dtype)
         new = (1 - decay) * g.astype(dtype) + decay * slots[0].astype(dtype)
         update = new if correction is None else new / correction.astype(dtype)
-        return update.astype(g.dtype), (new.astype(slots[0].dtype),)
+        out = jnp.result_type(g, slots[0])  # as optax's, the wider of the two
+        return update.astype(out), (new.astype(slots[0].dtype),)
 
     return fusion.rule_transformation(
         elementwise.declared_rule(

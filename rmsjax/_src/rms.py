@@ -243,7 +243,10 @@ def rms_rule(
             zero_step = (g_c == 0) & ~jnp.isfinite(scaling)
             finite = jnp.where(zero_step, jnp.zeros_like(scaling), scaling)
             update = jnp.where(zero_step, g_c, finite * (g_c * scale))
-        return update.astype(g.dtype), new_slots
+        # in the dtype of optax's g / sqrt(nu + eps): the wider of the gradient's and the
+        # state's (float32 updates for bfloat16 gradients of float32 parameters)
+        out = g.dtype if storage is not None else jnp.result_type(g, *slots)
+        return update.astype(out), new_slots
 
     slots = (elementwise.Slot("nu"),) + ((elementwise.Slot("mu"),) if centered else ())
     return elementwise.declared_rule(

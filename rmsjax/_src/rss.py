@@ -123,7 +123,9 @@ def rss_rule(
         )
         scaling = jnp.where(seen, scaling, 0.0)
         update = scaling * (g_c * scale)
-        return update.astype(g.dtype), (moment.stored,)
+        # as optax's: the wider of the gradient's dtype and the state's
+        out = g.dtype if storage is not None else jnp.result_type(g, slots[0])
+        return update.astype(out), (moment.stored,)
 
     return elementwise.declared_rule(
         "scale_by_rss",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from rmsjax._src import base, elementwise, engine, fusion, masks, numerics, validate
 
@@ -57,7 +58,8 @@ def add_decayed_weights(
 
     def update_leaf(g, param):
         dtype = numerics.compute_dtype(g.dtype)
-        return (g.astype(dtype) + weight_decay * param.astype(dtype)).astype(g.dtype)
+        out = jnp.result_type(g, param)  # as optax's g + weight_decay * param
+        return (g.astype(dtype) + weight_decay * param.astype(dtype)).astype(out)
 
     rule = elementwise.stateless_rule(name, update_leaf, needs_params=True)
     if mask is None:
