@@ -65,6 +65,70 @@ def test_zero_eps_and_zero_second_moment_give_zero_update():
         np.testing.assert_array_equal(updates, np.zeros(3))
 
 
+SUBNORMAL_EPS = {
+    "rmsprop": lambda eps: rj.rmsprop(0.01, eps=eps),
+    "eps outside the root": lambda eps: rj.rmsprop(0.01, eps=eps, eps_in_sqrt=False),
+    "centered, momentum": lambda eps: rj.rmsprop(0.01, eps=eps, centered=True, momentum=0.9),
+    "int8 state": lambda eps: rj.rmsprop(0.01, eps=eps, storage="int8"),
+    "torch": lambda eps: rj.compat.torch_rmsprop(eps=eps),
+    "keras": lambda eps: rj.compat.keras_rmsprop(0.01, epsilon=eps),
+    "factored": lambda eps: rj.factored_rmsprop(0.01, eps=eps, min_dim_size_to_factor=2),
+}
+
+
+@pytest.mark.parametrize("eps", [1e-45, 1e-40, 1.1e-38])
+@pytest.mark.parametrize("name", list(SUBNORMAL_EPS))
+def test_a_subnormal_eps_acts_as_zero_and_a_zero_gradient_still_steps_by_zero(name, eps):
+    # XLA on a CPU flushes an eps under float32's smallest normal number to 0: the
+    # zero-gradient guard of eps = 0 must hold there too (it was skipped for any eps > 0,
+    # and 0 * inf gave NaN); a lone tiny gradient beside a huge one steps finitely
+    g = jnp.tile(jnp.array([1.0, 0.0, -0.0, 1e-30, -3e38, 1e-20, 0.5, -2.0]), 512).reshape(64, 64)
+    tx = SUBNORMAL_EPS[name](eps)
+    state = tx.init(g)
+    for _ in range(3):
+        u, state = jax.jit(tx.update)(g, state, g)
+        assert bool(jnp.isfinite(u).all()), u
+        np.testing.assert_array_equal(u[g == 0], 0.0)
+        np.testing.assert_array_equal(np.sign(u[g > 1e-10]), -1.0)
+
+
+def test_factored_with_zero_eps_steps_a_lost_element_by_its_own_first_step():
+    # the estimate of an element far under its row and column is 0; it steps by
+    # g / sqrt((1 - decay) g^2 + eps), computed without overflow: at eps = 0 that is
+    # sign(g) / sqrt(1 - decay) (it was NaN for |g| under about 5e-20), and with eps > 0
+    # a vanishing step (it was 0 * inf with eps flushed to 0)
+    g = jnp.array([[1.0, 1e-30], [1e-30, -1e-30]])
+    for eps in (0.0, 1e-45, 1e-8):
+        tx = rj.factored_rmsprop(0.01, eps=eps, min_dim_size_to_factor=2)
+        u = np.asarray(jax.jit(tx.update)(g, tx.init(g), g)[0], np.float64)
+        np.testing.assert_array_equal(np.sign(u), -np.sign(np.asarray(g)))
+        if eps == 0.0:
+            np.testing.assert_allclose(np.abs(u), 0.01 / np.sqrt(0.1), rtol=1e-6)
+        else:  # eps dominates the tiny elements' root: their steps vanish
+            assert np.abs(u[1:, :]).max() < 1e-8 and np.abs(u[0, 1]) < 1e-8
+    g = jnp.array([1.0, 1e-20, 0.0])  # not factored: the same fallback
+    u = jax.jit(rj.factored_rmsprop(0.01, eps=0.0).update)(
+        g, rj.factored_rmsprop(0.01, eps=0.0).init(g), g
+    )[0]
+    np.testing.assert_allclose(np.asarray(u), [-0.01 / np.sqrt(0.1)] * 2 + [0.0], rtol=1e-6)
+
+
+def test_centered_zero_variance_with_zero_eps_steps_by_an_infinity_not_a_nan():
+    # decay = 0: the variance of every step is g^2 - g^2 = 0 exactly, and eps = 0 adds
+    # nothing, so the step is g / 0 by the definition (docs/numerics.md); at decay 0.9
+    # the variance of a constant gradient shrinks step by step but is never 0
+    g = jnp.array([1.0, -0.5, 0.3, 0.0])
+    for decay, finite in ((0.0, False), (0.9, True)):
+        tx = rj.rmsprop(0.01, decay=decay, centered=True, eps=0.0)
+        state = tx.init(jnp.zeros(4))
+        for _ in range(3):
+            u, state = jax.jit(tx.update)(g, state)
+        assert not bool(jnp.isnan(u).any())
+        assert bool(jnp.isfinite(u[:3]).all()) == finite
+        np.testing.assert_array_equal(np.sign(u[:3]), -np.sign(g[:3]))
+        assert float(u[3]) == 0.0  # a zero gradient: a zero update, variance or not
+
+
 def test_centered_variance_never_negative_under_constant_gradients():
     tx = rj.rmsprop(1.0, centered=True, eps=0.0, eps_in_sqrt=False, bias_correction=True)
     params = {"w": jnp.zeros(1000)}

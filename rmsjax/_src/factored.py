@@ -215,10 +215,14 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         # ordinary gradients) has an average of 0 in units of 4^E: it steps as on its
         # own first step, g / sqrt((1 - decay) g^2 + eps), which is at most
         # 1 / sqrt(1 - decay), instead of 0 / 0 (computed as sign(g) over the root of
-        # 1 - decay + eps / g^2, where nothing overflows)
+        # 1 - decay + (sqrt(eps) / g)^2: that ratio squared may overflow to inf, and
+        # the step is 0 then, as it is to float32; with eps = 0 (or flushed to 0) the
+        # ratio is 0 even where 1 / g overflows, and the step is sign(g) / sqrt(1 - decay))
         lost = (nu_hat == 0) & (g_c != 0)
         inverse = 1 / jnp.where(g_c == 0, jnp.ones_like(g_c), g_c)
-        alone = jnp.sign(g_c) * jax.lax.rsqrt((1 - decay) + eps * (inverse * inverse))
+        inverse = jnp.where(jnp.isfinite(inverse), inverse, jnp.finfo(dtype).max)
+        ratio = jnp.sqrt(jnp.asarray(eps, dtype)) * inverse
+        alone = jnp.sign(g_c) * jax.lax.rsqrt((1 - decay) + ratio * ratio)
         update = jnp.where(lost, alone.astype(dtype), update)
         return update.astype(g.dtype), new_slots
 

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
@@ -118,10 +117,11 @@ def rms_rule(
     storage: base.Storage | None = None,
 ) -> elementwise.LeafRule:
     """The per-leaf form of :func:`scale_by_rms` (unchecked arguments)."""
-    # With eps > 0 in float32 the scaling is finite (the average is >= 0 and below
-    # overflow); only eps = 0, or a traced eps, can make it infinite.
+    # With a normal eps > 0 in float32 the scaling is finite (the average is >= 0 and
+    # below overflow); eps = 0, a subnormal eps (XLA on a CPU flushes it to 0) or a
+    # traced one can make it infinite.
     concrete_eps = validate.concrete_value(eps)
-    guard_zero = concrete_eps is None or not np.float32(concrete_eps) > 0
+    guard_zero = concrete_eps is None or not concrete_eps >= validate.SMALLEST_NORMAL
     read_back = storage_lib.reads_back(storage)
 
     concrete_decay = validate.concrete_value(decay)
