@@ -81,7 +81,8 @@ def test_each_documented_range_is_enforced(function, argument, allowed, example)
 def test_nan_is_rejected_wherever_a_number_is_checked(function, argument, allowed, example):
     if allowed == "True or False":
         return
-    with pytest.raises(ValueError, match=re.escape(f"rmsjax.{function}: {argument} must be")):
+    error = TypeError if allowed.startswith("an integer") else ValueError  # a count: a float
+    with pytest.raises(error, match=re.escape(f"rmsjax.{function}: {argument} must be")):
         CALLS[function](**{argument: float("nan")})
 
 
@@ -126,8 +127,8 @@ def test_every_documented_argument_refuses_what_is_not_a_real_scalar(
     function, argument, integer, bad
 ):
     value, error_type = BAD_VALUES[bad]
-    if integer:  # counts (every_k, ...) say "must be an integer" for any wrong value
-        error_type = (TypeError, ValueError)
+    if integer and bad in ("float32 overflow", "minus infinity"):
+        error_type = TypeError  # a count is an integer: any float is the wrong type
     if value is None and (function, argument) in NONE_MEANS_OFF:
         return
     with pytest.raises(error_type) as error:
@@ -482,15 +483,16 @@ def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
 # ------------------------------------------------------------------- helpers' arguments
 
 
-@pytest.mark.parametrize("bad", [-1, 0, 1.5, True, "8"])
-def test_block_counts_are_positive_integers(bad):
-    with pytest.raises(
-        ValueError, match=r"^rmsjax\.auto_block_size: count must be an integer >= 1"
-    ):
+@pytest.mark.parametrize(
+    "bad,error",
+    [(-1, ValueError), (0, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)],
+)
+def test_block_counts_are_positive_integers(bad, error):
+    with pytest.raises(error, match=r"^rmsjax\.auto_block_size: count must be an integer >= 1"):
         rj.auto_block_size(bad)
     for argument in ("block_size", "max_stacked_size"):
         with pytest.raises(
-            ValueError, match=rf"^rmsjax\.leaf_blocks: {argument} must be an integer >= 1"
+            error, match=rf"^rmsjax\.leaf_blocks: {argument} must be an integer >= 1"
         ):
             rj.leaf_blocks([jnp.zeros(3)], **{argument: bad})
     assert rj.auto_block_size(np.int64(300)) == rj.auto_block_size(300) == 16
@@ -523,7 +525,7 @@ def test_counts_take_numpy_integers_and_refuse_bools():
         expected, _ = plain.update(grads, plain.init(params), params)
         got, _ = numpy_count.update(grads, numpy_count.init(params), params)
         np.testing.assert_array_equal(got["w"], expected["w"])
-        with pytest.raises(ValueError, match=r"must be an integer >= \d"):
+        with pytest.raises(TypeError, match=r"must be an integer >= \d.*, got True \(bool\)"):
             make(True)
 
 
@@ -594,3 +596,27 @@ def test_grouping_helpers_name_themselves_and_the_mismatch():
         rj.group_state(tx, grouped_state, params)
     with pytest.raises(ValueError, match=r"^rmsjax\.group_state: the state's tree structure"):
         rj.group_state(tx, per_leaf, {"a": jnp.ones(3)})
+
+
+def test_hyperparameters_take_every_real_scalar_optax_takes():
+    # a bfloat16 scalar (NumPy calls its kind 'V') and a Python int beyond int64 (an
+    # object array to NumPy) were refused as "not a real number"
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([0.5, -1.0, 2.0])}
+    reference, _ = rj.sgd(0.125).update(grads, rj.sgd(0.125).init(params))
+    for value in (jnp.bfloat16(0.125), jnp.asarray(0.125, jnp.bfloat16), np.float16(0.125)):
+        tx = rj.sgd(value)
+        np.testing.assert_array_equal(tx.update(grads, tx.init(params))[0]["w"], reference["w"])
+    # a Python int JAX cannot pass into a step (beyond int32, as 2**40) failed inside
+    # the step, in optax too: refused where it is built, with the float to write
+    for huge in (2**40, 2**100, 2**2000):
+        with pytest.raises(
+            ValueError,
+            match=r"^rmsjax\.rmsprop: learning_rate must be a float, or an integer within "
+            r"int32( \(write [0-9.e+]+\))?, got \d+$",
+        ):
+            rj.rmsprop(huge)
+    big = rj.sgd(float(2**100))  # 1.3e30: finite in float32
+    np.testing.assert_array_equal(
+        big.update(grads, big.init(params))[0]["w"], -(2.0**100) * grads["w"]
+    )

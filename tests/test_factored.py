@@ -210,10 +210,6 @@ def test_minimises_a_least_squares_problem():
             "rmsjax.scale_by_factored_rms: min_dim_size_to_factor must be an integer >= 1, got 0",
         ),
         (
-            lambda: rj.factored_rmsprop(1e-3, min_dim_size_to_factor=2.5),
-            "rmsjax.factored_rmsprop: min_dim_size_to_factor must be an integer >= 1, got 2.5",
-        ),
-        (
             lambda: rj.factored_rmsprop(1e-3, momentum=1.5),
             r"rmsjax.factored_rmsprop: momentum must be in \[0, 1\], got 1.5",
         ),
@@ -226,6 +222,15 @@ def test_minimises_a_least_squares_problem():
 def test_bad_hyperparameters(build, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         build()
+
+
+def test_a_fractional_size_is_the_wrong_type():
+    with pytest.raises(
+        TypeError,
+        match=r"^rmsjax\.factored_rmsprop: min_dim_size_to_factor must be an integer >= 1, "
+        r"got 2\.5 \(float\)$",
+    ):
+        rj.factored_rmsprop(1e-3, min_dim_size_to_factor=2.5)
 
 
 def test_shape_mismatch_is_reported():

@@ -313,7 +313,7 @@ def test_grouped_needs_an_elementwise_chain():
         rj.grouped(rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.1)))
     with pytest.raises(ValueError, match=r"block_size must be an integer >= 1 or None, got 0"):
         rj.grouped(rj.rmsprop(0.1), block_size=0)
-    with pytest.raises(ValueError, match=r"max_stacked_size must be an integer >= 1, got 2.5"):
+    with pytest.raises(TypeError, match=r"max_stacked_size must be an integer >= 1, got 2.5"):
         rj.grouped(rj.rmsprop(0.1), max_stacked_size=2.5)
 
 

@@ -388,9 +388,11 @@ def test_apply_if_finite_applies_after_max_consecutive_errors_and_resets():
     assert int(state.total_notfinite) == 4
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, None])
-def test_apply_if_finite_rejects_bad_max_consecutive_errors(bad):
-    with pytest.raises(ValueError, match=r"rmsjax\.apply_if_finite: max_consecutive_errors"):
+@pytest.mark.parametrize(
+    "bad,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)]
+)
+def test_apply_if_finite_rejects_bad_max_consecutive_errors(bad, error):
+    with pytest.raises(error, match=r"rmsjax\.apply_if_finite: max_consecutive_errors"):
         rj.apply_if_finite(rj.sgd(0.1), bad)
 
 
@@ -579,9 +581,11 @@ def test_accumulate_gradients_every_1_is_the_inner_optimizer():
     chex.assert_trees_all_close(s1.inner_state, s2, rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.0, True])
-def test_accumulate_gradients_rejects_bad_every_k(bad):
-    with pytest.raises(ValueError, match=r"rmsjax\.accumulate_gradients: every_k must be"):
+@pytest.mark.parametrize(
+    "bad,error", [(0, ValueError), (-2, ValueError), (1.0, TypeError), (True, TypeError)]
+)
+def test_accumulate_gradients_rejects_bad_every_k(bad, error):
+    with pytest.raises(error, match=r"rmsjax\.accumulate_gradients: every_k must be"):
         rj.accumulate_gradients(rj.sgd(0.1), bad)
 
 

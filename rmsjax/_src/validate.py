@@ -57,15 +57,33 @@ def read_number(function: str, argument: str, value: Any, *, schedule: bool = Fa
         _wrong_type(function, argument, allowed, value)
     if value is None or isinstance(value, (bool, np.bool_, str, bytes, list, tuple, dict)):
         _wrong_type(function, argument, allowed, value)
+    if isinstance(value, int) and not _jax_takes_int(value):
+        # JAX refuses such a Python int inside the step ("An overflow was encountered
+        # while parsing an argument"), optax's steps too; say so where it is built
+        limit = "int64" if jax.config.jax_enable_x64 else "int32"
+        try:
+            written = f" (write {float(value):.6g})"
+        except OverflowError:  # beyond float64 too
+            written = ""
+        _fail(function, argument, f"a float, or an integer within {limit}{written}", value)
     try:
         array = np.asarray(value)
     except Exception:  # not something numpy can read (an abstract value, say)
         _wrong_type(function, argument, allowed, value)
-    if array.dtype.kind not in "iuf":
+    # integers and floats, bfloat16 and the other ml_dtypes floats included
+    if not (
+        np.issubdtype(array.dtype, np.integer)
+        or jax.numpy.issubdtype(array.dtype, jax.numpy.floating)
+    ):
         _wrong_type(function, argument, allowed, value)
     if array.shape != ():
         _fail(function, argument, f"a scalar, not an array of shape {array.shape}", value)
     return float(array)
+
+
+def _jax_takes_int(value: int) -> bool:
+    bits = 64 if jax.config.jax_enable_x64 else 32
+    return -(2 ** (bits - 1)) <= value < 2 ** (bits - 1)
 
 
 def _check_representable(function: str, argument: str, number: float, value: Any) -> None:
@@ -223,11 +241,15 @@ def check_count(
     "choose for me"): how many steps, leaves, entries or errors. A bool is refused."""
     if value is None and allow_none:
         return
+    allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
     integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not integer or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+    if not integer:  # a bool, float, string, None, ...: the wrong type, as range(2.0) says
+        if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) > 0:
+            _fail(function, argument, allowed, value)  # not a scalar
         if isinstance(value, jax.Array):  # a count injected by inject_hyperparams, say
             allowed += " (a Python integer: under inject_hyperparams, name it in static_args)"
+        _wrong_type(function, argument, allowed, value)
+    if value < minimum:
         _fail(function, argument, allowed, value)
     if value > INT32_MAX:  # steps are counted in int32: a larger one fails inside a step
         _fail(function, argument, f"at most {INT32_MAX} (2**31 - 1)", value)
