@@ -301,7 +301,7 @@ CASES: tuple[Case, ...] = (
             m.masked(m.adagrad(0.1), _NOT_DENSE),
             m.add_decayed_weights(1e-3, mask=_NOT_SCALAR),
         ),
-        "state",
+        "migration state",
         in_optax=True,
     ),
     _case(

@@ -125,6 +125,17 @@ def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
     return other._replace(nu=nu)
 
 
+def _stateless_mask(like: Any, other: Any) -> bool:
+    """optax's ``add_decayed_weights(wd, mask)`` keeps ``MaskedState(EmptyState())``,
+    rmsjax's an ``EmptyState``: neither holds anything, so either becomes the other."""
+    names = {type(like).__name__, type(other).__name__}
+    return (
+        names == {"MaskedState", "EmptyState"}
+        and not jax.tree.leaves(like)
+        and not jax.tree.leaves(other)
+    )
+
+
 def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, parent: Any) -> Any:
     if like is None:
         # None stands for a parameter left out (a None leaf): nothing of the state is
@@ -149,6 +160,8 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
     if _is_namedtuple(like):
         if not _is_namedtuple(other):
             _fail(function, path, f"expected a {type(like).__name__}, got {type(other).__name__}")
+        if _stateless_mask(like, other):
+            return like
         ours, theirs = (other, like) if to_optax else (like, other)
         if not _compatible(type(ours).__name__, type(theirs).__name__):
             _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
