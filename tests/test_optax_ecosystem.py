@@ -211,6 +211,30 @@ def test_flax_train_state_steps_as_with_optax():
     _assert_same_bits(run(rj.rmsprop(0.1, momentum=0.9)), run(optax.rmsprop(0.1, momentum=0.9)))
 
 
+def test_flax_serialization_saves_and_restores_injected_hyperparameters():
+    # flax finds its converters by exact type: a Hyperparams (a dict subclass) reached
+    # msgpack as it was, and to_bytes of a TrainState failed where optax's saved
+    serialization = pytest.importorskip("flax.serialization")
+    train_state = pytest.importorskip("flax.training.train_state")
+    for tx in (
+        rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, momentum=0.9),
+        optax.inject_hyperparams(optax.rmsprop)(learning_rate=0.1, momentum=0.9),
+    ):
+        state = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
+        state = state.apply_gradients(grads=_grads(0))
+        state.opt_state.hyperparams["learning_rate"] = 0.05
+        restored = serialization.from_bytes(
+            train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx),
+            serialization.to_bytes(state),
+        )
+        assert type(restored.opt_state.hyperparams) is type(state.opt_state.hyperparams)
+        assert float(restored.opt_state.hyperparams["learning_rate"]) == np.float32(0.05)
+        _assert_same_bits(
+            restored.apply_gradients(grads=_grads(1)).params,
+            state.apply_gradients(grads=_grads(1)).params,
+        )
+
+
 # ------------------------------------------------------------------------ signatures
 
 # rmsjax may add keyword arguments of its own (storage, centered, ...) after optax's,

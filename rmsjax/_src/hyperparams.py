@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -89,6 +90,32 @@ jax.tree_util.register_pytree_with_keys(
     lambda keys, values: Hyperparams(zip(keys, values)),
     flatten_func=lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
 )
+
+
+def register_with_flax() -> None:
+    """Lets ``flax.serialization`` save and restore a :class:`Hyperparams` as the dict it
+    is: flax finds its converters by exact type, and a dict subclass it does not know
+    reached msgpack as it was ("can not serialize 'Hyperparams' object"). Done once,
+    where a state is made, when flax is imported (rmsjax does not import flax)."""
+    serialization = sys.modules.get("flax.serialization")
+    if serialization is None or Hyperparams in _FLAX_REGISTERED:
+        return
+
+    def to_state_dict(entries: Hyperparams) -> dict:
+        return {str(k): serialization.to_state_dict(v) for k, v in entries.items()}
+
+    def from_state_dict(target: Hyperparams, state: dict) -> Hyperparams:
+        return Hyperparams(
+            {k: serialization.from_state_dict(v, state[str(k)], str(k)) for k, v in target.items()}
+        )
+
+    serialization.register_serialization_state(
+        Hyperparams, to_state_dict, from_state_dict, override=True
+    )
+    _FLAX_REGISTERED.add(Hyperparams)
+
+
+_FLAX_REGISTERED: set = set()
 
 
 def _is_numeric(value: Any) -> bool:
@@ -275,6 +302,7 @@ def inject_hyperparams(
         first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
 
         def init_fn(params):
+            register_with_flax()
             dtype = _float_dtype(params, hyperparam_dtype)
 
             def fresh():
