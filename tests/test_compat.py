@@ -622,7 +622,9 @@ def test_presets_are_chains_of_the_core_parts():
         chex.assert_trees_all_equal(*runs)
 
 
-def test_state_layout_does_not_depend_on_the_arguments():
+def test_state_tuple_has_one_place_per_part_whatever_the_arguments():
+    # the same length, and a part that is off keeps an EmptyState; a part that is on
+    # holds its own state (docs/porting.md: a momentum=0 checkpoint does not fit momentum=0.9)
     params = tree_of(stored()["params0"])
     plain = compat.torch_rmsprop().init(params)
     full = compat.torch_rmsprop(weight_decay=0.1, maximize=True, momentum=0.9).init(params)
@@ -1008,3 +1010,20 @@ def test_torch_presets_take_positional_arguments_where_torch_does(ours, theirs):
     assert ours_names == theirs_names[: len(ours_names)]
     with pytest.raises(TypeError):
         getattr(compat, ours)(*([0.01] + [0] * len(ours_names)))
+
+
+def test_torch_adagrad_lr_decay_runs_in_float64_with_x64():
+    # the decayed rate was computed from a float32 count: 1.4e-7 off torch's float64 run
+    rng = np.random.default_rng(3)
+    params0, grads = rng.normal(size=6), rng.normal(size=(12, 6))
+    expected = reference_torch_adagrad(params0, grads, lr=0.1, lr_decay=0.1)
+    with jax.enable_x64(True):
+        tx = compat.torch_adagrad(lr=0.1, lr_decay=0.1)
+        p = jnp.asarray(params0, jnp.float64)
+        state, got = tx.init(p), []
+        for g in grads:
+            updates, state = tx.update(jnp.asarray(g, jnp.float64), state, p)
+            p = rj.apply_updates(p, updates)
+            got.append(np.asarray(p))
+        assert p.dtype == jnp.float64
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-13, atol=0)

@@ -108,7 +108,8 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
             if callable(learning_rate)
             else learning_rate
         )
-        return rate / (1 + jnp.asarray(count, jnp.float32) * lr_decay)
+        # the default float: float32, or float64 with x64 on (where torch runs float64)
+        return rate / (1 + jnp.asarray(count, jnp.result_type(float)) * lr_decay)
 
     return schedule
 
