@@ -6,6 +6,7 @@ import ast
 import pathlib
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,6 +184,36 @@ def test_a_schedule_must_return_a_scalar(make, shape):
         jax.jit(tx.update)(params, tx.init(params), params)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: rj.rmsprop(s),
+        lambda s: rj.compat.torch_adagrad(lr=s, lr_decay=0.1),
+        lambda s: rj.inject_hyperparams(rj.sgd)(learning_rate=s),
+    ],
+)
+@pytest.mark.parametrize(
+    "returned,shown",
+    [
+        (lambda count: None, r"None \(NoneType\)"),
+        (lambda count: "0.1", r"'0\.1' \(str\)"),
+        (lambda count: 0.1 + 0j, r"\(0\.1\+0j\) \(complex\)"),
+        (lambda count: True, r"True \(bool\)"),  # stepped with a learning rate of 1
+        (lambda count: count > 3, r"a value of dtype bool"),
+    ],
+)
+def test_a_schedule_must_return_a_real_number(make, returned, shown):
+    # each failed inside the step with Python's own error (or stepped as 1), unnamed
+    params = jnp.ones(3)
+    with pytest.raises(
+        TypeError,
+        match=r"learning_rate schedule must return a real number \(an integer or a float\), "
+        rf"got {shown}",
+    ):
+        tx = make(returned)
+        jax.jit(tx.update)(params, tx.init(params), params)
+
+
 def test_traced_hyperparameters_pass_unchecked_and_work():
     params = jnp.array([1.0, -1.0])
     grads = jnp.array([0.5, 2.0])
@@ -255,6 +286,29 @@ def test_state_of_another_optimizer_is_refused():
         rj.scale_by_rss().update(params, rj.scale_by_rms().init(params))
     with pytest.raises(TypeError, match="expected the tuple of 2 states"):
         rj.adagrad(0.1).update(params, rj.rmsprop(0.1, momentum=0.9).init(params))
+
+
+def test_a_state_made_with_other_options_is_refused_in_both_directions():
+    # a centered mean handed to an uncentered rule was dropped from the new state in
+    # silence (the reverse was refused); so was an int8 state's count, with a raw error
+    params = {"w": jnp.ones(4096), "b": jnp.zeros(2)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    pairs = [
+        (
+            rj.rmsprop(0.1, momentum=0.9),
+            rj.rmsprop(0.1, momentum=0.9, centered=True),
+            "mu holds arrays",
+        ),
+        (rj.rmsprop(0.1, centered=True), rj.rmsprop(0.1), "mu is None"),
+        (rj.adagrad(0.1), rj.adagrad(0.1, storage="int8"), "count holds arrays"),
+    ]
+    for tx, other, says in pairs:
+        state = other.init(params)
+        before = jax.tree.map(np.asarray, state)
+        for update in (tx.update, jax.jit(tx.update)):
+            with pytest.raises(TypeError, match=rf"^rmsjax\.(rmsprop|adagrad)\.update: .*{says}"):
+                update(grads, state, params)
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), before)
 
 
 def test_params_required_where_needed():

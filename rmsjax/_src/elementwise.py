@@ -137,6 +137,17 @@ def declared_rule(
                     f"transformation keeps one; the state was made by a {name} with "
                     f"other options{example}, or for parameters that were None."
                 )
+        for field in fields:
+            # a field this rule leaves empty that holds arrays (a centered mean handed to
+            # an uncentered rule) would be dropped from the new state without a word
+            if field not in declared and jax.tree.leaves(getattr(state, field)):
+                example = {"mu": " (centered=True, say)", "count": " (another storage, say)"}
+                example = example.get(field, "")
+                raise TypeError(
+                    f"rmsjax.{name}.update: the state's {field} holds arrays, and this "
+                    f"transformation keeps none; the state was made by a {name} with "
+                    f"other options{example}, and its {field} would be lost."
+                )
         shared = getattr(state, shared_field) if shared_field else ()
         if shared is None:
             raise TypeError(

@@ -220,7 +220,22 @@ def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
 
 def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
     """A schedule's value, checked at trace time to be a scalar: a schedule that returns
-    an array would otherwise be broadcast over each leaf, or fail inside the step."""
+    an array would otherwise be broadcast over each leaf, or fail inside the step, and a
+    real number: None, a string or a complex number failed inside the step with Python's
+    own errors, and True stepped as 1."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        real = np.issubdtype(dtype, np.integer) or jax.numpy.issubdtype(dtype, jax.numpy.floating)
+    if not real:
+        kind = f"{value!r} ({type(value).__name__})"
+        if dtype is not None:
+            kind = f"a value of dtype {dtype}"
+        raise TypeError(
+            f"rmsjax.{function}: the {argument} schedule must return a real number (an "
+            f"integer or a float), got {kind}"
+        )
     shape = np.shape(value)
     if shape != ():
         raise ValueError(
