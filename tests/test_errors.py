@@ -674,3 +674,32 @@ def test_hyperparameters_take_every_real_scalar_optax_takes():
     np.testing.assert_array_equal(
         big.update(grads, big.init(params))[0]["w"], -(2.0**100) * grads["w"]
     )
+
+
+def test_a_leaf_that_is_not_an_array_is_named():
+    # jnp.asarray's own error ("Value 'abc' with dtype <U3 is not a valid JAX array
+    # type") named neither the optimizer nor the leaf
+    for tx, name in (
+        (rj.rmsprop(0.1), "rmsprop"),
+        (rj.chain(rj.clip(1.0), rj.adagrad(0.1)), "chain"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"^rmsjax\.{name}\.init: leaf \['name'\] is 'abc' \(str\)"
+        ):
+            tx.init({"w": jnp.ones(3), "name": "abc"})
+        state = tx.init({"w": jnp.ones(3), "name": None})
+        with pytest.raises(TypeError, match=rf"^rmsjax\.{name}\.update: leaf \['name'\] is 'abc'"):
+            tx.update({"w": jnp.ones(3), "name": "abc"}, state)
+
+
+def test_make_train_step_names_an_integer_parameter_and_deletes_nothing():
+    tx = rj.rmsprop(0.1)
+    step = rj.make_train_step(lambda p, x: jnp.sum(p["w"] * x), tx)
+    params = {"w": jnp.ones(3), "n": jnp.array(3)}
+    state = tx.init({"w": jnp.ones(3), "n": None})
+    with pytest.raises(
+        TypeError, match=r"^rmsjax\.make_train_step: params leaf \['n'\] has dtype int32"
+    ):
+        step(params, state, jnp.ones(3))
+    np.testing.assert_array_equal(params["w"], np.ones(3))  # not donated: still readable
+    np.testing.assert_array_equal(state[0].nu["w"], np.zeros(3))

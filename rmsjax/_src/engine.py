@@ -94,7 +94,7 @@ PER_LEAF = Layout(
 def init(rule: LeafRule, layout: Layout, params: base.Params) -> Any:
     """``rule``'s state for ``params``, in ``layout``."""
     leaves, treedef = jax.tree.flatten(params)
-    leaves = as_arrays(leaves)
+    leaves = as_arrays(leaves, f"rmsjax.{rule.name}.init", params)
     check_inexact(rule, "init", params, leaves)
     per_block = [
         # A leaf alone: laid out like its parameter (see sharding.py). Stacked leaves
@@ -123,7 +123,7 @@ def run(
     state), or with ``apply=True`` (params + updates in each parameter's dtype, state)."""
     shared, slot_trees = rule.from_state(state, none_tree=updates is None)
     leaves, treedef = jax.tree.flatten(updates)
-    leaves = as_arrays(leaves)
+    leaves = as_arrays(leaves, f"rmsjax.{rule.name}.update", updates)
     check_inexact(rule, "update", updates, leaves)
     blocks = layout.blocks(updates)
     slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
@@ -138,7 +138,9 @@ def run(
             )
         param_leaves: list = [None] * len(leaves)
     else:
-        param_leaves = as_arrays(params_like(rule.name, treedef, updates, params))
+        param_leaves = as_arrays(
+            params_like(rule.name, treedef, updates, params), f"rmsjax.{rule.name}.update", params
+        )
         check_params(rule.name, updates, leaves, param_leaves, rule.needs_params)
 
     new_shared, context = rule.step_shared(shared)

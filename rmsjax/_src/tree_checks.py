@@ -18,9 +18,24 @@ from rmsjax._src import base, block_layout, quantization
 from rmsjax._src.elementwise import LeafRule
 
 
-def as_arrays(leaves: Sequence[Any]) -> list:
-    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax."""
-    return [x if isinstance(x, jax.Array) or x is None else jnp.asarray(x) for x in leaves]
+def as_arrays(leaves: Sequence[Any], where: str = "", tree: Any = None) -> list:
+    """The leaves as arrays: python and numpy scalars become 0-d arrays, as in optax.
+    A leaf JAX cannot read (a string, say) is a TypeError naming it, ``where`` being
+    ``"rmsjax.rmsprop.init"`` and ``tree`` the tree the leaves came from."""
+    arrays = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, jax.Array) or x is None:
+            arrays.append(x)
+            continue
+        try:
+            arrays.append(jnp.asarray(x))
+        except TypeError:
+            raise TypeError(
+                f"{where}: leaf {path_of(tree, i)} is {x!r} ({type(x).__name__}), not an "
+                "array; optimizers update floating-point (or complex) arrays. Leave it out "
+                "of the trained tree (replace it by None)."
+            ) from None
+    return arrays
 
 
 def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
