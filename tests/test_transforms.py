@@ -5,6 +5,8 @@ against optax, live."""
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -366,6 +368,36 @@ def test_apply_if_finite_bad_step_leaves_params_and_state_bit_identical(fused):
             assert int(state.notfinite_count) == 0 and bool(state.last_finite)
             assert not np.array_equal(bits(params)["w"], before_params["w"])
     assert int(state.total_notfinite) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_apply_if_finite_takes_a_state_that_holds_inf_by_design(fused):
+    # reduce_on_plateau's best value starts at inf: checking the whole new inner state
+    # skipped every step; only what a step turns non-finite counts, as optax (which
+    # checks the gradients alone) applies every step here
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([0.1, 0.2, 0.3])}
+    plateau = optax.contrib.reduce_on_plateau(accumulation_size=3)
+    ours = rj.apply_if_finite(rj.chain(rj.sgd(0.1), plateau), 5)
+    theirs = optax.apply_if_finite(optax.chain(optax.sgd(0.1), plateau), 5)
+    s_ours, s_theirs, p_ours = ours.init(params), theirs.init(params), params
+    for _ in range(4):
+        u_theirs, s_theirs = jax.jit(theirs.update)(grads, s_theirs, params, value=1.0)
+        if fused:
+            p_ours, s_ours = jax.jit(functools.partial(rj.update_and_apply, ours))(
+                grads, s_ours, p_ours, value=1.0
+            )
+        else:
+            u_ours, s_ours = jax.jit(ours.update)(grads, s_ours, params, value=1.0)
+            np.testing.assert_array_equal(u_ours["w"], u_theirs["w"])
+        assert int(s_ours.notfinite_count) == int(s_ours.total_notfinite) == 0
+    if fused:
+        np.testing.assert_allclose(p_ours["w"], 1.0 - 4 * 0.1 * grads["w"], rtol=1e-6)
+    # a NaN the step writes into the state is still caught
+    bad = rj.apply_if_finite(rj.rmsprop(0.1), 2)
+    state = bad.init(params)
+    updates, state = bad.update({"w": jnp.array([1.0, jnp.nan, 1.0])}, state, params)
+    assert int(state.notfinite_count) == 1 and bool(jnp.all(updates["w"] == 0))
 
 
 def test_apply_if_finite_applies_after_max_consecutive_errors_and_resets():

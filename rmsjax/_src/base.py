@@ -81,6 +81,15 @@ def accepts_extra(function: Callable) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+def _is_optax_extra_args(tx: Any) -> bool:
+    """An optax ``GradientTransformationExtraArgs``: optax hands it every extra, whatever
+    its ``update`` declares (a keyword-only ``loss``, say), and so does rmsjax."""
+    kind = type(tx)
+    return kind.__name__ == "GradientTransformationExtraArgs" and kind.__module__.startswith(
+        "optax"
+    )
+
+
 def with_extra_args_support(tx: GradientTransformation) -> GradientTransformation:
     """``tx`` with an ``update`` that takes keyword extras, ignoring them, if it did not.
 
@@ -101,7 +110,7 @@ def with_extra_args_support(tx: GradientTransformation) -> GradientTransformatio
     2.0
     """
     validate.check_transformation("with_extra_args_support", "tx", tx)
-    if accepts_extra(tx.update):
+    if accepts_extra(tx.update) or _is_optax_extra_args(tx):
         return tx
     inner = tx.update
 

@@ -139,10 +139,15 @@ def declared_rule(
                 )
         for field in fields:
             # a field this rule leaves empty that holds arrays (a centered mean handed to
-            # an uncentered rule) would be dropped from the new state without a word
-            if field not in declared and jax.tree.leaves(getattr(state, field)):
-                example = {"mu": " (centered=True, say)", "count": " (another storage, say)"}
-                example = example.get(field, "")
+            # an uncentered rule) would be dropped from the new state without a word; a
+            # step count it does not keep is dropped, as the conversions do (and
+            # optax.tree_utils.tree_set(state, count=...) fills every count field)
+            if (
+                field not in declared
+                and field != "count"
+                and jax.tree.leaves(getattr(state, field))
+            ):
+                example = " (centered=True, say)" if field == "mu" else ""
                 raise TypeError(
                     f"rmsjax.{name}.update: the state's {field} holds arrays, and this "
                     f"transformation keeps none; the state was made by a {name} with "

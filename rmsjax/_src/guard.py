@@ -37,6 +37,26 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
+def stays_finite(new: Any, old: Any) -> jax.Array:
+    """True when no floating element of the state ``new`` is non-finite where ``old``
+    held a finite one: a state may hold inf by design (``reduce_on_plateau``'s best
+    value starts at inf), and a step is skipped only for what it turned non-finite.
+    Where the two trees or a leaf's shape differ, every element of ``new`` is checked."""
+    new_leaves, new_def = jax.tree.flatten(new)
+    old_leaves, old_def = jax.tree.flatten(old)
+    if new_def != old_def:
+        return all_finite(new)
+    checks = []
+    for n, o in zip(new_leaves, old_leaves):
+        if not jnp.issubdtype(jnp.result_type(n), jnp.inexact):
+            continue
+        if jnp.shape(n) == jnp.shape(o) and jnp.issubdtype(jnp.result_type(o), jnp.inexact):
+            checks.append(jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o)))
+        else:
+            checks.append(jnp.all(jnp.isfinite(n)))
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def _negative_zeros(tree: Any) -> Any:
     # -0.0 rather than +0.0: p + (-0.0) is p bit for bit for every p, -0.0 included,
     # whereas (-0.0) + (+0.0) is +0.0.
@@ -128,8 +148,10 @@ def apply_if_finite(
         with elementwise.naming_wrapper(name, "update"):
             new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         # The gradients, and what the inner transformation made of them: a schedule that
-        # yields NaN or a rule that overflows is caught as well as a NaN gradient.
-        apply, make_state = decide(all_finite((updates, new_updates, new_inner)), state)
+        # yields NaN or a rule that overflows is caught as well as a NaN gradient (in
+        # the state, what turned non-finite: a state may hold inf by design).
+        finite = all_finite((updates, new_updates)) & stays_finite(new_inner, state.inner_state)
+        apply, make_state = decide(finite, state)
         new_updates = _select(apply, new_updates, _negative_zeros(new_updates))
         return new_updates, make_state(_select(apply, new_inner, state.inner_state))
 
@@ -139,7 +161,8 @@ def apply_if_finite(
             new_params, new_inner = combine.update_and_apply(
                 inner, updates, state.inner_state, params, **extra
             )
-        apply, make_state = decide(all_finite((updates, new_params, new_inner)), state)
+        finite = all_finite((updates, new_params)) & stays_finite(new_inner, state.inner_state)
+        apply, make_state = decide(finite, state)
         new_params = jax.tree.map(
             lambda n, p: None if p is None else jnp.where(apply, n, p),
             new_params,

@@ -89,7 +89,7 @@ def trace(
         stored, new = storage_lib.keep(new, slots[0], read_back)
         update = g_c + decay * new if nesterov else new
         # in the dtype optax's g + decay * trace has: the wider of the two
-        out = g.dtype if storage is not None else jnp.result_type(g, slots[0])
+        out = storage_lib.update_dtype(g, slots, storage)
         return update.astype(out), (stored,)
 
     return fusion.rule_transformation(
@@ -152,7 +152,7 @@ def ema(
         dtype = numerics.compute_dtype(g.dtype)
         new = (1 - decay) * g.astype(dtype) + decay * slots[0].astype(dtype)
         update = new if correction is None else new / correction.astype(dtype)
-        out = jnp.result_type(g, slots[0])  # as optax's, the wider of the two
+        out = jnp.result_type(g, storage_lib.slot_dtype(slots[0]))  # as optax's: the wider
         return update.astype(out), (new.astype(slots[0].dtype),)
 
     return fusion.rule_transformation(

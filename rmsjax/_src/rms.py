@@ -245,7 +245,7 @@ def rms_rule(
             update = jnp.where(zero_step, g_c, finite * (g_c * scale))
         # in the dtype of optax's g / sqrt(nu + eps): the wider of the gradient's and the
         # state's (float32 updates for bfloat16 gradients of float32 parameters)
-        out = g.dtype if storage is not None else jnp.result_type(g, *slots)
+        out = storage_lib.update_dtype(g, slots, storage)
         return update.astype(out), new_slots
 
     slots = (elementwise.Slot("nu"),) + ((elementwise.Slot("mu"),) if centered else ())

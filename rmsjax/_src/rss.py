@@ -124,7 +124,7 @@ def rss_rule(
         scaling = jnp.where(seen, scaling, 0.0)
         update = scaling * (g_c * scale)
         # as optax's: the wider of the gradient's dtype and the state's
-        out = g.dtype if storage is not None else jnp.result_type(g, slots[0])
+        out = storage_lib.update_dtype(g, slots, storage)
         return update.astype(out), (moment.stored,)
 
     return elementwise.declared_rule(

@@ -182,6 +182,15 @@ def slot_dtype(slot: Any) -> Any:
     return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
 
 
+def update_dtype(g: Any, slots: Any, storage: Any) -> Any:
+    """The dtype of a rule's update, as optax's: the wider of the gradient's and the
+    state's (float32 updates for bfloat16 gradients of float32 parameters); with a
+    ``storage`` option, the gradient's."""
+    if storage is not None:
+        return g.dtype
+    return jnp.result_type(g, *(slot_dtype(slot) for slot in slots))
+
+
 # ---------------------------------------------------------------- the storage option
 
 

@@ -57,15 +57,11 @@ def read_number(function: str, argument: str, value: Any, *, schedule: bool = Fa
         _wrong_type(function, argument, allowed, value)
     if value is None or isinstance(value, (bool, np.bool_, str, bytes, list, tuple, dict)):
         _wrong_type(function, argument, allowed, value)
-    if isinstance(value, int) and not _jax_takes_int(value):
-        # JAX refuses such a Python int inside the step ("An overflow was encountered
-        # while parsing an argument"), optax's steps too; say so where it is built
-        limit = "int64" if jax.config.jax_enable_x64 else "int32"
+    if isinstance(value, int):  # beyond int64 NumPy would make it an object array
         try:
-            written = f" (write {float(value):.6g})"
-        except OverflowError:  # beyond float64 too
-            written = ""
-        _fail(function, argument, f"a float, or an integer within {limit}{written}", value)
+            return float(value)
+        except OverflowError:  # beyond float64: the range checks say "finite"
+            return math.inf
     try:
         array = np.asarray(value)
     except Exception:  # not something numpy can read (an abstract value, say)
@@ -79,11 +75,6 @@ def read_number(function: str, argument: str, value: Any, *, schedule: bool = Fa
     if array.shape != ():
         _fail(function, argument, f"a scalar, not an array of shape {array.shape}", value)
     return float(array)
-
-
-def _jax_takes_int(value: int) -> bool:
-    bits = 64 if jax.config.jax_enable_x64 else 32
-    return -(2 ** (bits - 1)) <= value < 2 ** (bits - 1)
 
 
 def _check_representable(function: str, argument: str, number: float, value: Any) -> None:
