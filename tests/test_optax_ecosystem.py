@@ -211,6 +211,26 @@ def test_flax_train_state_steps_as_with_optax():
     _assert_same_bits(run(rj.rmsprop(0.1, momentum=0.9)), run(optax.rmsprop(0.1, momentum=0.9)))
 
 
+def test_wrappers_hand_every_extra_to_optax_extra_args_transformations():
+    # optax passes every extra to a GradientTransformationExtraArgs, whatever its update
+    # declares; rmsjax's wrappers passed them only to an update with **kwargs
+    def update(updates, state, params=None, *, loss):
+        return jax.tree.map(lambda u: u * loss, updates), state
+
+    tx = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+    params = jnp.ones(2)
+    for ours, theirs in (
+        (rj.chain(rj.scale(2.0), tx), optax.chain(optax.scale(2.0), tx)),
+        (rj.with_extra_args_support(tx), optax.with_extra_args_support(tx)),
+        (rj.masked(tx, True), optax.masked(tx, True)),
+        (rj.apply_if_finite(tx, 3), optax.apply_if_finite(tx, 3)),
+    ):
+        mine = ours.update(params, ours.init(params), None, loss=3.0)[0]
+        np.testing.assert_array_equal(
+            mine, theirs.update(params, theirs.init(params), None, loss=3.0)[0]
+        )
+
+
 def test_flax_serialization_saves_and_restores_injected_hyperparameters():
     # flax finds its converters by exact type: a Hyperparams (a dict subclass) reached
     # msgpack as it was, and to_bytes of a TrainState failed where optax's saved
