@@ -431,6 +431,22 @@ def test_apply_if_finite_rejects_bad_max_consecutive_errors(bad, error):
 # ---------------------------------------------------------------- inject_hyperparams
 
 
+def test_an_integer_hyperparameter_set_to_a_float_is_not_truncated():
+    # learning_rate=1 is held as int32; setting 0.01 (item by item or with tree_set)
+    # stored 0 and stepped by zero, where optax steps by 0.01
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.array([0.1, 0.2, 0.3])}
+    for lib in (rj, optax):
+        tx = lib.inject_hyperparams(lib.sgd)(learning_rate=1, momentum=0)
+        state = tx.init(params)
+        state.hyperparams["learning_rate"] = 0.01
+        state.hyperparams["momentum"] = 0.9
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        np.testing.assert_allclose(updates["w"], -0.019 * grads["w"], rtol=1e-6)
+        reset = optax.tree_utils.tree_set(tx.init(params), learning_rate=0.5)
+        np.testing.assert_allclose(tx.update(grads, reset, params)[0]["w"], -0.5 * grads["w"])
+
+
 def test_inject_hyperparams_matches_optax_and_numpy_with_changed_learning_rate():
     params = {"w": jnp.linspace(-1.0, 1.0, 6)}
     tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.05, decay=0.8, momentum=0.5)

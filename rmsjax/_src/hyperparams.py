@@ -25,7 +25,8 @@ class InjectHyperparamsState(NamedTuple):
         a scalar array (float32 for real numbers by default, int32 for python ints).
         Set an entry (``state.hyperparams["learning_rate"] = 1e-4``, as in optax) to
         change it from the next step on; the value is cast to the entry's dtype, so a
-        jitted step is not traced again.
+        jitted step is not traced again (an int32 entry set to a fractional number
+        becomes float32, as in optax, rather than truncating it).
       hyperparams_states: the state of each stateful schedule (an object with ``init``,
         ``update`` and ``__call__``, as optax's ``StatefulSchedule``), by argument name;
         empty when there is none.
@@ -63,7 +64,12 @@ class Hyperparams(dict):
             # of True stepping by -1000 g); its range is checked where the step builds
             # the optimizer from it
             validate.check_finite("inject_hyperparams", f"state.hyperparams[{key!r}]", value)
-        super().__setitem__(key, jnp.array(value, jnp.result_type(old), copy=True))
+        dtype = jnp.result_type(old)
+        if jnp.issubdtype(dtype, jnp.integer) and not _is_integer(value):
+            # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
+            # from now on, as in optax, not truncated to 0 (one more trace of the step)
+            dtype = value.dtype if _is_floating_array(value) else jnp.float32
+        super().__setitem__(key, jnp.array(value, dtype, copy=True))
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
@@ -134,6 +140,10 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) or (
         hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
     )
+
+
+def _is_floating_array(value: Any) -> bool:
+    return hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.floating)
 
 
 def _is_stateful_schedule(value: Any) -> bool:
@@ -277,7 +287,7 @@ def inject_hyperparams(
             # ints stay int32 and real numbers take the float dtype, whatever comes in;
             # a copy, so that the state never holds the caller's array (a donated step
             # would delete it) nor one buffer twice (a donated step refuses it)
-            if key in numeric and _is_integer(numeric[key]):
+            if key in numeric and _is_integer(numeric[key]) and _is_integer(value):
                 return jnp.array(value, jnp.int32, copy=True)
             return jnp.array(value, dtype, copy=True)
 
