@@ -90,8 +90,11 @@ def effective_step_sizes(
     hyperparameters), ``eps`` wherever it goes, bias correction and momentum's share of
     the new gradient. For RMSprop it is :math:`\eta_{t+1} / \sqrt{\rho\,\nu_t + \epsilon}`
     (the next average keeps :math:`\rho\,\nu_t` of the present one), for Adagrad
-    :math:`\eta / \sqrt{v_t + \epsilon}`; a weight whose Adagrad sum is still zero
-    gets 0, as its next update does. Jittable; costs about one optimizer update.
+    :math:`\eta / \sqrt{v_t + \epsilon}`. Where the step has no derivative at a zero
+    gradient (``eps=0`` and a zero sum or average) it reports the zero update's: 0 for
+    a weight whose Adagrad sum is still zero, the learning rate for a zero RMSprop
+    average, though any gradient, however small, moves either by ``lr`` or
+    ``lr / sqrt(1 - decay)``. Jittable; costs about one optimizer update.
 
     Args:
       tx: the optimizer whose state ``state`` is; any rmsjax (or optax) transformation
@@ -151,9 +154,10 @@ def step_size_summary(
     :func:`effective_step_sizes`: a few float32 scalars per leaf, cheap to log at every
     step, inside a jitted training step.
 
-    Elements whose step size is infinite (a zero average with ``eps=0``) count as
-    infinite in ``max`` and ``mean``; elements whose step size is 0 (an Adagrad sum that
-    is still zero) make ``geometric_mean`` 0. A leaf without elements has NaN in all four.
+    Step sizes up to float32's maximum (``eps=0`` and gradients of 1e-38: about 3e29)
+    are averaged without overflow; an infinite one would count as infinite in ``max``
+    and ``mean``. Elements whose step size is 0 (an Adagrad sum that is still zero,
+    with ``eps=0``) make ``geometric_mean`` 0. A leaf without elements has NaN in all four.
 
     Args:
       tx: as for :func:`effective_step_sizes`.
