@@ -77,3 +77,13 @@ def test_piecewise_boundaries_are_checked_before_they_are_sorted():
     expected = optax.piecewise_constant_schedule(1.0, {10: 0.1, 20: 0.5})
     for t in (0, 9, 10, 19, 20, 25):
         np.testing.assert_allclose(float(schedule(t)), float(expected(t)), rtol=1e-7)
+
+
+def test_cosine_decay_takes_a_python_count_beyond_int32_as_optax():
+    # a Python int count past int32 failed to reach JAX; optax turns it into a float
+    ours, theirs = (
+        S.cosine_decay_schedule(0.1, 17, alpha=0.2),
+        optax.cosine_decay_schedule(0.1, 17, alpha=0.2),
+    )
+    for count in (3, 2**31, 2**40):
+        assert float(ours(count)) == float(theirs(count))

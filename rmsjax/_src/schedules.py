@@ -111,6 +111,8 @@ def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: f
 
     def schedule(count):
         # The order of operations follows optax's, so both give the same float32 values.
+        if isinstance(count, int):  # a Python int beyond int32 cannot reach JAX as one
+            count = float(count)
         done = jnp.minimum(count, float(decay_steps))
         cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
         return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha), jnp.float32)
