@@ -113,6 +113,23 @@ def test_factored_with_zero_eps_steps_a_lost_element_by_its_own_first_step():
     np.testing.assert_allclose(np.asarray(u), [-0.01 / np.sqrt(0.1)] * 2 + [0.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-30])
+def test_a_derivative_through_factored_steps_with_tiny_gradients_is_finite(eps):
+    # 1 / g of the lost-element fallback, and the root of its zero estimate, made every
+    # derivative through the step NaN (0 * inf in the branch not taken)
+    tx = rj.factored_rmsprop(0.01, eps=eps, min_dim_size_to_factor=2)
+
+    def loss(g):
+        return jnp.sum(tx.update(g, tx.init(g), g)[0])
+
+    for g in (
+        jnp.array([[1.0, 0.5], [0.3, 1e-20]]),
+        jnp.array([[3e38, 0.5], [0.3, 1e-30]]),
+        jnp.array([1.0, 1e-20, 0.0]),
+    ):
+        assert bool(jnp.isfinite(jax.grad(loss)(g)).all())
+
+
 def test_centered_zero_variance_with_zero_eps_steps_by_an_infinity_not_a_nan():
     # decay = 0: the variance of every step is g^2 - g^2 = 0 exactly, and eps = 0 adds
     # nothing, so the step is g / 0 by the definition (docs/numerics.md); at decay 0.9

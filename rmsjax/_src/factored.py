@@ -209,7 +209,8 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         # root is not taken there, or 0 * inf in the branch not taken would make every
         # derivative through the step NaN
         zero_step = (g_c == 0) & ~(nu_hat > 0)
-        root = numerics.rsqrt(jnp.where(zero_step, jnp.ones_like(nu_hat), nu_hat))
+        lost = (nu_hat == 0) & (g_c != 0)
+        root = numerics.rsqrt(jnp.where(zero_step | lost, jnp.ones_like(nu_hat), nu_hat))
         update = jnp.where(zero_step, g_c, g_s * root)
         # A gradient more than 2^126 below the leaf's largest (one huge outlier among
         # ordinary gradients) has an average of 0 in units of 4^E: it steps as on its
@@ -217,12 +218,14 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         # 1 / sqrt(1 - decay), instead of 0 / 0 (computed as sign(g) over the root of
         # 1 - decay + (sqrt(eps) / g)^2: that ratio squared may overflow to inf, and
         # the step is 0 then, as it is to float32; with eps = 0 (or flushed to 0) the
-        # ratio is 0 even where 1 / g overflows, and the step is sign(g) / sqrt(1 - decay))
-        lost = (nu_hat == 0) & (g_c != 0)
-        inverse = 1 / jnp.where(g_c == 0, jnp.ones_like(g_c), g_c)
+        # ratio is 0 even where 1 / g overflows, and the step is sign(g) / sqrt(1 - decay)).
+        # Its derivative is cut, as where a moment is held scaled (docs/numerics.md):
+        # 1 / g of a tiny gradient made every derivative through the step NaN.
+        g_lost = jax.lax.stop_gradient(jnp.where(lost, g_c, jnp.ones_like(g_c)))
+        inverse = 1 / g_lost
         inverse = jnp.where(jnp.isfinite(inverse), inverse, jnp.finfo(dtype).max)
         ratio = jnp.sqrt(jnp.asarray(eps, dtype)) * inverse
-        alone = jnp.sign(g_c) * jax.lax.rsqrt((1 - decay) + ratio * ratio)
+        alone = jnp.sign(g_lost) * jax.lax.rsqrt((1 - decay) + ratio * ratio)
         update = jnp.where(lost, alone.astype(dtype), update)
         return update.astype(g.dtype), new_slots
 
