@@ -727,3 +727,20 @@ def test_leaves_with_no_elements_step_as_nothing(name):
         assert params[key].shape == leaf.shape
     for key in full:
         np.testing.assert_array_equal(params[key], alone[key])
+
+
+def test_a_none_in_a_mask_over_an_array_is_a_structure_error_as_in_optax():
+    # None is an empty subtree, not False: the leaf was left out in silence
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    for make in (
+        lambda lib: lib.masked(lib.sgd(0.1), {"w": True, "b": None}),
+        lambda lib: lib.add_decayed_weights(0.1, {"w": True, "b": None}),
+    ):
+        for lib in (rj, optax):
+            tx = make(lib)
+            with pytest.raises(ValueError, match="structure"):
+                tx.update(params, tx.init(params), params)
+    # over a None parameter it is what it was: nothing to select
+    params = {"w": jnp.ones(3), "b": None}
+    tx = rj.masked(rj.sgd(0.1), {"w": True, "b": None})
+    assert tx.update(params, tx.init(params), params)[0]["b"] is None

@@ -62,8 +62,15 @@ def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree
 
 
 def _map_over_mask(function: str, what: str, fn: Callable, mask_tree: Any, *trees: Any) -> Any:
+    def guarded(m: Any, *subs: Any) -> Any:
+        # a None in the mask is an empty subtree, as in optax, not False: over an array
+        # it is a structure error (it was taken as False, the leaf left out in silence)
+        if m is None and subs[0] is not None:
+            raise ValueError("a None in the mask over an array")
+        return fn(m, *subs)
+
     try:
-        return jax.tree.map(fn, mask_tree, *trees, is_leaf=base.is_none)
+        return jax.tree.map(guarded, mask_tree, *trees, is_leaf=base.is_none)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{function}: the mask's tree structure must be the {what}' (or a prefix "
