@@ -211,6 +211,24 @@ def test_flax_train_state_steps_as_with_optax():
     _assert_same_bits(run(rj.rmsprop(0.1, momentum=0.9)), run(optax.rmsprop(0.1, momentum=0.9)))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(0.1, momentum=0.9, storage="int8"),
+        lambda: rj.grouped(rj.rmsprop(0.1, momentum=0.9)),
+        lambda: rj.grouped(rj.adagrad(0.1, storage="int8")),
+    ],
+)
+def test_flax_serialization_saves_int8_and_grouped_states(make):
+    # a QuantizedArray and a GroupedState's TreeStructure reached msgpack as they were
+    serialization = pytest.importorskip("flax.serialization")
+    params = {"a": jnp.linspace(-1.0, 1.0, 4096), "b": jnp.ones(4096), "c": jnp.ones((2, 2))}
+    tx = make()
+    state = tx.update(params, tx.init(params), params)[1]
+    restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+    _assert_same_bits(tx.update(params, restored, params)[0], tx.update(params, state, params)[0])
+
+
 def test_wrappers_hand_every_extra_to_optax_extra_args_transformations():
     # optax passes every extra to a GradientTransformationExtraArgs, whatever its update
     # declares; rmsjax's wrappers passed them only to an update with **kwargs

@@ -100,11 +100,9 @@ jax.tree_util.register_pytree_with_keys(
 
 def register_with_flax() -> None:
     """Lets ``flax.serialization`` save and restore a :class:`Hyperparams` as the dict it
-    is: flax finds its converters by exact type, and a dict subclass it does not know
-    reached msgpack as it was ("can not serialize 'Hyperparams' object"). Done once,
-    where a state is made, when flax is imported (rmsjax does not import flax)."""
+    is ("can not serialize 'Hyperparams' object" before; see base.register_with_flax)."""
     serialization = sys.modules.get("flax.serialization")
-    if serialization is None or Hyperparams in _FLAX_REGISTERED:
+    if serialization is None:
         return
 
     def to_state_dict(entries: Hyperparams) -> dict:
@@ -115,13 +113,7 @@ def register_with_flax() -> None:
             {k: serialization.from_state_dict(v, state[str(k)], str(k)) for k, v in target.items()}
         )
 
-    serialization.register_serialization_state(
-        Hyperparams, to_state_dict, from_state_dict, override=True
-    )
-    _FLAX_REGISTERED.add(Hyperparams)
-
-
-_FLAX_REGISTERED: set = set()
+    base.register_with_flax(Hyperparams, to_state_dict, from_state_dict)
 
 
 def _is_numeric(value: Any) -> bool:
