@@ -154,3 +154,9 @@ __all__ = [
     "zero1_shardings",
     "zero1_update_and_apply",
 ]
+
+# flax.serialization saves rmsjax's state types whenever flax is imported (nothing is
+# imported here; see rmsjax/_src/flax_support.py)
+from rmsjax._src import flax_support as _flax_support  # noqa: E402
+
+_flax_support.install()

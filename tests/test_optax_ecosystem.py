@@ -9,6 +9,9 @@ transformation and with rmsjax's and asks for the same bits.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +230,35 @@ def test_flax_serialization_saves_int8_and_grouped_states(make):
     state = tx.update(params, tx.init(params), params)[1]
     restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
     _assert_same_bits(tx.update(params, restored, params)[0], tx.update(params, state, params)[0])
+
+
+def test_flax_serialization_works_with_flax_imported_after_the_state_is_made():
+    # registration where a state was made missed a flax imported later (by a checkpoint
+    # helper, say); rmsjax itself must not import flax
+    pytest.importorskip("flax.serialization")
+    script = textwrap.dedent(
+        """
+        import sys
+        import jax.numpy as jnp
+        import rmsjax as rj
+        assert "flax" not in sys.modules
+        params = {"a": jnp.ones((64, 80)), "b": jnp.ones((64, 80))}
+        states = [
+            rj.rmsprop(1e-2, momentum=0.9, storage="int8").init(params),
+            rj.grouped(rj.adagrad(0.1)).init(params),
+            rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1).init(params),
+        ]
+        from flax import serialization
+        for state in states:
+            serialization.from_bytes(state, serialization.to_bytes(state))
+        print("saved", len(states))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saved 3" in result.stdout
 
 
 def test_wrappers_hand_every_extra_to_optax_extra_args_transformations():

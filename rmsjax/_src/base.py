@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol, overload
 
@@ -197,25 +196,6 @@ def apply_leaf(param: jax.Array | None, update: jax.Array) -> jax.Array | None:
         return None
     param = jnp.asarray(param)
     return jnp.asarray(param + update).astype(param.dtype)
-
-
-_FLAX_REGISTERED: set = set()
-
-
-def register_with_flax(kind: type, to_state_dict: Callable, from_state_dict: Callable) -> None:
-    """Registers ``kind`` with ``flax.serialization`` once flax is imported (rmsjax does
-    not import flax): flax finds its converters by exact type and hands any other
-    object to msgpack as it is, which refuses it. Called where such a state is made."""
-    serialization = sys.modules.get("flax.serialization")
-    if serialization is None or kind in _FLAX_REGISTERED:
-        return
-    serialization.register_serialization_state(kind, to_state_dict, from_state_dict, override=True)
-    _FLAX_REGISTERED.add(kind)
-
-
-def register_tree_structure_with_flax() -> None:
-    """A :class:`TreeStructure` saves nothing and restores as the target's."""
-    register_with_flax(TreeStructure, lambda structure: {}, lambda target, state: target)
 
 
 class TreeStructure:

@@ -216,7 +216,6 @@ def grouped(
     def init_fn(params):
         with elementwise.naming_wrapper("grouped", "init"):
             inner_state = inner.init(params)
-        base.register_tree_structure_with_flax()
         return GroupedState(inner_state, base.TreeStructure(base.structure_of(params)))
 
     def update_fn(updates, state, params=None, **extra):

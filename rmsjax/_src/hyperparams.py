@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -96,24 +95,6 @@ jax.tree_util.register_pytree_with_keys(
     lambda keys, values: Hyperparams(zip(keys, values)),
     flatten_func=lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
 )
-
-
-def register_with_flax() -> None:
-    """Lets ``flax.serialization`` save and restore a :class:`Hyperparams` as the dict it
-    is ("can not serialize 'Hyperparams' object" before; see base.register_with_flax)."""
-    serialization = sys.modules.get("flax.serialization")
-    if serialization is None:
-        return
-
-    def to_state_dict(entries: Hyperparams) -> dict:
-        return {str(k): serialization.to_state_dict(v) for k, v in entries.items()}
-
-    def from_state_dict(target: Hyperparams, state: dict) -> Hyperparams:
-        return Hyperparams(
-            {k: serialization.from_state_dict(v, state[str(k)], str(k)) for k, v in target.items()}
-        )
-
-    base.register_with_flax(Hyperparams, to_state_dict, from_state_dict)
 
 
 def _is_numeric(value: Any) -> bool:
@@ -304,7 +285,6 @@ def inject_hyperparams(
         first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
 
         def init_fn(params):
-            register_with_flax()
             dtype = _float_dtype(params, hyperparam_dtype)
 
             def fresh():

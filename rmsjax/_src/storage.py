@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import sys
 import typing
 from collections.abc import Iterator
 from typing import Any
@@ -207,27 +206,6 @@ def complex_refusal(storage: base.Storage | None) -> str | None:
     return None if storage is None else f"storage={storage!r} keeps real values only"
 
 
-def register_quantized_with_flax() -> None:
-    """Lets ``flax.serialization`` save a :class:`QuantizedArray` as its codes and scales
-    (see base.register_with_flax)."""
-    serialization = sys.modules.get("flax.serialization")
-    if serialization is None:
-        return
-
-    def to_state_dict(q: QuantizedArray) -> dict:
-        return {
-            "codes": serialization.to_state_dict(q.codes),
-            "scale": serialization.to_state_dict(q.scale),
-        }
-
-    def from_state_dict(target: QuantizedArray, state: dict) -> QuantizedArray:
-        codes = serialization.from_state_dict(target.codes, state["codes"], "codes")
-        scale = serialization.from_state_dict(target.scale, state["scale"], "scale")
-        return QuantizedArray(codes, scale, target.shape, target.signed)
-
-    base.register_with_flax(QuantizedArray, to_state_dict, from_state_dict)
-
-
 def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bool) -> Any:
     """A state array for ``param`` filled with ``fill``, in the format ``storage`` asks.
 
@@ -240,7 +218,6 @@ def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bo
     dtype = jnp.result_type(param) if storage is None else jnp.dtype(storage)
     if storage == "int8":
         dtype = jnp.float32
-        register_quantized_with_flax()
     # jnp.full of a 0-d array of the dtype is that array: a copy, so that the state
     # never holds the caller's array (a donated step would delete it) nor one buffer
     # twice (inject_hyperparams' initial_scale and a scalar parameter's second moment)
