@@ -229,12 +229,16 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     nearest one (signed), or one of the two around :math:`y_i / s_B`, chosen so that the
     stored square is right on average (non-negative). Zeros stay exactly zero. A block
     that holds an inf or a NaN has an infinite scale, and every element of it decodes
-    to inf or NaN (``[1.0, inf]`` to ``[nan, inf]``): a value that is not finite is
-    never turned into a finite one, and its neighbours in the block are lost with it
-    (an optimizer's int8 state stores finite moments only: see docs/memory.md). Within 4x
-    of the block's largest magnitude the relative error is at most 3.1% (signed: within
-    8x, and 6.25% within 128x); it grows by steps below that, to the smallest codes,
-    :math:`2^{-16}` (signed) and :math:`2^{-22}` of the scale.
+    to inf or NaN (``[1.0, inf]`` to ``[nan, inf]``; a NaN may come back as inf): a value
+    that is not finite is never turned into a finite one (but with ``signed=False`` a
+    negative value, ``-inf`` included, is stored as 0), and its neighbours in the block
+    are lost with it (an optimizer's int8 state stores finite moments only: see
+    docs/memory.md). Within 4x of the block's largest magnitude the relative error of
+    :math:`y` is at most 3.1% (signed: within 8x, and 6.25% within 128x), so with
+    ``signed=False`` that of ``x``, its square, at most 6.3% (right on average); it
+    grows by steps below that, to the smallest codes, :math:`2^{-16}` (signed) and
+    :math:`2^{-22}` of the scale. ``quantize(dequantize(q))`` may round again: where a
+    block's largest value was rounded up to the top code, the block's scale doubles.
 
     Args:
       x: a floating-point array; with ``signed=False`` it should be non-negative
