@@ -747,3 +747,23 @@ def test_centered_int8_zero_variance_steps_by_eps_in_every_dtype(dtype):
         updates, _ = jax.jit(tx.update)(params, state, params)
         assert updates["w"].dtype == dtype
         np.testing.assert_allclose(np.asarray(updates["w"]), 1e4, rtol=1e-6)
+
+
+def test_a_quantized_array_whose_parts_disagree_is_refused():
+    # built by hand (or restored into the wrong shape), it decoded into a raw reshape
+    # error, or was cut short to its stated shape without a word
+    q = rj.quantize(jnp.ones((64, 80)), signed=False)
+    for shape in ((70, 80), (10, 10)):
+        with pytest.raises(ValueError, match=r"^rmsjax\.dequantize: q stands for an array"):
+            rj.dequantize(rj.QuantizedArray(q.codes, q.scale, shape, False))
+    with pytest.raises(ValueError, match=r"scales of shape \(3,\)"):
+        rj.dequantize(rj.QuantizedArray(q.codes, q.scale[:3], (64, 80), False))
+    with pytest.raises(TypeError, match=r"^rmsjax\.dequantize: q\.codes must be int8"):
+        rj.dequantize(rj.QuantizedArray(q.codes.astype(jnp.float32), q.scale, (64, 80), False))
+    params = {"w": jnp.ones((64, 80))}
+    tx = rj.rmsprop(0.1, storage="int8")
+    state = tx.init(params)
+    nu = state[0].nu["w"]
+    cut = rj.QuantizedArray(nu.codes[:10], nu.scale[:10], nu.shape, nu.signed)
+    with pytest.raises(ValueError, match=r"^rmsjax\.rmsprop\.update: the state's nu at \['w'\]"):
+        tx.update(params, (state[0]._replace(nu={"w": cut}),) + tuple(state[1:]), params)

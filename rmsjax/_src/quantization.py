@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import validate
-from rmsjax._src.block_layout import from_blocks, to_blocks
+from rmsjax._src.block_layout import blocks_shape, from_blocks, to_blocks
 from rmsjax._src.rounding import dither
 
 _SEGMENTS = {
@@ -342,6 +342,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     Array([4., 4., 4.], dtype=float32)
     """
     validate.check_instance("dequantize", "q", q, QuantizedArray, "a QuantizedArray")
+    check_consistent("dequantize", q)
     values = _decoded(q)
     if not q.signed:
         # a root rounded up to 2^64 (the top code of float32's largest numbers) squares
@@ -349,6 +350,23 @@ def dequantize(q: QuantizedArray) -> jax.Array:
         square = jnp.minimum(values * values, jnp.where(values <= 2.0**64, _FLOAT32_MAX, jnp.inf))
         values = jnp.where(values < 0, jnp.inf, square)
     return from_blocks(values, q.shape)
+
+
+def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
+    """int8 codes in the block layout of ``q.shape`` (after any stacked leading axes)
+    and one scale per block: a QuantizedArray built by hand with another shape was
+    decoded into a raw reshape error, or cut short without a word."""
+    codes_shape, scale_shape = tuple(jnp.shape(q.codes)), tuple(jnp.shape(q.scale))
+    if jnp.result_type(q.codes) != jnp.int8:
+        raise TypeError(f"rmsjax.{function}: q.codes must be int8, got {jnp.result_type(q.codes)}")
+    expected = blocks_shape(q.shape)
+    lead = len(codes_shape) - len(expected)
+    if lead < 0 or codes_shape[lead:] != expected or scale_shape != codes_shape[:-1]:
+        raise ValueError(
+            f"rmsjax.{function}: {what} stands for an array of shape {q.shape}, whose codes "
+            f"have shape {expected} and scales {expected[:-1]}; got codes of shape "
+            f"{codes_shape} and scales of shape {scale_shape}"
+        )
 
 
 def _decoded(q: QuantizedArray) -> jax.Array:

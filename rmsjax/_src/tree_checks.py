@@ -155,6 +155,9 @@ def check_slots(
                     f"{declared.field} there has dtype {slot.dtype}, made for real "
                     "parameters. Initialise the optimizer with the complex parameters."
                 )
+            if isinstance(slot, quantization.QuantizedArray):
+                where = f"the state's {declared.field} at {path_of(updates, block[0])}"
+                quantization.check_consistent(f"{rule.name}.update", slot, where)
             expected = lead + declared.shape_for(leaf_shape)
             shape = _slot_shape(slot)
             if shape is None or shape == expected:
