@@ -445,6 +445,13 @@ def test_an_integer_hyperparameter_set_to_a_float_is_not_truncated():
         np.testing.assert_allclose(updates["w"], -0.019 * grads["w"], rtol=1e-6)
         reset = optax.tree_utils.tree_set(tx.init(params), learning_rate=0.5)
         np.testing.assert_allclose(tx.update(grads, reset, params)[0]["w"], -0.5 * grads["w"])
+    # an integer int32 cannot hold wrapped around: np.int64(2**40) stepped by -2**31
+    tx = rj.inject_hyperparams(rj.sgd)(learning_rate=np.int64(2**40))
+    state = tx.init(params)
+    np.testing.assert_allclose(tx.update(grads, state, params)[0]["w"], -(2.0**40) * grads["w"])
+    state = rj.inject_hyperparams(rj.sgd)(learning_rate=1).init(params)
+    state.hyperparams["learning_rate"] = np.int64(2**40)
+    assert float(state.hyperparams["learning_rate"]) == 2.0**40
 
 
 def test_inject_hyperparams_matches_optax_and_numpy_with_changed_learning_rate():

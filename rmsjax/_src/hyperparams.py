@@ -64,7 +64,7 @@ class Hyperparams(dict):
             # the optimizer from it
             validate.check_finite("inject_hyperparams", f"state.hyperparams[{key!r}]", value)
         dtype = jnp.result_type(old)
-        if jnp.issubdtype(dtype, jnp.integer) and not _is_integer(value):
+        if jnp.issubdtype(dtype, jnp.integer) and not _fits_int32(value):
             # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
             # from now on, as in optax, not truncated to 0 (one more trace of the step)
             dtype = value.dtype if _is_floating_array(value) else jnp.float32
@@ -113,6 +113,17 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) or (
         hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
     )
+
+
+def _fits_int32(value: Any) -> bool:
+    """An integer int32 holds (a traced one is taken to): a larger one, np.int64(2**40)
+    say, wrapped around in silence (a learning rate of -2**31); it is kept as a float."""
+    if not _is_integer(value):
+        return False
+    if isinstance(value, jax.core.Tracer):
+        return True
+    info = np.iinfo(np.int32)
+    return bool(info.min <= int(value) <= info.max)
 
 
 def _is_floating_array(value: Any) -> bool:
@@ -260,7 +271,7 @@ def inject_hyperparams(
             # ints stay int32 and real numbers take the float dtype, whatever comes in;
             # a copy, so that the state never holds the caller's array (a donated step
             # would delete it) nor one buffer twice (a donated step refuses it)
-            if key in numeric and _is_integer(numeric[key]) and _is_integer(value):
+            if key in numeric and _is_integer(numeric[key]) and _fits_int32(value):
                 return jnp.array(value, jnp.int32, copy=True)
             return jnp.array(value, dtype, copy=True)
 
