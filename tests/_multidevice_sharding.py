@@ -312,10 +312,20 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
         else:
             jitted_state = jax.jit(tx.init, out_shardings=shardings)(params)
         check_layout(f"{label}, jit(init)", jitted_state, params, mesh)
+
+        # state_shardings spells each layout as init does (and a jitted step returns
+        # it): spelled in full on Auto axes, a jitted init pinned with them made the
+        # step compile a second time (the accumulator of accumulate_gradients follows
+        # the caller's spelling of the parameter, see below)
+        def spelled_alike(a, b, ndim, name=name):
+            if name == "accumulate_gradients":
+                return a.is_equivalent_to(b, ndim)
+            return a.spec == b.spec
+
         for got, want in zip(jax.tree.leaves(jitted_state), jax.tree.leaves(state), strict=True):
-            assert got.sharding.is_equivalent_to(want.sharding, got.ndim), label
+            assert spelled_alike(got.sharding, want.sharding, got.ndim), (label, got.sharding)
         for sharding, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(state), strict=True):
-            assert sharding.is_equivalent_to(leaf.sharding, leaf.ndim), label
+            assert spelled_alike(sharding, leaf.sharding, leaf.ndim), (label, sharding.spec)
         # The same from abstract parameters, as for restoring a checkpoint.
         abstract = jax.tree.map(
             lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
@@ -323,7 +333,7 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
         for sharding, leaf in zip(
             jax.tree.leaves(rj.state_shardings(tx, abstract)), jax.tree.leaves(state), strict=True
         ):
-            assert sharding.is_equivalent_to(leaf.sharding, leaf.ndim), f"{label}, abstract"
+            assert spelled_alike(sharding, leaf.sharding, leaf.ndim), f"{label}, abstract"
         assert_same(f"{label}, jit(init) values", jitted_state, state)
 
         # Jitted steps, with the fused update and with update + apply_updates.

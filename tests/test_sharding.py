@@ -172,6 +172,26 @@ def test_state_shardings_match_init_on_one_device_mesh():
     assert tuple(expected[0].count.spec) == ()
 
 
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_state_shardings_spell_layouts_as_init_does(axis_type):
+    # spelled in full on Auto axes (P('data', None) where init writes P('data')), the
+    # shardings pinned a jitted init and the step compiled a second time (checked on 8
+    # devices in tests/_multidevice_sharding.py); a Python number among the
+    # parameters, which init takes, failed with an AttributeError
+    kind = getattr(jax.sharding.AxisType, axis_type)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(kind,))
+    w = jax.device_put(jnp.zeros((4, 256)), jax.sharding.NamedSharding(mesh, P("data")))
+    params = {"w": w, "b": 1.0}
+    for tx in (rj.rmsprop(0.1, momentum=0.9), rj.rowwise_adagrad(0.1)):
+        state, shardings = tx.init(params), rj.state_shardings(tx, params)
+        for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+            if isinstance(leaf.sharding, jax.sharding.NamedSharding):
+                assert leaf.sharding.spec == want.spec, (leaf.sharding.spec, want.spec)
+    assert tuple(rj.state_shardings(rj.rmsprop(0.1), params)[0].nu["w"].spec) == (
+        ("data",) if axis_type == "Auto" else ("data", None)
+    )
+
+
 def _primitives(jaxpr) -> set:
     found = set()
     for eqn in jaxpr.eqns:

@@ -134,6 +134,20 @@ def _shard_like(slot: Any, param: Any) -> Any:
     return shard_alike(param, slot)[1]
 
 
+def _spelled(mesh: Any, target: PartitionSpec, ndim: int) -> PartitionSpec:
+    """``target`` as a jitted step will return it, so that the step does not compile
+    again for the same layout spelled another way: in full on Explicit axes (the types),
+    and on Auto axes as the compiler writes the layout of an array it computes, without
+    unsharded trailing dimensions (P() for nothing sharded; int8 codes P('data',
+    'model'), not P('data', 'model', None), which compiled the step a second time)."""
+    if AxisType.Explicit in tuple(mesh.axis_types):
+        return PartitionSpec(*spec_lib.padded(target, ndim))
+    entries = list(target)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
 def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: Any) -> tuple:
     """The specs of one leaf's slots, from the rule's declarations (``rule.slots``): a
     slot runs along the parameter dimensions its axes name and keeps their mesh axes
@@ -142,21 +156,9 @@ def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: An
     (:func:`~rmsjax._src.specs.derived_spec`)."""
     shape = tuple(param.shape)
     entries = spec_lib.padded(spec, len(shape))
-    explicit = AxisType.Explicit in tuple(mesh.axis_types)
 
     def spelled(target: PartitionSpec, ndim: int) -> PartitionSpec:
-        # As the step will return it, so that a jitted step does not compile again for
-        # the same layout spelled another way: in full on Explicit axes (the types), and
-        # on Auto axes as the compiler writes the layout of an array it computes,
-        # without unsharded trailing dimensions (P() for nothing sharded; int8 codes
-        # P('data', 'model'), not P('data', 'model', None), which compiled the step a
-        # second time).
-        if explicit:
-            return PartitionSpec(*spec_lib.padded(target, ndim))
-        entries = list(target)
-        while entries and entries[-1] is None:
-            entries.pop()
-        return PartitionSpec(*entries)
+        return _spelled(mesh, target, ndim)
 
     specs = []
     for declared, slot in zip(rule.slots, slots, strict=True):
@@ -247,7 +249,9 @@ def state_shardings(tx: Any, params: Any) -> Any:
         sharding = getattr(leaf, "sharding", None)
         same_mesh = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
         spec = sharding.spec if same_mesh and sharding is not None else PartitionSpec()
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(explicit, spec))
+        # (a Python number, which init takes, has no shape or dtype of its own)
+        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(explicit, spec))
 
     with jax.set_mesh(explicit):
         shapes = jax.eval_shape(tx.init, jax.tree.map(abstract, params))
@@ -255,6 +259,7 @@ def state_shardings(tx: Any, params: Any) -> Any:
     def concrete(leaf):
         sharding = getattr(leaf, "sharding", None)
         spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
-        return NamedSharding(mesh, spec)
+        # spelled as init and a jitted step write it, or the step compiles twice
+        return NamedSharding(mesh, _spelled(mesh, spec, len(leaf.shape)))
 
     return jax.tree.map(concrete, shapes)
