@@ -52,6 +52,11 @@ def block_view() -> Iterator[None]:
         _BLOCK_VIEW.reset(token)
 
 
+def in_block_view() -> bool:
+    """Whether a trace runs under :func:`block_view`."""
+    return _BLOCK_VIEW.get()
+
+
 def to_blocks(x: jax.Array) -> jax.Array:
     """``x`` in the block layout of its codes: ``blocks_shape(x.shape)``, zero-padded."""
     if _BLOCK_VIEW.get():

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import validate
-from rmsjax._src.block_layout import blocks_shape, from_blocks, to_blocks
+from rmsjax._src.block_layout import blocks_shape, from_blocks, in_block_view, to_blocks
 from rmsjax._src.rounding import dither
 
 _SEGMENTS = {
@@ -356,6 +356,8 @@ def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
     """int8 codes in the block layout of ``q.shape`` (after any stacked leading axes)
     and one scale per block: a QuantizedArray built by hand with another shape was
     decoded into a raw reshape error, or cut short without a word."""
+    if in_block_view():  # in_turn's view: q.shape is the codes' own, by construction
+        return
     codes_shape, scale_shape = tuple(jnp.shape(q.codes)), tuple(jnp.shape(q.scale))
     if jnp.result_type(q.codes) != jnp.int8:
         raise TypeError(f"rmsjax.{function}: q.codes must be int8, got {jnp.result_type(q.codes)}")
