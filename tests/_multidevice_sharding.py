@@ -533,6 +533,23 @@ def run_zero1() -> None:
         assert_same(f"zero1 {label} state", state, want_state, rtol=1e-4, atol=1e-5)
         print(f"ok zero1 step: {label} matches one device after {len(xs)} steps")
 
+    # A mesh other than the state's, on Explicit axes: an error naming the function and
+    # the mesh (JAX's own error came from deep inside the rule).
+    one = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    other = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    tx = rj.rmsprop(0.1)
+    params = jax.device_put({"w": jnp.ones((16, 4))}, NamedSharding(one, P()))
+    state = rj.shard_state(tx.init(params), one, "data")
+    try:
+        with jax.set_mesh(other):
+            jax.jit(lambda g, s, p: rj.zero1_update_and_apply(tx, g, s, p, other, "data"))(
+                params, state, params
+            )
+    except ValueError as error:
+        assert str(error).startswith("rmsjax.zero1_update_and_apply: mesh has axes"), error
+    else:
+        raise AssertionError("a state on another mesh was accepted")
+
     # zero1_shardings keeps tensor-parallel axes and adds the data axis elsewhere.
     mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     leaf = jax.device_put(jnp.zeros((6, 16, 4)), NamedSharding(mesh2, P(None, "model")))

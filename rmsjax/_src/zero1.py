@@ -55,6 +55,24 @@ def _check_mesh_axis(function: str, mesh: Any, axis: Any) -> None:
         )
 
 
+def _check_same_mesh(function: str, mesh: Any, **trees: Any) -> None:
+    """Each array whose layout is known lies on a mesh of ``mesh``'s axes and sizes: on
+    Explicit axes another one failed deep inside the rule with JAX's own error, naming
+    neither the function nor the argument."""
+    want = dict(mesh.shape)
+    for argument, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            sharding = known_sharding(leaf)
+            if sharding is None or dict(sharding.mesh.shape) == want:
+                continue
+            raise ValueError(
+                f"rmsjax.{function}: mesh has axes {want}, but {argument} leaf "
+                f"{jax.tree_util.keystr(path) or '<root>'} lies on a mesh with axes "
+                f"{dict(sharding.mesh.shape)}; pass the mesh the {argument} was placed on "
+                "(for the state, the one given to rj.shard_state)."
+            )
+
+
 def _layout(state: Any, mesh: Mesh, axis: str) -> Any:
     def place(leaf: Any, split: bool = True) -> NamedSharding:
         return NamedSharding(mesh, _zero1_spec(mesh, leaf, axis, split))
@@ -188,6 +206,7 @@ def zero1_update_and_apply(
     """
     validate.check_transformation("zero1_update_and_apply", "tx", tx)
     _check_mesh_axis("zero1_update_and_apply", mesh, axis)
+    _check_same_mesh("zero1_update_and_apply", mesh, state=state, params=params)
 
     split = _layout(params, mesh, axis)
     new_params, new_state = combine.update_and_apply(
