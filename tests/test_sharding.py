@@ -238,3 +238,13 @@ def test_counts_stay_replicated_scalars():
     state = rj.rmsprop(0.1, momentum=0.9).init({"w": jnp.zeros(4)})
     assert state[0].count.shape == () and state[0].count.sharding.is_fully_replicated
     np.testing.assert_array_equal(state[0].count, 0)
+
+
+def test_shard_state_names_a_transformation_given_as_the_state():
+    mesh = jax.make_mesh((1,), ("data",))
+    tx = rj.rmsprop(0.1)
+    with pytest.raises(TypeError, match=r"^rmsjax\.shard_state: state must be a tree of arrays"):
+        rj.shard_state(tx, mesh, "data")
+    assert jax.tree.structure(rj.shard_state(tx.init({"w": jnp.ones(3)}), mesh, "data")) == (
+        jax.tree.structure(tx.init({"w": jnp.ones(3)}))
+    )

@@ -151,6 +151,14 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     P('data',)
     """
     _check_mesh_axis("shard_state", mesh, axis)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if callable(leaf) or isinstance(leaf, (str, bytes)):  # JAX's error named no one
+            where = jax.tree_util.keystr(path) or "<root>"
+            hint = " (a GradientTransformation? pass tx.init(params))" if callable(leaf) else ""
+            raise TypeError(
+                "rmsjax.shard_state: state must be a tree of arrays, got "
+                f"{type(leaf).__name__} {leaf!r} at {where}{hint}"
+            )
     return jax.device_put(state, _layout(state, mesh, axis))
 
 
