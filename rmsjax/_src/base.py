@@ -174,6 +174,18 @@ def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> 
         )
 
 
+def check_float_leaves(function: str, params: Any, why: str) -> None:
+    """Raises ``TypeError: rmsjax.{function}: params leaf {path} has dtype {dtype};
+    {why}`` for the first leaf of ``params`` that is not floating point (or complex)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"rmsjax.{function}: params leaf {jax.tree_util.keystr(path)} has dtype "
+                f"{dtype}; {why}"
+            )
+
+
 def _leaf_structure(x: Any) -> Any:
     return jax.tree.structure(x, is_leaf=is_none)
 

@@ -129,13 +129,12 @@ def _step_sizes(
     if params is None:
         zeros = _moment_shapes(name, state)
     else:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-                raise TypeError(
-                    f"rmsjax.{name}: params leaf {jax.tree_util.keystr(path)} has dtype "
-                    f"{jnp.result_type(leaf)}; step sizes exist for floating-point (or "
-                    "complex) leaves only: pass the parameters the optimizer trains"
-                )
+        base.check_float_leaves(
+            name,
+            params,
+            "step sizes exist for floating-point (or complex) leaves only: pass the "
+            "parameters the optimizer trains",
+        )
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     ones = jax.tree.map(jnp.ones_like, zeros)
 

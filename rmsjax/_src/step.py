@@ -19,18 +19,10 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _check_differentiable(name: str, params: Any) -> None:
-    """Every leaf of ``params`` a float (or complex) array: the step differentiates the
-    loss with respect to all of them, and JAX's own error names no leaf."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"rmsjax.{name}: params leaf {jax.tree_util.keystr(path)} has dtype {dtype}; "
-                "the step differentiates loss_fn with respect to every leaf of params, "
-                "which needs floats. Pass integer values in the batch (or close over "
-                "them) instead."
-            )
+_NOT_DIFFERENTIABLE = (
+    "the step differentiates loss_fn with respect to every leaf of params, which needs "
+    "floats. Pass integer values in the batch (or close over them) instead."
+)
 
 
 def make_train_step(
@@ -111,7 +103,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(checked_loss, has_aux=has_aux)
 
     def step(params, state, *batch):
-        _check_differentiable(name, params)
+        # JAX's own error for an integer leaf names no leaf
+        base.check_float_leaves(name, params, _NOT_DIFFERENTIABLE)
         loss, grads = grad_fn(params, *batch)
         params, state = combine.update_and_apply(tx, grads, state, params)
         return params, state, loss
