@@ -87,3 +87,53 @@ def test_cosine_decay_takes_a_python_count_beyond_int32_as_optax():
     )
     for count in (3, 2**31, 2**40):
         assert float(ours(count)) == float(theirs(count))
+
+
+EXTRA_PAIRS = {
+    **PAIRS,
+    # no warm-up: before step 0 optax holds init_value, as a warm-up of 0 steps
+    "cosine-without-warmup": (
+        S.warmup_cosine_decay_schedule(0.01, 0.1, 0, 7),
+        optax.warmup_cosine_decay_schedule(0.01, 0.1, 0, 7),
+    ),
+    "linear-late": (S.linear_schedule(0.1, 0.01, 7, 3), optax.linear_schedule(0.1, 0.01, 7, 3)),
+}
+COUNTS = (-3, 0, 1, 5, 9, 10, 11, 30, 79, 80, 119, 10**6)
+COUNT_KINDS = {"int32": jnp.int32, "python int": int, "float32": jnp.float32}
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "x64"])
+@pytest.mark.parametrize("name", EXTRA_PAIRS)
+def test_schedule_value_dtype_and_weak_type_are_optaxs(name, x64):
+    # Under jax_enable_x64 optax's schedules return float64 or float32 depending on their
+    # arithmetic (an int32 count divided by an int is float32, multiplied by a float is
+    # float64); ours used to return float32 always, so float64 training with a constant,
+    # cosine or piecewise schedule drifted from optax's by float32's rounding of the rate.
+    ours, theirs = EXTRA_PAIRS[name]
+    with jax.enable_x64(x64):
+        for kind, make in COUNT_KINDS.items():
+            for count in COUNTS:
+                got, want = ours(make(count)), jnp.asarray(theirs(make(count)))
+                where = f"{name} at {kind} count {count}"
+                assert isinstance(got, jax.Array), where
+                assert got.dtype == want.dtype, where
+                assert got.weak_type == want.weak_type, where
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=where)
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "piecewise", "warmup-cosine", "linear"])
+def test_float64_training_with_a_schedule_is_optaxs_bit_for_bit(name):
+    ours, theirs = PAIRS[name]
+    with jax.enable_x64(True):
+        params = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float64)}
+        results = []
+        for lib, schedule in ((rj, ours), (optax, theirs)):
+            tx = lib.rmsprop(schedule, centered=True)
+            p, state = params, tx.init(params)
+            for _ in range(12):
+                grads = jax.tree.map(lambda w: jnp.sin(3 * w) + 0.1, p)
+                updates, state = jax.jit(tx.update)(grads, state, p)
+                p = lib.apply_updates(p, updates)
+            results.append(np.asarray(p["w"]))
+        assert results[0].dtype == np.float64
+        np.testing.assert_array_equal(results[0], results[1])

@@ -1,7 +1,10 @@
 """Learning-rate schedules: functions from the step count to a scalar.
 
-Each returns a float32 scalar for a count (an int32 array or a python int), and works
-under ``jit``. They are evaluated at counts 0, 1, 2, ... by ``scale_by_learning_rate``.
+Each computes as optax's schedule of the same name does, so that it returns optax's
+value, dtype and weak type for a count (an int32 array, a python int or a float):
+float32 by default, and under ``jax_enable_x64`` float64 or float32 as optax's
+arithmetic gives. They work under ``jit`` and are evaluated at counts 0, 1, 2, ... by
+``scale_by_learning_rate``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def constant_schedule(value: float) -> base.Schedule:
     0.10000000149011612
     """
     validate.check_finite("constant_schedule", "value", value)
-    return lambda count: jnp.full([], value, jnp.float32)
+    return lambda count: jnp.asarray(float(value))
 
 
 def linear_schedule(
@@ -44,7 +47,7 @@ def linear_schedule(
     def schedule(count):
         done = jnp.clip(count - transition_begin, 0, transition_steps)
         fraction = 1 - done / transition_steps
-        return jnp.asarray((init_value - end_value) * fraction + end_value, jnp.float32)
+        return jnp.asarray((init_value - end_value) * fraction + end_value)
 
     return schedule
 
@@ -83,7 +86,7 @@ def exponential_decay(
         if end_value is not None:
             bound = jnp.maximum if decay_rate < 1 else jnp.minimum
             value = bound(value, end_value)
-        return jnp.asarray(value, jnp.float32)
+        return jnp.asarray(value)
 
     return schedule
 
@@ -115,7 +118,7 @@ def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: f
             count = float(count)
         done = jnp.minimum(count, float(decay_steps))
         cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
-        return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha), jnp.float32)
+        return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha))
 
     return schedule
 
@@ -149,13 +152,14 @@ def warmup_cosine_decay_schedule(
             f"rmsjax.{name}: decay_steps must be > warmup_steps ({warmup_steps}), "
             f"got {decay_steps!r}"
         )
-    warmup = linear_schedule(init_value, peak_value, warmup_steps) if warmup_steps else None
+    if warmup_steps:
+        warmup = linear_schedule(init_value, peak_value, warmup_steps)
+    else:  # before step 0 optax holds init_value
+        warmup = lambda count: init_value  # noqa: E731
     alpha = 0.0 if peak_value == 0 else end_value / peak_value
     cosine = _cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)
 
     def schedule(count):
-        if warmup is None:
-            return cosine(count)
         return jnp.where(count < warmup_steps, warmup(count), cosine(count - warmup_steps))
 
     return schedule
@@ -183,9 +187,12 @@ def piecewise_constant_schedule(
     items = sorted(boundaries_and_scales.items())
 
     def schedule(count):
-        value = jnp.asarray(init_value, jnp.float32)
+        # optax's arithmetic, so that the value, its dtype and its weak type are optax's
+        # for every count (an int32 array, a Python int, a float)
+        value = jnp.asarray(float(init_value))
         for boundary, factor in items:
-            value = jnp.where(count >= boundary, value * factor, value)
+            before = jnp.maximum(0.0, jnp.sign(boundary - count))  # 1 before it, else 0
+            value = value * before + (1 - before) * factor * value
         return value
 
     return schedule
