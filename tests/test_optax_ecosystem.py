@@ -83,6 +83,31 @@ def test_an_optax_part_that_reads_extra_arguments_gets_them_through_a_chain(chai
     _assert_same_bits(_trajectory(ours, 6, value=loss), _trajectory(theirs, 6, value=loss))
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: optax.chain(tx),
+        lambda tx: optax.MultiSteps(tx, 2),
+        lambda tx: optax.apply_if_finite(tx, 2),
+    ],
+)
+def test_inside_optax_wrappers_as_optax_passes_extra_arguments_on(wrap):
+    # optax's wrappers hand extra arguments only to their own ExtraArgs type and drop
+    # them for anything else (docs/porting.md): an rj.chain that holds reduce_on_plateau
+    # gets its `value` there through rj.as_optax
+    loss = jnp.array(1.0)
+
+    def contrib():
+        return optax.contrib.reduce_on_plateau(patience=1, cooldown=0, factor=0.5)
+
+    ours = wrap(rj.as_optax(rj.chain(rj.rmsprop(0.1), contrib())))
+    theirs = wrap(optax.chain(optax.rmsprop(0.1), contrib()))
+    _assert_same_bits(_trajectory(ours, 6, value=loss), _trajectory(theirs, 6, value=loss))
+    bare = wrap(rj.chain(rj.rmsprop(0.1), contrib()))
+    with pytest.raises(TypeError, match="value"):
+        bare.update(PARAMS, bare.init(PARAMS), PARAMS, value=loss)
+
+
 def _injected(module):
     return module.inject_hyperparams(module.rmsprop)(learning_rate=0.1)
 
@@ -125,6 +150,36 @@ def test_a_state_from_tree_set_keeps_its_structure_through_a_scan(set_before):
         updates, other = jax.jit(theirs.update)(_grads(i), other, expected)
         expected = optax.apply_updates(expected, updates)
     np.testing.assert_allclose(params["w"], expected["w"], rtol=1e-6)
+
+
+def test_tree_set_inside_a_scan_or_a_cond_keeps_the_carry_structure():
+    # tree_set called inside the loop: its plain dict of hyperparameters went into a carry
+    # that came in holding rmsjax's Hyperparams (scan: "carry input and carry output must
+    # have the same pytree structure"); both now flatten alike, and the numbers are optax's
+    results = []
+    for module in (rj, optax):
+        tx = _injected(module)
+
+        def body(carry, i, tx=tx):
+            params, state = carry
+            state = optax.tree_utils.tree_set(state, learning_rate=0.1 / (1.0 + i))
+            updates, state = tx.update(jax.tree.map(jnp.cos, params), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        (params, state), _ = jax.lax.scan(body, (PARAMS, tx.init(PARAMS)), jnp.arange(4))
+        results.append(params)
+
+        def maybe_set(state, flag):
+            set_it = lambda s: optax.tree_utils.tree_set(s, learning_rate=0.5)  # noqa: E731
+            return jax.lax.cond(flag, set_it, lambda s: s, state), None
+
+        state, _ = jax.lax.scan(maybe_set, tx.init(PARAMS), jnp.array([True, False]))
+        assert float(state.hyperparams["learning_rate"]) == 0.5
+    _assert_same_bits(*results)
+    state = _injected(rj).init(PARAMS)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert ".hyperparams['learning_rate']" in paths and paths[0] == ".count"
+    assert isinstance(jax.tree.map(lambda x: x, state).hyperparams, rj.Hyperparams)
 
 
 def test_a_compiled_step_is_traced_once_per_tree_set_not_per_step():

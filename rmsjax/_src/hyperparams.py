@@ -97,6 +97,32 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
+# The state flattens its hyperparams as the plain dict optax's tree_set hands back, and is
+# rebuilt with a Hyperparams: a state whose entries were set by tree_set has the same tree
+# structure as one from init, so either can be a lax.scan carry or a cond branch's output,
+# wherever tree_set is called. Key paths are a NamedTuple's (.count, .hyperparams['lr']).
+_STATE_FIELDS = InjectHyperparamsState._fields
+
+
+def _flatten_state(state: InjectHyperparamsState) -> tuple:
+    children = (*state[:1], dict(state.hyperparams), *state[2:])
+    return tuple(zip(map(jax.tree_util.GetAttrKey, _STATE_FIELDS), children)), None
+
+
+def _unflatten_state(aux: None, children: Any) -> InjectHyperparamsState:
+    del aux
+    count, entries, schedule_states, inner_state = children
+    return InjectHyperparamsState(count, Hyperparams(entries), schedule_states, inner_state)
+
+
+jax.tree_util.register_pytree_with_keys(
+    InjectHyperparamsState,
+    _flatten_state,
+    _unflatten_state,
+    flatten_func=lambda state: ((*state[:1], dict(state.hyperparams), *state[2:]), None),
+)
+
+
 def _is_numeric(value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return False

@@ -16,7 +16,12 @@ def as_optax(tx: base.GradientTransformation) -> Any:
 
     rmsjax transformations already work wherever optax calls ``init`` and ``update``
     (``optax.chain`` included); this is for code that checks ``isinstance`` against
-    optax's types. It needs optax installed.
+    optax's types, and for an rmsjax transformation that needs extra arguments (an
+    ``rj.chain`` holding ``optax.contrib.reduce_on_plateau``, which reads ``value``)
+    inside optax's own wrappers (``optax.chain``, ``MultiSteps``, ``apply_if_finite``,
+    ``masked``, ``multi_transform``): those hand extra arguments on only to an optax
+    ``GradientTransformationExtraArgs``, and drop them for anything else. It needs optax
+    installed.
 
     >>> import optax, rmsjax as rj
     >>> isinstance(rj.as_optax(rj.rmsprop(1e-3)), optax.GradientTransformation)
