@@ -17,7 +17,7 @@ accuracy per epoch.
 
 Usage::
 
-    python examples/digits_classifier.py [--quick] [--epochs N] [--out out/digits]
+    python examples/digits_classifier.py [--quick] [--epochs N] [--out out/digits_classifier]
 
 Needs scikit-learn (``pip install rmsjax[examples]``).
 """
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default 30)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/digits"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/digits_classifier"))
     args = parser.parse_args(argv)
     epochs = args.epochs or (2 if args.quick else 30)
     began = time.perf_counter()

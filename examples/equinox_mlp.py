@@ -5,7 +5,7 @@ static sizes). ``eqx.filter(model, eqx.is_array)`` keeps the arrays and puts Non
 elsewhere; rmsjax treats None leaves as "not trained" (no state, no update), so the
 optimizer is initialised and stepped on the filtered model directly::
 
-    tx = rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(3e-3, momentum=0.9))
+    tx = rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(3e-4, momentum=0.9))
     state = tx.init(eqx.filter(model, eqx.is_array))
     ...
     updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_array))
@@ -16,7 +16,7 @@ data, the fit at a few steps and the training loss.
 
 Usage::
 
-    python examples/equinox_mlp.py [--quick] [--out out/equinox]
+    python examples/equinox_mlp.py [--quick] [--out out/equinox_mlp]
 
 Needs equinox (``pip install rmsjax[examples]``).
 """
@@ -59,7 +59,7 @@ def make_step(tx: rj.GradientTransformation):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/equinox"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/equinox_mlp"))
     args = parser.parse_args(argv)
     steps = 30 if args.quick else 2000
     began = time.perf_counter()

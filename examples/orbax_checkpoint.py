@@ -18,7 +18,7 @@ two runs' parameters at each step after the restore (zero throughout).
 
 Usage::
 
-    python examples/orbax_checkpoint.py [--quick] [--out out/orbax]
+    python examples/orbax_checkpoint.py [--quick] [--out out/orbax_checkpoint]
 
 Needs orbax-checkpoint (``pip install rmsjax[examples]``).
 """
@@ -103,7 +103,7 @@ def trees_bit_identical(a, b) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/orbax"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/orbax_checkpoint"))
     args = parser.parse_args(argv)
     steps = 20 if args.quick else 400
     half = steps // 2

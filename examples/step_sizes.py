@@ -13,7 +13,8 @@ step), and this script plots:
   a band from min to max): Adagrad's only shrink, RMSprop's settle and follow the
   recent gradients;
 * each first-layer weight's step size against its input feature's scale at the end:
-  a line of slope -1 on log-log axes, the per-feature learning rate nobody had to tune.
+  falling about as 1 / scale (a fitted log-log slope near -1; the run prints it), the
+  per-feature learning rate nobody had to tune.
 
 Usage::
 
@@ -65,7 +66,8 @@ def loss_fn(params, x, y):
 
 
 def train(tx, x, y, steps, batch, seed=0):
-    """Minibatch training; returns the losses, the per-step summaries and the state."""
+    """Minibatch training; returns the losses, the per-step summaries, the state and the
+    trained parameters."""
     params = init_params()
     state = tx.init(params)
 
@@ -85,7 +87,7 @@ def train(tx, x, y, steps, batch, seed=0):
         summaries.append(summary)
     # Stack the per-step summaries into arrays of shape (steps,) per leaf and field.
     history = jax.tree.map(lambda *xs: np.stack(xs), *summaries)
-    return np.asarray(losses), history, state
+    return np.asarray(losses), history, state, params
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     print(f"{'optimizer':<10}{'loss first 10':>15}{'loss last 10':>15}")
     for name, tx in runs.items():
-        losses, history, state = train(tx, x, y, steps, batch=64)
-        sizes = rj.effective_step_sizes(tx, state, init_params())
+        losses, history, state, params = train(tx, x, y, steps, batch=64)
+        sizes = rj.effective_step_sizes(tx, state, params)
         results[name] = (losses, history, sizes)
         print(f"{name:<10}{losses[:10].mean():>15.4f}{losses[-10:].mean():>15.4f}")
 

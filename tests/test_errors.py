@@ -29,13 +29,13 @@ CALLS = {
     "scale": rj.scale,
     "scale_by_learning_rate": rj.scale_by_learning_rate,
     "add_decayed_weights": rj.add_decayed_weights,
-    "linear_schedule": lambda **kw: rj.schedules.linear_schedule(
+    "schedules.linear_schedule": lambda **kw: rj.schedules.linear_schedule(
         **{"init_value": 1.0, "end_value": 0.0, "transition_steps": 10, **kw}
     ),
-    "exponential_decay": lambda **kw: rj.schedules.exponential_decay(
+    "schedules.exponential_decay": lambda **kw: rj.schedules.exponential_decay(
         **{"init_value": 1.0, "transition_steps": 10, "decay_rate": 0.5, **kw}
     ),
-    "cosine_decay_schedule": lambda **kw: rj.schedules.cosine_decay_schedule(
+    "schedules.cosine_decay_schedule": lambda **kw: rj.schedules.cosine_decay_schedule(
         **{"init_value": 1.0, "decay_steps": 10, **kw}
     ),
     "clip": rj.clip,
@@ -74,9 +74,14 @@ def test_the_docs_table_is_read():
 @pytest.mark.parametrize("function,argument,allowed,example", ROWS)
 def test_each_documented_range_is_enforced(function, argument, allowed, example):
     value = float("inf") if example == "inf" else ast.literal_eval(example)
-    with pytest.raises(ValueError) as error:
+    # a flag given anything but True or False has the wrong type; a number a wrong value
+    flag = allowed == "True or False"
+    with pytest.raises(TypeError if flag else ValueError) as error:
         CALLS[function](**{argument: value})
-    assert str(error.value) == f"rmsjax.{function}: {argument} must be {allowed}, got {value!r}"
+    kind = f" ({type(value).__name__})" if flag else ""
+    assert str(error.value) == (
+        f"rmsjax.{function}: {argument} must be {allowed}, got {value!r}{kind}"
+    )
 
 
 @pytest.mark.parametrize("function,argument,allowed,example", ROWS)
@@ -180,7 +185,8 @@ def test_nesterov_without_momentum_is_refused(make):
 def test_a_schedule_must_return_a_scalar(make, shape):
     params = jnp.ones(3)
     # at construction where the schedule is evaluated there, else when the step is traced
-    with pytest.raises(ValueError, match=r"learning_rate schedule must return a scalar"):
+    # (torch_adagrad names its own argument, lr)
+    with pytest.raises(ValueError, match=r"(learning_rate|the lr) schedule must return a scalar"):
         tx = make(lambda count: jnp.full(shape, 0.1))
         jax.jit(tx.update)(params, tx.init(params), params)
 
@@ -208,8 +214,8 @@ def test_a_schedule_must_return_a_real_number(make, returned, shown):
     params = jnp.ones(3)
     with pytest.raises(
         TypeError,
-        match=r"learning_rate schedule must return a real number \(an integer or a float\), "
-        rf"got {shown}",
+        match=r"(learning_rate|the lr) schedule must return a real number \(an integer or a "
+        rf"float\), got {shown}",
     ):
         tx = make(returned)
         jax.jit(tx.update)(params, tx.init(params), params)
@@ -403,8 +409,8 @@ def test_a_part_at_fault_is_named_after_the_constructor_the_user_called(build, s
         ),
         (
             lambda: rj.quantize(jnp.ones(4096), signed="no"),
-            ValueError,
-            r"^rmsjax\.quantize: signed must be True or False, got 'no'$",
+            TypeError,
+            r"^rmsjax\.quantize: signed must be True or False, got 'no' \(str\)$",
         ),
         (
             lambda: rj.dequantize(jnp.ones(3)),
@@ -495,7 +501,7 @@ def test_make_train_step_names_what_loss_fn_returned(loss_fn, has_aux, says):
 @pytest.mark.parametrize("argument", ["has_aux", "donate"])
 def test_make_train_step_flags_are_bools(argument):
     with pytest.raises(
-        ValueError, match=rf"^rmsjax\.make_train_step: {argument} must be True or False, got 'yes'"
+        TypeError, match=rf"^rmsjax\.make_train_step: {argument} must be True or False, got 'yes'"
     ):
         rj.make_train_step(lambda p: 0.0, rj.sgd(0.1), **{argument: "yes"})
 
@@ -716,3 +722,90 @@ def test_a_count_the_rule_does_not_keep_is_dropped_as_before():
     int8_state = rj.adagrad(0.1, storage="int8").init(big)
     updates, new_state = rj.adagrad(0.1).update(big, int8_state, big)
     assert updates["w"].dtype == jnp.float32 and bool(jnp.isfinite(updates["w"]).all())
+
+
+@pytest.mark.parametrize(
+    "count,error,says",
+    [
+        (
+            jnp.array([0, 5, 10], jnp.int32),
+            ValueError,
+            r"must be a scalar, got an array of shape \(3,\)",
+        ),
+        (jnp.array(0.5), TypeError, r"must be an integer scalar .*got an array of dtype float32"),
+        (True, TypeError, r"must be an integer scalar .*got True"),
+    ],
+)
+def test_a_step_count_that_is_no_integer_scalar_is_refused(count, error, says):
+    # a (3,) count gave each column its own bias correction, in silence
+    params = {"w": jnp.ones((2, 3))}
+    for tx, part in [
+        (rj.rmsprop(0.1, bias_correction=True), 0),
+        (rj.rmsprop(rj.schedules.linear_schedule(0.1, 0.0, 10)), 1),
+    ]:
+        state = tx.init(params)
+        bad = state[:part] + (state[part]._replace(count=count),) + state[part + 1 :]
+        with pytest.raises(
+            error,
+            match=rf"^rmsjax\.rmsprop\.update: its part \w+ \(state\[{part}\]\): "
+            rf"the state's count {says}",
+        ):
+            tx.update(params, bad, params)
+    # a Python int (as optax's tree_set may leave) and a vmapped ensemble still step
+    tx = rj.rmsprop(0.1, bias_correction=True)
+    state = tx.init(params)
+    tx.update(params, (state[0]._replace(count=3),) + state[1:], params)
+    batch = {"w": jnp.ones((4, 2, 3))}
+    _, states = jax.vmap(tx.update)(batch, jax.vmap(tx.init)(batch), batch)
+    assert states[0].count.shape == (4,)
+
+
+def test_apply_updates_names_a_none_update_over_an_array_parameter():
+    # it failed with Python's "unsupported operand type(s) for +"
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the updates"
+    ):
+        rj.apply_updates(params, {"w": jnp.ones(2), "b": None})
+    kept = rj.apply_updates({"w": jnp.ones(2), "b": None}, {"w": jnp.ones(2), "b": None})
+    assert kept["b"] is None
+
+
+def test_accumulate_gradients_names_the_root_leaf():
+    tx = rj.accumulate_gradients(rj.sgd(0.1), 2)
+    with pytest.raises(
+        ValueError, match=r"the update at <root> has shape \(3,\) but the state holds \(2,\)"
+    ):
+        tx.update(jnp.ones(3), tx.init(jnp.zeros(2)))
+
+
+@pytest.mark.parametrize(
+    "make,head",
+    [
+        (
+            lambda s: rj.rmsprop(s),
+            r"rmsjax\.rmsprop\.update: its part scale_by_learning_rate \(state\[1\]\): "
+            r"the learning_rate",
+        ),
+        (
+            lambda s: rj.compat.torch_rmsprop(lr=s),
+            r"rmsjax\.compat\.torch_rmsprop\.update: its part scale_by_learning_rate "
+            r"\(state\[\d\]\): the learning_rate",
+        ),
+        (
+            lambda s: rj.compat.torch_adagrad(lr=s, lr_decay=0.1),
+            r"rmsjax\.compat\.torch_adagrad\.update: the lr",
+        ),
+        (
+            lambda s: rj.scale_by_learning_rate(s),
+            r"rmsjax\.scale_by_learning_rate\.update: the learning_rate",
+        ),
+    ],
+)
+def test_a_schedules_wrong_value_names_the_optimizer_built(make, head):
+    params = {"w": jnp.ones(3)}
+    tx = make(lambda count: jnp.ones(3))
+    with pytest.raises(
+        ValueError, match=rf"^{head} schedule must return a scalar, got a value of shape \(3,\)$"
+    ):
+        tx.update(params, tx.init(params), params)

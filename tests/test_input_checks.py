@@ -161,7 +161,7 @@ def test_rows_without_elements_keep_a_finite_rowwise_state():
 
 
 def test_warmup_cosine_errors_name_it_and_end_values_above_the_peak_are_optax_s():
-    with pytest.raises(ValueError, match="rmsjax.warmup_cosine_decay_schedule: exponent"):
+    with pytest.raises(ValueError, match="rmsjax.schedules.warmup_cosine_decay_schedule: exponent"):
         rj.schedules.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, exponent=0.0)
     for end_value in (-0.5, 2.0):
         ours = rj.schedules.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, end_value=end_value)

@@ -61,8 +61,8 @@ def test_piecewise_boundaries_are_checked_before_they_are_sorted():
     make = S.piecewise_constant_schedule
     with pytest.raises(
         TypeError,
-        match=r"^rmsjax\.piecewise_constant_schedule: a boundary must be an integer >= 0, "
-        r"got '10' \(str\)$",
+        match=r"^rmsjax\.schedules\.piecewise_constant_schedule: a boundary must be an "
+        r"integer >= 0, got '10' \(str\)$",
     ):
         make(1.0, {"10": 0.1, 5: 0.5})
     with pytest.raises(

@@ -407,7 +407,10 @@ def test_storage_is_validated(function, bad):
         f"rmsjax.{function}: storage must be one of None, 'float32', 'bfloat16', "
         f"'int8', got {bad!r}"
     )
-    with pytest.raises(ValueError, match=rf"^{__import__('re').escape(message)}$"):
+    if not isinstance(bad, str):  # a dtype or a number is the wrong type
+        message += f" ({type(bad).__name__})"
+    error = ValueError if isinstance(bad, str) else TypeError
+    with pytest.raises(error, match=rf"^{__import__('re').escape(message)}$"):
         build()
 
 

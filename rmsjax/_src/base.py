@@ -141,6 +141,11 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         # where a parameter is an array); the sum would then fail on the container
         if not all(jax.tree_util.treedef_is_leaf(_leaf_structure(u)) for u in flat_updates):
             raise ValueError
+        # and a None update where the parameter is an array (None is an empty subtree)
+        if any(
+            u is None and p is not None for u, p in zip(flat_updates, treedef.flatten_up_to(params))
+        ):
+            raise ValueError
     except (ValueError, TypeError):
         raise ValueError(
             "rmsjax.apply_updates: the tree structure of the updates differs from that of "

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, numerics
 
@@ -160,6 +162,8 @@ def declared_rule(
                 f"transformation keeps one; the state was made by a {name} with other "
                 "options (another storage, say)."
             )
+        if shared_field == "count":
+            check_step_count(name, shared)
         return shared, trees
 
     return LeafRule(
@@ -203,6 +207,28 @@ def expect_state(rule_name: str, state: Any, state_type: type) -> None:
             f"rmsjax.{rule_name}.update: expected a {state_type.__name__} (the state "
             f"returned by this transformation's init), got {type(state).__name__}. Was the "
             "state created by a different optimizer, or its chain reordered?"
+        )
+
+
+def check_step_count(name: str, count: Any) -> None:
+    """Raises unless a state's step ``count`` is an integer scalar: one of another shape
+    (set by hand, or a batch of counts outside ``vmap``) gave each element its own bias
+    correction or schedule value in silence, and a float one counted in floats."""
+    dtype = getattr(count, "dtype", None)
+    if dtype is None:  # a Python number
+        integer = isinstance(count, int) and not isinstance(count, bool)
+    else:
+        integer = jnp.issubdtype(dtype, jnp.integer)
+    if not integer:
+        held = f"an array of dtype {dtype}" if dtype is not None else f"{count!r}"
+        raise TypeError(
+            f"rmsjax.{name}.update: the state's count must be an integer scalar (int32, "
+            f"as init makes it), got {held}"
+        )
+    if np.shape(count) != ():
+        raise ValueError(
+            f"rmsjax.{name}.update: the state's count must be a scalar, got an array of "
+            f"shape {np.shape(count)}"
         )
 
 
@@ -297,6 +323,7 @@ def counted_rule(
 
     def from_state(state, none_tree=False):
         expect_state(name, state, state_type)
+        check_step_count(name, state.count)
         return state.count, ()
 
     return LeafRule(
@@ -326,7 +353,12 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
         return [flat[o : o + n] for o, n in zip(offsets, counts)]
 
     def step_shared(shared):
-        stepped = [r.step_shared(s) for r, s in zip(rules, shared)]
+        stepped = []
+        for index, (r, s) in enumerate(zip(rules, shared)):
+            try:  # a schedule's value is checked here
+                stepped.append(r.step_shared(s))
+            except (TypeError, ValueError) as error:
+                raise in_part(name, first + index, r.name, error) from error
         return tuple(s for s, _ in stepped), tuple(c for _, c in stepped)
 
     def init_leaf(param):

@@ -35,7 +35,8 @@ def auto_block_size(count: int) -> int:
     rows, rounded up to a power of two and kept between 8 and 32: 8 for up to 256
     leaves, 16 up to 1024, 32 above.
 
-    >>> [auto_block_size(n) for n in (1, 256, 1000, 3000)]
+    >>> import rmsjax as rj
+    >>> [rj.auto_block_size(n) for n in (1, 256, 1000, 3000)]
     [8, 8, 16, 32]
     """
     validate.check_count("auto_block_size", "count", count)

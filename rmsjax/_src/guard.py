@@ -79,7 +79,10 @@ def apply_if_finite(
     the parameters exactly as they were; the counters record the skip. A finite step
     resets the consecutive count. After more than ``max_consecutive_errors`` bad steps
     in a row the step is applied anyway (as in optax), so a run whose gradients stay
-    non-finite fails visibly instead of silently freezing.
+    non-finite fails visibly instead of silently freezing. optax looks at the gradients
+    alone: once such a forced step has put NaN into ``inner``'s state, optax counts the
+    next finite gradients as finite steps (and applies their NaN updates), while this
+    keeps counting them as bad steps, as their updates are not finite.
 
     Both outcomes are computed and one is selected with ``jnp.where`` (no ``lax.cond``),
     which keeps the step a single straight-line program that XLA fuses, vmaps and
@@ -101,7 +104,8 @@ def apply_if_finite(
     (Array([-0., -0.], dtype=float32), 1, False)
 
     References:
-      ``optax.apply_if_finite``, whose state fields and semantics this follows.
+      ``optax.apply_if_finite``, whose state fields this keeps and whose steps it takes
+      wherever the gradients' finiteness decides the same as the updates' and state's.
     """
     validate.check_transformation("apply_if_finite", "inner", inner)
     name = "apply_if_finite"

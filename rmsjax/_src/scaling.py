@@ -76,7 +76,7 @@ def scale_by_learning_rate(
     def factor_at(count):
         if callable(learning_rate):
             value = learning_rate(count)
-            return sign * validate.scalar_schedule_value(name, "learning_rate", value)
+            return sign * validate.scalar_schedule_value(f"{name}.update", "learning_rate", value)
         return sign * learning_rate
 
     return fusion.rule_transformation(

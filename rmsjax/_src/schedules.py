@@ -10,7 +10,8 @@ arithmetic gives. They work under ``jit`` and are evaluated at counts 0, 1, 2, .
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -24,7 +25,7 @@ def constant_schedule(value: float) -> base.Schedule:
     >>> float(rj.schedules.constant_schedule(0.1)(5))
     0.10000000149011612
     """
-    validate.check_finite("constant_schedule", "value", value)
+    validate.check_finite("schedules.constant_schedule", "value", value)
     return lambda count: jnp.asarray(float(value))
 
 
@@ -38,7 +39,7 @@ def linear_schedule(
     >>> float(rj.schedules.linear_schedule(1.0, 0.0, transition_steps=4)(1))
     0.75
     """
-    name = "linear_schedule"
+    name = "schedules.linear_schedule"
     validate.check_finite(name, "init_value", init_value)
     validate.check_finite(name, "end_value", end_value)
     validate.check_count(name, "transition_steps", transition_steps)
@@ -68,7 +69,7 @@ def exponential_decay(
     >>> float(rj.schedules.exponential_decay(1.0, transition_steps=10, decay_rate=0.5)(20))
     0.25
     """
-    name = "exponential_decay"
+    name = "schedules.exponential_decay"
     validate.check_finite(name, "init_value", init_value)
     validate.check_count(name, "transition_steps", transition_steps)
     validate.check_range(name, "decay_rate", decay_rate, 0.0, low_open=True)
@@ -101,7 +102,7 @@ def cosine_decay_schedule(
     >>> round(float(rj.schedules.cosine_decay_schedule(1.0, decay_steps=10)(5)), 6)
     0.5
     """
-    name = "cosine_decay_schedule"
+    name = "schedules.cosine_decay_schedule"
     validate.check_finite(name, "init_value", init_value)
     validate.check_count(name, "decay_steps", decay_steps)
     validate.check_range(name, "alpha", alpha, 0.0, 1.0)
@@ -140,7 +141,7 @@ def warmup_cosine_decay_schedule(
     >>> [round(float(s(t)), 3) for t in (0, 1, 2, 4, 6)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
     """
-    name = "warmup_cosine_decay_schedule"
+    name = "schedules.warmup_cosine_decay_schedule"
     for argument, value in [("init_value", init_value), ("peak_value", peak_value)]:
         validate.check_finite(name, argument, value)
     validate.check_finite(name, "end_value", end_value)  # above peak_value too, as in optax
@@ -152,10 +153,12 @@ def warmup_cosine_decay_schedule(
             f"rmsjax.{name}: decay_steps must be > warmup_steps ({warmup_steps}), "
             f"got {decay_steps!r}"
         )
-    if warmup_steps:
-        warmup = linear_schedule(init_value, peak_value, warmup_steps)
-    else:  # before step 0 optax holds init_value
-        warmup = lambda count: init_value  # noqa: E731
+    # with no warm-up optax holds init_value before step 0
+    warmup: Callable[[Any], Any] = (
+        linear_schedule(init_value, peak_value, warmup_steps)
+        if warmup_steps
+        else lambda count: init_value
+    )
     alpha = 0.0 if peak_value == 0 else end_value / peak_value
     cosine = _cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)
 
@@ -175,7 +178,7 @@ def piecewise_constant_schedule(
     >>> [round(float(s(t)), 4) for t in (0, 10, 25)]
     [1.0, 0.1, 0.05]
     """
-    name = "piecewise_constant_schedule"
+    name = "schedules.piecewise_constant_schedule"
     validate.check_finite(name, "init_value", init_value)
     boundaries_and_scales = {} if boundaries_and_scales is None else boundaries_and_scales
     validate.check_instance(

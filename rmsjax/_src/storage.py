@@ -195,10 +195,15 @@ def update_dtype(g: Any, slots: Any, storage: Any) -> Any:
 
 
 def check_storage(function: str, storage: Any) -> None:
-    """Raises ValueError unless ``storage`` is one of :data:`STORAGE_OPTIONS`."""
-    if not (storage is None or (isinstance(storage, str) and storage in STORAGE_OPTIONS)):
-        allowed = ", ".join(repr(option) for option in STORAGE_OPTIONS)
-        raise ValueError(f"rmsjax.{function}: storage must be one of {allowed}, got {storage!r}")
+    """Raises unless ``storage`` is one of :data:`STORAGE_OPTIONS`: a TypeError for
+    what is not a string (a dtype, a bool), a ValueError for another string."""
+    if storage is None or (isinstance(storage, str) and storage in STORAGE_OPTIONS):
+        return
+    allowed = ", ".join(repr(option) for option in STORAGE_OPTIONS)
+    message = f"rmsjax.{function}: storage must be one of {allowed}, got {storage!r}"
+    if not isinstance(storage, str):
+        raise TypeError(f"{message} ({type(storage).__name__})")
+    raise ValueError(message)
 
 
 def complex_refusal(storage: base.Storage | None) -> str | None:

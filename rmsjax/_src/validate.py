@@ -262,8 +262,9 @@ def check_count(
 
 
 def check_bool(function: str, argument: str, value: Any) -> None:
+    """A flag: True or False (NumPy's too); anything else is the wrong type."""
     if not isinstance(value, (bool, np.bool_)):
-        _fail(function, argument, "True or False", value)
+        _wrong_type(function, argument, "True or False", value)
 
 
 def check_real_array(function: str, argument: str, value: Any) -> None:

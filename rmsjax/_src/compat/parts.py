@@ -57,7 +57,7 @@ def decoupled_weight_decay(
 
     def factor_at(count):
         rate = (
-            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            validate.scalar_schedule_value(f"{name}.update", "learning_rate", learning_rate(count))
             if callable(learning_rate)
             else learning_rate
         )

@@ -176,6 +176,10 @@ def torch_adagrad(
     check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     check_non_negative(name, "eps", eps)
     validate.check_bool(name, "maximize", maximize)
+    if callable(lr) and not is_zero(lr_decay):
+        # checked here, so that a schedule's wrong value names this preset and its lr
+        schedule = lr
+        lr = lambda count: validate.scalar_schedule_value(f"{name}.update", "lr", schedule(count))  # noqa: E731
     rate = lr if is_zero(lr_decay) else inverse_time_decay(lr, lr_decay)
     return combine.named_chain(
         name,
