@@ -199,7 +199,9 @@ def plot(plt, straight, resumed, differences, half, identical, path):
     left.legend(fontsize=8)
     steps = np.arange(half, half + len(differences))
     right.plot(steps, differences, "o-", color="tab:green", ms=3)
-    right.set_ylim(-1, 1)
+    # symlog: zero sits on the axis, and a difference of even 1e-9 would stand out
+    right.set_yscale("symlog", linthresh=1e-10)
+    right.set_ylim(-1e-10, max(1.0, 10 * float(np.max(differences))))
     right.set(
         xlabel="step",
         ylabel="largest |parameter difference|\nuninterrupted vs resumed",
