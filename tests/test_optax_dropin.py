@@ -479,3 +479,31 @@ def test_where_xla_contracts_differently_the_step_is_an_ulp_apart(ours, theirs, 
         np.concatenate([np.ravel(other[k]) for k in params]),
     )
     assert apart.max() <= 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.rmsprop(1.0, momentum=0.9),
+        lambda m: m.rmsprop(1.0, momentum=0.9, nesterov=True),
+        lambda m: m.chain(m.scale_by_rss(), m.scale_by_learning_rate(1.0), m.trace(0.9)),
+    ],
+)
+def test_a_learning_rate_of_one_before_momentum_gives_optax_bits_under_jit(make):
+    # XLA turns the product by -1 into a negation; LLVM folded it into the range check's
+    # factor (a select of two constants) in rmsjax's kernel, and the two kernels then
+    # contracted different products into a multiply-add: 843 of 1000 updates differed
+    # from the second step on
+    params = {"w": jnp.linspace(-1.0, 1.0, 1000, dtype=jnp.float32)}
+    trajectories = []
+    for module in (rj, optax):
+        tx = make(module)
+        step = jax.jit(tx.update)
+        p, state, updates = params, tx.init(params), []
+        for _ in range(6):
+            grads = jax.tree.map(lambda w: jnp.sin(3 * w) + 0.1, p)
+            u, state = step(grads, state, p)
+            p = module.apply_updates(p, u)
+            updates.append(np.asarray(u["w"]))
+        trajectories.append(np.stack(updates))
+    np.testing.assert_array_equal(trajectories[0], trajectories[1])

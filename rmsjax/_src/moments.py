@@ -38,6 +38,13 @@ class MomentStep(NamedTuple):
     eps_linear: Any
     inline: bool = False
 
+    def scaled(self, g: jax.Array) -> jax.Array:
+        """``g * scale``: ``g`` itself where the scale is 1 (a select, not a product by
+        a select of constants, which LLVM would fold a following negation into: with a
+        learning rate of exactly 1 before ``trace`` the kernel then contracted another
+        product into a multiply-add than optax's does)."""
+        return jnp.where(self.scale == 1, g, g * self.scale)
+
 
 def accumulate(
     slot: Any,

@@ -233,7 +233,7 @@ def rms_rule(
                 unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline)
             scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
         if not guard_zero:
-            update = scaling * (g_c * scale)
+            update = scaling * moment.scaled(g_c)
         else:
             # A zero gradient gives a zero update even where the scaling is infinite
             # (eps=0 with a zero average), instead of 0 * inf = NaN. Only there: at a
@@ -242,7 +242,7 @@ def rms_rule(
             # not taken still makes every derivative through the step NaN.)
             zero_step = (g_c == 0) & ~jnp.isfinite(scaling)
             finite = jnp.where(zero_step, jnp.zeros_like(scaling), scaling)
-            update = jnp.where(zero_step, g_c, finite * (g_c * scale))
+            update = jnp.where(zero_step, g_c, finite * moment.scaled(g_c))
         # in the dtype of optax's g / sqrt(nu + eps): the wider of the gradient's and the
         # state's (float32 updates for bfloat16 gradients of float32 parameters)
         out = storage_lib.update_dtype(g, slots, storage)

@@ -114,7 +114,7 @@ def rss_rule(
         moment = moments.accumulate(
             slots[0], g_c, _add, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
         )
-        scale, value = moment.scale, moment.value
+        value = moment.value
         seen = moments.ever_nonzero(moment, g_c != 0, eps)
         # int8 state: recomputed where a following int8 momentum encodes it (see
         # numerics.inverse_root)
@@ -122,7 +122,7 @@ def rss_rule(
             value, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
         scaling = jnp.where(seen, scaling, 0.0)
-        update = scaling * (g_c * scale)
+        update = scaling * moment.scaled(g_c)
         # as optax's: the wider of the gradient's dtype and the state's
         out = storage_lib.update_dtype(g, slots, storage)
         return update.astype(out), (moment.stored,)
