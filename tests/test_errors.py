@@ -763,9 +763,7 @@ def test_a_step_count_that_is_no_integer_scalar_is_refused(count, error, says):
 def test_apply_updates_names_a_none_update_over_an_array_parameter():
     # it failed with Python's "unsupported operand type(s) for +"
     params = {"w": jnp.ones(2), "b": jnp.ones(2)}
-    with pytest.raises(
-        ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the updates"
-    ):
+    with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the update at \['b'\] is None"):
         rj.apply_updates(params, {"w": jnp.ones(2), "b": None})
     kept = rj.apply_updates({"w": jnp.ones(2), "b": None}, {"w": jnp.ones(2), "b": None})
     assert kept["b"] is None
@@ -809,3 +807,34 @@ def test_a_schedules_wrong_value_names_the_optimizer_built(make, head):
         ValueError, match=rf"^{head} schedule must return a scalar, got a value of shape \(3,\)$"
     ):
         tx.update(params, tx.init(params), params)
+
+
+def test_apply_updates_names_a_leaf_that_is_no_array():
+    # an unfiltered equinox model holds functions: "Cannot determine dtype" named nothing
+    params = {"w": jnp.ones(2), "act": jax.nn.relu}
+    with pytest.raises(TypeError, match=r"^rmsjax\.apply_updates: the parameter at \['act'\] is"):
+        rj.apply_updates(params, {"w": jnp.ones(2), "act": None})
+
+
+def test_a_schedules_own_error_keeps_its_cause():
+    def schedule(count):
+        try:
+            return {}["learning_rate"]
+        except KeyError as missing:
+            raise ValueError("no learning rate") from missing
+
+    params = {"w": jnp.ones(3)}
+    tx = rj.rmsprop(schedule)
+    with pytest.raises(ValueError, match="^no learning rate$") as error:
+        tx.update(params, tx.init(params), params)
+    assert isinstance(error.value.__cause__, KeyError)
+
+
+def test_piecewise_schedule_refuses_a_value_beyond_float32_and_takes_huge_counts():
+    # its products were inf (NaN under jit, from optax's arithmetic) beyond float32
+    with pytest.raises(ValueError, match=r"the value from boundary 3 on, 1e\+39, must be finite"):
+        rj.schedules.piecewise_constant_schedule(1e38, {3: 10.0, 5: 0.01})
+    schedule = rj.schedules.piecewise_constant_schedule(0.1, {3: 0.5})
+    assert (
+        float(schedule(2**40)) == float(schedule(jnp.int32(2**31 - 1))) == float(jnp.float32(0.05))
+    )

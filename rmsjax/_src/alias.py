@@ -64,7 +64,7 @@ def rmsprop(
     ``chain(scale_by_rms(...), scale_by_learning_rate(learning_rate), trace(momentum))``,
     argument for argument the same as ``optax.rmsprop``, with the same numbers (but
     where optax's would overflow or be NaN, and for ``centered=True`` where the variance
-    is float32 rounding: the first bias-corrected step, a constant gradient; see
+    is float32 rounding, as at the first bias-corrected step under ``jit``; see
     docs/numerics.md).
 
     .. math::

@@ -141,11 +141,6 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         # where a parameter is an array); the sum would then fail on the container
         if not all(jax.tree_util.treedef_is_leaf(_leaf_structure(u)) for u in flat_updates):
             raise ValueError
-        # and a None update where the parameter is an array (None is an empty subtree)
-        if any(
-            u is None and p is not None for u, p in zip(flat_updates, treedef.flatten_up_to(params))
-        ):
-            raise ValueError
     except (ValueError, TypeError):
         raise ValueError(
             "rmsjax.apply_updates: the tree structure of the updates differs from that of "
@@ -156,6 +151,12 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
         if p is not None:
             check_float_parameter("apply_updates", functools.partial(jax.tree_util.keystr, path), p)
+        if p is not None and u is None:  # None is an empty subtree: the trees differ
+            raise ValueError(
+                f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} is None and "
+                f"its parameter an array of shape {jnp.shape(p)}; a leaf left out of the "
+                "updates must be None in the parameters too."
+            )
         if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
             raise ValueError(
                 f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
@@ -170,7 +171,14 @@ def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> 
     key path, looked up only for the error: a step checks every leaf) unless ``param``
     is floating point (or complex): an update added to an integer or bool parameter
     would be truncated without a word."""
-    dtype = jnp.result_type(param)
+    try:
+        dtype = jnp.result_type(param)
+    except TypeError:  # a function or another object in the tree (an unfiltered model)
+        raise TypeError(
+            f"rmsjax.{where}: the parameter at {locate()} is {param!r} "
+            f"({type(param).__name__}), not an array. Leave it out of the trained tree "
+            "(None in the parameters and the updates: eqx.filter(model, eqx.is_array))."
+        ) from None
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"rmsjax.{where}: the parameter at {locate()} has dtype {dtype}; an update added "

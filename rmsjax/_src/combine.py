@@ -95,10 +95,9 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
             except (TypeError, ValueError) as error:
                 # A part's own error, re-worded to name the chain the user built first.
                 part = part_names[begin] if end - begin == 1 else None
-                renamed = error if part is None else elementwise.in_part(name, begin, part, error)
-                if renamed is error:
+                if part is None:
                     raise
-                raise renamed from error
+                elementwise.raise_in_part(name, begin, part, error)
             new_state.extend(states)
         if apply and not applied:
             updates = base.apply_updates(params, updates)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from rmsjax._src import base, numerics
+from rmsjax._src import base, numerics, validate
 
 Slots = tuple  # the per-leaf state of a rule: a tuple of arrays (or small pytrees)
 
@@ -163,7 +161,7 @@ def declared_rule(
                 "options (another storage, say)."
             )
         if shared_field == "count":
-            check_step_count(name, shared)
+            validate.check_step_count(name, shared)
         return shared, trees
 
     return LeafRule(
@@ -210,28 +208,6 @@ def expect_state(rule_name: str, state: Any, state_type: type) -> None:
         )
 
 
-def check_step_count(name: str, count: Any) -> None:
-    """Raises unless a state's step ``count`` is an integer scalar: one of another shape
-    (set by hand, or a batch of counts outside ``vmap``) gave each element its own bias
-    correction or schedule value in silence, and a float one counted in floats."""
-    dtype = getattr(count, "dtype", None)
-    if dtype is None:  # a Python number
-        integer = isinstance(count, int) and not isinstance(count, bool)
-    else:
-        integer = jnp.issubdtype(dtype, jnp.integer)
-    if not integer:
-        held = f"an array of dtype {dtype}" if dtype is not None else f"{count!r}"
-        raise TypeError(
-            f"rmsjax.{name}.update: the state's count must be an integer scalar (int32, "
-            f"as init makes it), got {held}"
-        )
-    if np.shape(count) != ():
-        raise ValueError(
-            f"rmsjax.{name}.update: the state's count must be a scalar, got an array of "
-            f"shape {np.shape(count)}"
-        )
-
-
 def in_part(name: str, index: int, part: str, error: Exception) -> Exception:
     """``error``, raised by the part ``part`` of the chain the user built as ``name``
     (``rmsprop``, say), re-worded to name ``name`` first and the part at fault after:
@@ -242,6 +218,15 @@ def in_part(name: str, index: int, part: str, error: Exception) -> Exception:
         return error
     where, _, detail = message[len(prefix) :].partition(": ")
     return type(error)(f"rmsjax.{name}.{where}: its part {part} (state[{index}]): {detail}")
+
+
+def raise_in_part(name: str, index: int, part: str, error: Exception) -> NoReturn:
+    """Raises :func:`in_part`'s error, or ``error`` as it came (its cause kept) when it
+    is not one of rmsjax's messages (a user's schedule raised it, say)."""
+    renamed = in_part(name, index, part, error)
+    if renamed is error:
+        raise error
+    raise renamed from error
 
 
 @contextlib.contextmanager
@@ -323,7 +308,7 @@ def counted_rule(
 
     def from_state(state, none_tree=False):
         expect_state(name, state, state_type)
-        check_step_count(name, state.count)
+        validate.check_step_count(name, state.count)
         return state.count, ()
 
     return LeafRule(
@@ -358,7 +343,7 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
             try:  # a schedule's value is checked here
                 stepped.append(r.step_shared(s))
             except (TypeError, ValueError) as error:
-                raise in_part(name, first + index, r.name, error) from error
+                raise_in_part(name, first + index, r.name, error)
         return tuple(s for s, _ in stepped), tuple(c for _, c in stepped)
 
     def init_leaf(param):
@@ -381,7 +366,7 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
             try:
                 parts.append(r.from_state(s, none_tree))
             except (TypeError, ValueError) as error:
-                raise in_part(name, first + index, r.name, error) from error
+                raise_in_part(name, first + index, r.name, error)
         return tuple(p[0] for p in parts), tuple(t for p in parts for t in p[1])
 
     return LeafRule(

@@ -97,8 +97,8 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-# The state flattens its hyperparams as the plain dict optax's tree_set hands back, and is
-# rebuilt with a Hyperparams: a state whose entries were set by tree_set has the same tree
+# The state flattens its hyperparams as a plain dict and is rebuilt with a Hyperparams:
+# optax's tree_set sets the entries in a plain dict, and a state so set has the same tree
 # structure as one from init, so either can be a lax.scan carry or a cond branch's output,
 # wherever tree_set is called. Key paths are a NamedTuple's (.count, .hyperparams['lr']).
 _STATE_FIELDS = InjectHyperparamsState._fields
@@ -359,8 +359,9 @@ def inject_hyperparams(
                 key: s.update(state.hyperparams_states[key], **extra) for key, s in stateful.items()
             }
             count = numerics.safe_increment(state.count)
-            # optax.tree_utils.tree_set hands back hyperparams as a plain dict: keep the
-            # container the state came with, and in a plain dict the numeric entries as
+            # a state built by hand may hold a plain dict (tree_set's come back as
+            # Hyperparams, see the state's flattening): keep the container the state came
+            # with, and in a plain dict the numeric entries as
             # they came (a Python float is a weakly typed array: cast, the next call of a
             # compiled step would be traced again), so that the state's structure and
             # types (a scan's or a compiled step's carry) do not change from step to step

@@ -188,10 +188,21 @@ def piecewise_constant_schedule(
         validate.check_count(name, "a boundary", boundary, minimum=0)
         validate.check_range(name, f"the scale at boundary {boundary}", factor, 0.0)
     items = sorted(boundaries_and_scales.items())
+    value = float(init_value)
+    for boundary, factor in items:
+        # a value beyond float32 would be inf, and optax's arithmetic below NaN (0 * inf)
+        value *= float(factor)
+        if abs(value) > float(jnp.finfo(jnp.float32).max):
+            raise ValueError(
+                f"rmsjax.{name}: the value from boundary {boundary} on, {value!r}, must be "
+                "finite in float32 (at most 3.4028235e+38)"
+            )
 
     def schedule(count):
         # optax's arithmetic, so that the value, its dtype and its weak type are optax's
         # for every count (an int32 array, a Python int, a float)
+        if isinstance(count, int) and abs(count) > validate.INT32_MAX:
+            count = float(count)  # a Python int beyond int32 cannot reach JAX as one
         value = jnp.asarray(float(init_value))
         for boundary, factor in items:
             before = jnp.maximum(0.0, jnp.sign(boundary - count))  # 1 before it, else 0

@@ -306,3 +306,25 @@ def check_transformation(function: str, argument: str, value: Any) -> None:
 def check_callable(function: str, argument: str, value: Any) -> None:
     if not callable(value):
         _wrong_type(function, argument, "callable", value)
+
+
+def check_step_count(name: str, count: Any) -> None:
+    """Raises unless a state's step ``count`` is an integer scalar: one of another shape
+    (set by hand, or a batch of counts outside ``vmap``) gave each element its own bias
+    correction or schedule value in silence, and a float one counted in floats."""
+    dtype = getattr(count, "dtype", None)
+    if dtype is None:  # a Python number
+        integer = isinstance(count, int) and not isinstance(count, bool)
+    else:
+        integer = jax.numpy.issubdtype(dtype, jax.numpy.integer)
+    if not integer:
+        held = f"an array of dtype {dtype}" if dtype is not None else f"{count!r}"
+        raise TypeError(
+            f"rmsjax.{name}.update: the state's count must be an integer scalar (int32, "
+            f"as init makes it), got {held}"
+        )
+    if np.shape(count) != ():
+        raise ValueError(
+            f"rmsjax.{name}.update: the state's count must be a scalar, got an array of "
+            f"shape {np.shape(count)}"
+        )
