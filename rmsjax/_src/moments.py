@@ -39,10 +39,10 @@ class MomentStep(NamedTuple):
     inline: bool = False
 
     def scaled(self, g: jax.Array) -> jax.Array:
-        """``g * scale``: ``g`` itself where the scale is 1 (a select, not a product by
-        a select of constants, which LLVM would fold a following negation into: with a
-        learning rate of exactly 1 before ``trace`` the kernel then contracted another
-        product into a multiply-add than optax's does)."""
+        """``g * scale``: ``g`` itself where the scale is 1. A select of ``g``, not a
+        product by a select of two constants, into which LLVM folded the negation of a
+        learning rate of exactly 1: before ``trace`` the kernel then contracted a
+        different product into its multiply-add than optax's kernel does."""
         return jnp.where(self.scale == 1, g, g * self.scale)
 
 
