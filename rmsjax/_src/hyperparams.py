@@ -104,9 +104,13 @@ jax.tree_util.register_pytree_with_keys(
 _STATE_FIELDS = InjectHyperparamsState._fields
 
 
+def _state_children(state: InjectHyperparamsState) -> tuple:
+    return (*state[:1], dict(state.hyperparams), *state[2:])
+
+
 def _flatten_state(state: InjectHyperparamsState) -> tuple:
-    children = (*state[:1], dict(state.hyperparams), *state[2:])
-    return tuple(zip(map(jax.tree_util.GetAttrKey, _STATE_FIELDS), children)), None
+    keys = map(jax.tree_util.GetAttrKey, _STATE_FIELDS)
+    return tuple(zip(keys, _state_children(state))), None
 
 
 def _unflatten_state(aux: None, children: Any) -> InjectHyperparamsState:
@@ -119,7 +123,7 @@ jax.tree_util.register_pytree_with_keys(
     InjectHyperparamsState,
     _flatten_state,
     _unflatten_state,
-    flatten_func=lambda state: ((*state[:1], dict(state.hyperparams), *state[2:]), None),
+    flatten_func=lambda state: (_state_children(state), None),
 )
 
 

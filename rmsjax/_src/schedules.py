@@ -18,6 +18,14 @@ import jax.numpy as jnp
 from rmsjax._src import base, validate
 
 
+def _reachable(count):
+    """``count``, or a Python int beyond int32 as a float: it cannot reach JAX as an
+    int, and optax's arithmetic turns it into a float anyway."""
+    if isinstance(count, int) and abs(count) > validate.INT32_MAX:
+        return float(count)
+    return count
+
+
 def constant_schedule(value: float) -> base.Schedule:
     """The same ``value`` at every step.
 
@@ -115,8 +123,7 @@ def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: f
 
     def schedule(count):
         # The order of operations follows optax's, so both give the same float32 values.
-        if isinstance(count, int):  # a Python int beyond int32 cannot reach JAX as one
-            count = float(count)
+        count = _reachable(count)
         done = jnp.minimum(count, float(decay_steps))
         cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
         return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha))
@@ -201,8 +208,7 @@ def piecewise_constant_schedule(
     def schedule(count):
         # optax's arithmetic, so that the value, its dtype and its weak type are optax's
         # for every count (an int32 array, a Python int, a float)
-        if isinstance(count, int) and abs(count) > validate.INT32_MAX:
-            count = float(count)  # a Python int beyond int32 cannot reach JAX as one
+        count = _reachable(count)
         value = jnp.asarray(float(init_value))
         for boundary, factor in items:
             before = jnp.maximum(0.0, jnp.sign(boundary - count))  # 1 before it, else 0

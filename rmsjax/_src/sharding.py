@@ -157,9 +157,6 @@ def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: An
     shape = tuple(param.shape)
     entries = spec_lib.padded(spec, len(shape))
 
-    def spelled(target: PartitionSpec, ndim: int) -> PartitionSpec:
-        return _spelled(mesh, target, ndim)
-
     specs = []
     for declared, slot in zip(rule.slots, slots, strict=True):
         logical_shape = declared.shape_for(shape)
@@ -167,9 +164,9 @@ def _slot_specs(rule: Any, mesh: Any, spec: PartitionSpec, param: Any, slots: An
 
         def of(array, logical=logical, logical_shape=logical_shape):
             if tuple(array.shape) == logical_shape:
-                return spelled(logical, len(array.shape))
+                return _spelled(mesh, logical, len(array.shape))
             derived = spec_lib.derived_spec(mesh, logical, logical_shape, array.shape)
-            return spelled(derived, len(array.shape))
+            return _spelled(mesh, derived, len(array.shape))
 
         specs.append(jax.tree.map(of, slot))
     return tuple(specs)
