@@ -185,7 +185,7 @@ def test_nesterov_without_momentum_is_refused(make):
 def test_a_schedule_must_return_a_scalar(make, shape):
     params = jnp.ones(3)
     # at construction where the schedule is evaluated there, else when the step is traced
-    # (torch_adagrad names its own argument, lr)
+    # (torch's presets name their own argument, lr)
     with pytest.raises(ValueError, match=r"(learning_rate|the lr) schedule must return a scalar"):
         tx = make(lambda count: jnp.full(shape, 0.1))
         jax.jit(tx.update)(params, tx.init(params), params)
@@ -785,14 +785,23 @@ def test_accumulate_gradients_names_the_root_leaf():
             r"rmsjax\.rmsprop\.update: its part scale_by_learning_rate \(state\[1\]\): "
             r"the learning_rate",
         ),
+        # torch's presets name their own argument, lr
         (
-            lambda s: rj.compat.torch_rmsprop(lr=s),
-            r"rmsjax\.compat\.torch_rmsprop\.update: its part scale_by_learning_rate "
-            r"\(state\[\d\]\): the learning_rate",
+            lambda s: rj.compat.torch_rmsprop(lr=s, momentum=0.9),
+            r"rmsjax\.compat\.torch_rmsprop\.update: the lr",
         ),
         (
             lambda s: rj.compat.torch_adagrad(lr=s, lr_decay=0.1),
             r"rmsjax\.compat\.torch_adagrad\.update: the lr",
+        ),
+        (
+            lambda s: rj.compat.torch_adagrad(lr=s),
+            r"rmsjax\.compat\.torch_adagrad\.update: the lr",
+        ),
+        (
+            lambda s: rj.compat.keras_rmsprop(learning_rate=s),
+            r"rmsjax\.compat\.keras_rmsprop\.update: its part scale_by_learning_rate "
+            r"\(state\[\d\]\): the learning_rate",
         ),
         (
             lambda s: rj.scale_by_learning_rate(s),

@@ -135,6 +135,19 @@ def check_rate(function: str, argument: str, value: Any) -> None:
     validate.check_learning_rate(function, argument, value)
 
 
+def named_rate(function: str, argument: str, rate: base.ScalarOrSchedule) -> Any:
+    """``rate``, a schedule wrapped so that a wrong value names the preset's update and
+    its own argument (torch's ``lr``), not the learning_rate of the part it feeds."""
+    if not callable(rate):
+        return rate
+    schedule = rate
+
+    def checked(count: Any) -> Any:
+        return validate.scalar_schedule_value(f"{function}.update", argument, schedule(count))
+
+    return checked
+
+
 def check_non_negative(function: str, argument: str, value: Any) -> None:
     validate.check_non_negative(function, argument, value)
     validate.check_finite(function, argument, value)

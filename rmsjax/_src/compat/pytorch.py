@@ -12,6 +12,7 @@ from rmsjax._src.compat.parts import (
     inverse_time_decay,
     is_zero,
     momentum_or_identity,
+    named_rate,
 )
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -103,7 +104,7 @@ def torch_rmsprop(
         coupled_decay(weight_decay),
         rms.scale_by_rms(alpha, eps, eps_in_sqrt=False, centered=centered, storage=storage),
         momentum_or_identity(momentum, storage),
-        scaling.scale_by_learning_rate(lr),
+        scaling.scale_by_learning_rate(named_rate(name, "lr", lr)),
     )
 
 
@@ -176,10 +177,7 @@ def torch_adagrad(
     check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     check_non_negative(name, "eps", eps)
     validate.check_bool(name, "maximize", maximize)
-    if callable(lr) and not is_zero(lr_decay):
-        # checked here, so that a schedule's wrong value names this preset and its lr
-        schedule = lr
-        lr = lambda count: validate.scalar_schedule_value(f"{name}.update", "lr", schedule(count))  # noqa: E731
+    lr = named_rate(name, "lr", lr)
     rate = lr if is_zero(lr_decay) else inverse_time_decay(lr, lr_decay)
     return combine.named_chain(
         name,
