@@ -825,6 +825,16 @@ def test_apply_updates_names_a_leaf_that_is_no_array():
         rj.apply_updates(params, {"w": jnp.ones(2), "act": None})
 
 
+@pytest.mark.parametrize("function", [rj.effective_step_sizes, rj.step_size_summary])
+def test_step_size_diagnostics_name_a_parameter_that_is_no_array(function):
+    # "Cannot determine dtype of <function relu>" named neither the function nor the leaf
+    params = {"w": jnp.ones(2), "act": jax.nn.relu}
+    tx = rj.rmsprop(0.1)
+    name = function.__name__
+    with pytest.raises(TypeError, match=rf"^rmsjax\.{name}: the parameter at \['act'\] is"):
+        function(tx, tx.init({"w": params["w"]}), params)
+
+
 def test_a_schedules_own_error_keeps_its_cause():
     def schedule(count):
         try:

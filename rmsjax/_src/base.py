@@ -171,14 +171,7 @@ def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> 
     key path, looked up only for the error: a step checks every leaf) unless ``param``
     is floating point (or complex): an update added to an integer or bool parameter
     would be truncated without a word."""
-    try:
-        dtype = jnp.result_type(param)
-    except TypeError:  # a function or another object in the tree (an unfiltered model)
-        raise TypeError(
-            f"rmsjax.{where}: the parameter at {locate()} is {param!r} "
-            f"({type(param).__name__}), not an array. Leave it out of the trained tree "
-            "(None in the parameters and the updates: eqx.filter(model, eqx.is_array))."
-        ) from None
+    dtype = _array_dtype(where, locate, param)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"rmsjax.{where}: the parameter at {locate()} has dtype {dtype}; an update added "
@@ -187,11 +180,25 @@ def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> 
         )
 
 
+def _array_dtype(where: str, locate: Callable[[], str], param: Any) -> Any:
+    """``param``'s dtype, or a TypeError naming it where it is no array (a function or
+    another object in the tree: an unfiltered model)."""
+    try:
+        return jnp.result_type(param)
+    except TypeError:
+        raise TypeError(
+            f"rmsjax.{where}: the parameter at {locate()} is {param!r} "
+            f"({type(param).__name__}), not an array. Leave it out of the trained tree "
+            "(None in the parameters and the updates: eqx.filter(model, eqx.is_array))."
+        ) from None
+
+
 def check_float_leaves(function: str, params: Any, why: str) -> None:
     """Raises ``TypeError: rmsjax.{function}: params leaf {path} has dtype {dtype};
-    {why}`` for the first leaf of ``params`` that is not floating point (or complex)."""
+    {why}`` for the first leaf of ``params`` that is not floating point (or complex),
+    and names a leaf that is no array as :func:`check_float_parameter` does."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
+        dtype = _array_dtype(function, functools.partial(jax.tree_util.keystr, path), leaf)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"rmsjax.{function}: params leaf {jax.tree_util.keystr(path)} has dtype "
