@@ -130,6 +130,33 @@ def test_a_derivative_through_factored_steps_with_tiny_gradients_is_finite(eps):
         assert bool(jnp.isfinite(jax.grad(loss)(g)).all())
 
 
+def test_a_derivative_through_factored_steps_of_a_leaf_never_moved_is_finite():
+    # a leaf whose gradient has always been 0 (a weight at its minimum) has row averages
+    # of (1 - decay) eps = 1e-31: JAX's derivative of row / mean(row) squared the mean,
+    # which underflowed, and 0 * inf made the whole derivative NaN
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
+    start = {"w": jnp.ones((8, 6)), "still": jnp.ones((8, 6))}
+
+    def loss(p):
+        return jnp.sum((p["w"] * x) ** 2) + jnp.sum((p["still"] - 1.0) ** 2)
+
+    def after_steps(lr):
+        tx = rj.factored_rmsprop(lr, min_dim_size_to_factor=2)
+        params, state = start, tx.init(start)
+        for _ in range(3):
+            params, state = rj.update_and_apply(tx, jax.grad(loss)(params), state, params)
+        return loss(params)
+
+    derivative = float(jax.grad(after_steps)(0.01))
+    h = 1e-4
+    central = (float(after_steps(0.01 + h)) - float(after_steps(0.01 - h))) / (2 * h)
+    np.testing.assert_allclose(derivative, central, rtol=1e-3)
+    # the step sizes of a fresh state, lr / sqrt((1 - decay) eps), read the same way
+    tx = rj.factored_rmsprop(0.01, min_dim_size_to_factor=2)
+    sizes = rj.effective_step_sizes(tx, tx.init(start), start)
+    np.testing.assert_allclose(np.asarray(sizes["still"]), 0.01 / np.sqrt(0.1 * 1e-30), rtol=1e-5)
+
+
 def test_centered_zero_variance_with_zero_eps_steps_by_an_infinity_not_a_nan():
     # decay = 0: the variance of every step is g^2 - g^2 = 0 exactly, and eps = 0 adds
     # nothing, so the step is g / 0 by the definition (docs/numerics.md); at decay 0.9

@@ -105,13 +105,26 @@ def _mean(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     return jnp.sum(x / x.shape[axis], axis=axis, keepdims=keepdims)
 
 
+@jax.custom_jvp
 def _ratio(x: jax.Array, y: jax.Array) -> jax.Array:
     """``x / y``, also where ``y`` is near the float32 maximum: XLA on CPU divides by
     multiplying with ``1 / y``, which flushes to zero above 2**126, so there both sides
-    are first scaled down by 2**64 (exactly: a power of two)."""
+    are first scaled down by 2**64 (exactly: a power of two).
+
+    Differentiated as ``(dx - (x / y) dy) / y``, not as JAX's ``dx / y - x dy / y^2``:
+    ``y^2`` underflows to 0 for a row average under 1e-19 (``eps`` alone, a leaf whose
+    gradient has always been 0), and ``0 * inf`` made every derivative through the
+    step NaN."""
     # the scale depends on y, so that XLA cannot cancel it out of the quotient
     scale = jnp.where(y > 2.0**100, jnp.asarray(2.0**-64, y.dtype), jnp.ones_like(y))
     return (x * scale) / (y * scale)
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    (x, y), (dx, dy) = primals, tangents
+    quotient = _ratio(x, y)
+    return quotient, _ratio(dx - quotient * dy, y)
 
 
 # Where the largest gradient (or root of a moment) of a leaf may sit, in units of its
