@@ -109,6 +109,29 @@ def test_one_outlier_among_ordinary_gradients_keeps_every_step_finite(outlier):
             np.testing.assert_allclose(updates["bias"][0], want[-1][0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("outlier", [1e10, 1e15, 1e20])
+def test_an_outlier_in_a_factored_matrix_leaves_the_equations_only_past_its_limit(outlier):
+    # docs/numerics.md: the leaf's exponent moves once a gradient passes 2^40 (1.1e12);
+    # under it every step is the float64 equations'. Past it, an element whose estimate
+    # R_i C_j / mean(R) is under float32's range in units of 4^E steps as on its own
+    # first step, g / sqrt((1 - decay) g^2 + eps), where the equations give the other
+    # elements steps of 2e10 to 3e14 beside an outlier of 1e15 (the outlier's row and
+    # column: up to 1.3, which the first steps' bound of 3.2 keeps in sign)
+    decay, eps = 0.9, 1e-30
+    g = np.random.default_rng(1).normal(size=(40, 36)).astype(np.float32)
+    g[0, 0] = outlier
+    tx = rj.scale_by_factored_rms(decay, eps)
+    u = np.asarray(jax.jit(tx.update)(jnp.asarray(g), tx.init(jnp.zeros((40, 36))))[0])
+    want = factored_reference([g], decay, eps)[0][0]
+    first_step = g.astype(np.float64) / np.sqrt((1 - decay) * g.astype(np.float64) ** 2 + eps)
+    np.testing.assert_allclose(u[0, 0], want[0, 0], rtol=1e-6)  # the outlier itself
+    if outlier < 2.0**40:
+        np.testing.assert_allclose(u, want, rtol=2e-5)
+    else:
+        np.testing.assert_allclose(u[1:, 1:], first_step[1:, 1:], rtol=1e-6)
+        assert np.abs(u).max() <= (1 - decay) ** -0.5 * (1 + 1e-6)
+
+
 def test_state_shapes_and_bytes():
     params = {
         "w": jnp.zeros((512, 256), jnp.bfloat16),
