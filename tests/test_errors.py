@@ -857,3 +857,18 @@ def test_piecewise_schedule_refuses_a_value_beyond_float32_and_takes_huge_counts
     assert (
         float(schedule(2**40)) == float(schedule(jnp.int32(2**31 - 1))) == float(jnp.float32(0.05))
     )
+
+
+@pytest.mark.parametrize(
+    "tx,why",
+    [
+        (rj.rmsprop(0.1, storage="int8"), r"storage='int8' keeps real values only; the default"),
+        (rj.adagrad(0.1, storage="bfloat16"), r"storage='bfloat16' keeps real values only"),
+        (rj.rowwise_adagrad(0.1), r"the row-wise sum is written for real leaves"),
+        (rj.factored_rmsprop(0.1), r"the factored second moment is written for real leaves"),
+    ],
+)
+def test_a_complex_leaf_is_refused_with_advice_that_fits_the_rule(tx, why):
+    # the advice said "use the default storage" to rules that have no storage option
+    with pytest.raises(TypeError, match=rf"has dtype complex64; .*\(.*{why}.*\)\. Split the leaf"):
+        tx.init({"w": jnp.ones((3, 4), jnp.complex64)})

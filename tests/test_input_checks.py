@@ -148,6 +148,40 @@ def test_grouped_refuses_rules_with_row_statistics(tx):
         rj.grouped(tx)
 
 
+@pytest.mark.parametrize(
+    "make,named",
+    [
+        (lambda: rj.chain(optax.clip(1.0), rj.rmsprop(0.1)), r"optax\.clip \(state\[0\]\)"),
+        (
+            lambda: rj.chain(rj.scale(2.0), rj.masked(rj.rmsprop(0.1), lambda p: p)),
+            r"masked \(state\[1\]\)",
+        ),
+        (
+            lambda: rj.chain(rj.chain(rj.clip_by_global_norm(1.0), rj.sgd(0.1)), rj.sgd(0.1)),
+            r"rmsjax\.clip_by_global_norm \(state\[0\]\[0\]\)",
+        ),
+        (lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1), r"inject_hyperparams"),
+        (lambda: optax.scale(2.0), r"optax\.scale\."),
+    ],
+)
+def test_grouped_names_the_part_that_is_no_elementwise_rule(make, named):
+    # it said only "this one has other parts"
+    with pytest.raises(TypeError, match=rf"^rmsjax\.grouped: .* this one holds {named}"):
+        rj.grouped(make())
+
+
+def test_hyperparameters_injected_around_grouped_step_as_the_plain_optimizer():
+    # the way the grouped docstring gives (inject_hyperparams inside grouped is refused)
+    params = {"a": jnp.ones(3), "b": jnp.full(3, 2.0)}
+    tx = rj.inject_hyperparams(lambda learning_rate: rj.grouped(rj.rmsprop(learning_rate)))(
+        learning_rate=0.1
+    )
+    plain = rj.rmsprop(0.1)
+    got = rj.update_and_apply(tx, params, tx.init(params), params)[0]
+    want = rj.update_and_apply(plain, params, plain.init(params), params)[0]
+    chex.assert_trees_all_equal(got, want)
+
+
 def test_rows_without_elements_keep_a_finite_rowwise_state():
     params = {"emb": jnp.ones((8, 4)), "empty": jnp.ones((8, 0))}
     grads = {"emb": jnp.full((8, 4), 0.5), "empty": jnp.ones((8, 0))}

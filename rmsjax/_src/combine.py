@@ -39,6 +39,7 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     (``rmsprop``, ``compat.torch_rmsprop``), not the chain it is built of."""
     # Extras are normalised once, here: every part's update takes them (optax's plain
     # transformations get an update that drops them).
+    given = transforms
     transforms = tuple(base.with_extra_args_support(t) for t in transforms)
     rules = [fusion.leaf_rule_of(t) for t in transforms]
     present = [r for r in rules if r is not None]
@@ -106,7 +107,13 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     # The parameter update joins the last part's loop when that part is a rule, or a
     # wrapper with a fused step of its own; otherwise there is nothing to fuse it into.
     last_fuses = segments[-1][2] is not None or fused_steps[-1] is not None
-    return fusion.stepped_wrapper(name, init_fn, run_segments, last_fuses)
+    others = tuple(
+        (what, f"[{i}]{where}")
+        for i, (t, rule) in enumerate(zip(given, rules))
+        if rule is None
+        for what, where in fusion.other_parts_of(t)
+    )
+    return fusion.stepped_wrapper(name, init_fn, run_segments, last_fuses, others)
 
 
 def step_of(tx: base.GradientTransformation, apply: bool) -> Any:

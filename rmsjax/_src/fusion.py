@@ -47,6 +47,9 @@ class Update:
         for a plain rule, whose fused step is the engine's, and where nothing fuses.
       name: the public constructor of a wrapper (``chain``, ``masked``...), for its repr;
         a rule is named by its rule.
+      other_parts: for a chain that is not one rule, its parts that are not elementwise
+        rules, as (what, where): ``("masked", "[0]")`` for a state's ``state[0]``;
+        ``grouped`` names them when it refuses the chain.
     """
 
     function: Callable[..., tuple[base.Updates, base.OptState]]
@@ -54,6 +57,7 @@ class Update:
     layout: engine.Layout = engine.PER_LEAF
     fused_step: FusedStep | None = None
     name: str | None = None
+    other_parts: tuple[tuple[str, str], ...] = ()
 
     def __call__(
         self,
@@ -96,10 +100,11 @@ def wrapper_transformation(
     init_fn: base.TransformInitFn,
     update_fn: Callable[..., tuple[base.Updates, base.OptState]],
     fused_step: FusedStep | None,
+    other_parts: tuple[tuple[str, str], ...] = (),
 ) -> base.GradientTransformation:
     """A transformation that is not a rule, with its fused step (None if it has none);
     ``name`` is the public constructor that made it."""
-    update = Update(update_fn, fused_step=fused_step, name=name)
+    update = Update(update_fn, fused_step=fused_step, name=name, other_parts=other_parts)
     return base.GradientTransformation(init_fn, update)
 
 
@@ -108,6 +113,7 @@ def stepped_wrapper(
     init_fn: base.TransformInitFn,
     step: Callable[..., tuple[Any, base.OptState]],
     fuses: bool,
+    other_parts: tuple[tuple[str, str], ...] = (),
 ) -> base.GradientTransformation:
     """:func:`wrapper_transformation` of a wrapper written as one function,
     ``step(updates, state, params, extra, apply)``: its ``update`` runs it with
@@ -119,7 +125,8 @@ def stepped_wrapper(
     def update_and_apply_fn(updates, state, params, **extra):
         return step(updates, state, params, extra, True)
 
-    return wrapper_transformation(name, init_fn, update_fn, update_and_apply_fn if fuses else None)
+    fused = update_and_apply_fn if fuses else None
+    return wrapper_transformation(name, init_fn, update_fn, fused, other_parts)
 
 
 def _capabilities(tx: Any) -> Update | None:
@@ -134,6 +141,20 @@ def name_of(tx: Any) -> str | None:
     if update is None:
         return None
     return update.rule.name if update.rule is not None else update.name
+
+
+def other_parts_of(tx: Any) -> tuple[tuple[str, str], ...]:
+    """What keeps ``tx`` from being one elementwise rule, for an error, as (what, where
+    in its state): its parts that are not rules (a chain), else itself."""
+    update = _capabilities(tx)
+    if update is not None:
+        return update.other_parts or ((name_of(tx) or "a wrapper", ""),)
+    # a transformation without a rule (clip_by_global_norm) or another library's (optax):
+    # named by the function that built it, as far as its update tells
+    function = getattr(tx, "update", None)
+    maker = getattr(function, "__qualname__", "").split(".<locals>")[0]
+    library = getattr(function, "__module__", "").split(".")[0]
+    return ((f"{library}.{maker}" if maker and library else "a transformation from elsewhere", ""),)
 
 
 def leaf_rule_of(tx: Any) -> LeafRule | None:

@@ -55,6 +55,10 @@ leaves of 16k, as long on 500 of 32k, and 1.15x as long on 250 of 64k, and compi
 third to a half of the time at all three sizes (docs/performance.md)."""
 
 
+def _listed(parts: tuple[tuple[str, str], ...]) -> str:
+    return "; ".join(f"{what} (state{where})" if where else what for what, where in parts)
+
+
 class GroupedState(NamedTuple):
     """State of :func:`grouped`.
 
@@ -151,9 +155,13 @@ def grouped(
 ) -> base.GradientTransformation:
     """Runs an elementwise transformation with its state in blocks of stacked leaves.
 
-    ``tx`` must be made of elementwise rules only (every alias in rmsjax is: ``rmsprop``,
-    ``adagrad``, ``sgd``, and chains of ``scale_by_rms``, ``scale_by_rss``, ``trace``,
-    ``scale_by_learning_rate``, ``add_decayed_weights``, ...). Updates, parameters and
+    ``tx`` must be made of elementwise rules only: ``rmsprop``, ``adagrad``, ``sgd``,
+    the compat presets, and chains of ``scale_by_rms``, ``scale_by_rss``, ``trace``,
+    ``scale_by_learning_rate``, ``add_decayed_weights`` (without a mask), ... Not
+    ``rowwise_adagrad`` or ``factored_rmsprop``, whose state is per row or column, and
+    no wrapper: ``masked``, ``inject_hyperparams`` and ``accumulate_gradients`` go around
+    ``grouped`` (``inject_hyperparams(lambda learning_rate:
+    grouped(rmsprop(learning_rate)))(learning_rate=1e-3)``). Updates, parameters and
     the numbers are the same as with ``tx``; the state holds one array per block of up to
     ``block_size`` same-shaped leaves instead of one per leaf (:class:`GroupedState`).
     On models with thousands of small leaves this makes the jitted step and its
@@ -194,8 +202,10 @@ def grouped(
     if rule is None:
         raise TypeError(
             "rmsjax.grouped: tx must be built only from elementwise rules (rmsprop, "
-            "adagrad, sgd, scale_by_rms, trace, ...); this one has other parts. Chain "
-            "those outside: chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3)))."
+            "adagrad, sgd, scale_by_rms, trace, ...); this one holds "
+            f"{_listed(fusion.other_parts_of(tx))}. Chain such parts outside: "
+            "chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3))); wrap masked, "
+            "inject_hyperparams and accumulate_gradients around grouped."
         )
     not_elementwise = [slot.field for slot in rule.slots if slot.axes is not None]
     if not_elementwise:

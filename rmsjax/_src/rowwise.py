@@ -57,6 +57,11 @@ def scale_by_rowwise_rss(
        intended behaviour for embedding rows, not for dense layers with
        heterogeneous columns.
 
+    The state keeps no row length: ``update(g, state)`` without ``params`` cannot
+    tell a gradient of another width (``(n, 1)`` for an ``(n, D)`` table) from the
+    table's own, and steps it. Pass ``params`` (as :func:`update_and_apply` and
+    :func:`make_train_step` do) to have every leaf's shape checked.
+
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> tx = rj.scale_by_rowwise_rss(eps=0.0)
     >>> g = jnp.array([[1.0, 7.0], [0.0, 0.0]])  # row means of g*g: 25 and 0

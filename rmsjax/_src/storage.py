@@ -208,7 +208,9 @@ def check_storage(function: str, storage: Any) -> None:
 
 def complex_refusal(storage: base.Storage | None) -> str | None:
     """Why a state kept as ``storage`` cannot hold complex values (None: it can)."""
-    return None if storage is None else f"storage={storage!r} keeps real values only"
+    if storage is None:
+        return None
+    return f"storage={storage!r} keeps real values only; the default storage keeps complex ones"
 
 
 def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bool) -> Any:

@@ -47,8 +47,8 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
         if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
             raise TypeError(
                 f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
-                f"this transformation takes real leaves only ({rule.complex_refusal}). Use "
-                "the default storage, or split the leaf into its real and imaginary parts."
+                f"this transformation takes real leaves only ({rule.complex_refusal}). "
+                "Split the leaf into its real and imaginary parts."
             )
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
