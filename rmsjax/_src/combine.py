@@ -108,10 +108,10 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
     # wrapper with a fused step of its own; otherwise there is nothing to fuse it into.
     last_fuses = segments[-1][2] is not None or fused_steps[-1] is not None
     others = tuple(
-        (what, f"[{i}]{where}")
+        part
         for i, (t, rule) in enumerate(zip(given, rules))
         if rule is None
-        for what, where in fusion.other_parts_of(t)
+        for part in fusion.parts_not_rules(t, i)
     )
     return fusion.stepped_wrapper(name, init_fn, run_segments, last_fuses, others)
 

@@ -143,9 +143,13 @@ def name_of(tx: Any) -> str | None:
     return update.rule.name if update.rule is not None else update.name
 
 
-def other_parts_of(tx: Any) -> tuple[tuple[str, str], ...]:
-    """What keeps ``tx`` from being one elementwise rule, for an error, as (what, where
-    in its state): its parts that are not rules (a chain), else itself."""
+def other_parts_of(tx: Any) -> str:
+    """What keeps ``tx`` from being one elementwise rule, for an error: its parts that
+    are not rules, with where their state is (``optax.clip (state[0])``), or itself."""
+    return "; ".join(f"{what} (state{where})" if where else what for what, where in _others(tx))
+
+
+def _others(tx: Any) -> tuple[tuple[str, str], ...]:
     update = _capabilities(tx)
     if update is not None:
         return update.other_parts or ((name_of(tx) or "a wrapper", ""),)
@@ -155,6 +159,12 @@ def other_parts_of(tx: Any) -> tuple[tuple[str, str], ...]:
     maker = getattr(function, "__qualname__", "").split(".<locals>")[0]
     library = getattr(function, "__module__", "").split(".")[0]
     return ((f"{library}.{maker}" if maker and library else "a transformation from elsewhere", ""),)
+
+
+def parts_not_rules(tx: Any, index: int) -> tuple[tuple[str, str], ...]:
+    """:func:`other_parts_of` ``tx``, as (what, where) pairs, for the chain that holds
+    it at ``index`` (see :attr:`Update.other_parts`)."""
+    return tuple((what, f"[{index}]{where}") for what, where in _others(tx))
 
 
 def leaf_rule_of(tx: Any) -> LeafRule | None:

@@ -55,10 +55,6 @@ leaves of 16k, as long on 500 of 32k, and 1.15x as long on 250 of 64k, and compi
 third to a half of the time at all three sizes (docs/performance.md)."""
 
 
-def _listed(parts: tuple[tuple[str, str], ...]) -> str:
-    return "; ".join(f"{what} (state{where})" if where else what for what, where in parts)
-
-
 class GroupedState(NamedTuple):
     """State of :func:`grouped`.
 
@@ -203,7 +199,7 @@ def grouped(
         raise TypeError(
             "rmsjax.grouped: tx must be built only from elementwise rules (rmsprop, "
             "adagrad, sgd, scale_by_rms, trace, ...); this one holds "
-            f"{_listed(fusion.other_parts_of(tx))}. Chain such parts outside: "
+            f"{fusion.other_parts_of(tx)}. Chain such parts outside: "
             "chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3))); wrap masked, "
             "inject_hyperparams and accumulate_gradients around grouped."
         )
