@@ -177,12 +177,25 @@ def test_nnx_optimizer_steps_like_functional_rmsjax():
     np.testing.assert_allclose(ours["bias"], plain["bias"], rtol=1e-6, atol=1e-7)
 
 
+def _matrices(params):
+    import jax
+
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 NNX_OPTIMIZERS = {
     "int8 momentum": lambda rj: rj.rmsprop(1e-3, momentum=0.9, storage="int8"),
     "int8 adagrad": lambda rj: rj.adagrad(1e-2, storage="int8"),
     "bfloat16": lambda rj: rj.rmsprop(1e-3, storage="bfloat16"),
     "grouped": lambda rj: rj.grouped(rj.rmsprop(1e-3, momentum=0.9)),
     "grouped int8": lambda rj: rj.grouped(rj.rmsprop(1e-3, storage="int8")),
+    # masked puts a MaskedNode inside each variable at init, where the gradients have it
+    # bare: grouped compared the two structures and refused every step
+    "masked grouped": lambda rj: rj.masked(rj.grouped(rj.adagrad(1e-2)), _matrices),
+    "grouped in masked in chain": lambda rj: rj.chain(
+        rj.clip_by_global_norm(1.0),
+        rj.masked(rj.grouped(rj.rmsprop(1e-3, momentum=0.9)), _matrices),
+    ),
 }
 
 

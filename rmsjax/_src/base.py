@@ -256,5 +256,8 @@ jax.tree_util.register_pytree_node(
 def structure_of(tree: Any) -> Any:
     """A tree's structure as :class:`GroupedState` keeps it: updates with None for a
     parameter that has an array differ from it, as they do from a per-leaf state; a
-    framework's variable counts as the array it holds (:func:`is_variable`)."""
-    return jax.tree.structure(tree, is_leaf=is_variable)
+    framework's variable counts as what it holds (:func:`is_variable`): an array, or
+    the ``MaskedNode`` a ``masked`` wrapper put in its place (``nnx.Optimizer`` builds
+    the state from variables and steps it with plain arrays)."""
+    held = jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+    return jax.tree.structure(held)
