@@ -248,3 +248,31 @@ def test_shard_state_names_a_transformation_given_as_the_state():
     assert jax.tree.structure(rj.shard_state(tx.init({"w": jnp.ones(3)}), mesh, "data")) == (
         jax.tree.structure(tx.init({"w": jnp.ones(3)}))
     )
+
+
+@pytest.mark.parametrize(
+    "make,where",
+    [
+        (lambda: rj.grouped(rj.rmsprop(0.01)), r"<root>"),
+        (lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.grouped(rj.rmsprop(0.01))), r"\[1\]"),
+    ],
+)
+def test_zero1_refuses_grouped_state_under_its_own_name(make, where):
+    # the blocks' leaf axis was split over the mesh axis in silence, and the step then
+    # failed inside JAX's vmap ("inconsistent axis specs"), even on a 1-device mesh
+    mesh = jax.make_mesh((1,), ("data",))
+    params = {"a": jnp.ones(4), "b": jnp.ones(4)}
+    tx = make()
+    state = tx.init(params)
+    for function, call in (
+        ("shard_state", lambda: rj.shard_state(state, mesh, "data")),
+        ("zero1_shardings", lambda: rj.zero1_shardings(state, mesh, "data")),
+        (
+            "zero1_update_and_apply",
+            lambda: rj.zero1_update_and_apply(tx, params, state, params, mesh),
+        ),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^rmsjax\.{function}: the state holds a GroupedState .* at {where}"
+        ):
+            call()

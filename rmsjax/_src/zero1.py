@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import combine, factored, validate
+from rmsjax._src import combine, factored, grouped, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
@@ -130,6 +130,7 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     (P('data', None), P())
     """
     _check_mesh_axis("zero1_shardings", mesh, axis)
+    _check_not_grouped("zero1_shardings", state, axis)
     return _layout(state, mesh, axis)
 
 
@@ -151,6 +152,7 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     P('data',)
     """
     _check_mesh_axis("shard_state", mesh, axis)
+    _check_not_grouped("shard_state", state, axis)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if callable(leaf) or isinstance(leaf, (str, bytes)):  # JAX's error named no one
             where = jax.tree_util.keystr(path) or "<root>"
@@ -160,6 +162,20 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
                 f"{type(leaf).__name__} {leaf!r} at {where}{hint}"
             )
     return jax.device_put(state, _layout(state, mesh, axis))
+
+
+def _check_not_grouped(function: str, state: Any, axis: str) -> None:
+    """Refuses a state that holds ``rj.grouped``'s blocks: they stack leaves, for
+    single-device steps, and split over ``axis`` the step failed inside JAX's vmap."""
+    is_grouped = lambda x: isinstance(x, grouped.GroupedState)  # noqa: E731
+    for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_grouped)[0]:
+        if is_grouped(node):
+            raise ValueError(
+                f"rmsjax.{function}: the state holds a GroupedState (rj.grouped) at "
+                f"{jax.tree_util.keystr(path) or '<root>'}: its blocks stack leaves for "
+                f"single-device steps and cannot be split over {axis!r}. Shard the "
+                "per-leaf optimizer's state (rj.ungroup_state converts a grouped one)."
+            )
 
 
 def _constrain(tree: Any, shardings: Any) -> Any:
@@ -214,6 +230,7 @@ def zero1_update_and_apply(
     """
     validate.check_transformation("zero1_update_and_apply", "tx", tx)
     _check_mesh_axis("zero1_update_and_apply", mesh, axis)
+    _check_not_grouped("zero1_update_and_apply", state, axis)
     _check_same_mesh("zero1_update_and_apply", mesh, state=state, params=params)
 
     split = _layout(params, mesh, axis)
