@@ -222,3 +222,20 @@ def test_errors_say_what_to_pass():
     tx = rj.sgd(0.1)
     with pytest.raises(ValueError, match=r"rmsjax\.effective_step_sizes: pass params"):
         rj.effective_step_sizes(tx, tx.init(params_tree()))
+
+
+@pytest.mark.parametrize("function", [rj.effective_step_sizes, rj.step_size_summary])
+def test_step_sizes_refuse_accumulating_state_and_measure_its_inner_optimizer(function):
+    # around accumulate_gradients the measure was 0 on micro-steps and, on the last one,
+    # a derivative taken at the accumulated mean: neither is a step size
+    params = {"w": jnp.ones(3)}
+    inner = rj.rmsprop(0.01)
+    tx = rj.chain(rj.clip_by_global_norm(1.0), rj.accumulate_gradients(inner, 2))
+    state = tx.init(params)
+    name = function.__name__
+    with pytest.raises(
+        ValueError, match=rf"^rmsjax\.{name}: .*AccumulateGradientsState .* at \[1\]"
+    ):
+        function(tx, state, params)
+    sizes = rj.effective_step_sizes(inner, state[1].inner_state, params)
+    np.testing.assert_allclose(np.asarray(sizes["w"]), 0.01 / np.sqrt(1e-8), rtol=1e-6)
