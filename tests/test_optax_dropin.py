@@ -413,6 +413,23 @@ def test_an_optax_state_is_recognised_and_the_conversion_named():
     tx.update(jnp.ones(2), state)
 
 
+def test_optax_wrapper_states_are_named_with_the_route_that_works():
+    # apply_if_finite said "expected an ApplyIfFiniteState, got ApplyIfFiniteState";
+    # accumulate_gradients pointed to from_optax_state, which refuses a MultiStepsState
+    params = jnp.ones(2)
+    theirs = optax.apply_if_finite(optax.rmsprop(0.1), 2).init(params)
+    ours = rj.apply_if_finite(rj.rmsprop(0.1), 2)
+    with pytest.raises(
+        TypeError, match=r"got optax's ApplyIfFiniteState .*rmsjax\.from_optax_state"
+    ):
+        ours.update(jnp.ones(2), theirs, params)
+    converted = rj.from_optax_state(theirs, like=ours.init(params))
+    ours.update(jnp.ones(2), converted, params)
+    multi = optax.MultiSteps(optax.rmsprop(0.1), 2).init(params)
+    with pytest.raises(TypeError, match=r"got optax's MultiStepsState .*keep optax\.MultiSteps"):
+        rj.accumulate_gradients(rj.rmsprop(0.1), 2).update(jnp.ones(2), multi, params)
+
+
 # ------------------------------------------------------------ optax's schedules
 
 SCHEDULES = {

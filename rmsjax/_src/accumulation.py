@@ -96,7 +96,13 @@ def accumulate_gradients(
         )
 
     def update_fn(updates, state, params=None, **extra):
-        elementwise.expect_state(name, state, AccumulateGradientsState)
+        elementwise.expect_state(
+            name,
+            state,
+            AccumulateGradientsState,
+            "A MultiStepsState does not convert (see docs/porting.md): keep "
+            "optax.MultiSteps around the rmsjax optimizer, whose inner state converts.",
+        )
         updates = _like_accumulated(name, updates, state.accumulated)
 
         def add(acc, g):

@@ -191,18 +191,25 @@ def is_optax_state(state: Any) -> bool:
     return type(state).__module__.split(".")[0] == "optax"
 
 
-def expect_state(rule_name: str, state: Any, state_type: type) -> None:
-    """Raises a TypeError when ``update`` is handed another rule's state."""
+def expect_state(
+    rule_name: str, state: Any, state_type: type, optax_route: str | None = None
+) -> None:
+    """Raises a TypeError when ``update`` is handed another rule's state; an optax state
+    is told how to convert it (``optax_route``, where ``from_optax_state`` cannot)."""
     if is_optax_state(state):
+        route = optax_route or (
+            "Convert an optax state once with rmsjax.from_optax_state(optax_state, "
+            "like=tx.init(params))."
+        )
         raise TypeError(
             f"rmsjax.{rule_name}.update: got optax's {type(state).__name__} (from "
             f"{type(state).__module__}), not rmsjax's {state_type.__name__}: the two libraries "
-            "lay their states out differently. Convert an optax state once with "
-            "rmsjax.from_optax_state(optax_state, like=tx.init(params))."
+            f"lay their states out differently. {route}"
         )
     if not isinstance(state, state_type):
+        article = "an" if state_type.__name__[0] in "AEIOU" else "a"
         raise TypeError(
-            f"rmsjax.{rule_name}.update: expected a {state_type.__name__} (the state "
+            f"rmsjax.{rule_name}.update: expected {article} {state_type.__name__} (the state "
             f"returned by this transformation's init), got {type(state).__name__}. Was the "
             "state created by a different optimizer, or its chain reordered?"
         )

@@ -129,11 +129,7 @@ def apply_if_finite(
         )
 
     def check_state(state):
-        if not isinstance(state, ApplyIfFiniteState):
-            raise TypeError(
-                f"rmsjax.{name}.update: expected an ApplyIfFiniteState (the state returned "
-                f"by this transformation's init), got {type(state).__name__}."
-            )
+        elementwise.expect_state(name, state, ApplyIfFiniteState)
 
     def decide(finite, state):
         notfinite_count = jnp.where(
