@@ -872,3 +872,23 @@ def test_a_complex_leaf_is_refused_with_advice_that_fits_the_rule(tx, why):
     # the advice said "use the default storage" to rules that have no storage option
     with pytest.raises(TypeError, match=rf"has dtype complex64; .*\(.*{why}.*\)\. Split the leaf"):
         tx.init({"w": jnp.ones((3, 4), jnp.complex64)})
+
+
+def test_inject_hyperparams_names_itself_and_the_value_as_given():
+    # construction errors named the inner factory alone and showed the value as the
+    # array inject_hyperparams made of it; a string leaf gave numpy's own error
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.inject_hyperparams\(rmsprop\): its inner rmsprop: decay must be in "
+        r"\[0, 1\), got 1\.5 \(float32 array\)$",
+    ):
+        rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=1.5)
+    with pytest.raises(TypeError, match=r"^rmsjax\.inject_hyperparams\(<lambda>\): inner_factory"):
+        rj.inject_hyperparams(lambda learning_rate: 3)(learning_rate=0.1)
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
+    for text in ("abc", "float32"):
+        with pytest.raises(
+            TypeError,
+            match=rf"^rmsjax\.inject_hyperparams\(rmsprop\)\.init: .*\['name'\] is '{text}'",
+        ):
+            tx.init({"w": jnp.ones(3), "name": text})

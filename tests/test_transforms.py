@@ -529,7 +529,7 @@ def test_inject_hyperparams_evaluates_schedules_per_step():
 
 
 def test_inject_hyperparams_validates_where_built_and_keeps_static_args():
-    with pytest.raises(ValueError, match=r"rmsjax\.rmsprop: decay must be in \[0, 1\), got"):
+    with pytest.raises(ValueError, match=r"its inner rmsprop: decay must be in \[0, 1\), got"):
         rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=1.5)
     with pytest.raises(ValueError, match="static_args must name arguments"):
         rj.inject_hyperparams(rj.rmsprop, static_args=("nope",))

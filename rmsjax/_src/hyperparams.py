@@ -175,6 +175,8 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
         return hyperparam_dtype
     dtype = jnp.dtype(jnp.float32)
     for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, (str, bytes)) or callable(leaf):
+            continue  # no array: the inner optimizer names it (result_type read 'abc' as a dtype)
         leaf_dtype = jnp.result_type(leaf)
         if jnp.issubdtype(leaf_dtype, jnp.inexact):
             dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
@@ -323,7 +325,15 @@ def inject_hyperparams(
         # Build once now, so that bad values fail where the optimizer is made.
         zero = jnp.zeros([], jnp.int32)
         fresh_states = {key: s.init() for key, s in stateful.items()}
-        first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
+        with elementwise.naming_wrapper(where, None):
+            first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
+        if not callable(getattr(first, "init", None)) or not callable(
+            getattr(first, "update", None)
+        ):
+            raise TypeError(
+                f"rmsjax.{where}: inner_factory must return a GradientTransformation, got "
+                f"{type(first).__name__} {first!r}"
+            )
 
         def init_fn(params):
             dtype = _float_dtype(params, hyperparam_dtype)

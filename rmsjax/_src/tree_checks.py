@@ -28,8 +28,10 @@ def as_arrays(leaves: Sequence[Any], where: str = "", tree: Any = None) -> list:
             arrays.append(x)
             continue
         try:
+            if isinstance(x, (str, bytes)):  # jnp.asarray reads '1.5' as a number
+                raise TypeError
             arrays.append(jnp.asarray(x))
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(
                 f"{where}: leaf {path_of(tree, i)} is {x!r} ({type(x).__name__}), not an "
                 "array; optimizers update floating-point (or complex) arrays. Leave it out "

@@ -30,13 +30,24 @@ def concrete_value(value: Any) -> float | None:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, but a concrete JAX scalar as its number and dtype (``1.5
+    (float32 array)``, not ``Array(1.5, dtype=float32)``: inject_hyperparams hands its
+    values to the optimizer as arrays)."""
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+        if value.shape == ():
+            return f"{value.item()!r} ({value.dtype} array)"
+    return repr(value)
+
+
 def _fail(function: str, argument: str, allowed: str, value: Any) -> NoReturn:
-    raise ValueError(f"rmsjax.{function}: {argument} must be {allowed}, got {value!r}")
+    raise ValueError(f"rmsjax.{function}: {argument} must be {allowed}, got {_shown(value)}")
 
 
 def _wrong_type(function: str, argument: str, allowed: str, value: Any) -> NoReturn:
     raise TypeError(
-        f"rmsjax.{function}: {argument} must be {allowed}, got {value!r} ({type(value).__name__})"
+        f"rmsjax.{function}: {argument} must be {allowed}, got {_shown(value)} "
+        f"({type(value).__name__})"
     )
 
 
