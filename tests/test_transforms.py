@@ -509,6 +509,30 @@ def test_inject_hyperparams_changing_the_learning_rate_does_not_recompile():
     chex.clear_trace_counter()
 
 
+def test_tree_set_with_python_floats_traces_once_more_as_with_optax():
+    # README: a Python float set with tree_set is weakly typed: one more trace on its
+    # first step, none after; an array of the state's dtype, none at all
+    def traces_after(make):
+        tx, count = make(learning_rate=0.1), [0]
+
+        def step(g, s):
+            count[0] += 1
+            return tx.update(g, s)
+
+        step = jax.jit(step)
+        grads = {"w": jnp.ones(3)}
+        state = step(grads, tx.init(grads))[1]
+        seen = []
+        for lr in (jnp.asarray(0.05, jnp.float32), 0.04, 0.03):
+            state = optax.tree_utils.tree_set(state, learning_rate=lr)
+            state = step(grads, state)[1]
+            seen.append(count[0])
+        return seen
+
+    assert traces_after(rj.inject_hyperparams(rj.rmsprop)) == [1, 2, 2]
+    assert traces_after(optax.inject_hyperparams(optax.rmsprop)) == [1, 2, 2]
+
+
 def test_inject_hyperparams_evaluates_schedules_per_step():
     schedule = rj.schedules.exponential_decay(0.1, transition_steps=1, decay_rate=0.5)
     tx = rj.inject_hyperparams(rj.sgd)(learning_rate=schedule)
@@ -540,6 +564,66 @@ def test_inject_hyperparams_validates_where_built_and_keeps_static_args():
 
 
 # -------------------------------------------------------------- accumulate_gradients
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.sgd(0.1, momentum=0.9),
+        lambda: rj.adagrad(0.1),
+        lambda: rj.rmsprop(0.01, momentum=0.9),
+    ],
+)
+def test_accumulating_one_micro_batch_is_the_inner_optimizer_bit_for_bit(make):
+    # under lax.cond the inner step's kernels were compiled apart and contracted other
+    # products into multiply-adds: hundreds of parameters an ulp or more off in 12 steps
+    inner = make()
+    outer = rj.accumulate_gradients(inner, 1)
+    rng = np.random.default_rng(0)
+    params = {
+        "a": jnp.asarray(rng.normal(size=(6, 9)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+    }
+
+    def stepper(tx):
+        return jax.jit(
+            lambda g, s, p: (lambda u, s: (rj.apply_updates(p, u), s))(*tx.update(g, s, p))
+        )
+
+    step_inner, step_outer = stepper(inner), stepper(outer)
+    p_in, s_in, p_out, s_out = params, inner.init(params), params, outer.init(params)
+    for _ in range(12):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        p_in, s_in = step_inner(g, s_in, p_in)
+        p_out, s_out = step_outer(g, s_out, p_out)
+        chex.assert_trees_all_equal(p_in, p_out)
+        chex.assert_trees_all_equal(s_in, s_out.inner_state)
+
+
+def test_a_nan_micro_batch_costs_one_cycle_where_multisteps_keeps_it():
+    # docs/porting.md: optax's running mean multiplies the old mean by the micro-step
+    # (0 at a cycle's start), 0 * NaN is NaN, and every later cycle is skipped; the sum
+    # here starts each cycle from zero. Skipping the micro-step itself (apply_if_finite
+    # outside) is the same in both.
+    params = {"w": jnp.ones(3)}
+    grads = [jnp.ones(3), jnp.full(3, jnp.nan)] + [jnp.full(3, 0.5)] * 4
+
+    def trajectory(tx):
+        state, p, out = tx.init(params), params, []
+        for g in grads:
+            updates, state = jax.jit(tx.update)({"w": g}, state, p)
+            p = optax.apply_updates(p, updates)
+            out.append(np.asarray(p["w"]))
+        return np.stack(out)
+
+    ours = trajectory(rj.accumulate_gradients(rj.apply_if_finite(rj.rmsprop(0.1), 10), 2))
+    theirs = trajectory(optax.MultiSteps(optax.apply_if_finite(optax.rmsprop(0.1), 10), 2))
+    np.testing.assert_array_equal(theirs, np.ones_like(theirs))  # never moves again
+    np.testing.assert_array_equal(ours[:3], np.ones_like(ours[:3]))  # the NaN cycle skipped
+    assert np.all(ours[3:] < 1.0)  # the next cycles step
+    ours = trajectory(rj.apply_if_finite(rj.accumulate_gradients(rj.rmsprop(0.1), 2), 10))
+    theirs = trajectory(optax.apply_if_finite(optax.MultiSteps(optax.rmsprop(0.1), 2), 10))
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def regression_problem(examples=24, features=5, seed=0):

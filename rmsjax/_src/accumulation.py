@@ -44,7 +44,9 @@ def accumulate_gradients(
     training with micro-batches of size ``b`` matches training with batches of size
     ``k * b`` (up to rounding) while holding only one micro-batch of activations in memory.
     ``inner`` (RMSprop's average, Adagrad's sum, momentum, schedules) sees one step per
-    cycle. The semantics are those of ``optax.MultiSteps``; the inner step runs under
+    cycle. The semantics are those of ``optax.MultiSteps`` (but for a non-finite
+    micro-batch gradient, which stays in ``MultiSteps``' running mean for good and
+    here only in its own cycle's sum: docs/porting.md); the inner step runs under
     ``lax.cond``, so its cost is paid once per cycle.
 
     Args:
@@ -142,7 +144,12 @@ def accumulate_gradients(
             zeros = jax.tree.map(lambda g, u: jnp.full_like(g, -0.0, u.dtype), updates, out)
             return zeros, state.inner_state, accumulated
 
-        new_updates, inner_state, accumulated = jax.lax.cond(last, step, wait, None)
+        if every_k == 1:
+            # every call steps: no cond, whose branch XLA compiles apart (its kernels
+            # contracted other products into multiply-adds than the inner step alone)
+            new_updates, inner_state, accumulated = step(None)
+        else:
+            new_updates, inner_state, accumulated = jax.lax.cond(last, step, wait, None)
         return new_updates, AccumulateGradientsState(
             mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
             gradient_step=jnp.where(
