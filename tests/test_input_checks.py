@@ -170,6 +170,18 @@ def test_grouped_names_the_part_that_is_no_elementwise_rule(make, named):
         rj.grouped(make())
 
 
+def test_ungroup_state_of_a_chain_says_to_pass_the_grouped_part():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    part = rj.grouped(rj.rmsprop(0.1))
+    tx = rj.chain(rj.clip_by_global_norm(1.0), part)
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=r"got chain\. For a grouped part .* ungroup_state\(part"):
+        rj.ungroup_state(tx, state, params)
+    chex.assert_trees_all_equal(
+        rj.ungroup_state(part, state[1], params), rj.rmsprop(0.1).init(params)
+    )
+
+
 def test_hyperparameters_injected_around_grouped_step_as_the_plain_optimizer():
     # the way the grouped docstring gives (inject_hyperparams inside grouped is refused)
     params = {"a": jnp.ones(3), "b": jnp.full(3, 2.0)}

@@ -301,7 +301,10 @@ def _layout_of(function: str, tx: base.GradientTransformation):
     if found is None or found[1].name != "grouped":
         raise TypeError(
             f"rmsjax.{function}: tx must be the transformation rmsjax.grouped returned, "
-            f"got {type(tx).__name__}."
+            f"got {fusion.name_of(tx) or type(tx).__name__}. For a grouped part inside a "
+            f"chain or a wrapper, pass that part and its own state: {function}(part, "
+            "state[1], params) for chain(clip, grouped(...)), state.inner_state inside "
+            "accumulate_gradients."
         )
     return found
 
