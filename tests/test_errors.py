@@ -892,3 +892,20 @@ def test_inject_hyperparams_names_itself_and_the_value_as_given():
             match=rf"^rmsjax\.inject_hyperparams\(rmsprop\)\.init: .*\['name'\] is '{text}'",
         ):
             tx.init({"w": jnp.ones(3), "name": text})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: rj.rmsprop(s),
+        lambda s: rj.compat.torch_adagrad(lr=s),
+        lambda s: rj.compat.keras_rmsprop(learning_rate=s),
+        lambda s: rj.factored_rmsprop(s),
+    ],
+)
+def test_a_schedule_that_cannot_take_the_step_count_is_refused_where_built(make):
+    # it failed inside the first step with Python's own error, naming no rmsjax function
+    with pytest.raises(TypeError, match=r"must be a number or a schedule, a function of the step"):
+        make(lambda: 0.1)
+    make(lambda count, scale=1.0: 0.1 * scale)  # a default or *args is fine
+    make(lambda *counts: 0.1)

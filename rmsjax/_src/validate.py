@@ -7,6 +7,7 @@ built, and checking them at run time would cost a host round trip every step.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, NoReturn
 
@@ -200,8 +201,22 @@ def check_normal(function: str, argument: str, value: Any) -> None:
 
 
 def check_learning_rate(function: str, argument: str, value: Any) -> None:
-    """Learning rates: a finite number >= 0, or a schedule."""
+    """Learning rates: a finite number >= 0, or a schedule, a function of the step count
+    (one that cannot take one argument failed inside the first step, unnamed)."""
     check_range(function, argument, value, 0.0, schedule=True)
+    if callable(value):
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):  # a builtin or an object without one: not checked
+            return
+        try:
+            signature.bind(0)
+        except TypeError:
+            name = getattr(value, "__name__", type(value).__name__)
+            raise TypeError(
+                f"rmsjax.{function}: {argument} must be a number or a schedule, a function "
+                f"of the step count (one argument), got {name}{signature}"
+            ) from None
 
 
 def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
