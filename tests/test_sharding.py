@@ -257,22 +257,29 @@ def test_shard_state_names_a_transformation_given_as_the_state():
         (lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.grouped(rj.rmsprop(0.01))), r"\[1\]"),
     ],
 )
-def test_zero1_refuses_grouped_state_under_its_own_name(make, where):
-    # the blocks' leaf axis was split over the mesh axis in silence, and the step then
-    # failed inside JAX's vmap ("inconsistent axis specs"), even on a 1-device mesh
-    mesh = jax.make_mesh((1,), ("data",))
+def test_zero1_refuses_grouped_state_on_explicit_axes_and_takes_it_on_auto(make, where):
+    # on Explicit axes the blocks' leaf axis was split in silence and the step failed
+    # inside JAX's vmap ("inconsistent axis specs"), even on a 1-device mesh; on Auto
+    # axes the compiler lays the blocks out and the step gives one device's numbers
     params = {"a": jnp.ones(4), "b": jnp.ones(4)}
     tx = make()
     state = tx.init(params)
+    explicit = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     for function, call in (
-        ("shard_state", lambda: rj.shard_state(state, mesh, "data")),
-        ("zero1_shardings", lambda: rj.zero1_shardings(state, mesh, "data")),
+        ("shard_state", lambda: rj.shard_state(state, explicit, "data")),
+        ("zero1_shardings", lambda: rj.zero1_shardings(state, explicit, "data")),
         (
             "zero1_update_and_apply",
-            lambda: rj.zero1_update_and_apply(tx, params, state, params, mesh),
+            lambda: rj.zero1_update_and_apply(tx, params, state, params, explicit),
         ),
     ):
         with pytest.raises(
             ValueError, match=rf"^rmsjax\.{function}: the state holds a GroupedState .* at {where}"
         ):
             call()
+    auto = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = rj.shard_state(state, auto, "data")
+    step = jax.jit(lambda g, s, p: rj.zero1_update_and_apply(tx, g, s, p, auto))
+    got = step(params, sharded, params)[0]
+    want = rj.update_and_apply(tx, params, state, params)[0]
+    np.testing.assert_array_equal(got["a"], want["a"])

@@ -130,7 +130,7 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     (P('data', None), P())
     """
     _check_mesh_axis("zero1_shardings", mesh, axis)
-    _check_not_grouped("zero1_shardings", state, axis)
+    _check_not_grouped("zero1_shardings", state, mesh, axis)
     return _layout(state, mesh, axis)
 
 
@@ -152,7 +152,7 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     P('data',)
     """
     _check_mesh_axis("shard_state", mesh, axis)
-    _check_not_grouped("shard_state", state, axis)
+    _check_not_grouped("shard_state", state, mesh, axis)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if callable(leaf) or isinstance(leaf, (str, bytes)):  # JAX's error named no one
             where = jax.tree_util.keystr(path) or "<root>"
@@ -164,17 +164,22 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     return jax.device_put(state, _layout(state, mesh, axis))
 
 
-def _check_not_grouped(function: str, state: Any, axis: str) -> None:
-    """Refuses a state that holds ``rj.grouped``'s blocks: they stack leaves, for
-    single-device steps, and split over ``axis`` the step failed inside JAX's vmap."""
+def _check_not_grouped(function: str, state: Any, mesh: Mesh, axis: str) -> None:
+    """Refuses a state that holds ``rj.grouped``'s blocks where ``axis`` is Explicit:
+    split over it, their stacked leaves failed inside JAX's vmap (on Auto axes the
+    compiler lays them out, and the step gives the single-device numbers)."""
+    types = dict(zip(mesh.axis_names, tuple(mesh.axis_types)))
+    if types.get(axis) != AxisType.Explicit:
+        return
     is_grouped = lambda x: isinstance(x, grouped.GroupedState)  # noqa: E731
     for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_grouped)[0]:
         if is_grouped(node):
             raise ValueError(
                 f"rmsjax.{function}: the state holds a GroupedState (rj.grouped) at "
-                f"{jax.tree_util.keystr(path) or '<root>'}: its blocks stack leaves for "
-                f"single-device steps and cannot be split over {axis!r}. Shard the "
-                "per-leaf optimizer's state (rj.ungroup_state converts a grouped one)."
+                f"{jax.tree_util.keystr(path) or '<root>'}, whose blocks stack leaves and "
+                f"cannot be split over the Explicit axis {axis!r}. Shard the per-leaf "
+                "optimizer's state (rj.ungroup_state converts a grouped one), or use a "
+                "mesh with Auto axes."
             )
 
 
@@ -230,7 +235,7 @@ def zero1_update_and_apply(
     """
     validate.check_transformation("zero1_update_and_apply", "tx", tx)
     _check_mesh_axis("zero1_update_and_apply", mesh, axis)
-    _check_not_grouped("zero1_update_and_apply", state, axis)
+    _check_not_grouped("zero1_update_and_apply", state, mesh, axis)
     _check_same_mesh("zero1_update_and_apply", mesh, state=state, params=params)
 
     split = _layout(params, mesh, axis)
