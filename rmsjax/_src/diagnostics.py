@@ -7,17 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import (
-    accumulation,
-    base,
-    elementwise,
-    grouped,
-    hyperparams,
-    numerics,
-    rms,
-    rss,
-    storage,
-)
+from rmsjax._src import base, elementwise, grouped, hyperparams, numerics, rms, rss, storage
 
 
 class StepSizeSummary(NamedTuple):
@@ -104,9 +94,11 @@ def effective_step_sizes(
     gradient (``eps=0`` and a zero sum or average) it reports the zero update's: 0 for
     a weight whose Adagrad sum is still zero, the learning rate for a zero RMSprop
     average, though any gradient, however small, moves either by ``lr`` or
-    ``lr / sqrt(1 - decay)``. Jittable; costs about one optimizer update. A state of
-    :func:`accumulate_gradients` is refused (its next call moves the weights only at
-    the end of a cycle): measure the optimizer it wraps, with ``state.inner_state``.
+    ``lr / sqrt(1 - decay)``. Jittable; costs about one optimizer update. Around
+    :func:`accumulate_gradients` it measures the next call too: 0 on a micro-step that
+    only adds to the sum, and on the last one the derivative with respect to that
+    micro-batch's gradient, taken at the accumulated mean; the optimizer it wraps,
+    measured with ``state.inner_state``, gives the step sizes of the cycle's step.
 
     Args:
       tx: the optimizer whose state ``state`` is; any rmsjax (or optax) transformation
@@ -138,7 +130,6 @@ def _step_sizes(
             f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
             f"{type(tx).__name__}; call it as {name}(tx, state, params)."
         )
-    _check_no_accumulation(name, state)
     if params is None:
         zeros = _moment_shapes(name, state)
     else:
@@ -157,23 +148,6 @@ def _step_sizes(
     with elementwise.naming_wrapper(name, None, role="tx"):
         _, derivative = jax.jvp(update, (zeros,), (ones,))
     return jax.tree.map(lambda d: jnp.abs(d).astype(jnp.float32), derivative)
-
-
-def _check_no_accumulation(name: str, state: base.OptState) -> None:
-    """Refuses a state of ``accumulate_gradients``: its next call moves the weights only
-    at the end of a cycle, so its derivative there is 0, and at the last micro-step it
-    is taken at the accumulated mean, neither of them a step size."""
-    is_accumulating = lambda x: isinstance(x, accumulation.AccumulateGradientsState)  # noqa: E731
-    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_accumulating)[0]
-    for path, node in leaves:
-        if is_accumulating(node):
-            where = jax.tree_util.keystr(path)
-            raise ValueError(
-                f"rmsjax.{name}: the state holds an AccumulateGradientsState "
-                f"(accumulate_gradients) at {where or '<root>'}, whose next call moves the "
-                "weights only at the end of a cycle; measure the optimizer it wraps: "
-                f"{name}(inner_tx, state{where}.inner_state, params)."
-            )
 
 
 def step_size_summary(
