@@ -909,3 +909,9 @@ def test_a_schedule_that_cannot_take_the_step_count_is_refused_where_built(make)
         make(lambda: 0.1)
     make(lambda count, scale=1.0: 0.1 * scale)  # a default or *args is fine
     make(lambda *counts: 0.1)
+
+
+def test_a_prng_key_as_a_hyperparameter_is_named_as_such():
+    # the value's repr read item() of every 0-d array: NotImplementedError for a key
+    with pytest.raises(TypeError, match=r"^rmsjax\.rmsprop: learning_rate must be a real number"):
+        rj.rmsprop(jax.random.key(0))

@@ -299,12 +299,10 @@ def _wrap(result: tuple, state: GroupedState) -> tuple:
 def _layout_of(function: str, tx: base.GradientTransformation):
     found = fusion.rule_and_layout_of(tx)
     if found is None or found[1].name != "grouped":
+        hint = " For a grouped part in a chain, pass it and its state." if found is None else ""
         raise TypeError(
             f"rmsjax.{function}: tx must be the transformation rmsjax.grouped returned, "
-            f"got {fusion.name_of(tx) or type(tx).__name__}. For a grouped part inside a "
-            f"chain or a wrapper, pass that part and its own state: {function}(part, "
-            "state[1], params) for chain(clip, grouped(...)), state.inner_state inside "
-            "accumulate_gradients."
+            f"got {fusion.name_of(tx) or type(tx).__name__}.{hint}"
         )
     return found
 

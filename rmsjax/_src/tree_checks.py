@@ -34,8 +34,8 @@ def as_arrays(leaves: Sequence[Any], where: str = "", tree: Any = None) -> list:
         except (TypeError, ValueError):
             raise TypeError(
                 f"{where}: leaf {path_of(tree, i)} is {x!r} ({type(x).__name__}), not an "
-                "array; optimizers update floating-point (or complex) arrays. Leave it out "
-                "of the trained tree (replace it by None)."
+                "array of numbers; optimizers update floating-point (or complex) arrays. "
+                "Leave it out of the trained tree (replace it by None)."
             ) from None
     return arrays
 

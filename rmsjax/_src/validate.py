@@ -36,7 +36,8 @@ def _shown(value: Any) -> str:
     (float32 array)``, not ``Array(1.5, dtype=float32)``: inject_hyperparams hands its
     values to the optimizer as arrays)."""
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
-        if value.shape == ():
+        numeric = jax.numpy.issubdtype(value.dtype, jax.numpy.number) or value.dtype == bool
+        if value.shape == () and numeric:  # not a PRNG key (no item()), say
             return f"{value.item()!r} ({value.dtype} array)"
     return repr(value)
 
