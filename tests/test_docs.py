@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import zlib
 
@@ -35,7 +36,7 @@ DOCS = ROOT / "docs"
 GUIDES = sorted(DOCS.glob("*.md"))
 PIECE = re.compile(
     r"<!--\s*(?P<kind>no-run-page|no-run|test):(?P<body>.*?)-->"
-    r"|^```python[^\n]*\n(?P<code>.*?)^```",
+    r"|^(?P<indent> *)```python[^\n]*\n(?P<code>.*?)^(?P=indent)```",
     re.M | re.S,
 )
 MOST_SKIPPED_BLOCKS = 2
@@ -75,9 +76,9 @@ def parse(path: pathlib.Path) -> Page:
             pending_reason = match["body"].strip()
         elif match["kind"] == "test":
             reason, _, code = match["body"].partition("\n")
-            snippets.append(Snippet(line + 1, code, "test", reason.strip()))
+            snippets.append(Snippet(line + 1, textwrap.dedent(code), "test", reason.strip()))
         else:
-            code = match["code"]
+            code = textwrap.dedent(match["code"])  # a block inside a list item is indented
             kind = "block" if pending_reason is None else "no-run"
             snippets.append(Snippet(line + 1, code, kind, pending_reason or ""))
             pending_reason = None

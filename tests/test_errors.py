@@ -915,3 +915,17 @@ def test_a_prng_key_as_a_hyperparameter_is_named_as_such():
     # the value's repr read item() of every 0-d array: NotImplementedError for a key
     with pytest.raises(TypeError, match=r"^rmsjax\.rmsprop: learning_rate must be a real number"):
         rj.rmsprop(jax.random.key(0))
+
+
+def test_a_chain_given_another_chains_state_names_what_it_got():
+    # it said "got tuple of length 2", and "got EmptyState of length 0"
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(
+        TypeError,
+        match=r"expected the tuple of 3 states that init returned, got a tuple of 2 "
+        r"\(ScaleByRssState, ScaleByLearningRateState\)\.",
+    ):
+        rj.rmsprop(0.1).update(params, rj.adagrad(0.1).init(params), params)
+    reordered = rj.chain(rj.clip(1.0), rj.rmsprop(0.1)).init(params)
+    with pytest.raises(TypeError, match=r"its part rmsprop \(state\[0\]\): .*, got EmptyState\."):
+        rj.chain(rj.rmsprop(0.1), rj.clip(1.0)).update(params, reordered, params)

@@ -264,11 +264,12 @@ def naming_wrapper(name: str, where: str | None, role: str = "inner") -> Iterato
 def expect_state_tuple(name: str, state: Any, count: int) -> None:
     """Raises a TypeError unless ``state`` is the tuple of ``count`` states a chain keeps."""
     if not isinstance(state, tuple) or len(state) != count:
+        got = type(state).__name__  # a NamedTuple state (EmptyState) by its name
+        if type(state) is tuple:
+            got = f"a tuple of {len(state)} ({', '.join(type(s).__name__ for s in state)})"
         raise TypeError(
-            f"rmsjax.{name}.update: expected the tuple of {count} states that "
-            f"init returned, got {type(state).__name__}"
-            + (f" of length {len(state)}" if isinstance(state, tuple) else "")
-            + ". Was the state created by a different optimizer?"
+            f"rmsjax.{name}.update: expected the tuple of {count} states that init "
+            f"returned, got {got}. Was the state created by a different optimizer?"
         )
 
 
