@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import rmsjax as rj
@@ -656,24 +657,28 @@ def test_centered_int8_state_tracks_float32_state_as_closely_as_plain(shape):
     assert np.mean(errors[True]) < 1.5 * np.mean(errors[False])
 
 
-def test_int8_state_stays_close_to_float32_state():
+@pytest.mark.parametrize(
+    "decades,median,p99", [(2, 0.015, 0.1), (4, 0.0175, 0.12), (6, 0.02, 0.14)]
+)
+def test_int8_state_stays_close_to_float32_state(decades, median, p99):
     # The quantization error does not build up: after 60 steps of RMSprop the int8
     # state's updates stay within a few percent of the float32 state's (the update uses
     # the unrounded new average, and the rounding error decays with the average).
     # Measured: median 1.29%, 99th percentile 6.7%. The decimal code table used before
     # the octave codes gave 0.76% and 3.9% here: 128 codes in its top decade against 64
     # in the top octave, over the same range, but a table lookup and a search per
-    # element.
+    # element. docs/memory.md: the difference grows with the gradients' spread inside a
+    # block (1.50% and 1.68% over four and six decades).
     params = big_params()
-    grads = gradients(params, 60, seed=5, low=-2, high=0)
+    grads = gradients(params, 60, seed=5, low=-decades, high=0)
     want = np.stack([u["w"] for u in run(rj.rmsprop(1e-2, decay=0.99), params, grads)])
     int8 = rj.rmsprop(1e-2, decay=0.99, storage="int8")
     got = np.stack([u["w"] for u in run(int8, params, grads)])
     nonzero = want != 0
     assert np.all(got[~nonzero] == 0)
     relative = np.abs(got - want)[nonzero] / np.abs(want[nonzero])
-    assert np.median(relative) < 0.015
-    assert np.percentile(relative, 99) < 0.1
+    assert np.median(relative) < median
+    assert np.percentile(relative, 99) < p99
     rms_reference = reference.rmsprop([np.asarray(g["w"], np.float64) for g in grads], 1e-2, 0.99)
     np.testing.assert_allclose(want, np.stack(rms_reference), rtol=1e-4, atol=1e-9)
 
@@ -761,8 +766,19 @@ def test_a_quantized_array_whose_parts_disagree_is_refused():
             rj.dequantize(rj.QuantizedArray(q.codes, q.scale, shape, False))
     with pytest.raises(ValueError, match=r"scales of shape \(3,\)"):
         rj.dequantize(rj.QuantizedArray(q.codes, q.scale[:3], (64, 80), False))
-    with pytest.raises(TypeError, match=r"^rmsjax\.dequantize: q\.codes must be int8"):
+    with pytest.raises(TypeError, match=r"^rmsjax\.dequantize: q\.codes must be an array of int8"):
         rj.dequantize(rj.QuantizedArray(q.codes.astype(jnp.float32), q.scale, (64, 80), False))
+    # an integer scale decoded to zeros without a word; None and a bad shape or flag met
+    # Python's own errors (or bool("no"))
+    with pytest.raises(TypeError, match=r"q\.scale must be an array of float32, got int32"):
+        rj.dequantize(rj.QuantizedArray(q.codes, q.scale.astype(jnp.int32), (64, 80), False))
+    with pytest.raises(TypeError, match=r"q\.codes must be an array of int8, got NoneType"):
+        rj.dequantize(rj.QuantizedArray(None, q.scale, (64, 80), False))
+    for shape in (None, 5120, (64.0, 80.0), (-64, 80)):
+        with pytest.raises(TypeError, match=r"^rmsjax\.QuantizedArray: shape must be a tuple"):
+            rj.QuantizedArray(q.codes, q.scale, shape, False)
+    with pytest.raises(TypeError, match=r"^rmsjax\.QuantizedArray: signed must be True or False"):
+        rj.QuantizedArray(q.codes, q.scale, (64, 80), "no")
     params = {"w": jnp.ones((64, 80))}
     tx = rj.rmsprop(0.1, storage="int8")
     state = tx.init(params)
@@ -770,3 +786,31 @@ def test_a_quantized_array_whose_parts_disagree_is_refused():
     cut = rj.QuantizedArray(nu.codes[:10], nu.scale[:10], nu.shape, nu.signed)
     with pytest.raises(ValueError, match=r"^rmsjax\.rmsprop\.update: the state's nu at \['w'\]"):
         tx.update(params, (state[0]._replace(nu={"w": cut}),) + tuple(state[1:]), params)
+
+
+def test_dequantize_gives_each_stacked_leaf_of_a_grouped_state():
+    # codes with leading axes (rj.grouped's blocks) decoded the first leaf alone, cut
+    # short to the stated shape without a word
+    params = {f"l{i}": jnp.full((16, 256), float(i + 1)) for i in range(4)}
+    tx = rj.grouped(rj.adagrad(1e-2, storage="int8"))
+    state = tx.update(params, tx.init(params), params)[1]
+    stacked = state.inner[0].sum_of_squares[0]
+    assert stacked.codes.shape[0] == 4
+    values = rj.dequantize(stacked)
+    assert values.shape == (4, 16, 256)
+    per_leaf = rj.ungroup_state(tx, state, params)[0].sum_of_squares
+    for i in range(4):
+        np.testing.assert_array_equal(values[i], rj.dequantize(per_leaf[f"l{i}"]))
+
+
+def test_an_optax_nan_converted_to_int8_marks_its_block_as_a_step_would():
+    # through quantize the block's scale was inf: the NaN read back as inf, stepped by 0
+    params = {"w": jnp.zeros((16, 256))}
+    tx = rj.adagrad(1e-2, storage="int8")
+    theirs = optax.adagrad(1e-2).init(params)
+    poisoned = jnp.ones((16, 256)).at[2, 0].set(jnp.nan)
+    theirs = (theirs[0]._replace(sum_of_squares={"w": poisoned}),) + tuple(theirs[1:])
+    state = rj.from_optax_state(theirs, like=jax.eval_shape(tx.init, params))
+    updates = tx.update({"w": jnp.ones((16, 256))}, state, params)[0]["w"]
+    assert bool(jnp.isnan(updates[2]).all())  # the whole block, as a NaN gradient gives
+    assert bool(jnp.isfinite(updates[3]).all())

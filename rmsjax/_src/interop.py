@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, numerics, storage, validate
+from rmsjax._src import base, block_layout, numerics, storage, validate
 from rmsjax._src.grouped import GroupedState
 
 
@@ -83,11 +83,17 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
         value = storage.dequantize(value)
     if isinstance(like, storage.QuantizedArray):
         value = jnp.asarray(value, jnp.float32)
-        if not like.signed:
-            # optax's sum of squares is inf where it overflowed: held as the largest
-            # moment, its block's other moments stay finite (an inf would make them NaN)
-            value = jnp.where(jnp.isinf(value), validate.FLOAT32_MAX, value)
-        return storage.quantize(value, signed=like.signed)
+        if like.signed:
+            return storage.quantize(value, signed=True)
+        # optax's sum of squares is inf where it overflowed: held as the largest
+        # moment, its block's other moments stay finite (an inf would make them NaN)
+        value = jnp.where(jnp.isinf(value), validate.FLOAT32_MAX, value)
+        q = storage.quantize(value, signed=False)
+        # a NaN marks its block with a NaN scale, as a step stores it (storage.store_moment):
+        # quantize's infinite scale read the NaN back as inf, which steps by 0
+        holds_nan = jnp.isnan(block_layout.to_blocks(value)).any(axis=-1)
+        scale = jnp.where(holds_nan, jnp.float32(jnp.nan), q.scale)
+        return storage.QuantizedArray(q.codes, scale, q.shape, q.signed)
     value = jnp.asarray(value)
     if tuple(value.shape) != tuple(like.shape):
         _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")

@@ -187,9 +187,17 @@ class QuantizedArray:
     __slots__ = ("codes", "scale", "shape", "signed")
 
     def __init__(self, codes: Any, scale: Any, shape: tuple[int, ...], signed: bool):
+        # codes and scale: checked where read (tree utilities rebuild it with any leaves)
+        if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise TypeError(
+                f"rmsjax.QuantizedArray: shape must be a tuple of integers >= 0, got {shape!r}"
+            )
+        validate.check_bool("QuantizedArray", "signed", signed)
         self.codes = codes
         self.scale = scale
-        self.shape = tuple(shape)
+        self.shape = tuple(int(d) for d in shape)
         self.signed = bool(signed)
 
     def tree_flatten(self):
@@ -241,8 +249,8 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     block's largest value was rounded up to the top code, the block's scale doubles.
 
     Args:
-      x: a floating-point array; with ``signed=False`` it should be non-negative
-        (negative values are stored as 0).
+      x: a real array (floating point, integer or bool, read as float32); with
+        ``signed=False`` non-negative (negative values are stored as 0).
       signed: choose the signed codes (momentum, means) or store the square root with
         the non-negative codes (second moments).
 
@@ -332,7 +340,8 @@ def dequantize(q: QuantizedArray) -> jax.Array:
       q: the quantized array.
 
     Returns:
-      A float32 array of shape ``q.shape``: each code's value times its block's scale,
+      A float32 array of shape ``q.shape`` (after the codes' leading axes, for leaves
+      stacked by ``rj.grouped``): each code's value times its block's scale,
       squared for a non-negative (``signed=False``) array; ``inf`` for a second moment
       above float32's range (a block with a negative scale, which only an optimizer's
       state holds: see ``storage.store_moment``).
@@ -349,6 +358,10 @@ def dequantize(q: QuantizedArray) -> jax.Array:
         # to float32's largest; a negative scale holds moments beyond float32
         square = jnp.minimum(values * values, jnp.where(values <= 2.0**64, _FLOAT32_MAX, jnp.inf))
         values = jnp.where(values < 0, jnp.inf, square)
+    lead = () if in_block_view() else values.shape[: values.ndim - len(blocks_shape(q.shape))]
+    if lead:  # stacked leaves (rj.grouped's blocks): each leaf's values
+        flat = values.reshape(*lead, -1)[..., : math.prod(q.shape)]
+        return flat.reshape(*lead, *q.shape)
     return from_blocks(values, q.shape)
 
 
@@ -358,9 +371,13 @@ def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
     decoded into a raw reshape error, or cut short without a word."""
     if in_block_view():  # in_turn's view: q.shape is the codes' own, by construction
         return
+    for field, dtype in (("codes", "int8"), ("scale", "float32")):
+        got = getattr(getattr(q, field), "dtype", type(getattr(q, field)).__name__)
+        if got != dtype:
+            raise TypeError(
+                f"rmsjax.{function}: {what}.{field} must be an array of {dtype}, got {got}"
+            )
     codes_shape, scale_shape = tuple(jnp.shape(q.codes)), tuple(jnp.shape(q.scale))
-    if jnp.result_type(q.codes) != jnp.int8:
-        raise TypeError(f"rmsjax.{function}: q.codes must be int8, got {jnp.result_type(q.codes)}")
     expected = blocks_shape(q.shape)
     lead = len(codes_shape) - len(expected)
     if lead < 0 or codes_shape[lead:] != expected or scale_shape != codes_shape[:-1]:
