@@ -71,7 +71,10 @@ def to_blocks(x: jax.Array) -> jax.Array:
 
 def from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The array of ``shape`` that ``blocks`` (its block layout) holds: the inverse of
-    :func:`to_blocks`."""
+    :func:`to_blocks`. Leading axes beyond the layout's (leaves stacked by
+    ``rj.grouped``) are kept: one array of ``shape`` for each."""
     if _BLOCK_VIEW.get():
         return blocks
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+    lead = blocks.shape[: max(0, blocks.ndim - len(blocks_shape(shape)))]
+    flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
+    return flat.reshape(*lead, *shape)

@@ -327,13 +327,7 @@ def inject_hyperparams(
         fresh_states = {key: s.init() for key, s in stateful.items()}
         with elementwise.naming_wrapper(where, None):
             first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
-        if not callable(getattr(first, "init", None)) or not callable(
-            getattr(first, "update", None)
-        ):
-            raise TypeError(
-                f"rmsjax.{where}: inner_factory must return a GradientTransformation, got "
-                f"{type(first).__name__} {first!r}"
-            )
+        validate.check_transformation(where, "inner_factory's result", first)
 
         def init_fn(params):
             dtype = _float_dtype(params, hyperparam_dtype)

@@ -358,11 +358,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
         # to float32's largest; a negative scale holds moments beyond float32
         square = jnp.minimum(values * values, jnp.where(values <= 2.0**64, _FLOAT32_MAX, jnp.inf))
         values = jnp.where(values < 0, jnp.inf, square)
-    lead = () if in_block_view() else values.shape[: values.ndim - len(blocks_shape(q.shape))]
-    if lead:  # stacked leaves (rj.grouped's blocks): each leaf's values
-        flat = values.reshape(*lead, -1)[..., : math.prod(q.shape)]
-        return flat.reshape(*lead, *q.shape)
-    return from_blocks(values, q.shape)
+    return from_blocks(values, q.shape)  # stacked leaves (rj.grouped's) each their own
 
 
 def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
