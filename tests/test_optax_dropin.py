@@ -428,6 +428,17 @@ def test_optax_wrapper_states_are_named_with_the_route_that_works():
     multi = optax.MultiSteps(optax.rmsprop(0.1), 2).init(params)
     with pytest.raises(TypeError, match=r"got optax's MultiStepsState .*keep optax\.MultiSteps"):
         rj.accumulate_gradients(rj.rmsprop(0.1), 2).update(jnp.ones(2), multi, params)
+    # an optax state of another transformation is not sent to a conversion that refuses it
+    for ours, other in [
+        (rj.apply_if_finite(rj.rmsprop(0.1), 2), multi),
+        (rj.scale_by_rms(), optax.scale_by_rss().init(params)),
+        (rj.accumulate_gradients(rj.rmsprop(0.1), 2), theirs),
+    ]:
+        with pytest.raises(TypeError, match="the state of another transformation") as error:
+            ours.update(jnp.ones(2), other, params)
+        assert "from_optax_state" not in str(error.value)
+        with pytest.raises(ValueError, match="cannot become"):
+            rj.from_optax_state(other, like=ours.init(params))
 
 
 # ------------------------------------------------------------ optax's schedules

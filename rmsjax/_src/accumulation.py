@@ -102,8 +102,11 @@ def accumulate_gradients(
             name,
             state,
             AccumulateGradientsState,
-            "A MultiStepsState does not convert (see docs/porting.md): keep "
-            "optax.MultiSteps around the rmsjax optimizer, whose inner state converts.",
+            (
+                "MultiStepsState",
+                "A MultiStepsState does not convert (see docs/porting.md): keep "
+                "optax.MultiSteps around the rmsjax optimizer, whose inner state converts.",
+            ),
         )
         updates = _like_accumulated(name, updates, state.accumulated)
 

@@ -54,6 +54,28 @@ class EmptyState(NamedTuple):
     """The state of a transformation that keeps none."""
 
 
+# rmsjax state types and the optax state types that hold the same information (used by
+# from_optax_state/to_optax_state, and by a rule's update to say whether an optax state it
+# is handed converts). Fields are matched by name; a field optax does not keep (the step
+# count of a rule that only needs it for a schedule or a bias correction optax was not
+# asked for) starts at zero.
+_OPTAX_COUNTERPARTS = {
+    "ScaleByRmsState": (
+        "ScaleByRmsState",
+        "ScaleByRmsWithCountState",
+        "ScaleByRStdDevState",
+        "ScaleByRStdDevWithCountState",
+    ),
+    "ScaleByLearningRateState": ("ScaleByScheduleState", "EmptyState"),
+    "InjectHyperparamsState": ("InjectStatefulHyperparamsState", "InjectHyperparamsState"),
+}
+
+
+def optax_counterpart(rmsjax_name: str, optax_name: str) -> bool:
+    """Whether optax's state type ``optax_name`` holds what rmsjax's ``rmsjax_name`` does."""
+    return optax_name in _OPTAX_COUNTERPARTS.get(rmsjax_name, (rmsjax_name,))
+
+
 def init_empty_state(params: Params) -> EmptyState:
     del params
     return EmptyState()

@@ -192,19 +192,25 @@ def is_optax_state(state: Any) -> bool:
 
 
 def expect_state(
-    rule_name: str, state: Any, state_type: type, optax_route: str | None = None
+    rule_name: str, state: Any, state_type: type, optax_route: tuple[str, str] | None = None
 ) -> None:
-    """Raises a TypeError when ``update`` is handed another rule's state; an optax state
-    is told how to convert it (``optax_route``, where ``from_optax_state`` cannot)."""
+    """A TypeError for another rule's state; an optax one holding the same is told how to
+    convert it (``optax_route``: the advice for one optax type from_optax_state refuses)."""
     if is_optax_state(state):
-        route = optax_route or (
-            "Convert an optax state once with rmsjax.from_optax_state(optax_state, "
-            "like=tx.init(params))."
-        )
+        theirs, where = type(state).__name__, f"rmsjax.{rule_name}.update: got optax's"
+        if base.optax_counterpart(state_type.__name__, theirs):
+            route = "Convert it with rmsjax.from_optax_state(state, like=tx.init(params))."
+        elif optax_route is not None and theirs == optax_route[0]:
+            route = optax_route[1]
+        else:
+            raise TypeError(
+                f"{where} {theirs}, the state of another transformation, where this one "
+                f"keeps a {state_type.__name__}. Was the state created by a different "
+                "optimizer, or its chain reordered?"
+            )
         raise TypeError(
-            f"rmsjax.{rule_name}.update: got optax's {type(state).__name__} (from "
-            f"{type(state).__module__}), not rmsjax's {state_type.__name__}: the two libraries "
-            f"lay their states out differently. {route}"
+            f"{where} {theirs} (from {type(state).__module__}), not rmsjax's "
+            f"{state_type.__name__}: the two libraries lay their states out differently. {route}"
         )
     if not isinstance(state, state_type):
         article = "an" if state_type.__name__[0] in "AEIOU" else "a"

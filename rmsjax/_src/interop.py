@@ -37,24 +37,6 @@ def as_optax(tx: base.GradientTransformation) -> Any:
 
 # ------------------------------------------------------------------ state migration
 
-# rmsjax state types and the optax state types that hold the same information. Fields
-# are matched by name; a field optax does not keep (the step count of a rule that only
-# needs it for a schedule or a bias correction optax was not asked for) starts at zero.
-_OPTAX_NAMES = {
-    "ScaleByRmsState": (
-        "ScaleByRmsState",
-        "ScaleByRmsWithCountState",
-        "ScaleByRStdDevState",
-        "ScaleByRStdDevWithCountState",
-    ),
-    "ScaleByLearningRateState": ("ScaleByScheduleState", "EmptyState"),
-    "InjectHyperparamsState": ("InjectStatefulHyperparamsState", "InjectHyperparamsState"),
-}
-
-
-def _compatible(rmsjax_name: str, optax_name: str) -> bool:
-    return optax_name in _OPTAX_NAMES.get(rmsjax_name, (rmsjax_name,))
-
 
 def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
@@ -174,7 +156,7 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
         if _stateless_mask(like, other):
             return like
         ours, theirs = (other, like) if to_optax else (like, other)
-        if not _compatible(type(ours).__name__, type(theirs).__name__):
+        if not base.optax_counterpart(type(ours).__name__, type(theirs).__name__):
             _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
         centered = type(ours).__name__ == "ScaleByRmsState" and ours.mu is not None
         if centered and {"nu", "mu"} <= set(other._fields):
