@@ -734,6 +734,7 @@ def test_a_count_the_rule_does_not_keep_is_dropped_as_before():
         ),
         (jnp.array(0.5), TypeError, r"must be an integer scalar .*got an array of dtype float32"),
         (True, TypeError, r"must be an integer scalar .*got True"),
+        (jnp.array(-5, jnp.int32), ValueError, r"must be >= 0, got -5"),
     ],
 )
 def test_a_step_count_that_is_no_integer_scalar_is_refused(count, error, says):
@@ -758,6 +759,30 @@ def test_a_step_count_that_is_no_integer_scalar_is_refused(count, error, says):
     batch = {"w": jnp.ones((4, 2, 3))}
     _, states = jax.vmap(tx.update)(batch, jax.vmap(tx.init)(batch), batch)
     assert states[0].count.shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int16, jnp.uint8, jnp.uint16, jnp.uint32])
+def test_a_count_of_another_integer_dtype_counts_on(dtype):
+    # an int16 count compared with int32's largest in its own dtype (-1) and became -1:
+    # a bias-corrected step of NaN, and a schedule read at step -1
+    params = {"w": jnp.linspace(-1.0, 1.0, 6)}
+    grads = {"w": jnp.linspace(0.5, -2.0, 6)}
+    for tx, part in [
+        (rj.rmsprop(0.1, bias_correction=True), 0),
+        (rj.rmsprop(rj.schedules.linear_schedule(0.1, 0.0, 10)), 1),
+    ]:
+        state = tx.init(params)
+        at_3 = [
+            state[:part] + (state[part]._replace(count=c),) + state[part + 1 :]
+            for c in (
+                jnp.array(3, dtype),
+                jnp.array(3, jnp.int32),
+            )
+        ]
+        got, new = jax.jit(tx.update)(grads, at_3[0], params)
+        expected, _ = jax.jit(tx.update)(grads, at_3[1], params)
+        np.testing.assert_array_equal(got["w"], expected["w"])
+        assert new[part].count.dtype == jnp.int32 and int(new[part].count) == 4
 
 
 def test_apply_updates_names_a_none_update_over_an_array_parameter():

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 
 def compute_dtype(dtype: Any) -> Any:
-    """The dtype rules compute in: float32 for half-precision leaves, else the leaf's
-    (complex64 and complex128 leaves compute in their own dtype)."""
+    """The dtype rules compute in: float32 for half-precision leaves, else the leaf's own."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -49,9 +48,10 @@ def finite_ceiling(x: jax.Array, *stored: Any) -> jax.Array:
 
 
 def safe_increment(count: jax.Array) -> jax.Array:
-    """``count + 1``, saturating at the largest int32 instead of wrapping."""
-    top = jnp.iinfo(jnp.int32).max
-    return jnp.where(count < top, count + 1, top).astype(jnp.int32)
+    """``count + 1`` as int32, saturating at its largest (int8 counts widened first)."""
+    count, top = jnp.asarray(count), jnp.iinfo(jnp.int32).max
+    count = (jnp.minimum(count, top) if count.dtype.itemsize >= 4 else count).astype(jnp.int32)
+    return jnp.where(count < top, count + 1, top)
 
 
 def zero_count() -> jax.Array:
