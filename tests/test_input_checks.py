@@ -352,6 +352,53 @@ def test_complex_gradients_on_a_state_made_for_real_parameters_are_refused(make)
     assert update.dtype == jnp.complex64
 
 
+@pytest.mark.parametrize("make", [*OPTIMIZERS.values(), lambda: rj.sgd(0.1)])
+def test_a_complex_update_to_a_real_parameter_is_refused_not_cut_to_its_real_part(make):
+    # update_and_apply(sgd) and apply_updates added only the real part, without a word
+    tx = make()
+    state = tx.init(PARAMS)
+    grads = {**GRADS, "w": GRADS["w"] * (1 + 2j)}
+    for step in _steps(tx):
+        with pytest.raises(
+            TypeError, match=r"update at \['w'\] has dtype complex64 (and its parameter|but)"
+        ):
+            step(grads, state, PARAMS)
+    with pytest.raises(TypeError, match=r"^rmsjax\.apply_updates: the update at \['w'\] has dt"):
+        rj.apply_updates(PARAMS, grads)
+    complex_params = {**PARAMS, "w": PARAMS["w"].astype(jnp.complex64)}  # complex: it adds
+    np.testing.assert_array_equal(rj.apply_updates(complex_params, grads)["w"], 1 + grads["w"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rj.rmsprop(0.1),
+        lambda: rj.adagrad(0.1, storage="int8"),
+        lambda: rj.sgd(0.1),
+        lambda: rj.grouped(rj.rmsprop(0.1, momentum=0.9)),
+        lambda: rj.factored_rmsprop(0.1),
+        lambda: rj.compat.torch_rmsprop(),
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_8_bit_float_parameters_are_refused_by_name(make, dtype):
+    # they failed inside the step with JAX's "no implicit dtype promotion path"
+    params = {**PARAMS, "w": PARAMS["w"].astype(dtype)}
+    with pytest.raises(TypeError, match=rf"leaf \['w'\] has dtype {dtype.__name__}; 8-bit floats"):
+        make().init(params)
+
+
+def test_a_chain_s_init_names_the_chain_then_the_part():
+    # a part after a transformation that is no rule named only itself at init
+    params = {**PARAMS, "w": jnp.ones(3, jnp.int32)}
+    for tx, part in [
+        (rj.chain(rj.clip_by_global_norm(1.0), rj.scale(0.1)), r"scale \(state\[1\]\)"),
+        (rj.chain(optax.clip(1.0), rj.rmsprop(0.1)), r"rmsprop \(state\[1\]\)"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^rmsjax\.chain\.init: its part {part}: leaf"):
+            tx.init(params)
+
+
 def test_clip_by_global_norm_takes_a_python_float_leaf_eagerly_as_under_jit():
     grads = {"w": jnp.ones(3), "s": 0.5}
     tx = rj.clip_by_global_norm(1.0)

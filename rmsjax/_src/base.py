@@ -172,7 +172,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     out = []
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
         if p is not None:
-            check_float_parameter("apply_updates", functools.partial(jax.tree_util.keystr, path), p)
+            locate = functools.partial(jax.tree_util.keystr, path)
+            check_float_parameter("apply_updates", locate, p, u)
         if p is not None and u is None:  # None is an empty subtree: the trees differ
             raise ValueError(
                 f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} is None and "
@@ -188,17 +189,30 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def check_float_parameter(where: str, locate: Callable[[], str], param: Any) -> None:
+def check_float_parameter(
+    where: str, locate: Callable[[], str], param: Any, update: Any = None
+) -> None:
     """Raises a TypeError naming ``rmsjax.{where}`` and the leaf at ``locate()`` (its
     key path, looked up only for the error: a step checks every leaf) unless ``param``
-    is floating point (or complex): an update added to an integer or bool parameter
-    would be truncated without a word."""
+    is floating point (or complex), and, given its ``update``, unless a complex update
+    goes to a complex parameter: an update added to an integer or bool parameter would
+    be truncated without a word, and a complex one to a real parameter lose its
+    imaginary part."""
     dtype = _array_dtype(where, locate, param)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"rmsjax.{where}: the parameter at {locate()} has dtype {dtype}; an update added "
             "to it would be truncated. Leave it out of the trained tree (None in the "
             "parameters and the updates) or cast it to a float dtype."
+        )
+    if update is None or jnp.issubdtype(dtype, jnp.complexfloating):
+        return
+    update_dtype = jnp.result_type(update)
+    if jnp.issubdtype(update_dtype, jnp.complexfloating):
+        raise TypeError(
+            f"rmsjax.{where}: the update at {locate()} has dtype {update_dtype} and its "
+            f"parameter {dtype}; adding it would drop its imaginary part. Take the real "
+            "part of the gradients (jnp.real) if that is meant, or make the parameter complex."
         )
 
 

@@ -66,7 +66,16 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
         start = stop
 
     def init_fn(params):
-        return tuple(t.init(params) for t in transforms)
+        states = []
+        for index, t in enumerate(transforms):
+            try:
+                states.append(t.init(params))
+            except (TypeError, ValueError) as error:  # named as an update's error is
+                part = part_names[index]
+                if part is None:
+                    raise
+                elementwise.raise_in_part(name, index, part, error)
+        return tuple(states)
 
     def run_segment(begin, end, rule, updates, state, params, extra, apply):
         """One segment's step: ``(updates, [its states])``; ``apply`` only for the last."""

@@ -52,6 +52,13 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
                 f"this transformation takes real leaves only ({rule.complex_refusal}). "
                 "Split the leaf into its real and imaginary parts."
             )
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
+            raise TypeError(
+                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; 8-bit "
+                "floats do not mix with the float32 the rules compute in. Keep the trained "
+                "parameters and their gradients in bfloat16 or float32 (cast them to "
+                f"{dtype} for the forward pass, or keep its state with storage='int8')."
+            )
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
@@ -75,7 +82,9 @@ def check_params(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} is None "
                 "but its update is not; this transformation needs every updated parameter."
             )
-        base.check_float_parameter(f"{rule_name}.update", functools.partial(path_of, updates, i), p)
+        base.check_float_parameter(
+            f"{rule_name}.update", functools.partial(path_of, updates, i), p, g
+        )
         if jnp.shape(p) != jnp.shape(g):
             raise ValueError(
                 f"rmsjax.{rule_name}.update: the parameter at {path_of(updates, i)} has "

@@ -221,18 +221,18 @@ def check_learning_rate(function: str, argument: str, value: Any) -> None:
 
 
 def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
-    """None, or a floating (or complex) dtype: state kept in an integer dtype would
-    truncate."""
+    """None, or a floating (or complex) dtype of 16 bits or more: state kept in an integer
+    dtype would truncate, and 8-bit floats do not mix with float32 arithmetic in JAX."""
     if dtype is None:
         return
-    allowed = "None or a floating (or complex) dtype"
+    allowed = "None or a floating (or complex) dtype of 16 bits or more"
     if not isinstance(dtype, (str, type, np.dtype)):  # an array or a number has a dtype too
         _wrong_type(function, argument, allowed, dtype)
     try:
         resolved = np.dtype(jax.numpy.dtype(dtype))
     except TypeError:
         _wrong_type(function, argument, allowed, dtype)
-    if not jax.numpy.issubdtype(resolved, jax.numpy.inexact):
+    if not jax.numpy.issubdtype(resolved, jax.numpy.inexact) or resolved.itemsize < 2:
         _fail(function, argument, allowed, dtype)
 
 
