@@ -173,6 +173,27 @@ def test_centered_zero_variance_with_zero_eps_steps_by_an_infinity_not_a_nan():
         assert float(u[3]) == 0.0  # a zero gradient: a zero update, variance or not
 
 
+def test_centered_zero_variance_steps_by_g_over_root_eps_up_to_float32_s_maximum():
+    # by the equations the variance is 0 at decay 0: the update before the learning rate
+    # is g / sqrt(eps), inf past 3.4e38 * sqrt(eps) (docs/numerics.md, "Limits")
+    tx = rj.rmsprop(0.01, decay=0.0, centered=True)
+    # (where a moment is held scaled its variance may round above 0: 1e34 and 3e38 here)
+    g = jnp.array([-1e30, 1e36, 0.0, 1e34, 3e38], jnp.float32)
+    u, _ = jax.jit(tx.update)(g, tx.init(jnp.zeros(5)))
+    np.testing.assert_allclose(float(u[0]), 1e32, rtol=1e-6)
+    assert float(u[1]) == -np.inf and float(u[2]) == 0.0
+    assert not bool(jnp.isnan(u).any())
+    # without bias correction the variance of a constant gradient is not 0 at decay > 0:
+    # steps stay finite and bounded at every scale, with every storage
+    for storage in (None, "bfloat16", "int8"):
+        tx = rj.rmsprop(0.01, centered=True, storage=storage)
+        params = jnp.zeros(4096)
+        state, update = tx.init(params), jax.jit(tx.update)
+        for _ in range(30):
+            u, state = update(jnp.full(4096, 1e36, jnp.float32), state)
+            assert float(jnp.max(jnp.abs(u))) < 0.07, storage
+
+
 def test_centered_variance_never_negative_under_constant_gradients():
     tx = rj.rmsprop(1.0, centered=True, eps=0.0, eps_in_sqrt=False, bias_correction=True)
     params = {"w": jnp.zeros(1000)}
