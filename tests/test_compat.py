@@ -18,6 +18,7 @@ compared with atol=1e-6 (1e-6 of the parameters' scale, which is about 1).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -486,6 +487,53 @@ def test_preset_matches_live_peer(case):
     live = peers.run_peer(case, data["params0"], data["grads"])
     assert_trajectories_close(preset_trajectory(case), live)
     assert_trajectories_close(live, data[case])  # the fixture is still what the peer does
+
+
+@pytest.mark.parametrize(
+    "preset,peer",
+    [
+        ("torch_rmsprop", "torch steps a complex parameter as two real ones"),
+        ("torch_adagrad", "torch steps a complex parameter as two real ones"),
+        ("keras_rmsprop", "Keras squares a complex gradient"),
+        ("keras_adagrad", "Keras squares a complex gradient"),
+        ("tf1_rmsprop", "TF1 squares a complex gradient"),
+        ("tf1_adagrad", "TF1 squares a complex gradient"),
+    ],
+)
+def test_presets_refuse_complex_leaves_that_their_peer_steps_otherwise(preset, peer):
+    # they computed optax's |g|^2 moment: 16-45% off torch's steps over 30 steps
+    tx = getattr(compat, preset)(0.1)
+    params = {"w": jnp.ones((3, 4), jnp.complex64)}
+    with pytest.raises(TypeError, match=rf"^rmsjax\.compat\.{preset}\.init: leaf .*{peer}"):
+        tx.init(params)
+    with pytest.raises(TypeError, match=rf"^rmsjax\.compat\.{preset}\.update: leaf .*{peer}"):
+        tx.update(params, tx.init({"w": jnp.ones((3, 4))}), params)
+
+
+@pytest.mark.parametrize("preset", ["torch_rmsprop", "torch_adagrad"])
+def test_a_complex_parameter_stacked_as_real_steps_as_torch_steps_it(preset):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    z0 = (rng.normal(size=(3, 4)) + 1j * rng.normal(size=(3, 4))).astype(np.complex64)
+    grads = [
+        (rng.normal(size=(3, 4)) + 1j * rng.normal(size=(3, 4))).astype(np.complex64)
+        for _ in range(20)
+    ]
+    kwargs = {"lr": 0.01, "weight_decay": 0.1}
+    if preset == "torch_rmsprop":
+        kwargs.update(momentum=0.9, centered=True)
+    theirs = torch.tensor(z0, requires_grad=True)
+    optimizer = {"torch_rmsprop": torch.optim.RMSprop, "torch_adagrad": torch.optim.Adagrad}
+    opt = optimizer[preset]([theirs], **kwargs)
+    tx = getattr(compat, preset)(**kwargs)
+    ours = jnp.stack([z0.real, z0.imag], -1)
+    state = tx.init(ours)
+    for g in grads:
+        theirs.grad = torch.tensor(g)
+        opt.step()
+        ours, state = rj.update_and_apply(tx, jnp.stack([g.real, g.imag], -1), state, ours)
+        expected = torch.view_as_real(theirs.detach()).numpy()
+        np.testing.assert_allclose(np.asarray(ours), expected, rtol=2e-5, atol=2e-6)
 
 
 def test_keras_schedule_object_works_as_a_learning_rate():
@@ -993,25 +1041,152 @@ def test_injected_presets_step_under_jit_as_the_plain_preset(preset):
         np.testing.assert_allclose(u1, u2, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize(
-    "ours,theirs", [("torch_rmsprop", "RMSprop"), ("torch_adagrad", "Adagrad")]
-)
-def test_torch_presets_take_positional_arguments_where_torch_does(ours, theirs):
-    # a positional argument must mean what it means to torch, or be refused: torch's
-    # seventh RMSprop argument is capturable, not maximize
+# Each peer's arguments after the parameters, in order: (positional, keyword-only).
+PEER_SIGNATURES = {
+    "torch_rmsprop": (
+        "lr alpha eps weight_decay momentum centered capturable foreach maximize differentiable",
+        "",
+    ),
+    "torch_adagrad": (
+        "lr lr_decay weight_decay initial_accumulator_value eps foreach",
+        "maximize differentiable fused",
+    ),
+    "keras_rmsprop": (
+        "learning_rate rho momentum epsilon centered weight_decay clipnorm clipvalue "
+        "global_clipnorm use_ema ema_momentum ema_overwrite_frequency loss_scale_factor "
+        "gradient_accumulation_steps name",
+        "",
+    ),
+    "keras_adagrad": (
+        "learning_rate initial_accumulator_value epsilon weight_decay clipnorm clipvalue "
+        "global_clipnorm use_ema ema_momentum ema_overwrite_frequency loss_scale_factor "
+        "gradient_accumulation_steps name",
+        "",
+    ),
+    # tensorflow/python/training/rmsprop.py and adagrad.py (TF 1.15)
+    "tf1_rmsprop": ("learning_rate decay momentum epsilon use_locking centered name", ""),
+    "tf1_adagrad": ("learning_rate initial_accumulator_value use_locking name", ""),
+}
+
+
+def _arguments(function):
     import inspect
 
-    torch = pytest.importorskip("torch")
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ours_names = [
-        p.name
-        for p in inspect.signature(getattr(compat, ours)).parameters.values()
-        if p.kind in positional
-    ]
-    theirs_names = list(inspect.signature(getattr(torch.optim, theirs)).parameters)[1:]
-    assert ours_names == theirs_names[: len(ours_names)]
+    parameters = inspect.signature(function).parameters.values()
+    return (
+        [p.name for p in parameters if p.kind in positional],
+        [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY],
+    )
+
+
+@pytest.mark.parametrize("preset", sorted(PEER_SIGNATURES))
+def test_presets_take_the_peer_s_arguments_in_the_peer_s_order(preset):
+    # a positional argument must mean what it means to the peer: TF1's fifth RMSprop
+    # argument is use_locking, and tf1_rmsprop(lr, d, m, e, True) turned centered on
+    positional, keyword_only = _arguments(getattr(compat, preset))
+    assert positional == PEER_SIGNATURES[preset][0].split()
+    assert keyword_only == [*PEER_SIGNATURES[preset][1].split(), "storage"]
     with pytest.raises(TypeError):
-        getattr(compat, ours)(*([0.01] + [0] * len(ours_names)))
+        getattr(compat, preset)(*([0.01] + [0] * len(positional)))
+
+
+@pytest.mark.parametrize(
+    "preset,peer",
+    [
+        ("torch_rmsprop", "torch.optim.RMSprop"),
+        ("torch_adagrad", "torch.optim.Adagrad"),
+        ("keras_rmsprop", "keras.optimizers.RMSprop"),
+        ("keras_adagrad", "keras.optimizers.Adagrad"),
+    ],
+)
+def test_the_recorded_signatures_are_the_live_peer_s(preset, peer):
+    import inspect
+
+    live_peer_available(preset)
+    module, _, cls = peer.rpartition(".")
+    theirs = getattr(importlib.import_module(module), cls)
+    positional, keyword_only = _arguments(theirs)
+    skip = {"self", "params"}
+    assert [a for a in positional if a not in skip] == PEER_SIGNATURES[preset][0].split()
+    assert keyword_only == PEER_SIGNATURES[preset][1].split()
+    # and the defaults are the peer's
+    ours = inspect.signature(getattr(compat, preset)).parameters
+    for argument, parameter in inspect.signature(theirs).parameters.items():
+        if argument in ours and parameter.default is not inspect.Parameter.empty:
+            assert ours[argument].default == parameter.default, argument
+
+
+@pytest.mark.parametrize(
+    "preset,options",
+    [
+        ("torch_rmsprop", dict(capturable=True, foreach=True, differentiable=True)),
+        ("torch_adagrad", dict(foreach=False, differentiable=True, fused=True)),
+        ("keras_rmsprop", dict(name="rmsprop", ema_momentum=0.5)),
+        ("tf1_rmsprop", dict(use_locking=True, name="opt")),
+        ("tf1_adagrad", dict(use_locking=True, name="opt")),
+    ],
+)
+def test_how_the_peer_runs_a_step_is_accepted_and_changes_no_number(preset, options):
+    params = jnp.linspace(-1.0, 1.0, 6)
+    grads = [jnp.sin(params * (t + 1)) for t in range(4)]
+    plain, given = getattr(compat, preset)(0.1), getattr(compat, preset)(0.1, **options)
+    s1, s2 = plain.init(params), given.init(params)
+    for g in grads:
+        u1, s1 = plain.update(g, s1, params)
+        u2, s2 = given.update(g, s2, params)
+        np.testing.assert_array_equal(u1, u2)
+    for argument in options:
+        if argument == "ema_momentum":  # read only with use_ema, as in Keras
+            continue
+        with pytest.raises(TypeError, match=rf"^rmsjax\.compat\.{preset}: {argument} must"):
+            getattr(compat, preset)(0.1, **{argument: "yes" if argument != "name" else 3})
+
+
+@pytest.mark.parametrize("preset", ["keras_rmsprop", "keras_adagrad"])
+@pytest.mark.parametrize(
+    "argument,value,instead",
+    [
+        ("clipnorm", 1.0, "clip each leaf's gradients"),
+        ("clipvalue", 0.5, r"rj\.chain\(rj\.clip\(0\.5\), rmsjax\.compat\.keras_"),
+        ("global_clipnorm", 1.0, r"rj\.chain\(rj\.clip_by_global_norm\(1\.0\)"),
+        ("use_ema", True, "moving average of the parameters"),
+        ("loss_scale_factor", 128.0, "unscaled loss"),
+        ("gradient_accumulation_steps", 4, r"rj\.accumulate_gradients\(rmsjax\.compat"),
+    ],
+)
+def test_keras_options_that_change_the_numbers_name_what_to_compose(
+    preset, argument, value, instead
+):
+    with pytest.raises(
+        ValueError,
+        match=rf"^rmsjax\.compat\.{preset}: {argument}={value!r} is not reproduced .*{instead}",
+    ):
+        getattr(compat, preset)(0.01, **{argument: value})
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_keras_gradient_accumulation_is_accumulate_gradients_around_the_preset(schedule):
+    # what the refusal of gradient_accumulation_steps tells the user to write, live
+    live_peer_available("keras_rmsprop")
+    import keras
+
+    k = 3
+    rng = np.random.default_rng(4)
+    params0 = rng.normal(size=(5,)).astype(np.float32)
+    grads = [rng.normal(size=(5,)).astype(np.float32) for _ in range(4 * k)]
+    rate = keras.optimizers.schedules.ExponentialDecay(0.05, 1, 0.8) if schedule else 0.05
+    ours_rate = (lambda count: 0.05 * 0.8 ** (k * count + k - 1)) if schedule else 0.05
+    variable = keras.Variable(params0)
+    theirs = keras.optimizers.RMSprop(
+        rate, momentum=0.9, weight_decay=0.1, gradient_accumulation_steps=k
+    )
+    tx = rj.accumulate_gradients(compat.keras_rmsprop(ours_rate, momentum=0.9, weight_decay=0.1), k)
+    params, state = jnp.asarray(params0), tx.init(jnp.asarray(params0))
+    for g in grads:
+        theirs.apply_gradients([(g, variable)])
+        params, state = rj.update_and_apply(tx, jnp.asarray(g), state, params)
+        np.testing.assert_allclose(np.asarray(params), np.asarray(variable.value), atol=5e-7)
 
 
 def test_torch_adagrad_lr_decay_runs_in_float64_with_x64():

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
+    check_how_to_run,
     check_non_negative,
     check_rate,
     decoupled_decay,
     momentum_or_identity,
+    real_only,
+    refuse_not_reproduced,
 )
 
 # ---------------------------------------------------------------------------- Keras 3
@@ -21,10 +26,19 @@ def keras_rmsprop(
     epsilon: float = 1e-7,
     centered: bool = False,
     weight_decay: float | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: float | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
     *,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``keras.optimizers.RMSprop`` (Keras 3), with its argument names and defaults.
+    r"""``keras.optimizers.RMSprop`` (Keras 3), with its argument names, order and defaults.
 
     .. math::
 
@@ -48,10 +62,20 @@ def keras_rmsprop(
       epsilon: added inside the root, >= 0.
       centered: divide by the root of the variance estimate instead.
       weight_decay: decoupled weight decay >= 0 scaled by the learning rate, or None.
+      clipnorm, clipvalue, global_clipnorm: Keras' clipping options, in Keras'
+        positions. Not reproduced inside the preset: anything but None is a ValueError
+        that names what to compose instead (``rj.clip``, ``rj.clip_by_global_norm``).
+      use_ema, loss_scale_factor, gradient_accumulation_steps: the same, for Keras'
+        other options of every optimizer (``rj.accumulate_gradients`` around the preset
+        for the last); ``ema_momentum`` and ``ema_overwrite_frequency`` are read only
+        with ``use_ema``, as in Keras.
+      name: accepted (None or a string) so that a Keras call ports as it is.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its four parts'
       states (the :class:`ScaleByRmsState` first). ``update`` needs ``params`` when
@@ -74,6 +98,16 @@ def keras_rmsprop(
     References:
       Keras documentation, ``keras.optimizers.RMSprop``; Hinton, lecture 6e (2012).
     """
+    _check_base_options(
+        "compat.keras_rmsprop",
+        clipnorm,
+        clipvalue,
+        global_clipnorm,
+        use_ema,
+        loss_scale_factor,
+        gradient_accumulation_steps,
+        name,
+    )
     name = "compat.keras_rmsprop"
     storage_lib.check_storage(name, storage)
     check_rate(name, "learning_rate", learning_rate)
@@ -85,7 +119,10 @@ def keras_rmsprop(
         check_non_negative(name, "weight_decay", weight_decay)
     return combine.named_chain(
         name,
-        rms.scale_by_rms(rho, epsilon, eps_in_sqrt=True, centered=centered, storage=storage),
+        real_only(
+            rms.scale_by_rms(rho, epsilon, eps_in_sqrt=True, centered=centered, storage=storage),
+            "keras",
+        ),
         scaling.scale_by_learning_rate(learning_rate),
         momentum_or_identity(momentum, storage),
         decoupled_decay(weight_decay, learning_rate),
@@ -97,10 +134,19 @@ def keras_adagrad(
     initial_accumulator_value: float = 0.1,
     epsilon: float = 1e-7,
     weight_decay: float | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: float | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
     *,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``keras.optimizers.Adagrad`` (Keras 3), with its argument names and defaults.
+    r"""``keras.optimizers.Adagrad`` (Keras 3), with its argument names, order and defaults.
 
     .. math::
 
@@ -118,10 +164,20 @@ def keras_adagrad(
       initial_accumulator_value: :math:`s_0` >= 0.
       epsilon: added inside the root, >= 0.
       weight_decay: decoupled weight decay >= 0 scaled by the learning rate, or None.
+      clipnorm, clipvalue, global_clipnorm: Keras' clipping options, in Keras'
+        positions. Not reproduced inside the preset: anything but None is a ValueError
+        that names what to compose instead (``rj.clip``, ``rj.clip_by_global_norm``).
+      use_ema, loss_scale_factor, gradient_accumulation_steps: the same, for Keras'
+        other options of every optimizer (``rj.accumulate_gradients`` around the preset
+        for the last); ``ema_momentum`` and ``ema_overwrite_frequency`` are read only
+        with ``use_ema``, as in Keras.
+      name: accepted (None or a string) so that a Keras call ports as it is.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its three parts'
       states (the :class:`ScaleByRssState` first).
@@ -142,6 +198,16 @@ def keras_adagrad(
       Keras documentation, ``keras.optimizers.Adagrad``; Duchi, Hazan and Singer,
       JMLR 12 (2011).
     """
+    _check_base_options(
+        "compat.keras_adagrad",
+        clipnorm,
+        clipvalue,
+        global_clipnorm,
+        use_ema,
+        loss_scale_factor,
+        gradient_accumulation_steps,
+        name,
+    )
     name = "compat.keras_adagrad"
     storage_lib.check_storage(name, storage)
     check_rate(name, "learning_rate", learning_rate)
@@ -151,7 +217,60 @@ def keras_adagrad(
         check_non_negative(name, "weight_decay", weight_decay)
     return combine.named_chain(
         name,
-        rss.scale_by_rss(initial_accumulator_value, epsilon, eps_in_sqrt=True, storage=storage),
+        real_only(
+            rss.scale_by_rss(initial_accumulator_value, epsilon, eps_in_sqrt=True, storage=storage),
+            "keras",
+        ),
         scaling.scale_by_learning_rate(learning_rate),
         decoupled_decay(weight_decay, learning_rate),
     )
+
+
+def _check_base_options(
+    function: str,
+    clipnorm: Any,
+    clipvalue: Any,
+    global_clipnorm: Any,
+    use_ema: Any,
+    loss_scale_factor: Any,
+    gradient_accumulation_steps: Any,
+    name: Any,
+) -> None:
+    """Keras' options of every optimizer: a name is accepted; the others change the
+    numbers and are composed around the preset instead, as each error says."""
+    check_how_to_run(function, name=name)
+    validate.check_bool(function, "use_ema", use_ema)
+    preset = f"rmsjax.{function}(...)"
+    for argument, value, instead in [
+        (
+            "clipnorm",
+            clipnorm,
+            "Keras clips each variable's gradient to that norm on its own; clip each "
+            "leaf's gradients before the update (rj.clip_by_global_norm clips them together)",
+        ),
+        ("clipvalue", clipvalue, f"compose rj.chain(rj.clip({clipvalue!r}), {preset})"),
+        (
+            "global_clipnorm",
+            global_clipnorm,
+            f"compose rj.chain(rj.clip_by_global_norm({global_clipnorm!r}), {preset})",
+        ),
+        (
+            "use_ema",
+            use_ema,
+            "keep a moving average of the parameters beside the training "
+            "loop (optax.ema of the parameters, say)",
+        ),
+        (
+            "loss_scale_factor",
+            loss_scale_factor,
+            "pass the gradients of the unscaled loss (Keras divides them by the factor)",
+        ),
+        (
+            "gradient_accumulation_steps",
+            gradient_accumulation_steps,
+            f"compose rj.accumulate_gradients({preset}, {gradient_accumulation_steps!r}), "
+            "which takes Keras' steps (Keras reads a schedule at the count of micro-batches: "
+            "give the preset lambda count: schedule(k * count + k - 1), k the steps)",
+        ),
+    ]:
+        refuse_not_reproduced(function, argument, value, instead)

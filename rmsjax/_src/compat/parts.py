@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, elementwise, fusion, momentum, numerics, scaling, validate
 from rmsjax._src import weight_decay as weight_decay_lib
@@ -171,3 +172,55 @@ def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTra
 
 def momentum_or_identity(value: float, storage: base.Storage | None) -> base.GradientTransformation:
     return fusion.identity() if is_zero(value) else momentum.trace(decay=value, storage=storage)
+
+
+COMPLEX = {
+    "torch": "torch steps a complex parameter as two real ones (torch.view_as_real), each "
+    "with its own second moment: stack them, jnp.stack([z.real, z.imag], -1), for torch's "
+    "numbers",
+    "keras": "Keras squares a complex gradient (g * g, not |g|^2), which no rule here "
+    "reproduces; rj.rmsprop and rj.adagrad step complex leaves as optax does",
+    "tf1": "TF1 squares a complex gradient (g * g, not |g|^2), which no rule here "
+    "reproduces; rj.rmsprop and rj.adagrad step complex leaves as optax does",
+}
+"""Why each peer's presets refuse complex leaves: the peer does not compute optax's
+``|g|^2`` second moment, which the rules would."""
+
+
+def real_only(rule: base.GradientTransformation, peer: str) -> base.GradientTransformation:
+    """``rule`` (a preset's second moment), refusing complex leaves for ``peer``'s reason
+    (or its own, where its storage already refuses them)."""
+    leaf_rule = fusion.leaf_rule_of(rule)
+    assert leaf_rule is not None, "a preset's second moment is an elementwise rule"
+    why = leaf_rule.complex_refusal or COMPLEX[peer]
+    return fusion.rule_transformation(leaf_rule._replace(complex_refusal=why))
+
+
+def check_how_to_run(function: str, **options: Any) -> None:
+    """Peer options that choose how the peer runs a step, not what it computes (torch's
+    ``capturable``, ``foreach``, ``differentiable`` and ``fused``, TF1's ``use_locking``,
+    a ``name``): accepted so that a peer's call ports as it is, and checked. ``foreach``
+    and ``fused`` may be None, as in torch."""
+    for argument, value in options.items():
+        flag = isinstance(value, (bool, np.bool_))
+        if argument == "name":
+            allowed, fits = "None or a string", value is None or isinstance(value, str)
+        elif argument in ("foreach", "fused"):
+            allowed, fits = "True, False or None", value is None or flag
+        else:
+            allowed, fits = "True or False", flag
+        if not fits:
+            raise TypeError(
+                f"rmsjax.{function}: {argument} must be {allowed}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def refuse_not_reproduced(function: str, argument: str, value: Any, instead: str) -> None:
+    """A ValueError for a peer option that changes the numbers and that the preset does
+    not reproduce, given anything but its off value (None or False)."""
+    if value is None or value is False:
+        return
+    raise ValueError(
+        f"rmsjax.{function}: {argument}={value!r} is not reproduced by the preset; {instead}"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
+    check_how_to_run,
     check_non_negative,
     check_rate,
     coupled_decay,
@@ -13,6 +14,7 @@ from rmsjax._src.compat.parts import (
     is_zero,
     momentum_or_identity,
     named_rate,
+    real_only,
 )
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -25,11 +27,14 @@ def torch_rmsprop(
     weight_decay: float = 0,
     momentum: float = 0,
     centered: bool = False,
-    *,
+    capturable: bool = False,
+    foreach: bool | None = None,
     maximize: bool = False,
+    differentiable: bool = False,
+    *,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``torch.optim.RMSprop``, with its argument names and defaults.
+    r"""``torch.optim.RMSprop``, with its argument names, order and defaults.
 
     With :math:`g_t` the gradient (negated when ``maximize``):
 
@@ -57,14 +62,17 @@ def torch_rmsprop(
       weight_decay: coupled (L2) weight decay >= 0, added to the gradient.
       momentum: in [0, 1); 0 for none. The learning rate stays outside the buffer.
       centered: divide by the root of the variance estimate instead.
-      maximize: ascend the objective (negate the gradient first). Keyword-only: torch's
-        next positional argument after ``centered`` is ``capturable``, and
-        ``torch_rmsprop(lr, alpha, eps, weight_decay, momentum, centered, True)`` would
-        ascend where torch's same call does not.
+      capturable, foreach, differentiable: how torch runs its step (on CUDA graphs, over
+        a list of tensors at once, under autograd); accepted (True or False; ``foreach``
+        also None) so that a torch call ports as it is, in torch's positions. They change
+        nothing here: a jitted JAX step is all three.
+      maximize: ascend the objective (negate the gradient first).
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its five parts'
       states (the second-moment :class:`ScaleByRmsState` third). ``update`` needs
@@ -98,11 +106,15 @@ def torch_rmsprop(
     validate.check_decay(name, "momentum", momentum)
     validate.check_bool(name, "centered", centered)
     validate.check_bool(name, "maximize", maximize)
+    check_how_to_run(name, capturable=capturable, foreach=foreach, differentiable=differentiable)
     return combine.named_chain(
         name,
         flip(maximize),
         coupled_decay(weight_decay),
-        rms.scale_by_rms(alpha, eps, eps_in_sqrt=False, centered=centered, storage=storage),
+        real_only(
+            rms.scale_by_rms(alpha, eps, eps_in_sqrt=False, centered=centered, storage=storage),
+            "torch",
+        ),
         momentum_or_identity(momentum, storage),
         scaling.scale_by_learning_rate(named_rate(name, "lr", lr)),
     )
@@ -114,11 +126,14 @@ def torch_adagrad(
     weight_decay: float = 0,
     initial_accumulator_value: float = 0,
     eps: float = 1e-10,
+    foreach: bool | None = None,
     *,
     maximize: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``torch.optim.Adagrad``, with its argument names and defaults.
+    r"""``torch.optim.Adagrad``, with its argument names, order and defaults.
 
     With :math:`g_t` the gradient (negated when ``maximize``) and :math:`t` = 1, 2, ...:
 
@@ -142,12 +157,18 @@ def torch_adagrad(
       weight_decay: coupled (L2) weight decay >= 0, added to the gradient.
       initial_accumulator_value: :math:`s_0` >= 0.
       eps: added to the root, outside it, >= 0.
+      foreach, differentiable, fused: how torch runs its step (over a list of tensors
+        at once, under autograd, in one fused kernel); accepted (True or False;
+        ``foreach`` and ``fused`` also None) so that a torch call ports as it is. They
+        change nothing here: a jitted JAX step is all three.
       maximize: ascend the objective (negate the gradient first). Keyword-only, as in
-        torch (whose next positional argument after ``eps`` is ``foreach``).
+        torch.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its four parts'
       states (the :class:`ScaleByRssState` third). ``update`` needs ``params`` when
@@ -177,12 +198,16 @@ def torch_adagrad(
     check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     check_non_negative(name, "eps", eps)
     validate.check_bool(name, "maximize", maximize)
+    check_how_to_run(name, foreach=foreach, differentiable=differentiable, fused=fused)
     lr = named_rate(name, "lr", lr)
     rate = lr if is_zero(lr_decay) else inverse_time_decay(lr, lr_decay)
     return combine.named_chain(
         name,
         flip(maximize),
         coupled_decay(weight_decay),
-        rss.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False, storage=storage),
+        real_only(
+            rss.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False, storage=storage),
+            "torch",
+        ),
         scaling.scale_by_learning_rate(rate),
     )

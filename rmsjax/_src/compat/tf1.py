@@ -5,9 +5,11 @@ from __future__ import annotations
 from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
+    check_how_to_run,
     check_non_negative,
     check_rate,
     momentum_or_identity,
+    real_only,
 )
 
 # ------------------------------------------------------------------------------- TF1
@@ -18,11 +20,14 @@ def tf1_rmsprop(
     decay: float = 0.9,
     momentum: float = 0.0,
     epsilon: float = 1e-10,
+    use_locking: bool = False,
     centered: bool = False,
+    name: str = "RMSProp",
     *,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``tf.compat.v1.train.RMSPropOptimizer``, with its argument names and defaults.
+    r"""``tf.compat.v1.train.RMSPropOptimizer``, with its argument names, order and
+    defaults.
 
     TensorFlow 1's kernel (``ApplyRMSProp``, ``ApplyCenteredRMSProp``):
 
@@ -43,11 +48,16 @@ def tf1_rmsprop(
       decay: :math:`\rho`, in [0, 1).
       momentum: :math:`\mu` in [0, 1).
       epsilon: added inside the root, >= 0.
+      use_locking: accepted (True or False) so that a TF1 call ports as it is, in
+        TF1's position; a JAX step shares no variables to lock.
       centered: divide by the root of the variance estimate instead.
+      name: accepted (a string) so that a TF1 call ports as it is.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its three parts'
       states (the :class:`ScaleByRmsState` first).
@@ -67,6 +77,7 @@ def tf1_rmsprop(
       TensorFlow 1.15, ``tf.compat.v1.train.RMSPropOptimizer`` and the kernels in
       ``tensorflow/core/kernels/training_ops.cc``.
     """
+    check_how_to_run("compat.tf1_rmsprop", use_locking=use_locking, name=name)
     name = "compat.tf1_rmsprop"
     storage_lib.check_storage(name, storage)
     check_rate(name, "learning_rate", learning_rate)
@@ -76,8 +87,16 @@ def tf1_rmsprop(
     validate.check_bool(name, "centered", centered)
     return combine.named_chain(
         name,
-        rms.scale_by_rms(
-            decay, epsilon, eps_in_sqrt=True, initial_scale=1.0, centered=centered, storage=storage
+        real_only(
+            rms.scale_by_rms(
+                decay,
+                epsilon,
+                eps_in_sqrt=True,
+                initial_scale=1.0,
+                centered=centered,
+                storage=storage,
+            ),
+            "tf1",
         ),
         scaling.scale_by_learning_rate(learning_rate),
         momentum_or_identity(momentum, storage),
@@ -87,10 +106,13 @@ def tf1_rmsprop(
 def tf1_adagrad(
     learning_rate: base.ScalarOrSchedule,
     initial_accumulator_value: float = 0.1,
+    use_locking: bool = False,
+    name: str = "Adagrad",
     *,
     storage: base.Storage | None = None,
 ) -> base.GradientTransformation:
-    r"""``tf.compat.v1.train.AdagradOptimizer``, with its argument names and defaults.
+    r"""``tf.compat.v1.train.AdagradOptimizer``, with its argument names, order and
+    defaults.
 
     TensorFlow 1's kernel (``ApplyAdagrad``) has no epsilon:
 
@@ -105,10 +127,14 @@ def tf1_adagrad(
       learning_rate: >= 0 (no default, as in TF1), or a schedule of the step count.
       initial_accumulator_value: :math:`s_0` > 0 (TF1 rejects 0, which would divide
         by zero).
+      use_locking, name: accepted (True or False; a string) so that a TF1 call ports as
+        it is; a JAX step shares no variables to lock.
 
       storage: how the optimizer state is kept between steps: None (each
         parameter's dtype), "float32", "bfloat16" or "int8" (see docs/memory.md). Not a
-        peer argument; the default keeps the peer's numbers exactly.
+        peer argument; the default keeps the peer's numbers on float32 leaves (on
+        half-precision leaves the preset computes in float32, the peer in the leaf's
+        dtype: docs/porting.md).
     Returns:
       A :class:`GradientTransformation`; its state is the tuple of its two parts'
       states (the :class:`ScaleByRssState` first).
@@ -122,6 +148,7 @@ def tf1_adagrad(
     References:
       TensorFlow 1.15, ``tf.compat.v1.train.AdagradOptimizer`` and ``ApplyAdagrad``.
     """
+    check_how_to_run("compat.tf1_adagrad", use_locking=use_locking, name=name)
     name = "compat.tf1_adagrad"
     storage_lib.check_storage(name, storage)
     check_rate(name, "learning_rate", learning_rate)
@@ -131,6 +158,9 @@ def tf1_adagrad(
     validate.check_finite(name, "initial_accumulator_value", initial_accumulator_value)
     return combine.named_chain(
         name,
-        rss.scale_by_rss(initial_accumulator_value, 0.0, eps_in_sqrt=True, storage=storage),
+        real_only(
+            rss.scale_by_rss(initial_accumulator_value, 0.0, eps_in_sqrt=True, storage=storage),
+            "tf1",
+        ),
         scaling.scale_by_learning_rate(learning_rate),
     )
