@@ -55,6 +55,22 @@ def test_closed_forms():
     assert [float(linear(t)) for t in (0, 5, 10, 15, 99)] == pytest.approx([1, 1, 0.5, 0, 0])
 
 
+def test_schedule_values_beyond_float32_or_below_zero_are_optax_s_and_documented():
+    # docs/validation.md: schedule values are not checked; these are optax's numbers
+    growing = S.exponential_decay(0.1, 1, decay_rate=1e30)
+    assert float(growing(1)) == pytest.approx(1e29, rel=1e-6) and float(growing(2)) == np.inf
+    assert float(optax.exponential_decay(0.1, 1, decay_rate=1e30)(2)) == np.inf
+    assert float(S.exponential_decay(0.1, 1, decay_rate=1e30, end_value=1.0)(5)) == 1.0
+    ours = jax.jit(S.linear_schedule(0.01, 0.0, 1000))(5000)
+    theirs = jax.jit(optax.linear_schedule(0.01, 0.0, 1000))(5000)
+    assert float(ours) == float(theirs) < 0 and float(ours) == pytest.approx(-4.75e-10, rel=1e-3)
+    tx = rj.rmsprop(growing)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(3):
+        updates, state = tx.update(jnp.array([1.0, 0.0]), state)
+    assert float(updates[0]) == -np.inf and np.isnan(float(updates[1]))  # 0 * inf
+
+
 def test_piecewise_boundaries_are_checked_before_they_are_sorted():
     # a string among integer boundaries used to fail inside sorted() with Python's own
     # TypeError; a list of pairs with an AttributeError
