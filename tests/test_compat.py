@@ -508,6 +508,8 @@ def test_presets_refuse_complex_leaves_that_their_peer_steps_otherwise(preset, p
         tx.init(params)
     with pytest.raises(TypeError, match=rf"^rmsjax\.compat\.{preset}\.update: leaf .*{peer}"):
         tx.update(params, tx.init({"w": jnp.ones((3, 4))}), params)
+    with pytest.raises(TypeError, match=peer):  # whatever the storage
+        getattr(compat, preset)(0.1, storage="int8").init({"w": jnp.ones((64, 64), jnp.complex64)})
 
 
 @pytest.mark.parametrize("preset", ["torch_rmsprop", "torch_adagrad"])
@@ -1163,6 +1165,8 @@ def test_keras_options_that_change_the_numbers_name_what_to_compose(
         match=rf"^rmsjax\.compat\.{preset}: {argument}={value!r} is not reproduced .*{instead}",
     ):
         getattr(compat, preset)(0.01, **{argument: value})
+    if argument == "use_ema":  # NumPy's False is off, as the flags take it
+        getattr(compat, preset)(0.01, use_ema=np.False_)
 
 
 @pytest.mark.parametrize("schedule", [False, True])

@@ -738,7 +738,9 @@ def test_a_count_the_rule_does_not_keep_is_dropped_as_before():
         ),
         (jnp.array(0.5), TypeError, r"must be an integer scalar .*got an array of dtype float32"),
         (True, TypeError, r"must be an integer scalar .*got True"),
-        (jnp.array(-5, jnp.int32), ValueError, r"must be >= 0, got -5"),
+        (jnp.array(-5, jnp.int32), ValueError, r"must be in \[0, 2\*\*31 - 1\] \(int32\), got -5"),
+        # a NumPy int64 restored without x64 wrapped to int32 before it was capped
+        (np.int64(2**40), ValueError, r"must be in \[0, 2\*\*31 - 1\] \(int32\), got 1099"),
     ],
 )
 def test_a_step_count_that_is_no_integer_scalar_is_refused(count, error, says):

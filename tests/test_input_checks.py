@@ -366,6 +366,11 @@ def test_a_complex_update_to_a_real_parameter_is_refused_not_cut_to_its_real_par
             step(grads, state, PARAMS)
     with pytest.raises(TypeError, match=r"^rmsjax\.apply_updates: the update at \['w'\] has dt"):
         rj.apply_updates(PARAMS, grads)
+    # update alone lets the complex gradient through: a later part may take its real part
+    real_part = optax.stateless(lambda u, p: jax.tree.map(jnp.real, u))
+    tx = optax.chain(rj.scale(-0.1), real_part)
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    np.testing.assert_array_equal(updates["w"], -0.1 * GRADS["w"])
     complex_params = {**PARAMS, "w": PARAMS["w"].astype(jnp.complex64)}  # complex: it adds
     np.testing.assert_array_equal(rj.apply_updates(complex_params, grads)["w"], 1 + grads["w"])
 
@@ -385,7 +390,9 @@ def test_a_complex_update_to_a_real_parameter_is_refused_not_cut_to_its_real_par
 def test_8_bit_float_parameters_are_refused_by_name(make, dtype):
     # they failed inside the step with JAX's "no implicit dtype promotion path"
     params = {**PARAMS, "w": PARAMS["w"].astype(dtype)}
-    with pytest.raises(TypeError, match=rf"leaf \['w'\] has dtype {dtype.__name__}; 8-bit floats"):
+    with pytest.raises(
+        TypeError, match=rf"leaf \['w'\] has dtype {dtype.__name__}; rmsjax does not take 8-bit"
+    ):
         make().init(params)
 
 

@@ -196,6 +196,7 @@ def expect_state(
 ) -> None:
     """A TypeError for another rule's state; an optax one holding the same is told how to
     convert it (``optax_route``: the advice for one optax type from_optax_state refuses)."""
+    kind = ("an " if state_type.__name__[0] in "AEIOU" else "a ") + state_type.__name__
     if is_optax_state(state):
         theirs, where = type(state).__name__, f"rmsjax.{rule_name}.update: got optax's"
         if base.optax_counterpart(state_type.__name__, theirs):
@@ -205,17 +206,16 @@ def expect_state(
         else:
             raise TypeError(
                 f"{where} {theirs}, the state of another transformation, where this one "
-                f"keeps a {state_type.__name__}. Was the state created by a different "
-                "optimizer, or its chain reordered?"
+                f"keeps {kind}. Was the state created by a different optimizer, or its chain "
+                "reordered?"
             )
         raise TypeError(
             f"{where} {theirs} (from {type(state).__module__}), not rmsjax's "
             f"{state_type.__name__}: the two libraries lay their states out differently. {route}"
         )
     if not isinstance(state, state_type):
-        article = "an" if state_type.__name__[0] in "AEIOU" else "a"
         raise TypeError(
-            f"rmsjax.{rule_name}.update: expected {article} {state_type.__name__} (the state "
+            f"rmsjax.{rule_name}.update: expected {kind} (the state "
             f"returned by this transformation's init), got {type(state).__name__}. Was the "
             "state created by a different optimizer, or its chain reordered?"
         )

@@ -141,7 +141,7 @@ def run(
         param_leaves = as_arrays(
             params_like(rule.name, treedef, updates, params), f"rmsjax.{rule.name}.update", params
         )
-        check_params(rule.name, updates, leaves, param_leaves, rule.needs_params)
+        check_params(rule.name, updates, leaves, param_leaves, rule.needs_params, apply)
 
     new_shared, context = rule.step_shared(shared)
     step_leaf = leaf_stepper(rule, context, apply, leaves, in_turn_lib.worth_it(per_block))

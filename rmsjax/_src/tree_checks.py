@@ -54,10 +54,10 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
             )
         if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
             raise TypeError(
-                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; 8-bit "
-                "floats do not mix with the float32 the rules compute in. Keep the trained "
-                "parameters and their gradients in bfloat16 or float32 (cast them to "
-                f"{dtype} for the forward pass, or keep its state with storage='int8')."
+                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; rmsjax "
+                "does not take 8-bit float leaves (JAX does not promote them to the float32 "
+                "most rules compute in). Keep the trained parameters and their gradients in "
+                f"bfloat16 or float32, and cast them to {dtype} for the forward pass."
             )
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
@@ -69,11 +69,17 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
 
 
 def check_params(
-    rule_name: str, updates: Any, leaves: list, param_leaves: list, needs_params: bool
+    rule_name: str,
+    updates: Any,
+    leaves: list,
+    param_leaves: list,
+    needs_params: bool,
+    apply: bool = False,
 ) -> None:
     """Raises unless each parameter that goes with an update is floating point (or
     complex, :func:`base.check_float_parameter`) and has the update's shape: a TypeError
-    or ValueError naming the leaf."""
+    or ValueError naming the leaf. With ``apply`` (the step adds its updates to the
+    parameters) a complex gradient, whose update is complex, needs a complex parameter."""
     for i, (g, p) in enumerate(zip(leaves, param_leaves)):
         if g is None or (p is None and not needs_params):
             continue
@@ -83,7 +89,7 @@ def check_params(
                 "but its update is not; this transformation needs every updated parameter."
             )
         base.check_float_parameter(
-            f"{rule_name}.update", functools.partial(path_of, updates, i), p, g
+            f"{rule_name}.update", functools.partial(path_of, updates, i), p, g if apply else None
         )
         if jnp.shape(p) != jnp.shape(g):
             raise ValueError(

@@ -189,11 +189,10 @@ COMPLEX = {
 
 def real_only(rule: base.GradientTransformation, peer: str) -> base.GradientTransformation:
     """``rule`` (a preset's second moment), refusing complex leaves for ``peer``'s reason
-    (or its own, where its storage already refuses them)."""
+    (whatever its storage: the default would refuse them too)."""
     leaf_rule = fusion.leaf_rule_of(rule)
     assert leaf_rule is not None, "a preset's second moment is an elementwise rule"
-    why = leaf_rule.complex_refusal or COMPLEX[peer]
-    return fusion.rule_transformation(leaf_rule._replace(complex_refusal=why))
+    return fusion.rule_transformation(leaf_rule._replace(complex_refusal=COMPLEX[peer]))
 
 
 def check_how_to_run(function: str, **options: Any) -> None:
@@ -219,7 +218,7 @@ def check_how_to_run(function: str, **options: Any) -> None:
 def refuse_not_reproduced(function: str, argument: str, value: Any, instead: str) -> None:
     """A ValueError for a peer option that changes the numbers and that the preset does
     not reproduce, given anything but its off value (None or False)."""
-    if value is None or value is False:
+    if value is None or (isinstance(value, (bool, np.bool_)) and not value):
         return
     raise ValueError(
         f"rmsjax.{function}: {argument}={value!r} is not reproduced by the preset; {instead}"
