@@ -86,7 +86,8 @@ def rmsprop(
       storage: how every state array (the averages and the momentum buffer) is kept
         between steps: None (the parameters' dtypes), ``"float32"``, ``"bfloat16"`` or
         ``"int8"`` (8-bit block-wise for parameters of 4096 elements or more); see
-        docs/memory.md. Not an optax argument; the default gives optax's numbers.
+        docs/memory.md. Not an optax argument; the default gives optax's numbers on
+        float32 leaves.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -154,7 +155,7 @@ def adagrad(
       storage: how the sum is kept between steps: None (the parameters' dtypes),
         ``"float32"``, ``"bfloat16"`` or ``"int8"`` (8-bit block-wise for parameters of
         4096 elements or more); see docs/memory.md. Not an optax argument; the default
-        gives optax's numbers.
+        gives optax's numbers on float32 leaves.
 
     Returns:
       A :class:`GradientTransformation`.

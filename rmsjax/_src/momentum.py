@@ -50,8 +50,8 @@ def trace(
       accumulator_dtype: dtype of the buffer; None keeps each parameter's dtype.
       storage: how the buffer is kept between steps: None (``accumulator_dtype``, or
         each parameter's dtype), ``"float32"``, ``"bfloat16"``, or ``"int8"`` (8-bit
-        block-wise with a signed code, 1.016 bytes per element for parameters of 4096
-        elements or more; see docs/memory.md). Give ``accumulator_dtype`` or
+        block-wise with a signed code, 1.016 bytes per element on whole blocks, for parameters of
+        4096 elements or more; see docs/memory.md). Give ``accumulator_dtype`` or
         ``storage``, not both.
 
     Returns:

@@ -62,7 +62,7 @@ def scale_by_rms(
       centered: use the variance :math:`\nu_t - \mu_t^2` instead of :math:`\nu_t`.
       storage: how the state is kept between steps: None (each parameter's dtype),
         ``"float32"``, ``"bfloat16"``, or ``"int8"`` (8-bit block-wise, 1.016 bytes per
-        element for parameters of 4096 elements or more; :math:`\sqrt{\nu}` is
+        element on whole blocks, for parameters of 4096 elements or more; :math:`\sqrt{\nu}` is
         quantized). The step itself always computes in float32 or wider; see
         docs/memory.md.
 

@@ -55,7 +55,7 @@ def scale_by_rss(
       eps_in_sqrt: where ``eps`` goes.
       storage: how the sum is kept between steps: None (each parameter's dtype),
         ``"float32"``, ``"bfloat16"``, or ``"int8"`` (8-bit block-wise, 1.016 bytes per
-        element for parameters of 4096 elements or more; :math:`\sqrt{s}` is
+        element on whole blocks, for parameters of 4096 elements or more; :math:`\sqrt{s}` is
         quantized). The step itself always computes in float32 or wider; see
         docs/memory.md.
 
