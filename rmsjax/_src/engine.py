@@ -230,6 +230,8 @@ def leaf_stepper(
     def step(g, slots, param):
         if in_turn and in_turn_lib.applies(rule, g, slots):
             return in_turn_lib.step(rule, context, apply, g, slots, param)
+        if _traced(leaves) and in_turn_lib.padded(rule, g, slots):
+            return in_turn_lib.step(rule, context, apply, g, slots, param, ordered=False)
         update, slots = rule.update_leaf(g, slots, context, param)
         return (base.apply_leaf(param, update) if apply else update), slots
 
