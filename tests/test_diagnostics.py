@@ -216,11 +216,50 @@ def test_int8_factored_and_rowwise_states():
     )
 
 
+def test_a_sum_still_zero_reports_the_step_of_a_small_gradient():
+    # with eps > 0 it was 0 (the step at g = 0 is 0, by optax's where), though any
+    # gradient, however small, moves the weight by lr g / sqrt(eps): unused embedding
+    # rows, torch_adagrad and rowwise_adagrad at their default initial value of 0
+    params = jnp.zeros((3, 4))
+    for tx, expected in [
+        (rj.adagrad(0.1, initial_accumulator_value=0.0, eps=1e-6), 0.1 / np.sqrt(1e-6)),
+        (rj.rowwise_adagrad(0.1), 0.1 / 1e-10),
+        (rj.compat.torch_adagrad(0.1), 0.1 / 1e-10),
+        (rj.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0), 0.0),
+    ]:
+        state = tx.init(params)
+        sizes = np.asarray(rj.effective_step_sizes(tx, state, params))
+        np.testing.assert_allclose(sizes, expected, rtol=1e-6)
+        if expected:  # the step of a small gradient, measured
+            small = jnp.full((3, 4), 1e-16)
+            update, _ = tx.update(small, state, params)
+            np.testing.assert_allclose(np.abs(np.asarray(update)) / 1e-16, expected, rtol=1e-4)
+        update, _ = tx.update(jnp.zeros((3, 4)), state, params)
+        assert not np.any(np.asarray(update))  # the step itself is unchanged: 0
+
+
+def test_summary_mean_stays_within_min_and_max():
+    tx = rj.sgd(3e38)
+    summary = rj.step_size_summary(tx, tx.init(jnp.zeros(3)), jnp.zeros(3))
+    assert float(summary.min) <= float(summary.mean) <= float(summary.max)
+
+
+def test_an_nnx_optimizer_s_state_and_parameters_are_measured():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, rj.rmsprop(0.01), wrt=nnx.Param)
+    sizes = rj.effective_step_sizes(optimizer.tx, optimizer.opt_state, nnx.state(model, nnx.Param))
+    np.testing.assert_allclose(np.asarray(sizes["kernel"]), 0.01 / np.sqrt(1e-8), rtol=1e-6)
+
+
 def test_errors_say_what_to_pass():
     with pytest.raises(TypeError, match=r"rmsjax\.effective_step_sizes: tx must be"):
         rj.effective_step_sizes(rj.rmsprop(0.1).init(params_tree()), None)
     tx = rj.sgd(0.1)
     with pytest.raises(ValueError, match=r"rmsjax\.effective_step_sizes: pass params"):
+        rj.effective_step_sizes(tx, tx.init(params_tree()))
+    tx = rj.chain(rj.add_decayed_weights(0.1), rj.rmsprop(0.1))  # it reads the parameters
+    with pytest.raises(ValueError, match=r"^rmsjax\.effective_step_sizes: pass params \("):
         rj.effective_step_sizes(tx, tx.init(params_tree()))
 
 

@@ -7,7 +7,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, grouped, hyperparams, numerics, rms, rss, storage
+from rmsjax._src import (
+    base,
+    elementwise,
+    grouped,
+    hyperparams,
+    moments,
+    numerics,
+    rms,
+    rss,
+    storage,
+)
 
 
 class StepSizeSummary(NamedTuple):
@@ -100,9 +110,17 @@ def effective_step_sizes(
     micro-batch's gradient, taken at the accumulated mean; the optimizer it wraps,
     measured with ``state.inner_state``, gives the step sizes of the cycle's step.
 
+    Measured at a zero gradient, it leaves out what depends on the gradients' size:
+    ``clip_by_global_norm`` and ``clip`` are inactive there (a clipped step moves less),
+    and optax's rules with a root of a second moment (``optax.adam``) report NaN where
+    that moment is 0 (the root's derivative at 0). With a concrete ``eps > 0``, a
+    weight whose Adagrad sum is still 0 reports ``lr / sqrt(eps)`` (the step of any
+    small gradient), not 0.
+
     Args:
       tx: the optimizer whose state ``state`` is; any rmsjax (or optax) transformation
-        whose update treats each gradient element on its own.
+        whose update treats each gradient element on its own (an ``nnx.Optimizer``'s
+        ``tx`` with its ``opt_state`` and ``nnx.state(model, nnx.Param)`` too).
       state: ``tx``'s state.
       params: the parameters; needed when ``tx`` reads them (weight decay) or when
         ``state`` does not hold exactly one RMSprop or Adagrad state laid out like the
@@ -130,6 +148,13 @@ def _step_sizes(
             f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
             f"{type(tx).__name__}; call it as {name}(tx, state, params)."
         )
+    # an nnx.Optimizer's state and nnx.state(model) hold variables: what they hold counts
+    state, params = (
+        jax.tree.map(
+            lambda x: x.get_value() if base.is_variable(x) else x, tree, is_leaf=base.is_variable
+        )
+        for tree in (state, params)
+    )
     if params is None:
         zeros = _moment_shapes(name, state)
     else:
@@ -145,8 +170,16 @@ def _step_sizes(
     def update(grads: Any) -> Any:
         return tx.update(grads, state, params)[0]
 
-    with elementwise.naming_wrapper(name, None, role="tx"):
-        _, derivative = jax.jvp(update, (zeros,), (ones,))
+    try:
+        with elementwise.naming_wrapper(name, None, role="tx"), moments.measuring():
+            _, derivative = jax.jvp(update, (zeros,), (ones,))
+    except ValueError as error:
+        if params is None and "needs the parameters" in str(error):
+            raise ValueError(
+                f"rmsjax.{name}: pass params ({name}(tx, state, params)): tx reads the "
+                "parameters (weight decay, say)."
+            ) from None
+        raise
     return jax.tree.map(lambda d: jnp.abs(d).astype(jnp.float32), derivative)
 
 
@@ -191,7 +224,9 @@ def step_size_summary(
         unit = jnp.ldexp(jnp.ones([], s.dtype), numerics.binary_exponent(top))
         return StepSizeSummary(
             min=jnp.min(s),
-            mean=jnp.mean(s / unit) * unit,
+            # within [min, max] too: a mean of equal sizes near float32's maximum can
+            # round past them
+            mean=jnp.clip(jnp.mean(s / unit) * unit, jnp.min(s), top),
             # within [min, max]: exp(mean(log s)) of equal sizes can round past them
             geometric_mean=jnp.clip(jnp.exp(jnp.mean(jnp.log(s))), jnp.min(s), jnp.max(s)),
             max=top,

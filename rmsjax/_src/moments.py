@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -84,11 +87,29 @@ def accumulate(
     return MomentStep(stored, new, scale, value, eps_squared, eps_linear, inline)
 
 
+_MEASURING: contextvars.ContextVar[bool] = contextvars.ContextVar("measuring", default=False)
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """While tracing under it (the step-size diagnostics' derivative at a zero gradient),
+    :func:`ever_nonzero` counts every element as seen where a concrete ``eps > 0`` keeps
+    the step finite: the step of a sum still at zero is 0 at a zero gradient and
+    ``lr g / sqrt(eps)`` at any other, so its derivative is the latter's."""
+    token = _MEASURING.set(True)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)
+
+
 def ever_nonzero(step: MomentStep, nonzero_gradient: jax.Array, eps: Any) -> jax.Array:
     """Where a sum of squares has held a non-zero gradient: Adagrad's step is zero
     elsewhere (optax's rule). A gradient whose square underflows counts too, where a
     concrete ``eps > 0`` keeps its step finite."""
     concrete = validate.concrete_value(eps)
     if concrete is not None and concrete > 0:
+        if _MEASURING.get():
+            return jnp.ones(jnp.shape(step.value), bool)
         return (step.value > 0) | nonzero_gradient
     return step.value > 0
