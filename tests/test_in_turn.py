@@ -129,8 +129,9 @@ def test_a_leaf_padded_to_whole_blocks_computes_its_slots_in_the_block_layout(mo
     # each new slot of a leaf whose size is no multiple of 256 was padded mid-step into
     # a float32 temporary: 14.02 and 19.05 bytes per parameter for RMSprop without and
     # with int8 momentum on 1023 x 1023 (float32 state: 12 and 16). In the block layout
-    # only the padded gradient is left: 14.04 and 16.07 on this jaxlib, and the values
-    # are the plain step's, bit for bit.
+    # only the padded gradient is left: 14.04 and 16.07 on this jaxlib, and on ordinary
+    # gradients the values are the plain step's, bit for bit (docs/memory.md says where
+    # a last-bit difference in a moment can round to the neighbouring code).
     params = {"w": jnp.ones((1023, 1023))}
     tx = rj.rmsprop(1e-3, momentum=0.9, storage="int8")
     temporaries, total = peak(tx, params)
