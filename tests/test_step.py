@@ -90,6 +90,22 @@ def test_donate_false_keeps_the_inputs():
     assert not np.array_equal(new_params["out"]["w"], params["out"]["w"])
 
 
+def test_tied_weights_need_donate_false_as_the_docstring_says():
+    x = jnp.ones(3)
+    params = {"a": x, "b": x}  # the same array twice
+
+    def loss_fn(p):
+        return jnp.sum(p["a"] * p["b"])
+
+    tx = rj.sgd(0.1)
+    with pytest.raises(Exception, match="donate the same buffer twice"):
+        rj.make_train_step(loss_fn, tx)(params, tx.init(params))
+    x = jnp.ones(3)
+    params = {"a": x, "b": x}
+    new, _, loss = rj.make_train_step(loss_fn, tx, donate=False)(params, tx.init(params))
+    assert float(loss) == 3.0 and float(new["a"][0]) == pytest.approx(0.9)
+
+
 def test_has_aux():
     def loss_with_aux(params, x, y):
         loss = loss_fn(params, x, y)

@@ -45,7 +45,10 @@ def make_train_step(
        returned ``params`` and ``state``: ``params, state, loss = step(params, state,
        x, y)``. Reading the arrays passed in afterwards raises "Array has been deleted".
        Keep a copy (``jax.tree.map(jnp.copy, params)``) if you need the old values, or
-       pass ``donate=False``.
+       pass ``donate=False``. Tied weights (one array at two places of ``params``)
+       cannot be donated: XLA refuses to donate a buffer twice ("Attempt to donate the
+       same buffer twice"); keep the weight once in ``params``, or pass
+       ``donate=False``.
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> loss`` (a scalar), or ``-> (loss, aux)``
