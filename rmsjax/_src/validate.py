@@ -355,7 +355,13 @@ def check_step_count(name: str, count: Any) -> None:
             f"rmsjax.{name}.update: the state's count must be a scalar, got an array of "
             f"shape {np.shape(count)}"
         )
-    if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= 2**31 - 1:
+    concrete = not isinstance(count, jax.core.Tracer)
+    # (an array spanning other processes' devices cannot be read here: left unchecked)
+    if (
+        concrete
+        and getattr(count, "is_fully_addressable", True)
+        and not 0 <= int(count) <= 2**31 - 1
+    ):
         raise ValueError(
             f"rmsjax.{name}.update: the state's count must be in [0, 2**31 - 1] (int32), "
             f"got {count}"
