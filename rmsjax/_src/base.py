@@ -295,5 +295,10 @@ def structure_of(tree: Any) -> Any:
     framework's variable counts as what it holds (:func:`is_variable`): an array, or
     the ``MaskedNode`` a ``masked`` wrapper put in its place (``nnx.Optimizer`` builds
     the state from variables and steps it with plain arrays)."""
-    held = jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
-    return jax.tree.structure(held)
+    return jax.tree.structure(held_values(tree))
+
+
+def held_values(tree: Any) -> Any:
+    """``tree`` with each framework variable (:func:`is_variable`) replaced by what it
+    holds: an ``nnx.Optimizer``'s state and ``nnx.state(model)`` hold variables."""
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)

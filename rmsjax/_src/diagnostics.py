@@ -148,13 +148,7 @@ def _step_sizes(
             f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
             f"{type(tx).__name__}; call it as {name}(tx, state, params)."
         )
-    # an nnx.Optimizer's state and nnx.state(model) hold variables: what they hold counts
-    state, params = (
-        jax.tree.map(
-            lambda x: x.get_value() if base.is_variable(x) else x, tree, is_leaf=base.is_variable
-        )
-        for tree in (state, params)
-    )
+    state, params = base.held_values(state), base.held_values(params)
     if params is None:
         zeros = _moment_shapes(name, state)
     else:
