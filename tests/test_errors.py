@@ -489,6 +489,11 @@ def test_make_train_step_needs_a_callable_loss():
         ),
         (lambda p: p * 2.0, False, r"must return a scalar loss, got an array of shape \(3,\)"),
         (lambda p: (p, {}), True, r"must return a scalar loss, got an array of shape \(3,\)"),
+        (
+            lambda p: (jnp.sum(p), {"tag": "train", "n": 3}),
+            True,
+            r"aux .* must be arrays or numbers; got str 'train' at aux\['tag'\]",
+        ),
     ],
 )
 def test_make_train_step_names_what_loss_fn_returned(loss_fn, has_aux, says):

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, combine, validate
 
@@ -17,6 +18,19 @@ def _describe(value: Any) -> str:
     if hasattr(value, "shape"):
         return f"an array of shape {value.shape}"
     return f"{type(value).__name__} {value!r}"
+
+
+def _check_aux(name: str, aux: Any) -> None:
+    # the step is jitted, so aux leaves are returned as arrays; JAX's own error names
+    # the output component of an internal function, not loss_fn's aux
+    for path, leaf in jax.tree_util.tree_leaves_with_path(aux):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+            raise TypeError(
+                f"rmsjax.{name}: with has_aux=True, loss_fn's aux is returned from a "
+                "jitted step, so its leaves must be arrays or numbers; got "
+                f"{_describe(leaf)} at aux{jax.tree_util.keystr(path)}. Return it as an "
+                "array, or compute it outside the step"
+            )
 
 
 _NOT_DIFFERENTIABLE = (
@@ -95,6 +109,8 @@ def make_train_step(
                 f"rmsjax.{name}: loss_fn must return a scalar loss, got {_describe(out)}; "
                 "if it returns (loss, aux), pass has_aux=True"
             )
+        if has_aux:
+            _check_aux(name, out[1])
         loss = out[0] if has_aux else out
         if jnp.shape(loss) != ():
             raise TypeError(
