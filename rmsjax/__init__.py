@@ -33,10 +33,8 @@ from rmsjax._src.factored import factored_rmsprop as factored_rmsprop
 from rmsjax._src.factored import scale_by_factored_rms as scale_by_factored_rms
 from rmsjax._src.fusion import identity as identity
 from rmsjax._src.grouped import GroupedState as GroupedState
-from rmsjax._src.grouped import auto_block_size as auto_block_size
 from rmsjax._src.grouped import group_state as group_state
 from rmsjax._src.grouped import grouped as grouped
-from rmsjax._src.grouped import leaf_blocks as leaf_blocks
 from rmsjax._src.grouped import ungroup_state as ungroup_state
 from rmsjax._src.guard import ApplyIfFiniteState as ApplyIfFiniteState
 from rmsjax._src.guard import apply_if_finite as apply_if_finite
@@ -46,6 +44,8 @@ from rmsjax._src.hyperparams import inject_hyperparams as inject_hyperparams
 from rmsjax._src.interop import as_optax as as_optax
 from rmsjax._src.interop import from_optax_state as from_optax_state
 from rmsjax._src.interop import to_optax_state as to_optax_state
+from rmsjax._src.leaf_groups import auto_block_size as auto_block_size
+from rmsjax._src.leaf_groups import leaf_blocks as leaf_blocks
 from rmsjax._src.masking import MaskedState as MaskedState
 from rmsjax._src.masking import masked as masked
 from rmsjax._src.masks import MaskedNode as MaskedNode

@@ -656,9 +656,16 @@ def test_grouping_helpers_name_themselves_and_the_mismatch():
     wider = {"a": jnp.ones(4), "b": jnp.ones(4), "c": jnp.ones(5)}
     with pytest.raises(
         ValueError,
-        match=r"^rmsjax\.ungroup_state: .* has shape \(2, 3\), and params make it \(2, 4\)",
+        match=r"^rmsjax\.ungroup_state: params at \['a'\] has shape \(4,\) but the "
+        r"parameter the state was made for has \(3,\)",
     ):
         rj.ungroup_state(tx, grouped_state, wider)
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.ungroup_state: the state's nu for the block of leaves \(0, 1\) has "
+        r"shape \(2, 3\), and params make it \(2, 4\)",
+    ):
+        rj.ungroup_state(tx, unchecked, wider)
     with pytest.raises(TypeError, match=r"^rmsjax\.ungroup_state: expected the GroupedState"):
         rj.ungroup_state(tx, per_leaf, params)
     with pytest.raises(TypeError, match=r"^rmsjax\.group_state: state is a GroupedState already"):

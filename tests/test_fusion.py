@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import rmsjax as rj
-from rmsjax._src import fusion
+from rmsjax._src import base, fusion
 from tests import registry, trees
 
 STEPS = 60
@@ -168,8 +168,15 @@ def test_grouped_keeps_low_precision_state_per_leaf(chain, storage):
     assert_trees_equal(rj.ungroup_state(gtx, s2, params), s1)
     assert_trees_equal(rj.group_state(gtx, s1, params), s2)
     other = {**params, "square": [x.reshape(32, 128) for x in params["square"]]}
-    with pytest.raises(ValueError, match=r"a block of the state has shape \(2, 64, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.grouped\.update: the update at \['square'\]\[0\] has shape \(32, 128\) "
+        r"but the parameter the state was made for has \(64, 64\)",
+    ):
         gtx.update(other, s2, other)
+    # a state that does not say what it was made for is checked block by block
+    with pytest.raises(ValueError, match=r"a block of the state has shape \(2, 64, 64\)"):
+        gtx.update(other, s2._replace(structure=None), other)
 
 
 def test_grouped_block_layout():
@@ -328,6 +335,102 @@ def test_grouped_state_mismatch_errors():
     with pytest.raises(ValueError, match="shape"):
         bigger = {"only": jnp.ones(4)}
         gtx.update(bigger, gtx.init(other), bigger)
+
+
+def _mixed_precision_params():
+    # same-shaped leaves of two dtypes, interleaved: a gradient tree cast to one dtype
+    # would make other blocks than the parameters do
+    return {
+        f"l{i:02d}": jnp.full((3, 4), 1.0 + i, jnp.float32 if i % 2 == 0 else jnp.bfloat16)
+        for i in range(16)
+    }
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [rj.rmsprop(0.1, momentum=0.9), rj.adagrad(0.1), rj.rmsprop(0.1, storage="int8")],
+    ids=["rmsprop_momentum", "adagrad", "rmsprop_int8"],
+)
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_grouped_blocks_are_those_of_the_parameters_whatever_the_gradients_dtypes(tx, block_size):
+    # blocks were made from each step's gradients: float32 gradients for bfloat16
+    # parameters stacked them with the float32 parameters' leaves, and one leaf's state
+    # went to another without an error
+    params = _mixed_precision_params()
+    gtx = rj.grouped(tx, block_size=block_size)
+    rng = np.random.default_rng(3)
+
+    def gradients(dtype=None):
+        return {
+            k: jnp.asarray(rng.standard_normal((3, 4)) * 10.0 ** (i % 7 - 3), dtype or p.dtype)
+            for i, (k, p) in enumerate(params.items())
+        }
+
+    p1 = p2 = params
+    s1, s2 = tx.init(params), gtx.init(params)
+    for g in (gradients(), gradients(jnp.float32), gradients(jnp.float32)):
+        u1, _ = jax.jit(tx.update)(g, s1, p1)
+        u2, _ = jax.jit(gtx.update)(g, s2, p2)
+        assert_trees_equal(u2, u1)
+        p1, s1 = jax.jit(functools.partial(rj.update_and_apply, tx))(g, s1, p1)
+        p2, s2 = jax.jit(functools.partial(rj.update_and_apply, gtx))(g, s2, p2)
+        assert_trees_equal(p2, p1)
+    assert_trees_equal(rj.ungroup_state(gtx, s2, params), s1)
+    assert_trees_equal(rj.group_state(gtx, s1, params), s2)
+
+
+def test_grouped_refuses_gradients_its_blocks_cannot_stack():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones(5), "d": jnp.ones(5)}
+    gtx = rj.grouped(rj.rmsprop(0.1))
+    state = gtx.init(params)
+    # b and c swapped shapes: the blocks made from them were the parameters' blocks, so
+    # b's gradient went to c's state (params are optional for rmsprop)
+    swapped = {"a": jnp.ones(3), "b": jnp.ones(5), "c": jnp.ones(3), "d": jnp.ones(5)}
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.grouped\.update: the update at \['b'\] has shape \(5,\) but the "
+        r"parameter the state was made for has \(3,\)",
+    ):
+        gtx.update(swapped, state)
+    # two gradient dtypes for leaves stacked in one block
+    mixed = {**params, "b": jnp.ones(3, jnp.bfloat16)}
+    with pytest.raises(
+        TypeError,
+        match=r"^rmsjax\.grouped\.update: the gradients of the leaves stacked in one block of "
+        r"state must share a dtype; the update at \['a'\] is float32 and at \['b'\] bfloat16 "
+        r"\(both parameters float32\)",
+    ):
+        gtx.update(mixed, state, params)
+    # a state made with other settings is named as such
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.grouped\.update: the state holds 4 blocks, and grouped\(block_size=None, "
+        r"max_stacked_size=32768\) makes 2 .* made with other settings",
+    ):
+        gtx.update(params, rj.grouped(rj.rmsprop(0.1), block_size=1).init(params))
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        {"w": jnp.ones(4), "x": jnp.ones(3), "y": jnp.ones(3)},  # a block of one, other rank
+        {"w": jnp.ones((2, 2)), "x": jnp.ones((3, 1)), "y": jnp.ones((3, 1))},  # stacked
+        {"w": jnp.ones((2, 3)), "x": jnp.ones(3), "y": jnp.ones(3)},  # same rank
+    ],
+    ids=["rank_of_a_leaf_alone", "rank_of_stacked_leaves", "same_rank"],
+)
+def test_grouped_state_conversions_check_the_parameters_shapes(wrong):
+    params = {"w": jnp.ones((2, 2)), "x": jnp.ones(3), "y": jnp.ones(3)}
+    gtx = rj.grouped(rj.rmsprop(0.1))
+    with pytest.raises(ValueError, match=r"^rmsjax\.ungroup_state: params at .* has shape"):
+        rj.ungroup_state(gtx, gtx.init(params), wrong)
+    with pytest.raises(ValueError, match=r"^rmsjax\.group_state: the state's nu for .* has shape"):
+        rj.group_state(gtx, rj.rmsprop(0.1).init(params), wrong)
+    # a state that keeps no shapes (pickled before it kept them) is checked block by block
+    unchecked = gtx.init(params)._replace(structure=base.TreeStructure(jax.tree.structure(params)))
+    rj.ungroup_state(gtx, unchecked, params)
+    with pytest.raises(ValueError, match=r"^rmsjax\.ungroup_state: the state's nu .* has shape"):
+        rj.ungroup_state(gtx, unchecked, wrong)
 
 
 # Every wrapper but accumulate_gradients keeps a fused step around a rule; that one

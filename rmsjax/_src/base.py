@@ -267,25 +267,39 @@ def apply_leaf(param: jax.Array | None, update: jax.Array) -> jax.Array | None:
 
 
 class TreeStructure:
-    """The tree structure of the parameters a ``GroupedState`` was made for, held in
-    the state as static data (a pytree node without leaves): it is no array, saves
-    nothing to a checkpoint, and is part of what ``jit`` compares, as a shape is."""
+    """The parameters a ``GroupedState`` was made for, held in the state as static data
+    (a pytree node without leaves): it is no array, saves nothing to a checkpoint, and is
+    part of what ``jit`` compares, as a shape is.
 
-    def __init__(self, treedef: Any):
+    Attributes:
+      treedef: the parameters' tree structure.
+      leaves: each parameter leaf's ``(shape, dtype)``, in tree order, from which the
+        state's blocks were made; None in a state saved before it was kept.
+    """
+
+    leaves: tuple[tuple[tuple[int, ...], Any], ...] | None = None  # pickles without it
+
+    def __init__(self, treedef: Any, leaves: tuple | None = None):
         self.treedef = treedef
+        self.leaves = leaves
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TreeStructure) and other.treedef == self.treedef
+        return isinstance(other, TreeStructure) and (other.treedef, other.leaves) == (
+            self.treedef,
+            self.leaves,
+        )
 
     def __hash__(self) -> int:
-        return hash(self.treedef)
+        return hash((self.treedef, self.leaves))
 
     def __repr__(self) -> str:
         return f"TreeStructure({self.treedef})"
 
 
 jax.tree_util.register_pytree_node(
-    TreeStructure, lambda t: ((), t.treedef), lambda treedef, _: TreeStructure(treedef)
+    TreeStructure,
+    lambda t: ((), (t.treedef, t.leaves)),
+    lambda aux, _: TreeStructure(*aux),
 )
 
 

@@ -12,47 +12,14 @@ layout. See ``docs/performance.md`` for the measurements behind the defaults.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, engine, fusion, tree_checks, validate
-from rmsjax._src.quantization import QuantizedArray
-
-MIN_BLOCK_SIZE = 8
-MAX_BLOCK_SIZE = 32
-
-
-def auto_block_size(count: int) -> int:
-    """Leaves per block for a group of ``count`` same-shaped leaves (``block_size=None``).
-
-    Two costs pull apart: each block is one more state buffer handed to and returned
-    from the compiled step, and a few more kernels, so fewer, larger blocks are cheaper;
-    but XLA CPU compiles one small kernel of its own for each row position in a block
-    (the parameter update reads its row at a fixed offset), so larger blocks compile
-    more kernels. The balance, measured on 1000-3000 leaves, is near sqrt(count / 4)
-    rows, rounded up to a power of two and kept between 8 and 32: 8 for up to 256
-    leaves, 16 up to 1024, 32 above.
-
-    >>> import rmsjax as rj
-    >>> [rj.auto_block_size(n) for n in (1, 256, 1000, 3000)]
-    [8, 8, 16, 32]
-    """
-    validate.check_count("auto_block_size", "count", count)
-    size = MIN_BLOCK_SIZE
-    while size < MAX_BLOCK_SIZE and 4 * size * size < count:
-        size *= 2
-    return size
-
-
-DEFAULT_MAX_STACKED_SIZE = 1 << 15
-"""Leaves with more elements than this are left in blocks of one (a reshape, no copy).
-Stacking copies the gradients, 8 more bytes of traffic per parameter, into temporaries
-the engine keeps within a budget (``engine.IN_FLIGHT``), where they stay in cache. On a
-2-core CPU, against leaves left alone, stacked blocks stepped 0.8-0.95x as long on 1000
-leaves of 16k, as long on 500 of 32k, and 1.15x as long on 250 of 64k, and compiled in a
-third to a half of the time at all three sizes (docs/performance.md)."""
+from rmsjax._src import base, elementwise, engine, fusion, leaf_groups, tree_checks, validate
+from rmsjax._src.leaf_groups import DEFAULT_MAX_STACKED_SIZE, leaf_blocks
 
 
 class GroupedState(NamedTuple):
@@ -66,68 +33,17 @@ class GroupedState(NamedTuple):
         into ``jax.tree.leaves(params)``); a block of one leaf holds that leaf's state as
         it is, without the leading axis. Scalars such as step counts are unchanged.
         :func:`ungroup_state` turns it back into the per-leaf state.
-      structure: the tree structure of the parameters it was made for, held as static
-        data (no array: nothing to save), which each step compares with its gradients'.
-        Blocks of same-shaped leaves cannot tell a renamed or reordered leaf apart;
-        without this check its state would go to another leaf. None skips the check.
+      structure: the tree structure, leaf shapes and dtypes of the parameters it was
+        made for, held as static data (no array: nothing to save). Each step makes its
+        blocks from them and compares its gradients' structure and shapes with them:
+        blocks of same-shaped leaves cannot tell a renamed or reordered leaf apart, and
+        blocks made from the gradients would stack other leaves together where a
+        gradient's dtype is not its parameter's; either way one leaf's state would go to
+        another. None skips the checks.
     """
 
     inner: Any
     structure: Any = None
-
-
-def leaf_blocks(
-    params: base.Params,
-    *,
-    block_size: int | None = None,
-    max_stacked_size: int = DEFAULT_MAX_STACKED_SIZE,
-) -> tuple[tuple[int, ...], ...]:
-    """The blocks :func:`grouped` stacks: tuples of indices into ``jax.tree.leaves(params)``.
-
-    Leaves are grouped by shape and dtype, groups ordered by their first leaf, leaves in
-    tree order; each group is cut into blocks of at most ``block_size`` leaves
-    (``None``: :func:`auto_block_size` of the group's leaf count). Leaves
-    with more than ``max_stacked_size`` elements get a block each. Only shapes and
-    dtypes are read, so ``params`` may hold arrays, tracers or ``jax.ShapeDtypeStruct``.
-
-    >>> import jax.numpy as jnp, rmsjax as rj
-    >>> rj.leaf_blocks([jnp.zeros(3), jnp.zeros(2), jnp.zeros(3)], block_size=8)
-    ((0, 2), (1,))
-    """
-    validate.check_count("leaf_blocks", "block_size", block_size, allow_none=True)
-    validate.check_count("leaf_blocks", "max_stacked_size", max_stacked_size)
-    groups: dict[tuple, list[int]] = {}
-    order: list[tuple] = []
-    for index, leaf in enumerate(jax.tree.leaves(params)):
-        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")) and not tree_checks.is_number(
-            leaf
-        ):
-            # jnp.result_type would read a string leaf as the name of a dtype
-            raise TypeError(
-                f"rmsjax.leaf_blocks: params leaf {tree_checks.path_of(params, index)} is "
-                f"{leaf!r} ({type(leaf).__name__}); leaves must be arrays, numbers or "
-                "jax.ShapeDtypeStruct"
-            )
-        shape = tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(jnp.shape(leaf))
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
-        size = 1
-        for dim in shape:
-            size *= dim
-        key: tuple[Any, ...] = (shape, jnp.dtype(dtype))
-        if size > max_stacked_size:
-            key = key + (index,)  # a group of its own
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(index)
-    blocks: list[tuple[int, ...]] = []
-    for key in order:
-        members = groups[key]
-        size = auto_block_size(len(members)) if block_size is None else block_size
-        blocks.extend(
-            tuple(members[start : start + size]) for start in range(0, len(members), size)
-        )
-    return tuple(blocks)
 
 
 def _stack_slots(per_leaf: list) -> Any:
@@ -164,7 +80,10 @@ def grouped(
     compilation markedly cheaper (on 3000 leaves of 1k elements 0.53-0.80x optax's step
     time and 0.20-0.38x its compile time on a 2-core CPU; see ``benchmarks/RESULTS.md``);
     for a few large leaves it changes nothing. Use it with :func:`update_and_apply` or
-    :func:`make_train_step` to fuse the parameter update too.
+    :func:`make_train_step` to fuse the parameter update too. Blocks are made from the
+    parameters ``init`` was given; a gradient may have another dtype than its parameter
+    (float32 gradients for bfloat16 parameters), but the gradients of the leaves stacked
+    in one block must share one.
 
     Put non-elementwise parts around it: ``chain(clip_by_global_norm(1.0),
     grouped(rmsprop(1e-3)))``.
@@ -217,46 +136,85 @@ def grouped(
     def blocks(tree):
         return leaf_blocks(tree, block_size=block_size, max_stacked_size=max_stacked_size)
 
-    layout = engine.Layout(name="grouped", blocks=blocks, pack=_pack, unpack=_unpack)
-    inner = fusion.rule_transformation(rule, layout)
+    def unpack(rule_name, treedef, held, count):
+        if not isinstance(held, tuple) or len(held) != count:
+            held = len(held) if isinstance(held, tuple) else type(held).__name__
+            raise ValueError(
+                f"rmsjax.grouped.update: the state holds {held} blocks, and "
+                f"grouped(block_size={block_size}, max_stacked_size={max_stacked_size}) "
+                f"makes {count} of the parameters' leaves. Was the state made with other "
+                "settings, or for parameters of other shapes or dtypes? ungroup_state "
+                "(with the grouped optimizer that made it) and then group_state convert it."
+            )
+        return list(held)
+
+    layout = engine.Layout(
+        name="grouped",
+        blocks=blocks,
+        pack=lambda treedef, per_block: tuple(per_block),
+        unpack=unpack,
+    )
 
     def init_fn(params):
         with elementwise.naming_wrapper("grouped", "init"):
-            inner_state = inner.init(params)
-        return GroupedState(inner_state, base.TreeStructure(base.structure_of(params)))
+            inner_state = engine.init(rule, layout, params)
+        made_for = base.TreeStructure(
+            base.structure_of(params), leaf_groups.signature("grouped.init", params)
+        )
+        return GroupedState(inner_state, made_for)
+
+    def step(updates, state, params, apply):
+        held = _inner_of("grouped.update", state, updates)
+        with elementwise.naming_wrapper("grouped", "update"):
+            now = layout
+            if state.structure is not None and state.structure.leaves is not None:
+                made = _blocks_made(rule.name, state.structure.leaves, updates, blocks_of)
+                now = layout._replace(blocks=lambda tree: made)
+            out, inner_state = engine.run(rule, now, updates, held, params, apply=apply)
+        return out, GroupedState(inner_state, state.structure)
+
+    def blocks_of(leaves):
+        return leaf_groups.blocks_of(leaves, block_size, max_stacked_size)
 
     def update_fn(updates, state, params=None, **extra):
-        held = _inner_of("grouped.update", state, updates)
-        with elementwise.naming_wrapper("grouped", "update"):
-            return _wrap(inner.update(updates, held, params), state)
-
-    fused = fusion.fused_step_of(inner)
-    assert fused is not None  # a rule always has one
+        return step(updates, state, params, apply=False)
 
     def update_and_apply_fn(updates, state, params, **extra):
-        held = _inner_of("grouped.update", state, updates)
-        with elementwise.naming_wrapper("grouped", "update"):
-            return _wrap(fused(updates, held, params), state)
+        return step(updates, state, params, apply=True)
 
     update = fusion.Update(update_fn, rule=rule, layout=layout, fused_step=update_and_apply_fn)
     return base.GradientTransformation(init_fn, update)
 
 
-def _pack(treedef: Any, per_block: list) -> tuple:
-    del treedef
-    return tuple(per_block)
-
-
-def _unpack(rule_name: str, treedef: Any, blocks: Any, count: int) -> list:
-    del rule_name, treedef
-    if not isinstance(blocks, tuple) or len(blocks) != count:
-        held = len(blocks) if isinstance(blocks, tuple) else type(blocks).__name__
-        raise ValueError(
-            f"rmsjax.grouped.update: the state holds {held} blocks but the updates "
-            f"make {count}. Initialise the optimizer with parameters of the "
-            "gradients' shapes and dtypes (and the same block_size)."
-        )
-    return list(blocks)
+def _blocks_made(rule_name: str, made_for: Any, updates: Any, blocks_of: Any) -> tuple:
+    """The blocks of the parameters the state was made for (``made_for``: their leaves'
+    shapes and dtypes), once each gradient has its parameter's shape and the gradients
+    stacked in each block share a dtype. Blocks read from the gradients instead would
+    stack other leaves together when a gradient's dtype is not its parameter's, and
+    hand one leaf's state to another."""
+    leaves = tree_checks.as_arrays(jax.tree.leaves(updates), f"rmsjax.{rule_name}.update", updates)
+    for index, (leaf, (shape, _)) in enumerate(zip(leaves, made_for)):
+        if tuple(jnp.shape(leaf)) != shape:
+            raise ValueError(
+                f"rmsjax.grouped.update: the update at {tree_checks.path_of(updates, index)} "
+                f"has shape {tuple(jnp.shape(leaf))} but the parameter the state was made "
+                f"for has {shape}. Initialise the optimizer with parameters of the "
+                "gradients' shapes."
+            )
+    made = blocks_of(made_for)
+    for block in made:
+        first = jnp.result_type(leaves[block[0]])
+        for index in block[1:]:
+            if jnp.result_type(leaves[index]) != first:
+                path = functools.partial(tree_checks.path_of, updates)
+                raise TypeError(
+                    "rmsjax.grouped.update: the gradients of the leaves stacked in one "
+                    f"block of state must share a dtype; the update at {path(block[0])} is "
+                    f"{first} and at {path(index)} {jnp.result_type(leaves[index])} (both "
+                    f"parameters {made_for[index][1]}). Give each parameter dtype one "
+                    "gradient dtype (the parameters' own, say), or use tx without grouped."
+                )
+    return made
 
 
 def _inner_of(function: str, state: Any, tree: Any) -> Any:
@@ -291,11 +249,6 @@ def _blocks_mismatch(function: str, held: Any, blocks: tuple, params: Any) -> Va
     )
 
 
-def _wrap(result: tuple, state: GroupedState) -> tuple:
-    out, inner_state = result
-    return out, GroupedState(inner_state, state.structure)
-
-
 def _layout_of(function: str, tx: base.GradientTransformation):
     found = fusion.rule_and_layout_of(tx)
     if found is None or found[1].name != "grouped":
@@ -307,23 +260,32 @@ def _layout_of(function: str, tx: base.GradientTransformation):
     return found
 
 
-def _check_block_shape(function: str, block: tuple, stacked: Any, leaf_shape: tuple) -> None:
-    """Raises unless a block's slot of parameter shape fits params' leaves (a slot of
-    another shape, a count or a row statistic, is not compared)."""
-    if isinstance(stacked, QuantizedArray):  # its shape is a leaf's, stacked or not
-        have, want = tuple(stacked.shape), leaf_shape
-    elif hasattr(stacked, "shape"):
-        have = tuple(stacked.shape)
-        want = leaf_shape if len(block) == 1 else (len(block), *leaf_shape)
-        if len(have) != len(want):
-            return
-    else:
-        return
-    if have != want:
+def _check_slot(function: str, declared: Any, where: str, slot: Any, leaf_shape: tuple, lead=()):
+    """Raises unless ``slot`` (a leaf's, or with ``lead`` a block's) has the shape its
+    declaration gives a parameter of ``leaf_shape``."""
+    have, want = tree_checks.slot_shape(slot), lead + declared.shape_for(leaf_shape)
+    if have is not None and have != want:
         raise ValueError(
-            f"rmsjax.{function}: the state's block of leaves {block} has shape {have}, and "
-            f"params make it {want}. Pass the parameters the state was made for."
+            f"rmsjax.{function}: the state's {declared.field} for {where} has shape {have}, "
+            f"and params make it {want}. Pass the parameters the state was made for."
         )
+
+
+def _made_for(function: str, state: GroupedState, params: Any) -> Any:
+    """Parameters standing for those the state was made for (their shapes and dtypes),
+    once ``params`` has their shapes; ``params`` itself for a state that kept none."""
+    made_for = None if state.structure is None else state.structure.leaves
+    if made_for is None:
+        return params
+    leaves, treedef = jax.tree.flatten(params)
+    for index, (leaf, (shape, _)) in enumerate(zip(leaves, made_for)):
+        if tuple(jnp.shape(leaf)) != shape:
+            raise ValueError(
+                f"rmsjax.{function}: params at {tree_checks.path_of(params, index)} has "
+                f"shape {tuple(jnp.shape(leaf))} but the parameter the state was made for "
+                f"has {shape}. Pass the parameters the state was made for."
+            )
+    return treedef.unflatten([jax.ShapeDtypeStruct(*leaf) for leaf in made_for])
 
 
 def ungroup_state(
@@ -349,15 +311,17 @@ def ungroup_state(
     rule, layout = _layout_of(name, tx)
     shared, slot_trees = rule.from_state(_inner_of(name, state, params))
     leaves, treedef = jax.tree.flatten(params)
-    blocks = layout.blocks(params)
+    blocks = layout.blocks(_made_for(name, state, params))
     per_leaf_trees = []
-    for trees in slot_trees:
+    for declared, trees in zip(rule.slots, slot_trees):
         if not isinstance(trees, tuple) or len(trees) != len(blocks):
             held = len(trees) if isinstance(trees, tuple) else type(trees).__name__
             raise _blocks_mismatch(name, held, blocks, params)
         per_leaf: list = [None] * len(leaves)
         for block, stacked in zip(blocks, trees):
-            _check_block_shape(name, block, stacked, tuple(jnp.shape(leaves[block[0]])))
+            lead = () if len(block) == 1 else (len(block),)
+            where = f"the block of leaves {block}"
+            _check_slot(name, declared, where, stacked, jnp.shape(leaves[block[0]]), lead)
             for i, slot in zip(block, _unstack_slots(block, stacked)):
                 per_leaf[i] = slot
         per_leaf_trees.append(treedef.unflatten(per_leaf))
@@ -383,8 +347,9 @@ def group_state(
     shared, slot_trees = rule.from_state(state)
     blocks = layout.blocks(params)
     treedef = jax.tree.structure(params)
+    param_leaves = jax.tree.leaves(params)
     grouped_trees = []
-    for tree in slot_trees:
+    for declared, tree in zip(rule.slots, slot_trees):
         try:
             leaves = tree_checks.leaves_up_to(treedef, tree)
         except (ValueError, TypeError):
@@ -392,7 +357,9 @@ def group_state(
                 f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "
                 f"not that of params ({treedef}). Pass the parameters the state was made for."
             ) from None
+        for index, (slot, param) in enumerate(zip(leaves, param_leaves)):
+            where = tree_checks.path_of(params, index)
+            _check_slot(name, declared, where, slot, tuple(jnp.shape(param)))
         grouped_trees.append(tuple(_stack_slots([leaves[k] for k in b]) for b in blocks))
-    return GroupedState(
-        rule.to_state(shared, grouped_trees), base.TreeStructure(base.structure_of(params))
-    )
+    made_for = base.TreeStructure(base.structure_of(params), leaf_groups.signature(name, params))
+    return GroupedState(rule.to_state(shared, grouped_trees), made_for)

@@ -176,7 +176,7 @@ def check_slots(
                 where = f"the state's {declared.field} at {path_of(updates, block[0])}"
                 quantization.check_consistent(f"{rule.name}.update", slot, where)
             expected = lead + declared.shape_for(leaf_shape)
-            shape = _slot_shape(slot)
+            shape = slot_shape(slot)
             if shape is None or shape == expected:
                 continue
             path = path_of(updates, block[0])
@@ -195,7 +195,7 @@ def check_slots(
             )
 
 
-def _slot_shape(slot: Any) -> tuple[int, ...] | None:
+def slot_shape(slot: Any) -> tuple[int, ...] | None:
     """The shape of the array a slot stands for, stacked axes included. An int8 slot's
     ``shape`` is that of one leaf; in a block of stacked leaves its codes and scales
     carry the block's leading axis."""
