@@ -236,6 +236,43 @@ def test_nnx_optimizer_takes_low_precision_and_grouped_state(make):
     np.testing.assert_array_equal(ours["bias"], plain["bias"])
 
 
+@pytest.mark.parametrize("make", NNX_OPTIMIZERS.values(), ids=NNX_OPTIMIZERS.keys())
+def test_nnx_split_parameters_step_like_bare_arrays(make):
+    # the functional nnx pattern: params from nnx.split hold nnx.Param variables, and
+    # so do their gradients. An int8 slot stands in the variable's place in the state,
+    # where the updates hold the variable: every step after init was refused as "the
+    # tree structure of the updates differs from that of the state".
+    nnx = pytest.importorskip("flax.nnx")
+    import jax
+    import jax.numpy as jnp
+
+    import rmsjax as rj
+
+    model = nnx.Linear(128, 65, rngs=nnx.Rngs(0))  # a kernel of 8320, not whole blocks
+    graphdef, params = nnx.split(model, nnx.Param)
+    plain = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
+    tx = make(rj)
+    state, plain_state = tx.init(params), tx.init(plain)
+    x = jnp.linspace(-1.0, 1.0, 4 * 128).reshape(4, 128)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+    step = jax.jit(lambda g, s, p: rj.update_and_apply(tx, g, s, p))
+    for _ in range(3):
+        grads = jax.grad(loss)(params)
+        plain_grads = jax.tree.map(jnp.asarray, nnx.to_pure_dict(grads))
+        updates, _ = tx.update(grads, state, params)
+        plain_updates, _ = tx.update(plain_grads, plain_state, plain)
+        np.testing.assert_array_equal(updates["kernel"].get_value(), plain_updates["kernel"])
+        params, state = step(grads, state, params)
+        plain, plain_state = step(plain_grads, plain_state, plain)
+    ours = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
+    np.testing.assert_array_equal(ours["kernel"], plain["kernel"])
+    np.testing.assert_array_equal(ours["bias"], plain["bias"])
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+
+
 def test_equinox_filtered_model_keeps_state_only_for_arrays():
     eqx = pytest.importorskip("equinox")
     import jax

@@ -31,6 +31,7 @@ from rmsjax._src.tree_checks import (
     check_params,
     check_slots,
     flatten_like,
+    leaves_up_to,
     params_like,
 )
 
@@ -79,12 +80,24 @@ def _pack_per_leaf(treedef: Any, per_leaf: list) -> Any:
     return jax.tree.map(unwrap, tree, is_leaf=base.is_variable)
 
 
-PER_LEAF = Layout(
-    name=None,
-    blocks=_each_leaf_alone,
-    pack=_pack_per_leaf,
-    unpack=lambda rule_name, treedef, tree, count: flatten_like(rule_name, "state", treedef, tree),
-)
+def _unpack_per_leaf(rule_name: str, treedef: Any, tree: Any, count: int) -> list:
+    """Each leaf's slot from a slot tree, in the order of the updates' ``treedef``. Where
+    the updates hold a framework's variable, an int8 slot stands in its place
+    (:func:`_pack_per_leaf`), so both trees are read with their variables unwrapped."""
+    try:
+        return leaves_up_to(treedef, tree)
+    except (ValueError, TypeError):
+        pass
+    held = jax.tree.structure(base.held_values(treedef.unflatten(range(count))))
+    if held != treedef:
+        try:
+            return leaves_up_to(held, base.held_values(tree))
+        except (ValueError, TypeError):
+            pass
+    return flatten_like(rule_name, "state", treedef, tree)
+
+
+PER_LEAF = Layout(name=None, blocks=_each_leaf_alone, pack=_pack_per_leaf, unpack=_unpack_per_leaf)
 """Each leaf's slots in trees shaped like the parameters (optax's layout)."""
 
 
