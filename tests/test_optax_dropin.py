@@ -279,6 +279,30 @@ def test_a_misspelled_hyperparameter_is_an_error():
         tx.update(jnp.ones(2), bad)
 
 
+def test_every_dict_method_that_writes_hyperparams_checks_the_entry():
+    # setdefault and |= went around __setitem__: a misspelled name was kept until the
+    # next update, and a value set with |= stayed a Python float (a retrace)
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
+    hyperparams = tx.init(jnp.ones(2)).hyperparams
+    before = dict(hyperparams)
+    with pytest.raises(KeyError, match="no entry 'lr_typo'"):
+        hyperparams |= {"learning_rate": 0.5, "lr_typo": 1.0}
+    with pytest.raises(KeyError, match="no entry 'lerning_rate'"):
+        hyperparams.setdefault("lerning_rate", 0.1)
+    for remove in (
+        lambda: hyperparams.pop("learning_rate"),
+        lambda: hyperparams.popitem(),
+        lambda: hyperparams.clear(),
+        lambda: hyperparams.__delitem__("learning_rate"),
+    ):
+        with pytest.raises(TypeError, match="entries of state.hyperparams cannot be removed"):
+            remove()
+    assert dict(hyperparams) == before  # nothing set by a refused call
+    hyperparams |= {"learning_rate": 0.5}
+    assert hyperparams["learning_rate"].dtype == jnp.float32
+    assert float(hyperparams.setdefault("learning_rate", 3.0)) == 0.5
+
+
 # ---------------------------------------------------------------- arguments and placeholders
 
 

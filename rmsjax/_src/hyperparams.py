@@ -40,8 +40,10 @@ class InjectHyperparamsState(NamedTuple):
 
 class Hyperparams(dict):
     """The ``hyperparams`` dict of an :class:`InjectHyperparamsState`: a dict (and a
-    pytree with the same keys and paths) whose ``__setitem__`` keeps each entry's dtype
-    and refuses names it does not hold, so a misspelled name fails where it is set."""
+    pytree with the same keys and paths) that keeps each entry's dtype and refuses names
+    it does not hold, however an entry is set (``[key] =``, ``update``, ``|=``,
+    ``setdefault``), so a misspelled name fails where it is set; entries cannot be
+    removed."""
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key not in self:
@@ -79,6 +81,23 @@ class Hyperparams(dict):
         for key, value in entries.items():
             trial[key] = value
         dict.update(self, trial)
+
+    def __ior__(self, other: Any) -> Hyperparams:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default  # refused: setdefault only ever adds an entry
+        return self[key]
+
+    def _refuse_removal(self, *args: Any) -> Any:
+        raise TypeError(
+            "rmsjax.inject_hyperparams: entries of state.hyperparams cannot be removed; "
+            f"the step builds the optimizer from every one of {sorted(self)}"
+        )
+
+    __delitem__ = pop = popitem = clear = _refuse_removal  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple:
         # pickle and copy.deepcopy rebuild from the entries, not item by item into an
