@@ -86,6 +86,11 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
+def is_namedtuple(x: Any) -> bool:
+    """Whether ``x`` is a NamedTuple: every state rmsjax and optax build is one."""
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
 def is_variable(x: Any) -> bool:
     """Whether ``x`` is a framework's variable, a pytree node around one array that
     carries metadata (flax nnx's ``Param``: it has ``get_value`` and ``get_metadata``).
@@ -284,13 +289,21 @@ class TreeStructure:
         self.leaves = leaves
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TreeStructure) and (other.treedef, other.leaves) == (
-            self.treedef,
-            self.leaves,
+        # jit compares it at every call: the same leaves are usually the same tuple
+        return isinstance(other, TreeStructure) and (
+            other.treedef == self.treedef
+            and (other.leaves is self.leaves or other.leaves == self.leaves)
         )
 
     def __hash__(self) -> int:
-        return hash((self.treedef, self.leaves))
+        # jit hashes it at every call; a thousand leaves take 25 us to hash
+        if "_hash" not in self.__dict__:
+            self._hash = hash((self.treedef, self.leaves))
+        return self._hash
+
+    def __getstate__(self) -> dict:
+        # a string's hash differs from process to process: a pickle keeps no hash
+        return {"treedef": self.treedef, "leaves": self.leaves}
 
     def __repr__(self) -> str:
         return f"TreeStructure({self.treedef})"

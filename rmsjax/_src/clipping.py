@@ -157,4 +157,4 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
 
         return jax.tree.map(clip_leaf, updates), state
 
-    return base.GradientTransformation(base.init_empty_state, update_fn)
+    return fusion.wrapper_transformation(name, base.init_empty_state, update_fn, None)

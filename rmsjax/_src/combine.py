@@ -78,7 +78,9 @@ def named_chain(name: str, *transforms: base.GradientTransformation) -> base.Gra
         return tuple(states)
 
     def run_segment(begin, end, rule, updates, state, params, extra, apply):
-        """One segment's step: ``(updates, [its states])``; ``apply`` only for the last."""
+        """One segment's step: ``(updates, [its states], applied)``, ``applied`` when
+        the segment added the updates to ``params`` (``apply`` only for the last), its
+        ``updates`` then being the new parameters."""
         own = state[begin:end]
         if rule is None:
             fused = fused_steps[begin]

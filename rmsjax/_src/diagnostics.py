@@ -59,9 +59,11 @@ def _moment_shapes(function: str, state: base.OptState) -> Any:
         if isinstance(node, hyperparams.InjectHyperparamsState):
             visit(node.inner_state)
             return
-        children = jax.tree.leaves(
-            node, is_leaf=lambda x: x is not node and (_is_second_moment(x) or _is_state(x))
-        )
+
+        def is_part(x):  # a moment, or a state of its own below this one
+            return x is not node and (_is_second_moment(x) or base.is_namedtuple(x))
+
+        children = jax.tree.leaves(node, is_leaf=is_part)
         if len(children) == 1 and children[0] is node:
             return
         for child in children:
@@ -82,10 +84,6 @@ def _moment_shapes(function: str, state: base.OptState) -> Any:
         return jnp.zeros(shape, jnp.float32)
 
     return jax.tree.map(zeros, tree, is_leaf=lambda x: isinstance(x, storage.QuantizedArray))
-
-
-def _is_state(node: Any) -> bool:
-    return isinstance(node, tuple) and hasattr(type(node), "_fields")
 
 
 def effective_step_sizes(

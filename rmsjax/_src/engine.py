@@ -238,12 +238,13 @@ def leaf_stepper(
     after another (:func:`in_turn.step`): the same values, without XLA's copies of the
     old codes (op by op there is nothing to copy).
     """
-    in_turn = in_turn and _traced(leaves)
+    traced = _traced(leaves)  # once: the step below runs for every leaf
+    in_turn = in_turn and traced
 
     def step(g, slots, param):
         if in_turn and in_turn_lib.applies(rule, g, slots):
             return in_turn_lib.step(rule, context, apply, g, slots, param)
-        if _traced(leaves) and in_turn_lib.padded(rule, g, slots):
+        if traced and in_turn_lib.padded(rule, g, slots):
             return in_turn_lib.step(rule, context, apply, g, slots, param, ordered=False)
         update, slots = rule.update_leaf(g, slots, context, param)
         return (base.apply_leaf(param, update) if apply else update), slots

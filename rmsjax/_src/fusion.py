@@ -6,10 +6,12 @@ its optimizer step. Both need to know, of a transformation they are handed, whet
 is an elementwise rule and whether it has a fused step with the parameter update. That
 knowledge is an :class:`Update`: the ``update`` function of every transformation rmsjax
 builds is one, a frozen object that is called like the function and names its
-capabilities as typed fields. Every wrapper (``chain``, ``apply_if_finite``,
-``inject_hyperparams``, ``masked``, ``accumulate_gradients``, ``grouped``) builds its
-transformation here, with :func:`rule_transformation` or :func:`wrapper_transformation`,
-and reads its inner transformation's capabilities with :func:`leaf_rule_of` and
+capabilities as typed fields. Every rule and wrapper (``chain``, ``apply_if_finite``,
+``inject_hyperparams``, ``masked``, ``accumulate_gradients``) and every transformation
+that is neither (``clip_by_global_norm``, a masked ``add_decayed_weights``) builds its
+transformation here, with :func:`rule_transformation` or :func:`wrapper_transformation`
+(``grouped``, a rule with its state in blocks, builds its :class:`Update` with its own
+layout), and reads its inner transformation's capabilities with :func:`leaf_rule_of` and
 :func:`fused_step_of`, so none of them can drop a capability by accident.
 
 A transformation from elsewhere (optax's) has a plain function as ``update`` and no

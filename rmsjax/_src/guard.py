@@ -128,50 +128,35 @@ def apply_if_finite(
             inner_state=inner_state,
         )
 
-    def check_state(state):
+    def step(updates, state, params, extra, apply):
         elementwise.expect_state(name, state, ApplyIfFiniteState)
-
-    def decide(finite, state):
+        with elementwise.naming_wrapper(name, "update"):
+            new_updates, new_inner = combine.step_of(inner, apply)(
+                updates, state.inner_state, params, **extra
+            )
+        # The gradients, and what the inner transformation made of them (the new
+        # parameters, with apply): a schedule that yields NaN or a rule that overflows
+        # is caught as well as a NaN gradient (in the state, what turned non-finite: a
+        # state may hold inf by design).
+        finite = all_finite((updates, new_updates)) & stays_finite(new_inner, state.inner_state)
         notfinite_count = jnp.where(
             finite, jnp.zeros([], jnp.int32), numerics.safe_increment(state.notfinite_count)
         )
         total = jnp.where(
             finite, state.total_notfinite, numerics.safe_increment(state.total_notfinite)
         )
-        apply = jnp.logical_or(finite, notfinite_count > max_consecutive_errors)
-        return apply, lambda inner_state: ApplyIfFiniteState(
-            notfinite_count, finite, total, inner_state
-        )
-
-    def update_fn(updates, state, params=None, **extra):
-        check_state(state)
-        with elementwise.naming_wrapper(name, "update"):
-            new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
-        # The gradients, and what the inner transformation made of them: a schedule that
-        # yields NaN or a rule that overflows is caught as well as a NaN gradient (in
-        # the state, what turned non-finite: a state may hold inf by design).
-        finite = all_finite((updates, new_updates)) & stays_finite(new_inner, state.inner_state)
-        apply, make_state = decide(finite, state)
-        new_updates = _select(apply, new_updates, _negative_zeros(new_updates))
-        return new_updates, make_state(_select(apply, new_inner, state.inner_state))
-
-    def update_and_apply_fn(updates, state, params, **extra):
-        check_state(state)
-        with elementwise.naming_wrapper(name, "update"):
-            new_params, new_inner = combine.update_and_apply(
-                inner, updates, state.inner_state, params, **extra
+        keep_new = jnp.logical_or(finite, notfinite_count > max_consecutive_errors)
+        if apply:  # a skipped step returns the parameters themselves
+            new_updates = jax.tree.map(
+                lambda n, p: None if p is None else jnp.where(keep_new, n, p),
+                new_updates,
+                params,
+                is_leaf=base.is_none,
             )
-        finite = all_finite((updates, new_params)) & stays_finite(new_inner, state.inner_state)
-        apply, make_state = decide(finite, state)
-        new_params = jax.tree.map(
-            lambda n, p: None if p is None else jnp.where(apply, n, p),
-            new_params,
-            params,
-            is_leaf=base.is_none,
-        )
-        return new_params, make_state(_select(apply, new_inner, state.inner_state))
+        else:
+            new_updates = _select(keep_new, new_updates, _negative_zeros(new_updates))
+        new_inner = _select(keep_new, new_inner, state.inner_state)
+        return new_updates, ApplyIfFiniteState(notfinite_count, finite, total, new_inner)
 
     fuses = fusion.fused_step_of(inner) is not None
-    return fusion.wrapper_transformation(
-        name, init_fn, update_fn, update_and_apply_fn if fuses else None
-    )
+    return fusion.stepped_wrapper(name, init_fn, step, fuses)

@@ -180,11 +180,7 @@ def _is_floating_array(value: Any) -> bool:
 
 
 def _is_stateful_schedule(value: Any) -> bool:
-    return (
-        callable(value)
-        and callable(getattr(value, "init", None))
-        and callable(getattr(value, "update", None))
-    )
+    return callable(value) and all(callable(getattr(value, m, None)) for m in ("init", "update"))
 
 
 def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
@@ -293,12 +289,12 @@ def inject_hyperparams(
 
     @functools.wraps(inner_factory)
     def wrapped(*args: Any, **kwargs: Any) -> base.GradientTransformation:
+        where = f"{name}({factory_name})"
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as error:
             raise TypeError(
-                f"rmsjax.{name}({factory_name}): {error}; its arguments are "
-                f"{list(signature.parameters)}"
+                f"rmsjax.{where}: {error}; its arguments are {list(signature.parameters)}"
             ) from None
         passed = set(bound.arguments)
         bound.apply_defaults()
@@ -325,8 +321,6 @@ def inject_hyperparams(
             if key in numeric and _is_integer(numeric[key]) and _fits_int32(value):
                 return jnp.array(value, jnp.int32, copy=True)
             return jnp.array(value, dtype, copy=True)
-
-        where = f"inject_hyperparams({factory_name})"
 
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
@@ -360,16 +354,16 @@ def inject_hyperparams(
             count, values, schedule_states = sharding.init_shared_like(
                 fresh, jax.tree.leaves(params)
             )
-            with elementwise.naming_wrapper(f"{name}({factory_name})", "init"):
+            with elementwise.naming_wrapper(where, "init"):
                 inner_state = build(dict(values)).init(params)
             return InjectHyperparamsState(count, values, schedule_states, inner_state)
 
         def step(updates, state, params, extra, apply):
-            elementwise.expect_state(f"{name}({factory_name})", state, InjectHyperparamsState)
+            elementwise.expect_state(where, state, InjectHyperparamsState)
             unknown = set(state.hyperparams) - set(numeric) - set(schedules) - set(stateful)
             if unknown:
                 raise KeyError(
-                    f"rmsjax.{name}({factory_name}).update: state.hyperparams holds "
+                    f"rmsjax.{where}.update: state.hyperparams holds "
                     f"{sorted(unknown)}, which this optimizer does not inject; its "
                     f"hyperparameters are {sorted(set(numeric) | set(schedules) | set(stateful))}"
                 )
@@ -377,7 +371,7 @@ def inject_hyperparams(
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             # with apply, the inner optimizer's fused step, when it has one
-            with elementwise.naming_wrapper(f"{name}({factory_name})", "update"):
+            with elementwise.naming_wrapper(where, "update"):
                 inner = base.with_extra_args_support(build(values))
                 new_updates, inner_state = combine.step_of(inner, apply)(
                     updates, state.inner_state, params, **extra
@@ -388,10 +382,9 @@ def inject_hyperparams(
             count = numerics.safe_increment(state.count)
             # a state built by hand may hold a plain dict (tree_set's come back as
             # Hyperparams, see the state's flattening): keep the container the state came
-            # with, and in a plain dict the numeric entries as
-            # they came (a Python float is a weakly typed array: cast, the next call of a
-            # compiled step would be traced again), so that the state's structure and
-            # types (a scan's or a compiled step's carry) do not change from step to step
+            # with, and in a plain dict the numeric entries as they came (a Python float
+            # is a weakly typed array: cast, a compiled step would be traced again), so
+            # that the state's structure and types (a scan's carry) stay the same
             if isinstance(state.hyperparams, Hyperparams):
                 kept: dict = Hyperparams(values)
             else:
@@ -399,6 +392,6 @@ def inject_hyperparams(
             return new_updates, InjectHyperparamsState(count, kept, schedule_states, inner_state)
 
         fuses = fusion.fused_step_of(first) is not None
-        return fusion.stepped_wrapper(f"{name}({factory_name})", init_fn, step, fuses)
+        return fusion.stepped_wrapper(where, init_fn, step, fuses)
 
     return wrapped

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +38,11 @@ def as_optax(tx: base.GradientTransformation) -> Any:
 # ------------------------------------------------------------------ state migration
 
 
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
-
-
 def _is_array_like(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and not _is_namedtuple(x)
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not base.is_namedtuple(x)
 
 
-def _fail(function: str, path: str, message: str) -> None:
+def _fail(function: str, path: str, message: str) -> NoReturn:
     raise ValueError(
         f"rmsjax.{function}: at {path}: {message}. Pass as `like` the state of the "
         "equivalent optimizer in the other library (see docs/porting.md, 'From optax')."
@@ -150,8 +146,8 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
         )
     if isinstance(like, storage.QuantizedArray) or _is_array_like(like):
         return _convert_leaf(function, path, like, other)
-    if _is_namedtuple(like):
-        if not _is_namedtuple(other):
+    if base.is_namedtuple(like):
+        if not base.is_namedtuple(other):
             _fail(function, path, f"expected a {type(like).__name__}, got {type(other).__name__}")
         if _stateless_mask(like, other):
             return like

@@ -51,15 +51,11 @@ def masked(
     >>> updates["w"], updates["b"]
     (Array([0., 0.], dtype=float32), Array([1.], dtype=float32))
     """
-    validate.check_transformation("masked", "inner", inner)
     name = "masked"
+    validate.check_transformation(name, "inner", inner)
     if mask is None:  # a tree without leaves: it would select nothing, without a word
         raise TypeError(
             "rmsjax.masked: mask must be a pytree of bools or a function returning one, got None"
-        )
-    if not callable(getattr(inner, "update", None)) or not callable(getattr(inner, "init", None)):
-        raise TypeError(
-            f"rmsjax.{name}: inner must be a GradientTransformation, got {type(inner).__name__}"
         )
     validate.check_bool(name, "mask_compatible_extra_args", mask_compatible_extra_args)
     inner = base.with_extra_args_support(inner)

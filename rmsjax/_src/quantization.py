@@ -361,15 +361,17 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     return from_blocks(values, q.shape)  # stacked leaves (rj.grouped's) each their own
 
 
-def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
+def check_consistent(function: str, q: QuantizedArray, what: Any = "q") -> None:
     """int8 codes in the block layout of ``q.shape`` (after any stacked leading axes)
     and one scale per block: a QuantizedArray built by hand with another shape was
-    decoded into a raw reshape error, or cut short without a word."""
+    decoded into a raw reshape error, or cut short without a word. ``what`` names
+    ``q`` in the error: a string, or a function that returns one (called only then)."""
     if in_block_view():  # in_turn's view: q.shape is the codes' own, by construction
         return
     for field, dtype in (("codes", "int8"), ("scale", "float32")):
         got = getattr(getattr(q, field), "dtype", type(getattr(q, field)).__name__)
         if got != dtype:
+            what = what() if callable(what) else what
             raise TypeError(
                 f"rmsjax.{function}: {what}.{field} must be an array of {dtype}, got {got}"
             )
@@ -377,6 +379,7 @@ def check_consistent(function: str, q: QuantizedArray, what: str = "q") -> None:
     expected = blocks_shape(q.shape)
     lead = len(codes_shape) - len(expected)
     if lead < 0 or codes_shape[lead:] != expected or scale_shape != codes_shape[:-1]:
+        what = what() if callable(what) else what
         raise ValueError(
             f"rmsjax.{function}: {what} stands for an array of shape {q.shape}, whose codes "
             f"have shape {expected} and scales {expected[:-1]}; got codes of shape "

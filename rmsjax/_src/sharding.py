@@ -1,28 +1,20 @@
-"""Optimizer state on a mesh of devices: placement like the parameters, and ZeRO-1.
+"""Optimizer state on a mesh of devices, laid out like the parameters.
 
-Two layouts are supported.
+This is the default layout, with nothing to do: ``init`` gives every per-parameter
+state array the sharding of its parameter, and scalar state (step counts) is replicated
+over the parameters' mesh. State arrays whose shape differs from the parameter's
+(row-wise, factored or block-quantized formats) get a sharding derived from the rule's
+declaration of each slot (:class:`~rmsjax._src.elementwise.Slot`): a slot dimension
+keeps the mesh axes of the parameter dimension it runs along, and int8 codes and scales
+follow the array they stand for as a reshape into blocks would. The engine calls
+:func:`init_leaf_like` and :func:`init_shared_like` for this; updates under ``jit`` keep
+the layout (in the types on meshes with Explicit axes, by the compiler's sharding
+propagation on Auto axes). :func:`state_shardings` gives the layout without creating
+the state, for a jitted ``init`` on Auto axes or a checkpoint restore.
 
-* **Like the parameters** (the default, nothing to do): ``init`` gives every per-parameter
-  state array the sharding of its parameter, and scalar state (step counts) is replicated
-  over the parameters' mesh. State arrays whose shape differs from the parameter's
-  (row-wise, factored or block-quantized formats) get a sharding derived from the rule's
-  declaration of each slot (:class:`~rmsjax._src.elementwise.Slot`): a slot dimension
-  keeps the mesh axes of the parameter dimension it runs along, and int8 codes and
-  scales follow the array they stand for as a reshape into blocks would. The
-  engine calls :func:`init_leaf_like` and :func:`init_shared_like` for this; updates under
-  ``jit`` keep the layout (in the types on meshes with Explicit axes, by the compiler's
-  sharding propagation on Auto axes). :func:`state_shardings` gives the layout without
-  creating the state, for a jitted ``init`` on Auto axes or a checkpoint restore.
-* **ZeRO-1**: the parameters stay replicated for data parallelism, and each state array is
-  split over the data-parallel axis, so each device holds ``1/N`` of the optimizer state.
-  :func:`zero1_shardings` computes that layout, :func:`shard_state` applies it, and a
-  jitted step keeps it with ``in_shardings``/``out_shardings``, updating through
-  :func:`zero1_update_and_apply`.
-
-See docs/scale_out.md for the whole path from one device to several processes.
-
-ZeRO-1 (:func:`zero1_shardings`, :func:`shard_state`, :func:`zero1_update_and_apply`) and
-:func:`bytes_per_device` live in ``zero1.py``, above the rules they run.
+The other layout, ZeRO-1 (each state array split over the data-parallel axis), and
+:func:`bytes_per_device` live in ``zero1.py``, above the rules they run. See
+docs/scale_out.md for the whole path from one device to several processes.
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ def check_slots(
                     "parameters. Initialise the optimizer with the complex parameters."
                 )
             if isinstance(slot, quantization.QuantizedArray):
-                where = f"the state's {declared.field} at {path_of(updates, block[0])}"
+                # the path is found only for an error: it walks the whole tree
+                where = functools.partial(_slot_at, declared.field, updates, block[0])
                 quantization.check_consistent(f"{rule.name}.update", slot, where)
             expected = lead + declared.shape_for(leaf_shape)
             shape = slot_shape(slot)
@@ -193,6 +194,10 @@ def check_slots(
                 f"but the state holds {tuple(shape)}{needs}. Initialise the optimizer with "
                 "parameters of the gradients' shapes."
             )
+
+
+def _slot_at(field: str, updates: Any, index: int) -> str:
+    return f"the state's {field} at {path_of(updates, index)}"
 
 
 def slot_shape(slot: Any) -> tuple[int, ...] | None:

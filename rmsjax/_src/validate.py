@@ -360,7 +360,7 @@ def check_step_count(name: str, count: Any) -> None:
     if (
         concrete
         and getattr(count, "is_fully_addressable", True)
-        and not 0 <= int(count) <= 2**31 - 1
+        and not 0 <= int(count) <= INT32_MAX
     ):
         raise ValueError(
             f"rmsjax.{name}.update: the state's count must be in [0, 2**31 - 1] (int32), "

@@ -91,4 +91,4 @@ def add_decayed_weights(
         )
         return masks.merge(mask_tree, decayed, updates), state
 
-    return base.GradientTransformation(init_fn, update_fn)
+    return fusion.wrapper_transformation(name, init_fn, update_fn, None)

@@ -98,8 +98,9 @@ def keras_rmsprop(
     References:
       Keras documentation, ``keras.optimizers.RMSprop``; Hinton, lecture 6e (2012).
     """
+    function = "compat.keras_rmsprop"
     _check_base_options(
-        "compat.keras_rmsprop",
+        function,
         clipnorm,
         clipvalue,
         global_clipnorm,
@@ -108,17 +109,17 @@ def keras_rmsprop(
         gradient_accumulation_steps,
         name,
     )
-    name = "compat.keras_rmsprop"
-    storage_lib.check_storage(name, storage)
-    check_rate(name, "learning_rate", learning_rate)
-    validate.check_decay(name, "rho", rho)
-    validate.check_decay(name, "momentum", momentum)
-    check_non_negative(name, "epsilon", epsilon)
-    validate.check_bool(name, "centered", centered)
+    del name  # the peer's name for the optimizer: nothing to do here
+    storage_lib.check_storage(function, storage)
+    check_rate(function, "learning_rate", learning_rate)
+    validate.check_decay(function, "rho", rho)
+    validate.check_decay(function, "momentum", momentum)
+    check_non_negative(function, "epsilon", epsilon)
+    validate.check_bool(function, "centered", centered)
     if weight_decay is not None:
-        check_non_negative(name, "weight_decay", weight_decay)
+        check_non_negative(function, "weight_decay", weight_decay)
     return combine.named_chain(
-        name,
+        function,
         real_only(
             rms.scale_by_rms(rho, epsilon, eps_in_sqrt=True, centered=centered, storage=storage),
             "keras",
@@ -198,8 +199,9 @@ def keras_adagrad(
       Keras documentation, ``keras.optimizers.Adagrad``; Duchi, Hazan and Singer,
       JMLR 12 (2011).
     """
+    function = "compat.keras_adagrad"
     _check_base_options(
-        "compat.keras_adagrad",
+        function,
         clipnorm,
         clipvalue,
         global_clipnorm,
@@ -208,15 +210,15 @@ def keras_adagrad(
         gradient_accumulation_steps,
         name,
     )
-    name = "compat.keras_adagrad"
-    storage_lib.check_storage(name, storage)
-    check_rate(name, "learning_rate", learning_rate)
-    check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
-    check_non_negative(name, "epsilon", epsilon)
+    del name  # the peer's name for the optimizer: nothing to do here
+    storage_lib.check_storage(function, storage)
+    check_rate(function, "learning_rate", learning_rate)
+    check_non_negative(function, "initial_accumulator_value", initial_accumulator_value)
+    check_non_negative(function, "epsilon", epsilon)
     if weight_decay is not None:
-        check_non_negative(name, "weight_decay", weight_decay)
+        check_non_negative(function, "weight_decay", weight_decay)
     return combine.named_chain(
-        name,
+        function,
         real_only(
             rss.scale_by_rss(initial_accumulator_value, epsilon, eps_in_sqrt=True, storage=storage),
             "keras",

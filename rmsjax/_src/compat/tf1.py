@@ -77,16 +77,17 @@ def tf1_rmsprop(
       TensorFlow 1.15, ``tf.compat.v1.train.RMSPropOptimizer`` and the kernels in
       ``tensorflow/core/kernels/training_ops.cc``.
     """
-    check_how_to_run("compat.tf1_rmsprop", use_locking=use_locking, name=name)
-    name = "compat.tf1_rmsprop"
-    storage_lib.check_storage(name, storage)
-    check_rate(name, "learning_rate", learning_rate)
-    validate.check_decay(name, "decay", decay)
-    validate.check_decay(name, "momentum", momentum)
-    check_non_negative(name, "epsilon", epsilon)
-    validate.check_bool(name, "centered", centered)
+    function = "compat.tf1_rmsprop"
+    check_how_to_run(function, use_locking=use_locking, name=name)
+    del name  # the peer's name for the optimizer: nothing to do here
+    storage_lib.check_storage(function, storage)
+    check_rate(function, "learning_rate", learning_rate)
+    validate.check_decay(function, "decay", decay)
+    validate.check_decay(function, "momentum", momentum)
+    check_non_negative(function, "epsilon", epsilon)
+    validate.check_bool(function, "centered", centered)
     return combine.named_chain(
-        name,
+        function,
         real_only(
             rms.scale_by_rms(
                 decay,
@@ -148,16 +149,17 @@ def tf1_adagrad(
     References:
       TensorFlow 1.15, ``tf.compat.v1.train.AdagradOptimizer`` and ``ApplyAdagrad``.
     """
-    check_how_to_run("compat.tf1_adagrad", use_locking=use_locking, name=name)
-    name = "compat.tf1_adagrad"
-    storage_lib.check_storage(name, storage)
-    check_rate(name, "learning_rate", learning_rate)
+    function = "compat.tf1_adagrad"
+    check_how_to_run(function, use_locking=use_locking, name=name)
+    del name  # the peer's name for the optimizer: nothing to do here
+    storage_lib.check_storage(function, storage)
+    check_rate(function, "learning_rate", learning_rate)
     validate.check_range(
-        name, "initial_accumulator_value", initial_accumulator_value, 0.0, low_open=True
+        function, "initial_accumulator_value", initial_accumulator_value, 0.0, low_open=True
     )
-    validate.check_finite(name, "initial_accumulator_value", initial_accumulator_value)
+    validate.check_finite(function, "initial_accumulator_value", initial_accumulator_value)
     return combine.named_chain(
-        name,
+        function,
         real_only(
             rss.scale_by_rss(initial_accumulator_value, 0.0, eps_in_sqrt=True, storage=storage),
             "tf1",
