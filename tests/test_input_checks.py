@@ -161,13 +161,22 @@ def test_grouped_refuses_rules_with_row_statistics(tx):
             r"clip_by_global_norm \(state\[0\]\[0\]\)",
         ),
         (lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1), r"inject_hyperparams"),
-        (lambda: optax.scale(2.0), r"optax\.scale\."),
     ],
 )
 def test_grouped_names_the_part_that_is_no_elementwise_rule(make, named):
     # it said only "this one has other parts"
     with pytest.raises(TypeError, match=rf"^rmsjax\.grouped: .* this one holds {named}"):
         rj.grouped(make())
+
+
+@pytest.mark.parametrize(
+    "make,named", [(lambda: optax.scale(2.0), "optax.scale"), (optax.adam, "optax.chain")]
+)
+def test_grouped_says_another_librarys_transformation_is_one(make, named):
+    # optax.adam was said to "hold optax.chain", as if a part of it could be moved out
+    with pytest.raises(TypeError, match=r"^rmsjax\.grouped: tx must be built from rmsjax's") as e:
+        rj.grouped(make(1e-3) if make is optax.adam else make())
+    assert f"got {named}, a transformation from another library" in str(e.value)
 
 
 def test_ungroup_state_of_a_chain_says_to_pass_the_grouped_part():

@@ -114,6 +114,12 @@ def grouped(
     """
     validate.check_transformation("grouped", "tx", tx)
     rule = fusion.leaf_rule_of(tx)
+    if rule is None and fusion.name_of(tx) is None:  # optax.adam is an optax.chain
+        raise TypeError(
+            f"rmsjax.grouped: tx must be built from rmsjax's elementwise rules (rmsprop, "
+            f"adagrad, sgd, scale_by_rms, trace, ...); got {fusion.other_parts_of(tx)}, a "
+            "transformation from another library, whose state rmsjax cannot stack."
+        )
     if rule is None:
         raise TypeError(
             "rmsjax.grouped: tx must be built only from elementwise rules (rmsprop, "
