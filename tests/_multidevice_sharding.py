@@ -678,6 +678,63 @@ def run_zero1_factored() -> None:
         print(f"ok zero1 factored: {axis_type.name}")
 
 
+def run_grouped_shard_map() -> None:
+    """``grouped`` inside ``shard_map``: each device steps the blocks of its shards, the
+    same numbers as the jitted global step; same-shaped leaves sharded apart cannot share
+    a block, and the error says so."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    shapes = {"a": (16, 8), "b": (16, 8), "c": (16, 8), "v": (64,)}
+    values = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [
+        {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)
+    ]
+    tx = rj.grouped(rj.rmsprop(0.01, momentum=0.9))
+    state = tx.init(values)
+    assert [jnp.shape(nu) for nu in state.inner[0].nu] == [(3, 16, 8), (64,)]
+    param_specs = {k: P("data") for k in shapes}
+    # a block's leading axis stacks leaves, the parameters' axes come after it; a block
+    # of one leaf is the leaf's own shape
+    specs_by_rank = {0: P(), 1: P("data"), 3: P(None, "data")}
+    state_specs = jax.tree.map(lambda x: specs_by_rank[x.ndim], state)
+
+    def local_step(g, s, p):
+        return rj.update_and_apply(tx, g, s, p)
+
+    mapped = jax.jit(
+        jax.shard_map(
+            local_step,
+            mesh=mesh,
+            in_specs=(param_specs, state_specs, param_specs),
+            out_specs=(param_specs, state_specs),
+        )
+    )
+    p_map, s_map, p_jit, s_jit = values, state, values, state
+    for g in grads:
+        p_map, s_map = mapped(g, s_map, p_map)
+        p_jit, s_jit = jax.jit(local_step)(g, s_jit, p_jit)
+    for got, want in zip(jax.tree.leaves((p_map, s_map)), jax.tree.leaves((p_jit, s_jit))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    print("ok grouped shard_map: the jitted step's numbers")
+
+    apart = {**param_specs, "b": P()}  # b whole on each device, a and c in shards
+    mapped = jax.jit(
+        jax.shard_map(
+            local_step,
+            mesh=mesh,
+            in_specs=(apart, state_specs, apart),
+            out_specs=(apart, state_specs),
+        )
+    )
+    try:
+        mapped(grads[0], state, values)
+    except ValueError as error:
+        assert "must share a shape" in str(error) and "['b']" in str(error), error
+        print("ok grouped shard_map: leaves sharded apart refused")
+    else:
+        raise AssertionError("leaves sharded apart were stacked in one block")
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
     checks = {
@@ -691,6 +748,7 @@ if __name__ == "__main__":
         "zero1": run_zero1,
         "zero1-factored": run_zero1_factored,
         "docs": run_docs,
+        "grouped-shard-map": run_grouped_shard_map,
     }
     checks[sys.argv[1]]()
     print("all checks passed")

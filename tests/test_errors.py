@@ -494,6 +494,11 @@ def test_make_train_step_needs_a_callable_loss():
             True,
             r"aux .* must be arrays or numbers; got str 'train' at aux\['tag'\]",
         ),
+        (  # a NumPy string passed for a number
+            lambda p: (jnp.sum(p), [np.str_("train")]),
+            True,
+            r"got an array of shape \(\) and dtype <U5 at aux\[0\]",
+        ),
     ],
 )
 def test_make_train_step_names_what_loss_fn_returned(loss_fn, has_aux, says):

@@ -154,13 +154,16 @@ def test_grouped_refuses_rules_with_row_statistics(tx):
         (lambda: rj.chain(optax.clip(1.0), rj.rmsprop(0.1)), r"optax\.clip \(state\[0\]\)"),
         (
             lambda: rj.chain(rj.scale(2.0), rj.masked(rj.rmsprop(0.1), lambda p: p)),
-            r"masked \(state\[1\]\)",
+            r"rmsjax\.masked \(state\[1\]\)",
         ),
         (
             lambda: rj.chain(rj.chain(rj.clip_by_global_norm(1.0), rj.sgd(0.1)), rj.sgd(0.1)),
-            r"clip_by_global_norm \(state\[0\]\[0\]\)",
+            r"rmsjax\.clip_by_global_norm \(state\[0\]\[0\]\)",
         ),
-        (lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1), r"inject_hyperparams"),
+        (
+            lambda: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1),
+            r"rmsjax\.inject_hyperparams\(rmsprop\)",
+        ),
     ],
 )
 def test_grouped_names_the_part_that_is_no_elementwise_rule(make, named):

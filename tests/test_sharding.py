@@ -95,6 +95,12 @@ def test_zero1_step_matches_one_device_with_an_eighth_of_the_state():
     assert out.count("ok zero1 step") == 3 and out.count("ok zero1 bytes") == 3, out
 
 
+def test_grouped_steps_inside_shard_map_like_the_jitted_step():
+    # it refused every gradient with a shard's shape
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "grouped-shard-map")
+    assert out.count("ok grouped shard_map") == 2, out
+
+
 def test_scale_out_docs_snippets_run():
     out = run_on_8_devices("tests/_multidevice_sharding.py", "docs")
     assert "ok docs: 5 snippets" in out, out

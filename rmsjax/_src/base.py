@@ -289,21 +289,13 @@ class TreeStructure:
         self.leaves = leaves
 
     def __eq__(self, other: object) -> bool:
-        # jit compares it at every call: the same leaves are usually the same tuple
-        return isinstance(other, TreeStructure) and (
-            other.treedef == self.treedef
-            and (other.leaves is self.leaves or other.leaves == self.leaves)
+        return isinstance(other, TreeStructure) and (other.treedef, other.leaves) == (
+            self.treedef,
+            self.leaves,
         )
 
     def __hash__(self) -> int:
-        # jit hashes it at every call; a thousand leaves take 25 us to hash
-        if "_hash" not in self.__dict__:
-            self._hash = hash((self.treedef, self.leaves))
-        return self._hash
-
-    def __getstate__(self) -> dict:
-        # a string's hash differs from process to process: a pickle keeps no hash
-        return {"treedef": self.treedef, "leaves": self.leaves}
+        return hash((self.treedef, self.leaves))
 
     def __repr__(self) -> str:
         return f"TreeStructure({self.treedef})"

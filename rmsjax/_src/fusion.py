@@ -154,9 +154,11 @@ def other_parts_of(tx: Any) -> str:
 def _others(tx: Any) -> tuple[tuple[str, str], ...]:
     update = _capabilities(tx)
     if update is not None:
-        return update.other_parts or ((name_of(tx) or "a wrapper", ""),)
-    # a transformation without a rule (clip_by_global_norm) or another library's (optax):
-    # named by the function that built it, as far as its update tells
+        # rmsjax's own parts named as optax's are, so that clip_by_global_norm is told
+        # from optax.clip_by_global_norm
+        return update.other_parts or ((f"rmsjax.{name_of(tx)}", ""),)
+    # another library's (optax's): named by the function that built it, as far as its
+    # update tells
     function = getattr(tx, "update", None)
     maker = getattr(function, "__qualname__", "").split(".<locals>")[0]
     library = getattr(function, "__module__", "").split(".")[0]

@@ -194,33 +194,50 @@ def grouped(
 
 def _blocks_made(rule_name: str, made_for: Any, updates: Any, blocks_of: Any) -> tuple:
     """The blocks of the parameters the state was made for (``made_for``: their leaves'
-    shapes and dtypes), once each gradient has its parameter's shape and the gradients
-    stacked in each block share a dtype. Blocks read from the gradients instead would
-    stack other leaves together when a gradient's dtype is not its parameter's, and
-    hand one leaf's state to another."""
+    shapes and dtypes), once the gradients stacked in each block share a shape and a
+    dtype. Blocks read from the gradients instead would stack other leaves together
+    when a gradient's dtype is not its parameter's, and hand one leaf's state to
+    another. A gradient may have a shard's shape of its parameter's (each dimension
+    dividing it: inside ``shard_map``); the state's blocks are then checked against it."""
     leaves = tree_checks.as_arrays(jax.tree.leaves(updates), f"rmsjax.{rule_name}.update", updates)
+    path = functools.partial(tree_checks.path_of, updates)
     for index, (leaf, (shape, _)) in enumerate(zip(leaves, made_for)):
-        if tuple(jnp.shape(leaf)) != shape:
+        if not _shard_of(tuple(jnp.shape(leaf)), shape):
             raise ValueError(
-                f"rmsjax.grouped.update: the update at {tree_checks.path_of(updates, index)} "
-                f"has shape {tuple(jnp.shape(leaf))} but the parameter the state was made "
-                f"for has {shape}. Initialise the optimizer with parameters of the "
-                "gradients' shapes."
+                f"rmsjax.grouped.update: the update at {path(index)} has shape "
+                f"{tuple(jnp.shape(leaf))} but the parameter the state was made for has "
+                f"{shape} (or, inside shard_map, a shard of it). Initialise the optimizer "
+                "with parameters of the gradients' shapes."
             )
     made = blocks_of(made_for)
     for block in made:
-        first = jnp.result_type(leaves[block[0]])
+        first = leaves[block[0]]
         for index in block[1:]:
-            if jnp.result_type(leaves[index]) != first:
-                path = functools.partial(tree_checks.path_of, updates)
+            leaf = leaves[index]
+            if jnp.shape(leaf) != jnp.shape(first):  # shards of one shape, sharded apart
+                raise ValueError(
+                    "rmsjax.grouped.update: the gradients of the leaves stacked in one block "
+                    f"of state must share a shape; the update at {path(block[0])} has shape "
+                    f"{jnp.shape(first)} and at {path(index)} {jnp.shape(leaf)} (both "
+                    f"parameters {made_for[index][0]}). Shard same-shaped parameters alike, "
+                    "or use tx without grouped."
+                )
+            if jnp.result_type(leaf) != jnp.result_type(first):
                 raise TypeError(
                     "rmsjax.grouped.update: the gradients of the leaves stacked in one "
                     f"block of state must share a dtype; the update at {path(block[0])} is "
-                    f"{first} and at {path(index)} {jnp.result_type(leaves[index])} (both "
-                    f"parameters {made_for[index][1]}). Give each parameter dtype one "
+                    f"{jnp.result_type(first)} and at {path(index)} {jnp.result_type(leaf)} "
+                    f"(both parameters {made_for[index][1]}). Give each parameter dtype one "
                     "gradient dtype (the parameters' own, say), or use tx without grouped."
                 )
     return made
+
+
+def _shard_of(shape: tuple[int, ...], full: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is ``full`` or a shard of it: each dimension divides ``full``'s."""
+    return len(shape) == len(full) and all(
+        n == f or (0 < n and f % n == 0) for n, f in zip(shape, full)
+    )
 
 
 def _inner_of(function: str, state: Any, tree: Any) -> Any:

@@ -16,15 +16,28 @@ def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of length {len(value)}"
     if hasattr(value, "shape"):
-        return f"an array of shape {value.shape}"
+        kind = "" if _numeric_dtype(value) else f" and dtype {value.dtype}"
+        return f"an array of shape {value.shape}{kind}"
     return f"{type(value).__name__} {value!r}"
+
+
+def _numeric_dtype(value: Any) -> bool:
+    """Whether an array's dtype is a number or a bool: NumPy holds strings, bytes,
+    dates and objects too (ml_dtypes' bfloat16, of NumPy kind V, is a number)."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and (
+        jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+    )
 
 
 def _check_aux(name: str, aux: Any) -> None:
     # the step is jitted, so aux leaves are returned as arrays; JAX's own error names
     # the output component of an internal function, not loss_fn's aux
     for path, leaf in jax.tree_util.tree_leaves_with_path(aux):
-        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+        numeric = isinstance(leaf, (jax.Array, bool, int, float, complex)) or (
+            isinstance(leaf, (np.ndarray, np.generic)) and _numeric_dtype(leaf)
+        )
+        if not numeric:
             raise TypeError(
                 f"rmsjax.{name}: with has_aux=True, loss_fn's aux is returned from a "
                 "jitted step, so its leaves must be arrays or numbers; got "

@@ -185,8 +185,9 @@ def check_slots(
                 raise ValueError(
                     f"rmsjax.{layout_name}.update: a block of the state has shape "
                     f"{tuple(shape)} but the updates at {path} and the leaves stacked with "
-                    f"it need {expected}. Initialise the optimizer with parameters of the "
-                    "gradients' shapes and dtypes."
+                    f"it need {expected}. Was the state made with another block_size or "
+                    "max_stacked_size, or for parameters of other shapes or dtypes? "
+                    "ungroup_state (with the optimizer that made it) and group_state convert it."
                 )
             needs = "" if expected == leaf_shape else f" (its {declared.field} needs {expected})"
             raise ValueError(
