@@ -261,6 +261,8 @@ def _block_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[A
     step = jax.vmap(rule.update_leaf, in_axes=in_axes)
 
     def block_step(gs, own, ps):
+        if _traced(gs) and in_turn_lib.applies_to_block(rule, own):
+            return in_turn_lib.step_block(rule, context, apply, gs, own, ps)
         p = jnp.stack(ps) if rule.needs_params else None
         u, slots = step(jnp.stack(gs), own, context, p)
         rows = [u[row] for row in range(len(gs))]

@@ -75,6 +75,13 @@ def applies(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
     return _large_int8(slots) and not rule.needs_params
 
 
+def applies_to_block(rule: LeafRule, slots: Sequence[Any]) -> bool:
+    """Whether a block of stacked leaves has its slots encoded in turn
+    (:func:`step_block`): all int8, on a CPU, and the rule does not read the parameter.
+    Whatever the block's size: its copies would be alive with every other block's."""
+    return _all_int8(slots) and not rule.needs_params and jax.default_backend() == "cpu"
+
+
 def padded(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
     """Whether this leaf's int8 slots are computed in their padded block layout, with
     :func:`step` ``(ordered=False)`` where they are not encoded in turn: a leaf that
@@ -100,6 +107,7 @@ def step(
     with storage.slots_kept():
         update, _ = rule.update_leaf(g, slots, context, param)
     out = base.apply_leaf(param, update) if apply else update
+    zero = zero_after(jnp.ravel(out)[0]) if ordered else jnp.zeros((), jnp.int8)
     blocks = block_layout.to_blocks(g)
 
     def encode(i, zero):  # slot i, computed again from codes that come after ``zero``
@@ -110,7 +118,48 @@ def step(
         with block_layout.block_view(), storage.slots_kept(but=view[i]):
             return rule.update_leaf(blocks, view, context, None)[1][i]
 
-    zero = zero_after(jnp.ravel(out)[0]) if ordered else jnp.zeros((), jnp.int8)
+    return out, _encode(encode, slots, zero, ordered)
+
+
+def step_block(
+    rule: LeafRule, context: Any, apply: bool, gs: Sequence[Any], slots: Sequence[Any], ps: list
+) -> tuple[list, tuple]:
+    """:func:`step` for a block of stacked leaves (``rj.grouped``'s): the rule runs under
+    ``jax.vmap`` on the stacked gradients, each row is handed back (added to its
+    parameter when ``apply``), and the block's int8 slots are encoded in turn after
+    every row is written. Left to XLA, each block's old codes were copied, and the copies
+    of all blocks were alive at once: 1.78 bytes per parameter of temporaries for
+    RMSprop with int8 momentum on 1000 leaves of 16k, 0.53 in turn (docs/memory.md)."""
+    slots = tuple(slots)
+    stacked = jnp.stack(gs)
+    with storage.slots_kept():
+        updates, _ = jax.vmap(rule.update_leaf, in_axes=(0, 0, None, None))(
+            stacked, slots, context, None
+        )
+    rows = [updates[row] for row in range(len(gs))]
+    if apply:
+        rows = [base.apply_leaf(p, u) for p, u in zip(ps, rows)]
+    zero = zero_after(jnp.max(jnp.stack([jnp.ravel(row)[0] for row in rows])))
+    blocks = jax.vmap(block_layout.to_blocks)(stacked)
+
+    def encode(i, zero):
+        view = tuple(  # each row's slots in their codes' own layout
+            quantization.QuantizedArray(s.codes + zero, s.scale, s.codes.shape[1:], s.signed)
+            for s in slots
+        )
+
+        def row(g, view):
+            with block_layout.block_view(), storage.slots_kept(but=view[i]):
+                return rule.update_leaf(g, view, context, None)[1][i]
+
+        return jax.vmap(row)(blocks, view)
+
+    return rows, _encode(encode, slots, zero, ordered=True)
+
+
+def _encode(encode, slots: tuple, zero: jax.Array, ordered: bool) -> tuple:
+    """The new ``slots``, each ``encode(i, zero)`` after the one before it when
+    ``ordered`` (see :func:`_order`)."""
     new_slots = list(slots)
     for i in _order(encode, slots) if ordered else range(len(slots)):
         new = encode(i, zero)
@@ -118,7 +167,7 @@ def step(
             new.codes, new.scale, slots[i].shape, slots[i].signed
         )
         zero = zero_after(jnp.max(new.codes)) if ordered else zero
-    return out, tuple(new_slots)
+    return tuple(new_slots)
 
 
 def _order(encode, slots: Sequence[Any]) -> list[int]:
