@@ -16,13 +16,14 @@ for both, so a block of one leaf is exactly the per-leaf step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, quantization, sharding
+from rmsjax._src import base, quantization, sharding, storage
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 from rmsjax._src.tree_checks import (
@@ -261,13 +262,17 @@ def _block_stepper(rule: LeafRule, context: Any, apply: bool, leaves: Sequence[A
     step = jax.vmap(rule.update_leaf, in_axes=in_axes)
 
     def block_step(gs, own, ps):
-        if _traced(gs) and in_turn_lib.applies_to_block(rule, own):
-            return in_turn_lib.step_block(rule, context, apply, gs, own, ps)
+        stacked = jnp.stack(gs)
         p = jnp.stack(ps) if rule.needs_params else None
-        u, slots = step(jnp.stack(gs), own, context, p)
+        # in turn: the rows first, the int8 slots left as they were, then each slot
+        in_turn = _traced(gs) and in_turn_lib.applies_to_block(rule, own)
+        with storage.slots_kept() if in_turn else contextlib.nullcontext():
+            u, slots = step(stacked, own, context, p)
         rows = [u[row] for row in range(len(gs))]
         if apply:
             rows = [base.apply_leaf(p_row, u_row) for p_row, u_row in zip(ps, rows)]
+        if in_turn:
+            slots = in_turn_lib.encode_block(rule, context, stacked, own, rows)
         return rows, slots
 
     return jit_under_trace(block_step, leaves)

@@ -30,7 +30,7 @@ saves catch up with what the compiled step holds for it, and for at most
 :data:`MAX_LEAVES` such leaves; on a CPU only (on other backends XLA fuses and orders a
 step in its own way).
 
-A block of stacked leaves (:func:`step_block`) is encoded in turn whatever its size:
+A block of stacked leaves (:func:`encode_block`) is encoded in turn whatever its size:
 left to XLA, the copies of every block's old codes were alive at once, so the step's
 temporaries grew with the tree (1.78 bytes per parameter for RMSprop with int8
 momentum on 1000 leaves of 16k; 0.53 in turn). There the compiled step holds more
@@ -86,7 +86,7 @@ def applies(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
 
 def applies_to_block(rule: LeafRule, slots: Sequence[Any]) -> bool:
     """Whether a block of stacked leaves has its slots encoded in turn
-    (:func:`step_block`): all int8, on a CPU, and the rule does not read the parameter.
+    (:func:`encode_block`): all int8, on a CPU, and the rule does not read the parameter.
     Whatever the block's size: its copies would be alive with every other block's."""
     return _all_int8(slots) and not rule.needs_params and jax.default_backend() == "cpu"
 
@@ -130,24 +130,17 @@ def step(
     return out, _encode(encode, slots, zero, ordered)
 
 
-def step_block(
-    rule: LeafRule, context: Any, apply: bool, gs: Sequence[Any], slots: Sequence[Any], ps: list
-) -> tuple[list, tuple]:
-    """:func:`step` for a block of stacked leaves (``rj.grouped``'s): the rule runs under
-    ``jax.vmap`` on the stacked gradients, each row is handed back (added to its
-    parameter when ``apply``), and the block's int8 slots are encoded in turn after
-    every row is written. Left to XLA, each block's old codes were copied, and the copies
-    of all blocks were alive at once: 1.78 bytes per parameter of temporaries for
-    RMSprop with int8 momentum on 1000 leaves of 16k, 0.53 in turn (docs/memory.md)."""
+def encode_block(
+    rule: LeafRule, context: Any, stacked: Any, slots: Sequence[Any], rows: list
+) -> tuple:
+    """The new int8 ``slots`` of a block of stacked leaves (``rj.grouped``'s), encoded in
+    turn after every row of the block's output is written: :func:`step`'s second half,
+    the rows having been computed under :func:`storage.slots_kept` from the stacked
+    gradients ``stacked``. Left to XLA, each block's old codes were copied, and the
+    copies of all blocks were alive at once: 1.78 bytes per parameter of temporaries
+    for RMSprop with int8 momentum on 1000 leaves of 16k, 0.53 in turn
+    (docs/memory.md)."""
     slots = tuple(slots)
-    stacked = jnp.stack(gs)
-    with storage.slots_kept():
-        updates, _ = jax.vmap(rule.update_leaf, in_axes=(0, 0, None, None))(
-            stacked, slots, context, None
-        )
-    rows = [updates[row] for row in range(len(gs))]
-    if apply:
-        rows = [base.apply_leaf(p, u) for p, u in zip(ps, rows)]
     zero = zero_after(jnp.max(jnp.stack([jnp.ravel(row)[0] for row in rows])))
     blocks = jax.vmap(block_layout.to_blocks)(stacked)
 
@@ -163,7 +156,7 @@ def step_block(
 
         return jax.vmap(row)(blocks, view)
 
-    return rows, _encode(encode, slots, zero, ordered=True)
+    return _encode(encode, slots, zero, ordered=True)
 
 
 def _encode(encode, slots: tuple, zero: jax.Array, ordered: bool) -> tuple:
