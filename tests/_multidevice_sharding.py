@@ -260,6 +260,19 @@ def per_device_bytes_like_params(state, params) -> int:
     return total
 
 
+def shard_mapped_step(step, mesh, param_specs, state_specs):
+    """``step(g, s, p) -> (p, s)`` jitted inside ``shard_map``: each device steps its own
+    shards of the gradients, the state and the parameters."""
+    return jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(param_specs, state_specs, param_specs),
+            out_specs=(param_specs, state_specs),
+        )
+    )
+
+
 def assert_same(label: str, got, want, rtol: float = 2e-6, atol: float = 1e-7) -> None:
     """Equal up to float32 rounding (and at most one code step for a few int8 codes)."""
     got_leaves, got_def = jax.tree.flatten(got)
@@ -414,14 +427,7 @@ def run_layout(axis_type, names, candidates=transformations) -> None:
         def local_step(g, s, p, tx=tx):
             return rj.update_and_apply(tx, g, s, p)
 
-        mapped = jax.jit(
-            jax.shard_map(
-                local_step,
-                mesh=mesh,
-                in_specs=(param_specs, state_specs, param_specs),
-                out_specs=(param_specs, state_specs),
-            )
-        )
+        mapped = shard_mapped_step(local_step, mesh, param_specs, state_specs)
         p_map, s_map = params, state
         p_jit, s_jit = params, state
         for g in grads:
@@ -701,14 +707,7 @@ def run_grouped_shard_map() -> None:
     def local_step(g, s, p):
         return rj.update_and_apply(tx, g, s, p)
 
-    mapped = jax.jit(
-        jax.shard_map(
-            local_step,
-            mesh=mesh,
-            in_specs=(param_specs, state_specs, param_specs),
-            out_specs=(param_specs, state_specs),
-        )
-    )
+    mapped = shard_mapped_step(local_step, mesh, param_specs, state_specs)
     p_map, s_map, p_jit, s_jit = values, state, values, state
     for g in grads:
         p_map, s_map = mapped(g, s_map, p_map)
@@ -718,14 +717,7 @@ def run_grouped_shard_map() -> None:
     print("ok grouped shard_map: the jitted step's numbers")
 
     apart = {**param_specs, "b": P()}  # b whole on each device, a and c in shards
-    mapped = jax.jit(
-        jax.shard_map(
-            local_step,
-            mesh=mesh,
-            in_specs=(apart, state_specs, apart),
-            out_specs=(apart, state_specs),
-        )
-    )
+    mapped = shard_mapped_step(local_step, mesh, apart, state_specs)
     try:
         mapped(grads[0], state, values)
     except ValueError as error:
