@@ -38,9 +38,9 @@ from rmsjax._src.grouped import grouped as grouped
 from rmsjax._src.grouped import ungroup_state as ungroup_state
 from rmsjax._src.guard import ApplyIfFiniteState as ApplyIfFiniteState
 from rmsjax._src.guard import apply_if_finite as apply_if_finite
-from rmsjax._src.hyperparams import Hyperparams as Hyperparams
-from rmsjax._src.hyperparams import InjectHyperparamsState as InjectHyperparamsState
 from rmsjax._src.hyperparams import inject_hyperparams as inject_hyperparams
+from rmsjax._src.hyperparams_state import Hyperparams as Hyperparams
+from rmsjax._src.hyperparams_state import InjectHyperparamsState as InjectHyperparamsState
 from rmsjax._src.interop import as_optax as as_optax
 from rmsjax._src.interop import from_optax_state as from_optax_state
 from rmsjax._src.interop import to_optax_state as to_optax_state

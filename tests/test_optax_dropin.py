@@ -289,14 +289,18 @@ def test_every_dict_method_that_writes_hyperparams_checks_the_entry():
         hyperparams |= {"learning_rate": 0.5, "lr_typo": 1.0}
     with pytest.raises(KeyError, match="no entry 'lerning_rate'"):
         hyperparams.setdefault("lerning_rate", 0.1)
-    for remove in (
-        lambda: hyperparams.pop("learning_rate"),
-        lambda: hyperparams.popitem(),
-        lambda: hyperparams.clear(),
-        lambda: hyperparams.__delitem__("learning_rate"),
-    ):
+    for remove in (hyperparams.popitem, hyperparams.clear):
         with pytest.raises(TypeError, match="entries of state.hyperparams cannot be removed"):
             remove()
+    for remove in (hyperparams.pop, hyperparams.__delitem__):
+        with pytest.raises(TypeError, match=r"hyperparams\['learning_rate'\] cannot be removed"):
+            remove("learning_rate")
+        with pytest.raises(KeyError, match="no entry 'lerning_rate'"):
+            remove("lerning_rate")
+    # as dict.pop: a default for an absent key removes nothing and is returned
+    assert hyperparams.pop("lerning_rate", 7) == 7
+    with pytest.raises(TypeError, match="cannot be removed"):
+        hyperparams.pop("learning_rate", 7)
     assert dict(hyperparams) == before  # nothing set by a refused call
     hyperparams |= {"learning_rate": 0.5}
     assert hyperparams["learning_rate"].dtype == jnp.float32

@@ -11,7 +11,7 @@ from rmsjax._src import (
     base,
     elementwise,
     grouped,
-    hyperparams,
+    hyperparams_state,
     moments,
     numerics,
     rms,
@@ -56,7 +56,7 @@ def _moment_shapes(function: str, state: base.OptState) -> Any:
         if _is_second_moment(node):
             found.append(node)
             return
-        if isinstance(node, hyperparams.InjectHyperparamsState):
+        if isinstance(node, hyperparams_state.InjectHyperparamsState):
             visit(node.inner_state)
             return
 

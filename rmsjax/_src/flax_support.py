@@ -3,7 +3,7 @@
 flax saves a state by converting each node with a converter it finds by the node's exact
 type; a node of a type it does not know reaches msgpack as it is, which refuses it
 ("can not serialize 'QuantizedArray' object"). Three rmsjax types need converters:
-:class:`~rmsjax._src.hyperparams.Hyperparams` (a dict subclass), :class:`QuantizedArray`
+:class:`~rmsjax._src.hyperparams_state.Hyperparams` (a dict subclass), :class:`QuantizedArray`
 (int8 state) and :class:`~rmsjax._src.base.TreeStructure` (a grouped state's static
 structure, which saves nothing). rmsjax does not import flax: where flax is installed,
 :func:`install` registers them at once if ``flax.serialization`` is already imported,
@@ -18,7 +18,7 @@ import importlib.util
 import sys
 from typing import Any
 
-from rmsjax._src import base, hyperparams, quantization
+from rmsjax._src import base, hyperparams_state, quantization
 
 _MODULE = "flax.serialization"
 
@@ -27,11 +27,11 @@ def register(serialization: Any) -> None:
     """Registers the converters with the module ``flax.serialization``."""
     to_state, from_state = serialization.to_state_dict, serialization.from_state_dict
 
-    def hyperparams_to_state(entries: hyperparams.Hyperparams) -> dict:
+    def hyperparams_to_state(entries: hyperparams_state.Hyperparams) -> dict:
         return {str(k): to_state(v) for k, v in entries.items()}
 
-    def hyperparams_from_state(target: hyperparams.Hyperparams, state: dict) -> Any:
-        return hyperparams.Hyperparams(
+    def hyperparams_from_state(target: hyperparams_state.Hyperparams, state: dict) -> Any:
+        return hyperparams_state.Hyperparams(
             {k: from_state(v, state[str(k)], str(k)) for k, v in target.items()}
         )
 
@@ -44,7 +44,7 @@ def register(serialization: Any) -> None:
         return quantization.QuantizedArray(codes, scale, target.shape, target.signed)
 
     converters = [
-        (hyperparams.Hyperparams, hyperparams_to_state, hyperparams_from_state),
+        (hyperparams_state.Hyperparams, hyperparams_to_state, hyperparams_from_state),
         (quantization.QuantizedArray, quantized_to_state, quantized_from_state),
         (base.TreeStructure, lambda structure: {}, lambda target, state: target),
     ]

@@ -5,144 +5,18 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rmsjax._src import base, combine, elementwise, fusion, numerics, sharding, validate
-
-
-class InjectHyperparamsState(NamedTuple):
-    """State of a transformation made by :func:`inject_hyperparams`; the fields of
-    ``optax.InjectStatefulHyperparamsState``, in its order.
-
-    Attributes:
-      count: number of updates so far (int32, saturating); schedules are read at it.
-      hyperparams: a :class:`Hyperparams` dict from argument name to its current value,
-        a scalar array (float32 for real numbers by default, int32 for python ints).
-        Set an entry (``state.hyperparams["learning_rate"] = 1e-4``, as in optax) to
-        change it from the next step on; the value is cast to the entry's dtype, so a
-        jitted step is not traced again (an int32 entry set to a fractional number
-        becomes float32, as in optax, rather than truncating it).
-      hyperparams_states: the state of each stateful schedule (an object with ``init``,
-        ``update`` and ``__call__``, as optax's ``StatefulSchedule``), by argument name;
-        empty when there is none.
-      inner_state: the state of the transformation the factory builds.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
-    hyperparams: dict[str, jax.Array]
-    hyperparams_states: dict[str, Any]
-    inner_state: base.OptState
-
-
-class Hyperparams(dict):
-    """The ``hyperparams`` dict of an :class:`InjectHyperparamsState`: a dict (and a
-    pytree with the same keys and paths) that keeps each entry's dtype and refuses names
-    it does not hold, however an entry is set (``[key] =``, ``update``, ``|=``,
-    ``setdefault``), so a misspelled name fails where it is set; entries cannot be
-    removed."""
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if key not in self:
-            raise KeyError(
-                f"rmsjax.inject_hyperparams: state.hyperparams has no entry {key!r}; "
-                f"its entries are {sorted(self)}"
-            )
-        old = super().__getitem__(key)
-        if np.shape(value) != np.shape(old):
-            raise ValueError(
-                f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
-                f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
-            )
-        if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
-            super().__setitem__(key, value)
-            return
-        if np.shape(old) == ():
-            # a real number, finite in float32 (a bool would be stored as 1.0, a decay
-            # of True stepping by -1000 g); its range is checked where the step builds
-            # the optimizer from it
-            validate.check_finite("inject_hyperparams", f"state.hyperparams[{key!r}]", value)
-        dtype = jnp.result_type(old)
-        if jnp.issubdtype(dtype, jnp.integer) and not _fits_int32(value):
-            # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
-            # from now on, as in optax, not truncated to 0 (one more trace of the step)
-            dtype = value.dtype if _is_floating_array(value) else jnp.float32
-        super().__setitem__(key, jnp.array(value, dtype, copy=True))
-
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
-        is set if one entry is refused."""
-        entries = dict(*args, **kwargs)
-        trial = dict.__new__(Hyperparams)
-        dict.update(trial, self)
-        for key, value in entries.items():
-            trial[key] = value
-        dict.update(self, trial)
-
-    def __ior__(self, other: Any) -> Hyperparams:  # type: ignore[override,misc]
-        self.update(other)
-        return self
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        if key not in self:
-            self[key] = default  # refused: setdefault only ever adds an entry
-        return self[key]
-
-    def _refuse_removal(self, *args: Any) -> Any:
-        raise TypeError(
-            "rmsjax.inject_hyperparams: entries of state.hyperparams cannot be removed; "
-            f"the step builds the optimizer from every one of {sorted(self)}"
-        )
-
-    __delitem__ = pop = popitem = clear = _refuse_removal  # type: ignore[assignment]
-
-    def __reduce__(self) -> tuple:
-        # pickle and copy.deepcopy rebuild from the entries, not item by item into an
-        # empty Hyperparams (which holds no entry to set)
-        return (Hyperparams, (dict(self),))
-
-
-jax.tree_util.register_pytree_with_keys(
+from rmsjax._src.hyperparams_state import (
     Hyperparams,
-    lambda d: (
-        tuple((jax.tree_util.DictKey(k), d[k]) for k in sorted(d)),
-        tuple(sorted(d)),
-    ),
-    lambda keys, values: Hyperparams(zip(keys, values)),
-    flatten_func=lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
-)
-
-
-# The state flattens its hyperparams as a plain dict and is rebuilt with a Hyperparams:
-# optax's tree_set sets the entries in a plain dict, and a state so set has the same tree
-# structure as one from init, so either can be a lax.scan carry or a cond branch's output,
-# wherever tree_set is called. Key paths are a NamedTuple's (.count, .hyperparams['lr']).
-_STATE_FIELDS = InjectHyperparamsState._fields
-
-
-def _state_children(state: InjectHyperparamsState) -> tuple:
-    return (*state[:1], dict(state.hyperparams), *state[2:])
-
-
-def _flatten_state(state: InjectHyperparamsState) -> tuple:
-    keys = map(jax.tree_util.GetAttrKey, _STATE_FIELDS)
-    return tuple(zip(keys, _state_children(state))), None
-
-
-def _unflatten_state(aux: None, children: Any) -> InjectHyperparamsState:
-    del aux
-    count, entries, schedule_states, inner_state = children
-    return InjectHyperparamsState(count, Hyperparams(entries), schedule_states, inner_state)
-
-
-jax.tree_util.register_pytree_with_keys(
     InjectHyperparamsState,
-    _flatten_state,
-    _unflatten_state,
-    flatten_func=lambda state: (_state_children(state), None),
+    fits_int32,
+    is_integer,
 )
 
 
@@ -156,27 +30,6 @@ def _is_numeric(value: Any) -> bool:
             value.dtype, jnp.bool_
         )
     return False
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) or (
-        hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
-    )
-
-
-def _fits_int32(value: Any) -> bool:
-    """An integer int32 holds (a traced one is taken to): a larger one, np.int64(2**40)
-    say, wrapped around in silence (a learning rate of -2**31); it is kept as a float."""
-    if not _is_integer(value):
-        return False
-    if isinstance(value, jax.core.Tracer):
-        return True
-    info = np.iinfo(np.int32)
-    return bool(info.min <= int(value) <= info.max)
-
-
-def _is_floating_array(value: Any) -> bool:
-    return hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.floating)
 
 
 def _is_stateful_schedule(value: Any) -> bool:
@@ -302,7 +155,7 @@ def inject_hyperparams(
         for key, value in bound.arguments.items():
             # an integer left at its default is a size or a count that shapes the
             # state (factored_rmsprop's min_dim_size_to_factor): it stays static
-            default_count = key not in passed and _is_integer(value)
+            default_count = key not in passed and is_integer(value)
             if key in static_args or isinstance(value, (bool, np.bool_)) or default_count:
                 fixed[key] = value
             elif _is_stateful_schedule(value):
@@ -318,7 +171,7 @@ def inject_hyperparams(
             # ints stay int32 and real numbers take the float dtype, whatever comes in;
             # a copy, so that the state never holds the caller's array (a donated step
             # would delete it) nor one buffer twice (a donated step refuses it)
-            if key in numeric and _is_integer(numeric[key]) and _fits_int32(value):
+            if key in numeric and is_integer(numeric[key]) and fits_int32(value):
                 return jnp.array(value, jnp.int32, copy=True)
             return jnp.array(value, dtype, copy=True)
 
