@@ -30,7 +30,7 @@ from rmsjax._src.diagnostics import effective_step_sizes as effective_step_sizes
 from rmsjax._src.diagnostics import step_size_summary as step_size_summary
 from rmsjax._src.factored import ScaleByFactoredRmsState as ScaleByFactoredRmsState
 from rmsjax._src.factored import factored_rmsprop as factored_rmsprop
-from rmsjax._src.factored import scale_by_factored_rms as scale_by_factored_rms
+from rmsjax._src.factored import scale_by_factored_rmsprop as scale_by_factored_rmsprop
 from rmsjax._src.fusion import identity as identity
 from rmsjax._src.grouped import GroupedState as GroupedState
 from rmsjax._src.grouped import group_state as group_state
@@ -136,7 +136,7 @@ __all__ = [
     "rmsprop",
     "rowwise_adagrad",
     "scale",
-    "scale_by_factored_rms",
+    "scale_by_factored_rmsprop",
     "scale_by_learning_rate",
     "scale_by_rms",
     "scale_by_rowwise_rss",
@@ -154,6 +154,21 @@ __all__ = [
     "zero1_shardings",
     "zero1_update_and_apply",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # optax's scale_by_factored_rms is Adafactor's scaling, another algorithm than
+    # rmsjax's factored RMSprop: a ported script fails here, not with other numbers
+    if name == "scale_by_factored_rms":
+        raise AttributeError(
+            "rmsjax has no scale_by_factored_rms: optax's is Adafactor's scaling (a decay "
+            "that grows with the step count, the two largest axes factored), which rmsjax "
+            "does not implement; chain optax.scale_by_factored_rms itself (rmsjax's chain "
+            "takes it), or use rmsjax.scale_by_factored_rmsprop, RMSprop's constant decay "
+            "with the last two axes factored (docs/porting.md)"
+        )
+    raise AttributeError(f"module 'rmsjax' has no attribute {name!r}")
+
 
 # flax.serialization saves rmsjax's state types whenever flax is imported (nothing is
 # imported here; see rmsjax/_src/flax_support.py)

@@ -43,7 +43,7 @@ CALLS = {
     "accumulate_gradients": lambda **kw: rj.accumulate_gradients(rj.sgd(0.1), **kw),
     "apply_if_finite": lambda **kw: rj.apply_if_finite(rj.sgd(0.1), **kw),
     "factored_rmsprop": lambda **kw: rj.factored_rmsprop(**{"learning_rate": 0.1, **kw}),
-    "scale_by_factored_rms": rj.scale_by_factored_rms,
+    "scale_by_factored_rmsprop": rj.scale_by_factored_rmsprop,
     "grouped": lambda **kw: rj.grouped(rj.rmsprop(0.1), **kw),
     "auto_block_size": rj.auto_block_size,
     "compat.torch_rmsprop": rj.compat.torch_rmsprop,

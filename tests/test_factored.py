@@ -56,7 +56,7 @@ class TestAgainstReference(chex.TestCase):
         params = params_tree()
         grads = trees.gradient_sequence(params, 40, seed=1)
         for decay, eps in [(0.9, 1e-30), (0.99, 1e-3), (0.0, 1e-30)]:
-            tx = rj.scale_by_factored_rms(decay, eps)
+            tx = rj.scale_by_factored_rmsprop(decay, eps)
             update = self.variant(tx.update)
             state = tx.init(params)
             got = []
@@ -83,7 +83,7 @@ def test_one_outlier_among_ordinary_gradients_keeps_every_step_finite(outlier):
     # stepped by 0 / 0.
     decay, eps = 0.9, 1e-30
     params = params_tree()
-    tx = rj.scale_by_factored_rms(decay, eps)
+    tx = rj.scale_by_factored_rmsprop(decay, eps)
     update = jax.jit(tx.update)
     state = tx.init(params)
     sequence = trees.gradient_sequence(params, 4, seed=3)
@@ -120,7 +120,7 @@ def test_an_outlier_in_a_factored_matrix_leaves_the_equations_only_past_its_limi
     decay, eps = 0.9, 1e-30
     g = np.random.default_rng(1).normal(size=(40, 36)).astype(np.float32)
     g[0, 0] = outlier
-    tx = rj.scale_by_factored_rms(decay, eps)
+    tx = rj.scale_by_factored_rmsprop(decay, eps)
     u = np.asarray(jax.jit(tx.update)(jnp.asarray(g), tx.init(jnp.zeros((40, 36))))[0])
     want = factored_reference([g], decay, eps)[0][0]
     first_step = g.astype(np.float64) / np.sqrt((1 - decay) * g.astype(np.float64) ** 2 + eps)
@@ -159,7 +159,7 @@ def test_rank_one_squares_give_rmsprop_exactly():
     for _ in range(10):
         a, b = rng.uniform(0.1, 2, size=40), rng.uniform(0.1, 2, size=33)
         grads.append(jnp.asarray(np.outer(a, b) * rng.choice([-1, 1], size=(40, 33)), jnp.float32))
-    factored = rj.scale_by_factored_rms(decay=0.0, eps=0.0)
+    factored = rj.scale_by_factored_rmsprop(decay=0.0, eps=0.0)
     u, _ = factored.update(grads[0], factored.init(grads[0]))
     np.testing.assert_allclose(u, np.sign(grads[0]), rtol=1e-5)
     full = reference.rms([np.asarray(grads[0], np.float64)], decay=0.0, eps=0.0)
@@ -167,7 +167,7 @@ def test_rank_one_squares_give_rmsprop_exactly():
 
 
 def test_zero_gradient_gives_zero_update_even_with_zero_eps():
-    tx = rj.scale_by_factored_rms(eps=0.0)
+    tx = rj.scale_by_factored_rmsprop(eps=0.0)
     g = jnp.zeros((64, 64))
     u, state = tx.update(g, tx.init(g))
     chex.assert_trees_all_equal(u, g)
@@ -182,7 +182,7 @@ def test_alias_is_the_chain_and_trains():
     grads = trees.gradient_sequence(params, 12, seed=3)
     alias = rj.factored_rmsprop(1e-2, decay=0.95, momentum=0.9, nesterov=True)
     chain = rj.chain(
-        rj.scale_by_factored_rms(0.95, 1e-30, min_dim_size_to_factor=32),
+        rj.scale_by_factored_rmsprop(0.95, 1e-30, min_dim_size_to_factor=32),
         rj.scale_by_learning_rate(1e-2),
         rj.trace(0.9, nesterov=True),
     )
@@ -221,16 +221,17 @@ def test_minimises_a_least_squares_problem():
     "build, message",
     [
         (
-            lambda: rj.scale_by_factored_rms(decay=1.0),
-            r"rmsjax.scale_by_factored_rms: decay must be in \[0, 1\), got 1.0",
+            lambda: rj.scale_by_factored_rmsprop(decay=1.0),
+            r"rmsjax.scale_by_factored_rmsprop: decay must be in \[0, 1\), got 1.0",
         ),
         (
-            lambda: rj.scale_by_factored_rms(eps=-1.0),
-            "rmsjax.scale_by_factored_rms: eps must be >= 0, got -1.0",
+            lambda: rj.scale_by_factored_rmsprop(eps=-1.0),
+            "rmsjax.scale_by_factored_rmsprop: eps must be >= 0, got -1.0",
         ),
         (
-            lambda: rj.scale_by_factored_rms(min_dim_size_to_factor=0),
-            "rmsjax.scale_by_factored_rms: min_dim_size_to_factor must be an integer >= 1, got 0",
+            lambda: rj.scale_by_factored_rmsprop(min_dim_size_to_factor=0),
+            "rmsjax.scale_by_factored_rmsprop: min_dim_size_to_factor must be an integer >= 1, "
+            "got 0",
         ),
         (
             lambda: rj.factored_rmsprop(1e-3, momentum=1.5),
@@ -257,7 +258,7 @@ def test_a_fractional_size_is_the_wrong_type():
 
 
 def test_shape_mismatch_is_reported():
-    tx = rj.scale_by_factored_rms()
+    tx = rj.scale_by_factored_rmsprop()
     state = tx.init(jnp.zeros((64, 64)))
     with pytest.raises(
         ValueError,

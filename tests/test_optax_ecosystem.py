@@ -384,6 +384,15 @@ SHARED = [
     "apply_updates",
     "global_norm",
     "with_extra_args_support",
+    "chain",
+]
+SHARED_SCHEDULES = [
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+    "warmup_cosine_decay_schedule",
 ]
 
 
@@ -394,16 +403,44 @@ def _shape(parameter):
     return parameter.name, parameter.kind, default
 
 
-@pytest.mark.parametrize("name", SHARED)
-def test_optax_names_defaults_and_order(name):
+@pytest.mark.parametrize(
+    "module, name", [(rj, n) for n in SHARED] + [(rj.schedules, n) for n in SHARED_SCHEDULES]
+)
+def test_optax_names_defaults_and_order(module, name):
     theirs = list(inspect.signature(getattr(optax, name)).parameters.values())
-    ours = list(inspect.signature(getattr(rj, name)).parameters.values())
+    ours = list(inspect.signature(getattr(module, name)).parameters.values())
     if theirs and theirs[0].kind is inspect.Parameter.VAR_POSITIONAL:
         assert ours[0].kind is inspect.Parameter.VAR_POSITIONAL
         return
     assert [_shape(p) for p in ours[: len(theirs)]] == [_shape(p) for p in theirs]
     for extra in ours[len(theirs) :]:
         assert extra.default is not inspect.Parameter.empty, extra
+
+
+def test_every_function_named_as_optax_is_checked_against_optax():
+    # a name optax has must mean optax's function: scale_by_factored_rms was a different
+    # algorithm (rmsjax's factored RMSprop) under optax's name
+    for module, listed in ((rj, SHARED), (rj.schedules, SHARED_SCHEDULES)):
+        named = {n for n in module.__all__ if n[:1].islower() and hasattr(optax, n)}
+        assert named - {"schedules"} == set(listed)
+
+
+def test_optax_scale_by_factored_rms_is_not_taken_for_rmsjax_factored_rmsprop():
+    with pytest.raises(AttributeError, match="rmsjax has no scale_by_factored_rms: optax's"):
+        rj.scale_by_factored_rms  # noqa: B018
+    assert "scale_by_factored_rms" not in dir(rj)
+    # the message's advice: optax's own chains into rmsjax with optax's numbers
+    params = {"w": jnp.ones((160, 130)), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: jnp.linspace(-2.0, 3.0, p.size).reshape(p.shape), params)
+    ours = rj.chain(optax.scale_by_factored_rms(), rj.scale(-0.1))
+    theirs = optax.chain(optax.scale_by_factored_rms(), optax.scale(-0.1))
+    s1, s2 = ours.init(params), theirs.init(params)
+    for _ in range(3):
+        u1, s1 = jax.jit(ours.update)(grads, s1, params)
+        u2, s2 = jax.jit(theirs.update)(grads, s2, params)
+    _assert_same_bits(u1, u2)
+    with pytest.raises(AttributeError, match="no attribute 'scale_by_nothing'"):
+        rj.scale_by_nothing  # noqa: B018
 
 
 def test_scale_by_learning_rate_of_none_scales_by_nothing_as_optax():

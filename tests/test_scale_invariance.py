@@ -57,7 +57,7 @@ RULES = {
         lambda grads, eps: rowwise_reference(grads, 0.0, eps)[0],
     ),
     "factored rms": (
-        lambda eps, storage: rj.scale_by_factored_rms(0.9, eps=eps),
+        lambda eps, storage: rj.scale_by_factored_rmsprop(0.9, eps=eps),
         lambda grads, eps: factored_reference(grads, 0.9, eps)[0],
     ),
     "torch rmsprop": (

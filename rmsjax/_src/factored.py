@@ -12,7 +12,7 @@ from rmsjax._src import momentum as momentum_lib
 
 
 class ScaleByFactoredRmsState(NamedTuple):
-    """State of :func:`scale_by_factored_rms`; float32, one entry of each field per
+    """State of :func:`scale_by_factored_rmsprop`; float32, one entry of each field per
     parameter.
 
     Attributes:
@@ -41,7 +41,7 @@ def is_factored(shape: tuple[int, ...], min_dim_size_to_factor: int) -> bool:
     return len(shape) >= 2 and min(shape[-2:]) >= min_dim_size_to_factor
 
 
-def scale_by_factored_rms(
+def scale_by_factored_rmsprop(
     decay: float = 0.9, eps: float = 1e-30, *, min_dim_size_to_factor: int = 32
 ) -> base.GradientTransformation:
     r"""Divides updates by the root of a factored (rank-one) estimate of the decaying
@@ -82,7 +82,7 @@ def scale_by_factored_rms(
        larger or smaller steps than RMSprop would give them.
 
     >>> import jax.numpy as jnp, rmsjax as rj
-    >>> tx = rj.scale_by_factored_rms(decay=0.0, min_dim_size_to_factor=2)
+    >>> tx = rj.scale_by_factored_rmsprop(decay=0.0, min_dim_size_to_factor=2)
     >>> g = jnp.array([[1.0, 2.0], [2.0, 4.0]])  # a rank-one g*g is recovered exactly
     >>> tx.update(g, tx.init(g))[0]
     Array([[1., 1.],
@@ -92,7 +92,7 @@ def scale_by_factored_rms(
       Shazeer and Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory Cost,
       ICML 2018, arXiv:1804.04235.
     """
-    name = "scale_by_factored_rms"
+    name = "scale_by_factored_rmsprop"
     validate.check_decay(name, "decay", decay)
     validate.check_non_negative(name, "eps", eps)
     validate.check_count(name, "min_dim_size_to_factor", min_dim_size_to_factor)
@@ -159,8 +159,8 @@ def _exponent(g: jax.Array, moments: list, exponent: jax.Array, eps: Any) -> jax
 
 
 def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elementwise.LeafRule:
-    """The per-leaf form of :func:`scale_by_factored_rms` (unchecked arguments)."""
-    name = "scale_by_factored_rms"
+    """The per-leaf form of :func:`scale_by_factored_rmsprop` (unchecked arguments)."""
+    name = "scale_by_factored_rmsprop"
 
     def axes(which: int):
         # The parameter's dimensions each slot runs along: the row statistic drops the
@@ -261,9 +261,9 @@ def factored_rmsprop(
     min_dim_size_to_factor: int = 32,
 ) -> base.GradientTransformation:
     r"""RMSprop with a factored second moment: :math:`n + m` numbers of state per
-    :math:`n \times m` matrix (see :func:`scale_by_factored_rms`).
+    :math:`n \times m` matrix (see :func:`scale_by_factored_rmsprop`).
 
-    ``chain(scale_by_factored_rms(decay, eps, min_dim_size_to_factor),
+    ``chain(scale_by_factored_rmsprop(decay, eps, min_dim_size_to_factor),
     scale_by_learning_rate(learning_rate), trace(momentum))``, the same order as
     :func:`rmsprop` (the learning rate sits inside the momentum buffer):
 
@@ -300,7 +300,7 @@ def factored_rmsprop(
     validate.check_bool(name, "nesterov", nesterov)
     validate.check_count(name, "min_dim_size_to_factor", min_dim_size_to_factor)
     parts = [
-        scale_by_factored_rms(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
+        scale_by_factored_rmsprop(decay, eps, min_dim_size_to_factor=min_dim_size_to_factor),
         scaling.scale_by_learning_rate(learning_rate),
     ]
     # an identity without momentum keeps the state's layout (3 parts) the same
