@@ -7,6 +7,8 @@ exactly one, optax's positional argument order, placeholder states and eager ste
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import equinox as eqx
 import jax
@@ -135,6 +137,21 @@ def test_masked_state_keeps_a_placeholder_for_each_left_out_leaf():
     assert rename(ours.inner_state[0].sum_of_squares) == rename(
         theirs.inner_state[0].sum_of_squares
     )
+
+
+@pytest.mark.parametrize("mask", [{"a": None}, lambda p: jax.tree.map(lambda _: True, p)])
+def test_masked_steps_a_tree_without_arrays_as_optax(mask):
+    # a frozen subtree of Nones reaching a masked stateful rule: init handed the tree on
+    # as it was, update masked it and refused its own state
+    params = {"a": None}
+    for apply in (False, True):
+        ours = rj.masked(rj.chain(rj.trace(0.9), rj.adagrad(0.1)), mask)
+        step = rj.update_and_apply if apply else lambda tx, g, s, p: tx.update(g, s, p)
+        out, state = jax.jit(functools.partial(step, ours))(params, ours.init(params), params)
+        assert out == {"a": None}
+        assert jax.tree.structure(state) == jax.tree.structure(ours.init(params))
+    theirs = optax.masked(optax.chain(optax.trace(0.9), optax.adagrad(0.1)), mask)
+    assert theirs.update(params, theirs.init(params), params)[0] == {"a": None}
 
 
 def test_optax_tree_map_params_works_on_a_masked_state():

@@ -72,6 +72,13 @@ def masked(
 
     def step(updates, state, params, extra, apply):
         elementwise.expect_state(name, state, MaskedState)
+        if not jax.tree.leaves(updates) and not jax.tree.leaves(params):
+            # nothing to mask, as in init: the inner state was made on the tree as it is
+            with elementwise.naming_wrapper(name, "update"):
+                out, inner_state = combine.step_of(inner, apply)(
+                    updates, state.inner_state, params, **extra
+                )
+            return out, MaskedState(inner_state)
         mask_tree = resolve_mask(name, mask, updates if params is None else params)
         if mask_compatible_extra_args:
             structure = jax.tree.structure(updates)
