@@ -313,6 +313,48 @@ def test_a_gradient_through_steps_with_zero_eps_is_finite_at_every_scale(name):
         np.testing.assert_allclose(tiny, ordinary, rtol=0.1)
 
 
+TINY_FLOAT64 = {
+    "rmsprop": lambda storage: rj.rmsprop(0.01, eps=0.0, storage=storage),
+    "momentum": lambda storage: rj.rmsprop(0.01, eps=0.0, momentum=0.5, storage=storage),
+    "centered": lambda storage: rj.rmsprop(0.01, eps=0.0, centered=True, storage=storage),
+    "adagrad": lambda storage: rj.adagrad(
+        0.01, eps=0.0, initial_accumulator_value=0.0, storage=storage
+    ),
+    "torch": lambda storage: rj.compat.torch_rmsprop(0.01, eps=0.0, storage=storage),
+    "grouped": lambda storage: rj.grouped(rj.rmsprop(0.01, eps=0.0, storage=storage)),
+}
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("name", list(TINY_FLOAT64))
+def test_tiny_float64_gradients_in_float32s_range_step_finitely(name, storage):
+    # A float64 leaf whose state has float32's exponent range: a moment under its range
+    # is held at float32's smallest normal number. It was held at float64's, which a
+    # bfloat16 slot rounds to 0 (and a gradient under ~1e-170 squared to 0 in every
+    # slot): the step was g / 0 = -inf, kept in the momentum buffer.
+    decay = 0.99 if name == "torch" else 0.9  # torch's alpha
+    bound = 0.01 / np.sqrt(1 - decay) if name != "adagrad" else 0.01
+    bound /= 0.5 if name == "momentum" else 1
+    with jax.enable_x64(True):
+        for size in (2, 4096):
+            for scale in (1e-20, 3e-38, 1e-100, 1e-300):
+                tx = TINY_FLOAT64[name](storage)
+                params = jnp.ones(size, jnp.float64)
+                grads = jnp.full(size, scale, jnp.float64).at[0].set(-scale)
+                state, step = tx.init(params), jax.jit(tx.update)
+                for _ in range(3):
+                    updates, state = step(grads, state, params)
+                u = np.asarray(updates)
+                assert np.all(np.isfinite(u)) and np.all(np.abs(u) <= bound * (1 + 1e-6))
+                assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)), scale
+                if scale >= 3e-38 and name != "centered":
+                    # in range the step is the equations', within the state's rounding
+                    exact = TINY_FLOAT64[name]("float32")
+                    want = np.asarray(exact.update(grads, exact.init(params), params)[0])
+                    first = np.asarray(tx.update(grads, tx.init(params), params)[0])
+                    np.testing.assert_allclose(first, want, rtol=2e-2)
+
+
 def _loss_with_a_frozen_weight(lr, make):
     # The last weight's gradient is always 0 (a parameter the loss does not use).
     tx = make(lr)

@@ -706,6 +706,31 @@ def test_accumulate_gradients_averages_gradients_near_float32s_maximum(k):
         np.testing.assert_allclose(np.asarray(updates, np.float64), want, atol=2**-22 * scale)
 
 
+@pytest.mark.parametrize("dtype, largest", [(jnp.bfloat16, 3.3895e38), (jnp.float16, 65504.0)])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_a_narrower_accumulator_saturates_instead_of_stepping_by_infinity(dtype, largest, k):
+    # float32 gradients of 3.4e38 (over bfloat16's largest) and 1e5 (over float16's)
+    # were stored in the sum as inf, and RMSprop stepped by -inf
+    big = 3.4e38 if dtype == jnp.bfloat16 else 1e5
+    params = jnp.ones(3)
+    grads = jnp.array([big, -big, 1.0], jnp.float32)
+    for inner, want in (
+        (rj.rmsprop(0.01), -0.01 / np.sqrt(0.1) * np.sign(np.asarray(grads))),
+        (rj.sgd(1.0), -np.array([largest, -largest, 1.0])),  # the sum held at the largest
+    ):
+        tx = rj.accumulate_gradients(inner, k, accumulator_dtype=dtype)
+        state, step = tx.init(params), jax.jit(tx.update)
+        for _ in range(k):
+            updates, state = step(grads, state, params)
+        np.testing.assert_allclose(np.asarray(updates, np.float64), want, rtol=1e-3)
+    # an infinite gradient still shows as one
+    tx = rj.accumulate_gradients(rj.sgd(1.0), k, accumulator_dtype=dtype)
+    state = tx.init(params)
+    for _ in range(k):
+        updates, state = tx.update(jnp.array([jnp.inf, -jnp.inf, 1.0]), state, params)
+    np.testing.assert_array_equal(np.asarray(updates)[:2], [-np.inf, np.inf])
+
+
 def test_accumulate_gradients_every_1_is_the_inner_optimizer():
     inner = rj.adagrad(0.1)
     tx = rj.accumulate_gradients(inner, every_k=1)

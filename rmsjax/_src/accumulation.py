@@ -53,7 +53,8 @@ def accumulate_gradients(
       inner: the optimizer to step once per ``every_k`` calls.
       every_k: the number of micro-batches per step, an integer >= 1.
       accumulator_dtype: dtype of the running sum; None keeps each parameter's dtype
-        (pass ``jnp.float32`` to accumulate bfloat16 gradients without rounding).
+        (pass ``jnp.float32`` to accumulate bfloat16 gradients without rounding). A
+        sum beyond its largest finite number (65504 for float16) is held at that number.
 
     Returns:
       A :class:`GradientTransformation` with state :class:`AccumulateGradientsState`.
@@ -112,7 +113,13 @@ def accumulate_gradients(
 
         def add(acc, g):
             dtype = numerics.compute_dtype(jnp.result_type(acc, g))
-            return (acc.astype(dtype) + g.astype(dtype) * (1 / unit)).astype(acc.dtype)
+            total = acc.astype(dtype) + g.astype(dtype) * (1 / unit)
+            top = float(jnp.finfo(acc.dtype).max)
+            if top < float(jnp.finfo(dtype).max):
+                # a narrower accumulator (bfloat16's largest is under float32's, float16's
+                # is 65504) saturates: a finite sum stored as inf stepped by -inf
+                total = jnp.where(jnp.isfinite(total), jnp.clip(total, -top, top), total)
+            return total.astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)
         last = state.mini_step == every_k - 1

@@ -59,15 +59,11 @@ def zero_count() -> jax.Array:
 
 
 # ------------------------------------------------------------ second moments in range
-#
 # A second moment spans twice the exponent range of its gradients: a float32 gradient of
 # 1e30 has a square of 1e60, one of 1e-30 a square of 1e-60, neither a float32. So that a
 # step never depends on the gradients' scale (as RMSprop's and Adagrad's do not), a slot
-# keeps the moment while it lies in [LOW, HIGH], else a negative number:
-#
-#   above HIGH:  -nu * 2^-(2 k)          (k = MomentRange.shift; "huge")
-#   below LOW:   -sqrt(nu)               (only in tiny mode; "tiny")
-#
+# keeps the moment while it lies in [LOW, HIGH], else a negative number: above HIGH
+# -nu * 2^-(2 k) (k = MomentRange.shift; "huge"); below LOW -sqrt(nu) (tiny mode; "tiny").
 # The two negative ranges do not overlap (TINY_ROOT separates them). The ordinary case
 # computes optax's formula, each fallback the same formula on operands scaled by a power
 # of two (exact), so ordinary steps stay bit for bit. The fallback is computed for every
@@ -347,13 +343,17 @@ def accumulate_moment(
         negative & ~huge, root_up * root_up, scale_exponent(jnp.clip(old, 0, ceiling), 2 * t)
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
-    is_tiny = (nu < limits.low) & (nu_up > 0)
+    narrow = limits is _RANGES[8] and old.dtype == jnp.float64  # float32's range, float64 leaf
+    nonzero = nu_up > 0
+    if narrow:  # a gradient under ~1e-170 squares to 0 even scaled up: held at the floor
+        nonzero = nonzero | (square(jnp.where(g != 0, 1.0, 0.0).astype(g.dtype)) > 0)
+    is_tiny = (nu < limits.low) & nonzero
     root = sqrt_inline(nu_up) if inline else sqrt(nu_up)
-    # A root under the smallest normal number (a moment under 2^-252: RMSprop's
-    # (1 - decay) g^2 for a gradient near float32's smallest) is held as that number
-    # instead of 0, where eps = 0 would step by g / 0: the step is then at most
+    # A root under the smallest normal number of the slot's range (a moment under 2^-252:
+    # RMSprop's (1 - decay) g^2 for a gradient near float32's smallest) is held as that
+    # number instead of 0, where eps = 0 would step by g / 0: the step is then at most
     # 1 / sqrt(1 - decay), and smaller than the exact one by up to that factor.
-    smallest = jnp.asarray(jnp.finfo(old.dtype).tiny, old.dtype)
+    smallest = jnp.asarray(jnp.finfo(jnp.float32 if narrow else old.dtype).tiny, old.dtype)
     return jnp.where(is_tiny, -jnp.maximum(scale_exponent(root, -t), smallest), result)
 
 
