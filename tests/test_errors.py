@@ -225,6 +225,25 @@ def test_a_schedule_must_return_a_real_number(make, returned, shown):
         jax.jit(tx.update)(params, tx.init(params), params)
 
 
+def test_inject_hyperparams_says_where_a_function_that_is_no_schedule_goes():
+    # optax calls every callable argument with the count: adamw's mask function returned
+    # False there and masked every parameter out of the weight decay, in silence
+    mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    with pytest.raises(TypeError, match=r"got False \(bool\); a function that is no schedule "):
+        rj.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.1, mask=mask)
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    theirs = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=0.1, weight_decay=0.1, mask=mask
+    )
+    ours = rj.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=0.1, weight_decay=0.1, mask=mask
+    )
+    want = theirs.update(params, theirs.init(params), params)[0]
+    got = ours.update(params, ours.init(params), params)[0]
+    for key in params:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_traced_hyperparameters_pass_unchecked_and_work():
     params = jnp.array([1.0, -1.0])
     grads = jnp.array([0.5, 2.0])

@@ -410,6 +410,34 @@ def test_8_bit_float_parameters_are_refused_by_name(make, dtype):
         make().init(params)
 
 
+@pytest.mark.parametrize(
+    "call, function",
+    [
+        (lambda g: rj.global_norm(g), "global_norm"),
+        (lambda g: rj.clip_by_global_norm(1.0).update(g, rj.EmptyState()), "clip_by_global_norm"),
+        (
+            lambda g: (lambda tx: tx.update(g, tx.init(PARAMS), PARAMS))(
+                rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.1))
+            ),
+            "chain",
+        ),
+        (lambda g: rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1).init(g), "inject"),
+        (
+            lambda g: (lambda tx: tx.update(g, tx.init(PARAMS), PARAMS))(
+                rj.inject_hyperparams(rj.adagrad)(learning_rate=0.1)
+            ),
+            "inject",
+        ),
+    ],
+)
+def test_8_bit_float_gradients_are_refused_by_name_where_a_whole_tree_is_read(call, function):
+    # the global norm and inject_hyperparams' dtype of the hyperparameters read every leaf
+    # before any rule did: they failed with JAX's TypePromotionError, naming nothing
+    grads = {**PARAMS, "w": PARAMS["w"].astype(jnp.float8_e4m3fn)}
+    with pytest.raises(TypeError, match=rf"^rmsjax\.{function}.*leaf \['w'\] has dtype float8"):
+        call(grads)
+
+
 def test_a_chain_s_init_names_the_chain_then_the_part():
     # a part after a transformation that is no rule named only itself at init
     params = {**PARAMS, "w": jnp.ones(3, jnp.int32)}

@@ -192,10 +192,25 @@ def test_global_norm_of_constants_folded_by_the_compiler():
     np.testing.assert_allclose(float(norm), np.sqrt(4 * 1e40 + 5 * 4e40), rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), -float("inf"), 1e39])
 def test_clip_by_global_norm_rejects_bad_max_norm(bad):
     with pytest.raises(ValueError, match=r"rmsjax\.clip_by_global_norm: max_norm must be"):
         rj.clip_by_global_norm(bad)
+
+
+def test_clip_by_global_norm_of_inf_clips_nothing_as_optax():
+    # optax's idiom for "clipping off" in a config; it was refused as not finite
+    rng = np.random.default_rng(0)
+    grads = {"w": jnp.asarray(rng.normal(size=(5, 3)) * 1e3, jnp.float32), "b": jnp.ones(2)}
+    ours = jax.jit(rj.clip_by_global_norm(float("inf")).update)(grads, rj.EmptyState())[0]
+    theirs = jax.jit(optax.clip_by_global_norm(float("inf")).update)(grads, optax.EmptyState())[0]
+    for key in grads:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+        np.testing.assert_array_equal(ours[key], grads[key])
+    # a norm beyond float32's maximum: the gradients as they are (optax's are NaN)
+    huge = {"w": jnp.array([3e38, -3e38, 1.0])}
+    out = rj.clip_by_global_norm(np.float32("inf")).update(huge, rj.EmptyState())[0]
+    np.testing.assert_array_equal(out["w"], huge["w"])
 
 
 # ----------------------------------------------------------- masked and weight decay

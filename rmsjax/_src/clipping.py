@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, validate
+from rmsjax._src import base, elementwise, fusion, numerics, tree_checks, validate
 
 
 def clip(max_delta: float) -> base.GradientTransformation:
@@ -65,6 +65,7 @@ def global_norm(updates: base.Updates) -> jax.Array:
     >>> rj.global_norm({"a": jnp.array([3e20]), "b": jnp.array([[4e20]])})
     Array(5.e+20, dtype=float32)
     """
+    tree_checks.refuse_eight_bit_floats("global_norm", updates)
     root, exponent = _scaled_norm(jax.tree.leaves(updates))
     return jnp.ldexp(root, exponent)
 
@@ -118,7 +119,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
     Args:
       max_norm: the largest global norm allowed, > 0 and at least float32's smallest
         normal number (XLA on a CPU reads smaller numbers as 0, and zero gradients
-        then came out NaN, as in optax).
+        then came out NaN, as in optax); ``float("inf")`` clips nothing, as in optax.
 
     Returns:
       A stateless :class:`GradientTransformation` (state :class:`EmptyState`).
@@ -133,12 +134,17 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
       networks, ICML 2013 (arXiv:1211.5063).
     """
     name = "clip_by_global_norm"
-    validate.check_range(name, "max_norm", max_norm, 0.0, low_open=True)
-    validate.check_finite(name, "max_norm", max_norm)
-    validate.check_normal(name, "max_norm", max_norm)
+    if validate.concrete_value(max_norm) != float("inf"):  # inf: no clipping, as in optax
+        validate.check_range(name, "max_norm", max_norm, 0.0, low_open=True)
+        validate.check_finite(name, "max_norm", max_norm)
+        validate.check_normal(name, "max_norm", max_norm)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
+        tree_checks.refuse_eight_bit_floats(f"{name}.update", updates)
+        if validate.concrete_value(max_norm) == float("inf"):
+            # (also where the norm passes float32's maximum: optax's updates are NaN)
+            return jax.tree.map(jnp.asarray, updates), state
         root, exponent = _scaled_norm(jax.tree.leaves(updates))
         keep = jnp.ldexp(root, exponent) < max_norm
         # (g * 2^-e) / (norm * 2^-e) is g / norm, bit for bit, and stays right where

@@ -46,7 +46,8 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
         if isinstance(leaf, (str, bytes)) or callable(leaf):
             continue  # no array: the inner optimizer names it (result_type read 'abc' as a dtype)
         leaf_dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(leaf_dtype, jnp.inexact):
+        if jnp.issubdtype(leaf_dtype, jnp.inexact) and leaf_dtype.itemsize > 1:
+            # (an 8-bit float leaf: the inner optimizer refuses it by name)
             dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
     return dtype
 
@@ -178,7 +179,9 @@ def inject_hyperparams(
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
             for key, schedule in schedules.items():
-                value = validate.scalar_schedule_value(where, key, schedule(count))
+                # (optax calls a mask function with the count too, and masks nothing)
+                hint = f"; a function that is no schedule goes in static_args=({key!r},)"
+                value = validate.scalar_schedule_value(where, key, schedule(count), hint)
                 values[key] = cast(key, value, dtype)
             for key, schedule in stateful.items():
                 value = schedule(schedule_states[key], **extra)

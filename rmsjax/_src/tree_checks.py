@@ -53,12 +53,7 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
                 "Split the leaf into its real and imaginary parts."
             )
         if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
-            raise TypeError(
-                f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; rmsjax "
-                "does not take 8-bit float leaves (JAX does not promote them to the float32 "
-                "most rules compute in). Keep the trained parameters and their gradients in "
-                f"bfloat16 or float32, and cast them to {dtype} for the forward pass."
-            )
+            raise _eight_bit_float(f"{name}.{where}", path_of(tree, i), dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
@@ -97,6 +92,24 @@ def check_params(
                 f"shape {jnp.shape(p)} but its update has shape {jnp.shape(g)}; pass the "
                 "parameters the gradients were taken of."
             )
+
+
+def _eight_bit_float(function: str, path: str, dtype: Any) -> TypeError:
+    return TypeError(
+        f"rmsjax.{function}: leaf {path} has dtype {dtype}; rmsjax does not take 8-bit "
+        "float leaves (JAX does not promote them to the float32 most rules compute in). "
+        "Keep the trained parameters and their gradients in bfloat16 or float32, and cast "
+        f"them to {dtype} for the forward pass."
+    )
+
+
+def refuse_eight_bit_floats(function: str, tree: Any) -> None:
+    """The TypeError of :func:`check_inexact` for the first 8-bit float leaf of ``tree``,
+    for what takes a whole tree (``rmsjax.function``) rather than a rule's leaves."""
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
+            raise _eight_bit_float(function, path_of(tree, i), dtype)
 
 
 def path_of(tree: Any, index: int) -> str:

@@ -236,11 +236,11 @@ def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
         _fail(function, argument, allowed, dtype)
 
 
-def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
+def scalar_schedule_value(function: str, argument: str, value: Any, hint: str = "") -> Any:
     """A schedule's value, checked at trace time to be a scalar: a schedule that returns
     an array would otherwise be broadcast over each leaf, or fail inside the step, and a
     real number: None, a string or a complex number failed inside the step with Python's
-    own errors, and True stepped as 1."""
+    own errors, and True stepped as 1. ``hint`` ends the message."""
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         real = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -252,7 +252,7 @@ def scalar_schedule_value(function: str, argument: str, value: Any) -> Any:
             kind = f"a value of dtype {dtype}"
         raise TypeError(
             f"rmsjax.{function}: the {argument} schedule must return a real number (an "
-            f"integer or a float), got {kind}"
+            f"integer or a float), got {kind}{hint}"
         )
     shape = np.shape(value)
     if shape != ():
