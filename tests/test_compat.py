@@ -1169,6 +1169,20 @@ def test_keras_options_that_change_the_numbers_name_what_to_compose(
         getattr(compat, preset)(0.01, use_ema=np.False_)
 
 
+@pytest.mark.parametrize("preset", ["keras_rmsprop", "keras_adagrad"])
+def test_keras_options_keras_reads_as_off_or_refuses_are_checked_before_the_advice(preset):
+    # the advice repeated values no composition takes (rj.clip(-1.0), 1.5 steps)
+    make = getattr(compat, preset)
+    for argument in ("clipnorm", "clipvalue", "global_clipnorm"):
+        with pytest.raises(ValueError, match=rf"^rmsjax\.compat\.{preset}: {argument} must be > 0"):
+            make(0.01, **{argument: -1.0})
+        make(0.01, **{argument: 0.0})  # Keras clips nothing at 0
+    for steps, error in ((1.5, TypeError), (1, ValueError)):  # as Keras refuses them
+        with pytest.raises(error, match="gradient_accumulation_steps must be an integer >= 2"):
+            make(0.01, gradient_accumulation_steps=steps)
+    make(0.01, gradient_accumulation_steps=0)  # Keras accumulates nothing at 0
+
+
 @pytest.mark.parametrize("schedule", [False, True])
 def test_keras_gradient_accumulation_is_accumulate_gradients_around_the_preset(schedule):
     # what the refusal of gradient_accumulation_steps tells the user to write, live

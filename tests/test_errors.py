@@ -947,9 +947,12 @@ def test_inject_hyperparams_names_itself_and_the_value_as_given():
     with pytest.raises(
         ValueError,
         match=r"^rmsjax\.inject_hyperparams\(rmsprop\): its inner rmsprop: decay must be in "
-        r"\[0, 1\), got 1\.5 \(float32 array\)$",
+        r"\[0, 1\), got 1\.5$",
     ):
         rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=1.5)
+    # a decay that float32 rounds to 1 was shown as the 1.0 it became
+    with pytest.raises(ValueError, match=r"the largest float32 number under 1 .*got 0\.99999997"):
+        rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, decay=1 - 2**-25)
     with pytest.raises(TypeError, match=r"^rmsjax\.inject_hyperparams\(<lambda>\): inner_factory"):
         rj.inject_hyperparams(lambda learning_rate: 3)(learning_rate=0.1)
     tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)

@@ -195,6 +195,9 @@ def inject_hyperparams(
         zero = jnp.zeros([], jnp.int32)
         fresh_states = {key: s.init() for key, s in stateful.items()}
         with elementwise.naming_wrapper(where, None):
+            # first with the numbers as given: a refusal shows them as the caller wrote
+            # them (1 - 2**-25 is 1.0 in float32, and was shown so)
+            build({**values_at(zero, {}, fresh_states, jnp.float32, {}), **numeric})
             first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
         validate.check_transformation(where, "inner_factory's result", first)
 

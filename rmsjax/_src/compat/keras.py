@@ -228,6 +228,19 @@ def keras_adagrad(
     )
 
 
+def _is_zero(value: Any) -> bool:
+    return value is None or (validate.concrete_value(value) == 0 and value is not True)
+
+
+def _positive_or_off(function: str, argument: str, value: Any) -> Any:
+    """None for None or 0 (Keras clips nothing then); else a number > 0, or an error."""
+    if _is_zero(value) or value is False:
+        return None
+    validate.check_range(function, argument, value, 0.0, low_open=True)
+    validate.check_finite(function, argument, value)
+    return value
+
+
 def _check_base_options(
     function: str,
     clipnorm: Any,
@@ -243,6 +256,22 @@ def _check_base_options(
     check_how_to_run(function, name=name)
     validate.check_bool(function, "use_ema", use_ema)
     preset = f"rmsjax.{function}(...)"
+    # 0 is off, as in Keras; other values are checked as Keras takes them before the
+    # advice below repeats them (a negative clip, 1.5 steps: no composition takes those)
+    clipnorm, clipvalue, global_clipnorm = (
+        _positive_or_off(function, argument, value)
+        for argument, value in (
+            ("clipnorm", clipnorm),
+            ("clipvalue", clipvalue),
+            ("global_clipnorm", global_clipnorm),
+        )
+    )
+    if not _is_zero(gradient_accumulation_steps):
+        validate.check_count(
+            function, "gradient_accumulation_steps", gradient_accumulation_steps, 2
+        )
+    else:
+        gradient_accumulation_steps = None
     for argument, value, instead in [
         (
             "clipnorm",
