@@ -16,7 +16,7 @@ import numpy as np
 
 
 def concrete_value(value: Any) -> float | None:
-    """The value as a python float, or None when it is traced or not a scalar number."""
+    """The value as a python float, or None when it is traced or not a real scalar."""
     if value is None or callable(value) or isinstance(value, jax.core.Tracer):
         return None
     try:
@@ -25,7 +25,7 @@ def concrete_value(value: Any) -> float | None:
         return None
     if array.shape != () or not np.issubdtype(array.dtype, np.number):
         return None
-    return float(array)
+    return None if np.iscomplexobj(array) else float(array)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
