@@ -1222,3 +1222,52 @@ def test_torch_adagrad_lr_decay_runs_in_float64_with_x64():
             got.append(np.asarray(p))
         assert p.dtype == jnp.float64
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-13, atol=0)
+
+
+def test_torch_one_cycle_schedules_the_momentum_too_through_inject_hyperparams():
+    # OneCycleLR (and CyclicLR) cycle RMSprop's momentum by default, even from momentum=0:
+    # a learning-rate schedule alone ran far from torch; both schedules injected match
+    live_peer_available("torch_rmsprop")
+    import torch
+
+    steps, rng = 20, np.random.default_rng(0)
+    grads = rng.normal(size=(steps, 3)).astype(np.float32)
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 1.5]))
+    opt = torch.optim.RMSprop([w], lr=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=steps)
+    rates, momenta = [], []
+    for g in grads:
+        rates.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])
+        w.grad = torch.from_numpy(g)
+        opt.step()
+        schedule.step()
+    assert momenta[0] > 0.9  # switched on by the scheduler
+    rates, momenta = jnp.asarray(rates, jnp.float32), jnp.asarray(momenta, jnp.float32)
+    tx = rj.inject_hyperparams(compat.torch_rmsprop)(
+        lr=lambda count: rates[count], momentum=lambda count: momenta[count]
+    )
+    params = jnp.array([1.0, 2.0, 1.5])
+    state, step = tx.init(params), jax.jit(functools.partial(rj.update_and_apply, tx))
+    for g in grads:
+        params, state = step(jnp.asarray(g), state, params)
+    np.testing.assert_allclose(params, w.detach().numpy(), rtol=1e-5)
+
+
+def test_keras_use_ema_refusal_gives_keras_moving_average():
+    # the advice named optax.ema, which starts from 0 (0.11-0.41 relative from Keras'
+    # average after 10 steps); the recurrence it gives now is Keras', checked live
+    live_peer_available("keras_rmsprop")
+    import keras
+
+    with pytest.raises(ValueError, match=r"avg = params after the first step, then avg = "):
+        compat.keras_rmsprop(0.01, use_ema=True)
+    w = keras.Variable(np.array([1.0, -2.0, 0.5], np.float32))
+    opt = keras.optimizers.RMSprop(0.01, use_ema=True, ema_momentum=0.9)
+    rng, average = np.random.default_rng(0), None
+    for _ in range(10):
+        opt.apply_gradients([(rng.normal(size=3).astype(np.float32), w)])
+        params = np.asarray(w.value, np.float64)
+        average = params if average is None else 0.9 * average + 0.1 * params
+    (kept,) = [v for v in opt.variables if v.path.endswith("variable_average")]
+    np.testing.assert_allclose(np.asarray(kept.value), average, rtol=1e-6)

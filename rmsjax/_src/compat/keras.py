@@ -288,8 +288,9 @@ def _check_base_options(
         (
             "use_ema",
             use_ema,
-            "keep a moving average of the parameters beside the training "
-            "loop (optax.ema of the parameters, say)",
+            "keep Keras' moving average of the parameters beside the training loop: "
+            "avg = params after the first step, then avg = ema_momentum * avg + "
+            "(1 - ema_momentum) * params (optax.ema starts from 0: another average)",
         ),
         (
             "loss_scale_factor",
