@@ -66,9 +66,10 @@ def test_state_laid_out_like_params_on_explicit_mesh():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="int8 dequantize gathers from its code table with jnp.take, which a mesh with "
-    "Explicit axes rejects for sharded codes (ShardingTypeError); storage.py needs "
-    ".at[...].get(out_sharding=...). Under jit on Auto axes int8 state works (tested above).",
+    reason="a jitted int8 update on a mesh with Explicit axes fails in JAX's sharding-in-"
+    "types checks ('ShardingTypeError: select cases must have the same shardings', as "
+    "docs/scale_out.md says): the codes' block layout and the parameter's differ. Under "
+    "jit on Auto axes int8 state works (tested above).",
 )
 def test_int8_state_on_explicit_mesh():
     run_on_8_devices("tests/_multidevice_sharding.py", "layout-explicit-int8")
