@@ -757,11 +757,47 @@ def test_a_count_the_rule_does_not_keep_is_dropped_as_before():
         expected, _ = tx.update(params, state, params)
         got, _ = tx.update(params, reset, params)
         np.testing.assert_array_equal(got["w"], expected["w"])
-    # an int8 state handed to a default-storage Adagrad steps in the storage it holds
+    # an int8 state handed to a bfloat16 Adagrad, which counts its steps too, steps in
+    # the storage it holds
     big = {"w": jnp.ones(4096)}
     int8_state = rj.adagrad(0.1, storage="int8").init(big)
-    updates, new_state = rj.adagrad(0.1).update(big, int8_state, big)
-    assert updates["w"].dtype == jnp.float32 and bool(jnp.isfinite(updates["w"]).all())
+    updates, new_state = rj.adagrad(0.1, storage="bfloat16").update(big, int8_state, big)
+    assert isinstance(new_state[0].sum_of_squares["w"], rj.QuantizedArray)
+    assert bool(jnp.isfinite(updates["w"]).all())
+
+
+@pytest.mark.parametrize(
+    "made, stepped, field",
+    [
+        # a default Adagrad dropped the count that salts the codes' rounding: the sum
+        # stopped near 60 of 2000 after 2000 steps of a gradient of 1
+        ({"storage": "int8"}, {}, "sum_of_squares"),
+        ({"storage": "int8"}, {"storage": "float32"}, "sum_of_squares"),
+        ({"storage": "int8"}, "grouped", "sum_of_squares"),
+        # rounded to nearest: an RMSprop average at a decay of 0.999 stopped at a quarter
+        ({"storage": "bfloat16"}, {"storage": "float32"}, "nu"),
+        ({"storage": "bfloat16"}, {"storage": "int8"}, "nu"),
+        ({"storage": "bfloat16"}, {"storage": "int8"}, "sum_of_squares"),
+    ],
+)
+def test_a_state_another_storage_made_is_refused_where_it_would_round_otherwise(
+    made, stepped, field
+):
+    params = {"w": jnp.ones(4096)}
+    make = rj.adagrad if field == "sum_of_squares" else rj.rmsprop
+    if stepped == "grouped":
+        maker, stepper = rj.grouped(make(0.1, **made)), rj.grouped(make(0.1))
+    else:
+        maker, stepper = make(0.1, **made), make(0.1, **stepped)
+    state = maker.init(params)
+    with pytest.raises(
+        TypeError,
+        match=rf"the state's {field} is held in .* as storage='{made['storage']}' keeps it, "
+        rf"and this optimizer has storage=.*\(storage='{made['storage']}'\)",
+    ):
+        jax.jit(stepper.update)(params, state, params)
+    # the optimizer that made it steps it
+    jax.jit(maker.update)(params, state, params)
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,7 @@ def rms_rule(
 
     def update_leaf(g, slots, context, param):
         del param
+        storage_lib.check_moment_slot("scale_by_rms", "nu", storage, slots[0], True)
         count, correction = context
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)

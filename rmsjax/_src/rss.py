@@ -107,6 +107,7 @@ def rss_rule(
 
     def update_leaf(g, slots, context, param):
         del param
+        storage_lib.check_moment_slot("scale_by_rss", "sum_of_squares", storage, slots[0], counted)
         count = context if counted else None  # the step count (step_shared) salts it
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)

@@ -177,6 +177,27 @@ def keep_moment(
     return new, value
 
 
+def check_moment_slot(function: str, field: str, storage: Any, slot: Any, counted: bool) -> None:
+    """Refuses a second-moment slot made with another ``storage`` that this rule would
+    round otherwise than the rule that made it, silently: int8 codes in a rule that keeps
+    no step count (their rounding's salt: an Adagrad sum stopped near 60 of 2000), and a
+    bfloat16 slot where ``storage`` is ``"float32"`` or ``"int8"`` (rounded to nearest,
+    RMSprop's average at a decay of 0.999 stopped at a quarter of its value)."""
+    if isinstance(slot, QuantizedArray):
+        made, held = ("int8", "8-bit blocks (a QuantizedArray)") if not counted else (None, "")
+    elif storage in ("float32", "int8") and jnp.dtype(slot.dtype) == jnp.bfloat16:
+        made, held = "bfloat16", "bfloat16"
+    else:
+        return
+    if made is not None:
+        raise TypeError(
+            f"rmsjax.{function}.update: the state's {field} is held in {held}, as "
+            f"storage={made!r} keeps it, and this optimizer has storage={storage!r}, which "
+            "would round it otherwise and lose small changes of the moments. Step the "
+            f"state with the optimizer that made it (storage={made!r})."
+        )
+
+
 def slot_dtype(slot: Any) -> Any:
     """The dtype a slot keeps its values in (float32 for an int8 slot's scales)."""
     return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
