@@ -156,7 +156,6 @@ def rms_rule(
 
     def update_leaf(g, slots, context, param):
         del param
-        storage_lib.check_moment_slot("scale_by_rms", "nu", storage, slots[0], True)
         count, correction = context
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
@@ -250,7 +249,7 @@ def rms_rule(
         return update.astype(out), new_slots
 
     slots = (elementwise.Slot("nu"),) + ((elementwise.Slot("mu"),) if centered else ())
-    return elementwise.declared_rule(
+    rule = elementwise.declared_rule(
         "scale_by_rms",
         ScaleByRmsState,
         slots,
@@ -261,3 +260,4 @@ def rms_rule(
         update_leaf=update_leaf,
         complex_refusal=storage_lib.complex_refusal(storage),
     )
+    return storage_lib.checking_moment_slots(rule, "nu", storage, counted=True)

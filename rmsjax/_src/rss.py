@@ -107,7 +107,6 @@ def rss_rule(
 
     def update_leaf(g, slots, context, param):
         del param
-        storage_lib.check_moment_slot("scale_by_rss", "sum_of_squares", storage, slots[0], counted)
         count = context if counted else None  # the step count (step_shared) salts it
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
@@ -128,7 +127,7 @@ def rss_rule(
         out = storage_lib.update_dtype(g, slots, storage)
         return update.astype(out), (moment.stored,)
 
-    return elementwise.declared_rule(
+    rule = elementwise.declared_rule(
         "scale_by_rss",
         ScaleByRssState,
         (elementwise.Slot("sum_of_squares"),),
@@ -139,3 +138,4 @@ def rss_rule(
         update_leaf=update_leaf,
         complex_refusal=storage_lib.complex_refusal(storage),
     )
+    return storage_lib.checking_moment_slots(rule, "sum_of_squares", storage, counted)

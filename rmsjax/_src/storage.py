@@ -177,25 +177,32 @@ def keep_moment(
     return new, value
 
 
-def check_moment_slot(function: str, field: str, storage: Any, slot: Any, counted: bool) -> None:
-    """Refuses a second-moment slot made with another ``storage`` that this rule would
-    round otherwise than the rule that made it, silently: int8 codes in a rule that keeps
-    no step count (their rounding's salt: an Adagrad sum stopped near 60 of 2000), and a
-    bfloat16 slot where ``storage`` is ``"float32"`` or ``"int8"`` (rounded to nearest,
-    RMSprop's average at a decay of 0.999 stopped at a quarter of its value)."""
-    if isinstance(slot, QuantizedArray):
-        made, held = ("int8", "8-bit blocks (a QuantizedArray)") if not counted else (None, "")
-    elif storage in ("float32", "int8") and jnp.dtype(slot.dtype) == jnp.bfloat16:
-        made, held = "bfloat16", "bfloat16"
-    else:
-        return
-    if made is not None:
-        raise TypeError(
-            f"rmsjax.{function}.update: the state's {field} is held in {held}, as "
-            f"storage={made!r} keeps it, and this optimizer has storage={storage!r}, which "
-            "would round it otherwise and lose small changes of the moments. Step the "
-            f"state with the optimizer that made it (storage={made!r})."
-        )
+def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) -> Any:
+    """``rule`` (a LeafRule), refusing where its state is read a second-moment slot that
+    another ``storage`` made and that this rule would round otherwise, silently: int8
+    codes in a rule that keeps no step count (their rounding's salt: an Adagrad sum
+    stopped near 60 of 2000), and a bfloat16 slot where ``storage`` is ``"float32"`` or
+    ``"int8"`` (rounded to nearest, RMSprop's average at a decay of 0.999 stopped at a
+    quarter of its value)."""
+
+    def from_state(state: Any, none_tree: bool = False) -> Any:
+        shared, trees = rule.from_state(state, none_tree)
+        for slot in jax.tree.leaves(trees[0], is_leaf=lambda x: isinstance(x, QuantizedArray)):
+            if isinstance(slot, QuantizedArray) and not counted:
+                made, held = "int8", "8-bit blocks (a QuantizedArray)"
+            elif storage in ("float32", "int8") and jnp.dtype(slot.dtype) == jnp.bfloat16:
+                made, held = "bfloat16", "bfloat16"
+            else:
+                continue
+            raise TypeError(
+                f"rmsjax.{rule.name}.update: the state's {field} is held in {held}, as "
+                f"storage={made!r} keeps it, and this optimizer has storage={storage!r}, "
+                "which would round it otherwise and lose small changes of the moments. "
+                f"Step the state with the optimizer that made it (storage={made!r})."
+            )
+        return shared, trees
+
+    return rule._replace(from_state=from_state)
 
 
 def slot_dtype(slot: Any) -> Any:
