@@ -188,9 +188,11 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
     def from_state(state: Any, none_tree: bool = False) -> Any:
         shared, trees = rule.from_state(state, none_tree)
         for slot in jax.tree.leaves(trees[0], is_leaf=lambda x: isinstance(x, QuantizedArray)):
-            if isinstance(slot, QuantizedArray) and not counted:
+            if isinstance(slot, QuantizedArray):
+                if counted:
+                    continue
                 made, held = "int8", "8-bit blocks (a QuantizedArray)"
-            elif storage in ("float32", "int8") and jnp.dtype(slot.dtype) == jnp.bfloat16:
+            elif storage in ("float32", "int8") and jnp.result_type(slot) == jnp.bfloat16:
                 made, held = "bfloat16", "bfloat16"
             else:
                 continue
