@@ -790,14 +790,26 @@ def test_a_state_another_storage_made_is_refused_where_it_would_round_otherwise(
     else:
         maker, stepper = make(0.1, **made), make(0.1, **stepped)
     state = maker.init(params)
+    held = "8-bit blocks" if made["storage"] == "int8" else "bfloat16"
     with pytest.raises(
         TypeError,
-        match=rf"the state's {field} is held in .* as storage='{made['storage']}' keeps it, "
-        rf"and this optimizer has storage=.*\(storage='{made['storage']}'\)",
+        match=rf"the state's {field} is held in {held} \(made with storage='{made['storage']}'",
     ):
         jax.jit(stepper.update)(params, state, params)
     # the optimizer that made it steps it
     jax.jit(maker.update)(params, state, params)
+
+
+def test_a_bfloat16_parameter_s_own_state_cast_to_float32_steps_under_storage_float32():
+    # the refusal names both makers of a bfloat16 moment, and its advice works
+    params = {"w": jnp.ones((64, 128), jnp.bfloat16)}
+    state = rj.rmsprop(1e-2).init(params)
+    tx = rj.rmsprop(1e-2, storage="float32")
+    with pytest.raises(TypeError, match=r"or with storage=None for bfloat16 parameters\)"):
+        tx.update(params, state, params)
+    cast = state[0]._replace(nu=jax.tree.map(lambda x: x.astype(jnp.float32), state[0].nu))
+    _, new = tx.update(params, (cast, *state[1:]), params)
+    assert new[0].nu["w"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,17 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
     return dtype
 
 
+def _refusal_as_given(build: Callable, values: dict) -> None:
+    """Raises the inner factory's refusal of ``values`` (the caller's own numbers), if it
+    refuses them; anything else it does is no concern here."""
+    try:
+        build(values)
+    except (TypeError, ValueError) as refusal:
+        raise refusal from None
+    except Exception:  # noqa: BLE001, S110  (a factory that needs arrays, say)
+        pass
+
+
 def inject_hyperparams(
     inner_factory: Callable[..., base.GradientTransformation],
     static_args: str | Iterable[str] = (),
@@ -195,10 +206,15 @@ def inject_hyperparams(
         zero = jnp.zeros([], jnp.int32)
         fresh_states = {key: s.init() for key, s in stateful.items()}
         with elementwise.naming_wrapper(where, None):
-            # first with the numbers as given: a refusal shows them as the caller wrote
-            # them (1 - 2**-25 is 1.0 in float32, and was shown so)
-            build({**values_at(zero, {}, fresh_states, jnp.float32, {}), **numeric})
-            first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
+            try:
+                first = build(values_at(zero, numeric, fresh_states, jnp.float32, {}))
+            except (TypeError, ValueError):
+                # refused: again with the numbers as given, so that the message shows them
+                # as the caller wrote them (1 - 2**-25 is 1.0 in float32, and was shown so)
+                _refusal_as_given(
+                    build, {**values_at(zero, {}, fresh_states, jnp.float32, {}), **numeric}
+                )
+                raise
         validate.check_transformation(where, "inner_factory's result", first)
 
         def init_fn(params):

@@ -344,16 +344,16 @@ def accumulate_moment(
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     narrow = limits is _RANGES[8] and old.dtype == jnp.float64  # float32's range, float64 leaf
-    nonzero = nu_up > 0
-    if narrow:  # a gradient under ~1e-170 squares to 0 even scaled up: held at the floor
+    nonzero = nu_up > 0  # (a float64 gradient under ~1e-170 squares to 0 even scaled up)
+    if narrow:
         nonzero = nonzero | (square(jnp.where(g != 0, 1.0, 0.0).astype(g.dtype)) > 0)
-    is_tiny = (nu < limits.low) & nonzero
-    root = sqrt_inline(nu_up) if inline else sqrt(nu_up)
-    # A root under the smallest normal number of the slot's range (a moment under 2^-252:
-    # RMSprop's (1 - decay) g^2 for a gradient near float32's smallest) is held as that
-    # number instead of 0, where eps = 0 would step by g / 0: the step is then at most
-    # 1 / sqrt(1 - decay), and smaller than the exact one by up to that factor.
-    smallest = jnp.asarray(jnp.finfo(jnp.float32 if narrow else old.dtype).tiny, old.dtype)
+    is_tiny, root = (nu < limits.low) & nonzero, sqrt_inline(nu_up) if inline else sqrt(nu_up)
+    # A root under the smallest normal number (a moment under 2^-252 in float32) is held as
+    # that number, not 0, where eps = 0 would step by g / 0: the step is then at most
+    # 1 / sqrt(1 - decay) (storage.store_moment floors a float64 leaf's at float32's).
+    smallest = jnp.asarray(jnp.finfo(old.dtype).tiny, old.dtype)
+    if narrow:  # a root lost to underflow: float32's floor, which the slot holds
+        smallest = jnp.where(nu_up > 0, smallest, jnp.finfo(jnp.float32).tiny)
     return jnp.where(is_tiny, -jnp.maximum(scale_exponent(root, -t), smallest), result)
 
 

@@ -110,6 +110,11 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     to nearest. ``salt`` (the rule's step count, when it keeps one) varies the rounding
     from step to step (see :func:`dither`)."""
     if not isinstance(slot, QuantizedArray):
+        if value.dtype == jnp.float64 and jnp.finfo(slot.dtype).nexp == 8:
+            # a float64 leaf's tiny root under float32's normal range would be flushed to
+            # 0 (bfloat16) or read as 0 (a subnormal float32): held at that floor instead
+            floor = float(np.finfo(np.float32).tiny)
+            value = jnp.where((value < 0) & (value > -floor), -floor, value)
         if unbiased and jnp.dtype(slot.dtype) == jnp.bfloat16:
             return round_bfloat16(value, salt)
         return value.astype(slot.dtype)
@@ -188,20 +193,26 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
     def from_state(state: Any, none_tree: bool = False) -> Any:
         shared, trees = rule.from_state(state, none_tree)
         for slot in jax.tree.leaves(trees[0], is_leaf=lambda x: isinstance(x, QuantizedArray)):
-            if isinstance(slot, QuantizedArray):
-                if counted:
-                    continue
-                made, held = "int8", "8-bit blocks (a QuantizedArray)"
-            elif storage in ("float32", "int8") and jnp.result_type(slot) == jnp.bfloat16:
-                made, held = "bfloat16", "bfloat16"
-            else:
-                continue
-            raise TypeError(
-                f"rmsjax.{rule.name}.update: the state's {field} is held in {held}, as "
-                f"storage={made!r} keeps it, and this optimizer has storage={storage!r}, "
-                "which would round it otherwise and lose small changes of the moments. "
-                f"Step the state with the optimizer that made it (storage={made!r})."
-            )
+            where = f"rmsjax.{rule.name}.update: the state's {field} is held in"
+            if isinstance(slot, QuantizedArray) and not counted:
+                raise TypeError(
+                    f"{where} 8-bit blocks (made with storage='int8'), and this optimizer "
+                    f"has storage={storage!r} and keeps no step count: the codes' rounding "
+                    "would lose its salt and small changes of the moments with it. Step "
+                    "the state with the optimizer that made it (storage='int8')."
+                )
+            if (
+                not isinstance(slot, QuantizedArray)
+                and storage in ("float32", "int8")
+                and jnp.result_type(slot) == jnp.bfloat16
+            ):
+                raise TypeError(
+                    f"{where} bfloat16 (made with storage='bfloat16', or with storage=None "
+                    f"for bfloat16 parameters), and this optimizer has storage={storage!r}: "
+                    "it would keep the moments in bfloat16, rounded to nearest, where "
+                    "storage='bfloat16' rounds them without bias. Step the state with the "
+                    f"optimizer that made it, or cast its {field} to float32 for this one."
+                )
         return shared, trees
 
     return rule._replace(from_state=from_state)
