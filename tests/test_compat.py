@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import os
+import pathlib
 
 import chex
 import jax
@@ -1224,50 +1225,55 @@ def test_torch_adagrad_lr_decay_runs_in_float64_with_x64():
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-13, atol=0)
 
 
-def test_torch_one_cycle_schedules_the_momentum_too_through_inject_hyperparams():
+def _peer_schedules(live: str | None = None) -> dict:
+    """The records of tests/fixtures/generate_peer_schedules.py, or, with ``live`` the
+    name of an importable peer, that peer's run of the same problem."""
+    from tests.fixtures import generate_peer_schedules as record
+
+    stored = np.load(pathlib.Path(record.__file__).with_name("peer_schedules.npz"))
+    if live is None:
+        return dict(stored)
+    run = record.torch_one_cycle if live == "torch" else record.keras_ema
+    return {f"{live}_{k}": v for k, v in run(stored["params"], stored["grads"]).items()}
+
+
+@pytest.mark.parametrize("source", ["recorded", "live"])
+def test_torch_one_cycle_schedules_the_momentum_too_through_inject_hyperparams(source):
     # OneCycleLR (and CyclicLR) cycle RMSprop's momentum by default, even from momentum=0:
     # a learning-rate schedule alone ran far from torch; both schedules injected match
-    live_peer_available("torch_rmsprop")
-    import torch
-
-    steps, rng = 20, np.random.default_rng(0)
-    grads = rng.normal(size=(steps, 3)).astype(np.float32)
-    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 1.5]))
-    opt = torch.optim.RMSprop([w], lr=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=steps)
-    rates, momenta = [], []
-    for g in grads:
-        rates.append(opt.param_groups[0]["lr"])
-        momenta.append(opt.param_groups[0]["momentum"])
-        w.grad = torch.from_numpy(g)
-        opt.step()
-        schedule.step()
-    assert momenta[0] > 0.9  # switched on by the scheduler
-    rates, momenta = jnp.asarray(rates, jnp.float32), jnp.asarray(momenta, jnp.float32)
+    stored = _peer_schedules()
+    if source == "live":
+        live_peer_available("torch_rmsprop")
+        stored.update(_peer_schedules("torch"))
+    rates, momenta = jnp.asarray(stored["torch_rates"]), jnp.asarray(stored["torch_momenta"])
+    assert float(momenta[0]) > 0.9  # switched on by the scheduler
     tx = rj.inject_hyperparams(compat.torch_rmsprop)(
         lr=lambda count: rates[count], momentum=lambda count: momenta[count]
     )
-    params = jnp.array([1.0, 2.0, 1.5])
+    params = jnp.asarray(stored["params"])
     state, step = tx.init(params), jax.jit(functools.partial(rj.update_and_apply, tx))
-    for g in grads:
+    for g in stored["grads"]:
         params, state = step(jnp.asarray(g), state, params)
-    np.testing.assert_allclose(params, w.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(params, stored["torch_final"], rtol=1e-5)
+    # the learning rate alone does not
+    plain = rj.inject_hyperparams(compat.torch_rmsprop)(lr=lambda count: rates[count])
+    params, state = jnp.asarray(stored["params"]), plain.init(jnp.asarray(stored["params"]))
+    for g in stored["grads"]:
+        params, state = rj.update_and_apply(plain, jnp.asarray(g), state, params)
+    assert np.max(np.abs(np.asarray(params) - stored["torch_final"])) > 0.1
 
 
-def test_keras_use_ema_refusal_gives_keras_moving_average():
+@pytest.mark.parametrize("source", ["recorded", "live"])
+def test_keras_use_ema_refusal_gives_keras_moving_average(source):
     # the advice named optax.ema, which starts from 0 (0.11-0.41 relative from Keras'
-    # average after 10 steps); the recurrence it gives now is Keras', checked live
-    live_peer_available("keras_rmsprop")
-    import keras
-
+    # average after 10 steps); the recurrence it gives now is Keras'
     with pytest.raises(ValueError, match=r"avg = params after the first step, then avg = "):
         compat.keras_rmsprop(0.01, use_ema=True)
-    w = keras.Variable(np.array([1.0, -2.0, 0.5], np.float32), name="w")
-    opt = keras.optimizers.RMSprop(0.01, use_ema=True, ema_momentum=0.9)
-    rng, average = np.random.default_rng(0), None
-    for _ in range(10):
-        opt.apply_gradients([(rng.normal(size=3).astype(np.float32), w)])
-        params = np.asarray(w.value, np.float64)
+    stored = _peer_schedules()
+    if source == "live":
+        live_peer_available("keras_rmsprop")
+        stored.update(_peer_schedules("keras"))
+    average = None
+    for params in np.asarray(stored["keras_trajectory"], np.float64):
         average = params if average is None else 0.9 * average + 0.1 * params
-    (kept,) = [v for v in opt.variables if v.path.endswith("_average")]
-    np.testing.assert_allclose(np.asarray(kept.value), average, rtol=1e-6)
+    np.testing.assert_allclose(stored["keras_average"], average, rtol=1e-6)
