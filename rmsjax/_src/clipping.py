@@ -134,7 +134,8 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
       networks, ICML 2013 (arXiv:1211.5063).
     """
     name = "clip_by_global_norm"
-    if validate.concrete_value(max_norm) != float("inf"):  # inf: no clipping, as in optax
+    clips = validate.concrete_value(max_norm) != float("inf")  # inf: none, as in optax
+    if clips:
         validate.check_range(name, "max_norm", max_norm, 0.0, low_open=True)
         validate.check_finite(name, "max_norm", max_norm)
         validate.check_normal(name, "max_norm", max_norm)
@@ -142,7 +143,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         tree_checks.refuse_eight_bit_floats(f"{name}.update", updates)
-        if validate.concrete_value(max_norm) == float("inf"):
+        if not clips:
             # (also where the norm passes float32's maximum: optax's updates are NaN)
             return jax.tree.map(jnp.asarray, updates), state
         root, exponent = _scaled_norm(jax.tree.leaves(updates))

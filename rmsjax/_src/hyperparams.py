@@ -11,7 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, combine, elementwise, fusion, numerics, sharding, validate
+from rmsjax._src import (
+    base,
+    combine,
+    elementwise,
+    fusion,
+    numerics,
+    sharding,
+    tree_checks,
+    validate,
+)
 from rmsjax._src.hyperparams_state import (
     Hyperparams,
     InjectHyperparamsState,
@@ -46,8 +55,9 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
         if isinstance(leaf, (str, bytes)) or callable(leaf):
             continue  # no array: the inner optimizer names it (result_type read 'abc' as a dtype)
         leaf_dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(leaf_dtype, jnp.inexact) and leaf_dtype.itemsize > 1:
-            # (an 8-bit float leaf: the inner optimizer refuses it by name)
+        if jnp.issubdtype(leaf_dtype, jnp.inexact) and not tree_checks.is_eight_bit_float(
+            leaf_dtype
+        ):  # (an 8-bit float leaf: the inner optimizer refuses it by name)
             dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
     return dtype
 

@@ -344,16 +344,16 @@ def accumulate_moment(
     )
     nu_up = combine(square(scale_exponent(g, t)), old_up)
     narrow = limits is _RANGES[8] and old.dtype == jnp.float64  # float32's range, float64 leaf
-    nonzero = nu_up > 0  # (a float64 gradient under ~1e-170 squares to 0 even scaled up)
+    positive = nonzero = nu_up > 0  # (a float64 gradient under ~1e-170 squares to 0 even scaled up)
     if narrow:
-        nonzero = nonzero | (square(jnp.where(g != 0, 1.0, 0.0).astype(g.dtype)) > 0)
+        nonzero = positive | (square(jnp.where(g != 0, 1.0, 0.0).astype(g.dtype)) > 0)
     is_tiny, root = (nu < limits.low) & nonzero, sqrt_inline(nu_up) if inline else sqrt(nu_up)
     # A root under the smallest normal number (a moment under 2^-252 in float32) is held as
     # that number, not 0, where eps = 0 would step by g / 0: the step is then at most
     # 1 / sqrt(1 - decay) (storage.store_moment floors a float64 leaf's at float32's).
     smallest = jnp.asarray(jnp.finfo(old.dtype).tiny, old.dtype)
     if narrow:  # a root lost to underflow: float32's floor, which the slot holds
-        smallest = jnp.where(nu_up > 0, smallest, jnp.finfo(jnp.float32).tiny)
+        smallest = jnp.where(positive, smallest, jnp.finfo(jnp.float32).tiny)
     return jnp.where(is_tiny, -jnp.maximum(scale_exponent(root, -t), smallest), result)
 
 

@@ -190,10 +190,11 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
     ``"int8"`` (rounded to nearest, RMSprop's average at a decay of 0.999 stopped at a
     quarter of its value)."""
 
+    where = f"rmsjax.{rule.name}.update: the state's {field} is held in"
+
     def from_state(state: Any, none_tree: bool = False) -> Any:
         shared, trees = rule.from_state(state, none_tree)
         for slot in jax.tree.leaves(trees[0], is_leaf=lambda x: isinstance(x, QuantizedArray)):
-            where = f"rmsjax.{rule.name}.update: the state's {field} is held in"
             if isinstance(slot, QuantizedArray) and not counted:
                 raise TypeError(
                     f"{where} 8-bit blocks (made with storage='int8'), and this optimizer "

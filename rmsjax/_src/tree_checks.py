@@ -52,7 +52,7 @@ def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
                 f"this transformation takes real leaves only ({rule.complex_refusal}). "
                 "Split the leaf into its real and imaginary parts."
             )
-        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
+        if is_eight_bit_float(dtype):
             raise _eight_bit_float(f"{name}.{where}", path_of(tree, i), dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
@@ -94,6 +94,11 @@ def check_params(
             )
 
 
+def is_eight_bit_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is one of JAX's 8-bit floats, which rmsjax refuses."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 2
+
+
 def _eight_bit_float(function: str, path: str, dtype: Any) -> TypeError:
     return TypeError(
         f"rmsjax.{function}: leaf {path} has dtype {dtype}; rmsjax does not take 8-bit "
@@ -108,7 +113,7 @@ def refuse_eight_bit_floats(function: str, tree: Any) -> None:
     for what takes a whole tree (``rmsjax.function``) rather than a rule's leaves."""
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
+        if dtype is not None and is_eight_bit_float(dtype):
             raise _eight_bit_float(function, path_of(tree, i), dtype)
 
 
