@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import rmsjax as rj
-from tests import trees
+from tests import reference, trees
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
@@ -224,6 +224,34 @@ def test_extreme_gradients_stay_finite(magnitude):
             chex.assert_tree_all_finite((p, state))
 
 
+@pytest.mark.parametrize(
+    "name, make, equations",
+    [
+        (
+            "centered",
+            lambda: rj.scale_by_rms(decay=0.5, centered=True),
+            lambda gs: reference.rms(gs, decay=0.5, centered=True),
+        ),
+        ("ema", lambda: rj.ema(0.5), lambda gs: reference.ema(gs, 0.5)),
+    ],
+)
+def test_an_average_with_equal_weights_stays_finite_under_jit(name, make, equations):
+    # With a decay of 0.5 XLA factors 0.5 * g + 0.5 * mu into 0.5 * (g + mu), whose sum
+    # overflows for two gradients near float32's maximum (the average itself does not).
+    top = float(np.finfo(np.float32).max)
+    grads = [np.array([top, -top, 3.4e38, 2e38, -1.0], np.float32)] * 3
+    grads.append(np.array([top, -3e38, -top, 1e-3, 2.0], np.float32))
+    tx = make()
+    state = tx.init(jnp.zeros(5))
+    update = jax.jit(tx.update)
+    for g, expected in zip(grads, equations(grads)):
+        u, state = update(jnp.asarray(g), state)
+        chex.assert_tree_all_finite((u, state))
+        np.testing.assert_allclose(
+            np.asarray(u, np.float64), expected, rtol=2e-6, atol=1e-30, err_msg=name
+        )
+
+
 def test_tiny_gradients_with_default_eps_match_the_equation():
     g = jnp.array([1e-30, -3e-30])
     u, _ = rj.rmsprop(1.0).update(g, rj.rmsprop(1.0).init(g))
@@ -359,6 +387,30 @@ def test_tiny_float64_gradients_in_float32s_range_step_finitely(name, storage):
                     want = np.asarray(exact.update(grads, exact.init(params), params)[0])
                     first = np.asarray(tx.update(grads, tx.init(params), params)[0])
                     np.testing.assert_allclose(first, want, rtol=2e-2)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_huge_float64_gradients_in_float32s_range_step_finitely(storage):
+    # A float64 leaf's mean gradient beyond float32 was stored as inf: the next steps of
+    # centered RMSprop were NaN (or, at 1e40, 1e42 times the learning rate). The slot
+    # holds float32's largest number instead; the variance is then overestimated, so
+    # the steps are no larger than the equations'.
+    with jax.enable_x64(True):
+        for scale in (1e39, 1e40, 1e50, 1e90):
+            tx = rj.rmsprop(0.01, centered=True, storage=storage)
+            grads = [jnp.array([1.0, -2.0, 3.0]) * scale * (1 + 0.5 * t) for t in range(4)]
+            state, step = tx.init(grads[0]), jax.jit(tx.update)
+            expected = reference.rms(grads, centered=True)
+            for g, want in zip(grads, expected):
+                u, state = step(g, state)
+                # (a square beyond the state's range is held as inf: the element freezes)
+                chex.assert_tree_all_finite((u, state[0].mu))
+                assert np.all(np.abs(np.asarray(u)) <= 0.0101 * np.abs(want)), (scale, u, want)
+            average = rj.ema(0.9, accumulator_dtype=jnp.float32)
+            state = average.init(grads[0])
+            for g in grads:
+                u, state = jax.jit(average.update)(g, state)
+                chex.assert_tree_all_finite((u, state))
 
 
 def _loss_with_a_frozen_weight(lr, make):

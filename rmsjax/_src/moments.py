@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import numerics, validate
 from rmsjax._src import storage as storage_lib
@@ -85,6 +86,49 @@ def accumulate(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )
     return MomentStep(stored, new, scale, value, eps_squared, eps_linear, inline)
+
+
+def decaying_average(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:
+    """``(1 - decay) * new + decay * old``, optax's formula for a first moment (a
+    centered mean, an EMA), bit for bit, and finite wherever ``new`` and ``old`` are.
+
+    With the two weights equal (a decay of 0.5) XLA factors the sum into
+    ``0.5 * (new + old)``, whose sum overflows for operands beyond half of the dtype's
+    largest number, although their average lies below it. There the halves are added
+    instead, halved on the exponent bits, which XLA cannot factor: the same number
+    wherever the sum is finite (halving rounds nothing), and finite where it is not."""
+    average = (1 - decay) * new + decay * old
+    d = validate.concrete_value(decay)
+    if d is None:  # weights XLA cannot see: nothing to factor
+        return average
+    real = jnp.finfo(average.dtype).dtype  # (complex leaves: each part on its own)
+    if np.asarray(1 - d, real) != np.asarray(d, real):
+        return average
+
+    def halves(x, y):
+        return numerics.scale_exponent(x, -1) + numerics.scale_exponent(y, -1)
+
+    if jnp.iscomplexobj(average):
+        both = jax.lax.complex(
+            halves(jnp.real(new), jnp.real(old)), halves(jnp.imag(new), jnp.imag(old))
+        )
+        overflow = jnp.isinf(average.real) | jnp.isinf(average.imag)
+        return jnp.where(overflow, both.astype(average.dtype), average)
+    return jnp.where(jnp.isinf(average), halves(new, old), average)
+
+
+def debiased(average: jax.Array, correction: jax.Array) -> jax.Array:
+    """``average / correction``, a decaying average over its bias correction
+    ``1 - decay**t``, held at the dtype's largest number where a finite ``average``
+    gives an infinite quotient: the debiased average of finite numbers is at most the
+    largest of them, but the rounded average over the rounded factor can round past
+    float32's maximum (a constant gradient of 3.4e38, the third step at a decay of 0.5)."""
+    quotient = average / correction
+    if jnp.iscomplexobj(quotient):
+        return quotient
+    top = jnp.asarray(jnp.finfo(quotient.dtype).max, quotient.dtype)
+    over = jnp.isinf(quotient) & jnp.isfinite(average)
+    return jnp.where(over, jnp.where(quotient > 0, top, -top), quotient)
 
 
 _MEASURING: contextvars.ContextVar[bool] = contextvars.ContextVar("measuring", default=False)

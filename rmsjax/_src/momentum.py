@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, validate
+from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -150,10 +150,10 @@ def ema(
     def update_leaf(g, slots, correction, param):
         del param
         dtype = numerics.compute_dtype(g.dtype)
-        new = (1 - decay) * g.astype(dtype) + decay * slots[0].astype(dtype)
-        update = new if correction is None else new / correction.astype(dtype)
+        new = moments.decaying_average(g.astype(dtype), slots[0].astype(dtype), decay)
+        update = new if correction is None else moments.debiased(new, correction.astype(dtype))
         out = jnp.result_type(g, storage_lib.slot_dtype(slots[0]))  # as optax's: the wider
-        return update.astype(out), (new.astype(slots[0].dtype),)
+        return update.astype(out), (storage_lib.store(new, slots[0]),)
 
     return fusion.rule_transformation(
         elementwise.declared_rule(

@@ -204,7 +204,7 @@ def rms_rule(
 
         nu_hat = nu_scaled if correction is None else over(nu_scaled, correction.astype(dtype))
         if centered:
-            mu = (1 - decay) * g_c + decay * storage_lib.load(slots[1], dtype)
+            mu = moments.decaying_average(g_c, storage_lib.load(slots[1], dtype), decay)
             mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
             new_slots += (mu_slot,)
             mu_hat = mu * scale

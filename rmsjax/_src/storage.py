@@ -315,7 +315,25 @@ def keep(value: jax.Array, slot: Any, read_back: bool) -> tuple[Any, jax.Array]:
 
 
 def store(value: jax.Array, slot: Any) -> Any:
-    """``value`` in the format of ``slot`` (same dtype, or requantized)."""
+    """``value`` in the format of ``slot`` (same dtype, or requantized), held within the
+    slot's finite range (see :func:`_within`)."""
     if isinstance(slot, QuantizedArray):
-        return slot if _kept(slot) else quantize(value, signed=slot.signed)
-    return value.astype(slot.dtype)
+        return slot if _kept(slot) else quantize(_within(value, jnp.float32), signed=slot.signed)
+    return _within(value, slot.dtype).astype(slot.dtype)
+
+
+def _within(value: jax.Array, dtype: Any) -> jax.Array:
+    """A real ``value`` held at +-(the largest finite number of ``dtype``) where ``dtype``
+    has fewer exponent bits than ``value``: a float64 leaf's mean gradient of 1e40 in a
+    float32 slot was stored as inf, and the next step's variance ``nu - mu^2`` was -inf
+    or NaN. A no-op, bit for bit, on every value in range."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        return value
+    if jnp.finfo(dtype).maxexp >= jnp.finfo(value.dtype).maxexp:
+        # (bfloat16 slots of float32 values too: clamping them made a bfloat16 momentum
+        # step 1.3x slower, for the values within 0.4% of float32's largest number)
+        return value
+    top = float(jnp.finfo(dtype).max)
+    # (selects, not minimum and maximum: see numerics.finite_ceiling)
+    value = jnp.where(value > top, jnp.asarray(top, value.dtype), value)
+    return jnp.where(value < -top, jnp.asarray(-top, value.dtype), value)
