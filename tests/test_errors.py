@@ -622,6 +622,29 @@ def test_counts_take_numpy_integers_and_refuse_bools():
             make(True)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lr: rj.sgd(lr),
+        lambda lr: rj.rmsprop(lr, momentum=0.9),
+        lambda lr: rj.adagrad(lr),
+        lambda lr: rj.compat.torch_rmsprop(lr=lr),
+        lambda lr: rj.rmsprop(lambda count: lr),  # a schedule's value
+    ],
+)
+@pytest.mark.parametrize("kind", [np.uint8, np.uint32, np.int64, jnp.uint8, jnp.int32])
+def test_an_integer_learning_rate_steps_as_its_float(make, kind):
+    # negated for the step: -1 * np.uint8(2) raised, -1 * jnp.uint8(2) wrapped around to 254
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+    grads = {"w": jnp.linspace(0.5, -2.0, 6).reshape(2, 3)}
+    for jit in (False, True):
+        got, expected = (
+            (jax.jit(tx.update) if jit else tx.update)(grads, tx.init(params), params)[0]["w"]
+            for tx in (make(kind(2)), make(2.0))
+        )
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("function", [rj.effective_step_sizes, rj.step_size_summary])
 def test_step_sizes_of_integer_parameters_name_the_leaf(function):
     tx = rj.rmsprop(0.1)

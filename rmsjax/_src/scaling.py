@@ -17,6 +17,16 @@ def _scale_leaf(g: jax.Array, factor: Any) -> jax.Array:
     return (jnp.asarray(factor, dtype) * g.astype(dtype)).astype(g.dtype)
 
 
+def _negatable(value: Any) -> Any:
+    """A learning rate as a number whose sign can be flipped: an integer NumPy or JAX
+    scalar as a float (``-1 * np.uint8(1)`` raises, ``-1 * jnp.uint8(1)`` wraps around to
+    255); any other value as it is."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        return value
+    return value.astype(jnp.float32) if isinstance(value, jax.Array) else float(value)
+
+
 def scale(step_size: float) -> base.GradientTransformation:
     """Multiplies every update by ``step_size``.
 
@@ -76,8 +86,9 @@ def scale_by_learning_rate(
     def factor_at(count):
         if callable(learning_rate):
             value = learning_rate(count)
-            return sign * validate.scalar_schedule_value(f"{name}.update", "learning_rate", value)
-        return sign * learning_rate
+            value = validate.scalar_schedule_value(f"{name}.update", "learning_rate", value)
+            return sign * _negatable(value)
+        return sign * _negatable(learning_rate)
 
     return fusion.rule_transformation(
         elementwise.counted_rule(
