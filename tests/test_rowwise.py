@@ -155,7 +155,7 @@ def test_fuses_with_other_rules_and_update_and_apply():
         ),
         (
             lambda: rj.scale_by_rowwise_rss(eps=float("nan")),
-            "rmsjax.scale_by_rowwise_rss: eps must be >= 0, got nan",
+            "rmsjax.scale_by_rowwise_rss: eps must be a number >= 0 (not NaN), got nan",
         ),
         (
             lambda: rj.rowwise_adagrad(-0.1),

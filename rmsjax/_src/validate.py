@@ -123,7 +123,10 @@ def check_range(
     too_low = low is not None and (number < low or (low_open and number == low))
     too_high = high is not None and (number > high or (high_open and number == high))
     if math.isnan(number) or too_low or too_high:
-        _fail(function, argument, describe_range(low, high, low_open, high_open), value)
+        allowed = describe_range(low, high, low_open, high_open)
+        if math.isnan(number):  # ("must be >= 0, got nan" read as if NaN were out of range)
+            allowed = f"a number {allowed} (not NaN)"
+        _fail(function, argument, allowed, value)
     _check_representable(function, argument, number, value)
 
 
@@ -185,7 +188,7 @@ def check_finite(function: str, argument: str, value: Any) -> None:
     """Any real number that is finite in float32 (see :func:`check_range`)."""
     number = read_number(function, argument, value)
     if number is not None and math.isnan(number):
-        _fail(function, argument, "a finite number", value)
+        _fail(function, argument, "a finite number (not NaN)", value)
     if number is not None:
         _check_representable(function, argument, number, value)
 

@@ -105,6 +105,7 @@ def keras_rmsprop(
         clipvalue,
         global_clipnorm,
         use_ema,
+        ema_overwrite_frequency,
         loss_scale_factor,
         gradient_accumulation_steps,
         name,
@@ -206,6 +207,7 @@ def keras_adagrad(
         clipvalue,
         global_clipnorm,
         use_ema,
+        ema_overwrite_frequency,
         loss_scale_factor,
         gradient_accumulation_steps,
         name,
@@ -247,6 +249,7 @@ def _check_base_options(
     clipvalue: Any,
     global_clipnorm: Any,
     use_ema: Any,
+    ema_overwrite_frequency: Any,
     loss_scale_factor: Any,
     gradient_accumulation_steps: Any,
     name: Any,
@@ -276,8 +279,12 @@ def _check_base_options(
         (
             "clipnorm",
             clipnorm,
-            "Keras clips each variable's gradient to that norm on its own; clip each "
-            "leaf's gradients before the update (rj.clip_by_global_norm clips them together)",
+            "Keras clips each variable's gradient to that norm on its own, which no rmsjax "
+            "transformation does (rj.clip_by_global_norm clips them together); compose "
+            "rj.chain(rj.GradientTransformation(lambda params: rj.EmptyState(), lambda g, "
+            "state, params=None: (jax.tree.map(lambda x: x * "
+            f"({clipnorm!r} / jnp.maximum(jnp.linalg.norm(x), {clipnorm!r})), g), state)), "
+            f"{preset})",
         ),
         ("clipvalue", clipvalue, f"compose rj.chain(rj.clip({clipvalue!r}), {preset})"),
         (
@@ -290,7 +297,14 @@ def _check_base_options(
             use_ema,
             "keep Keras' moving average of the parameters beside the training loop: "
             "avg = params after the first step, then avg = ema_momentum * avg + "
-            "(1 - ema_momentum) * params (optax.ema starts from 0: another average)",
+            "(1 - ema_momentum) * params"
+            + (
+                f", and after every {ema_overwrite_frequency!r}th step (after its average) "
+                "params = avg, as Keras' ema_overwrite_frequency does"
+                if ema_overwrite_frequency
+                else ""
+            )
+            + " (optax.ema starts from 0: another average)",
         ),
         (
             "loss_scale_factor",
