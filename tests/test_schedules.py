@@ -153,3 +153,23 @@ def test_float64_training_with_a_schedule_is_optaxs_bit_for_bit(name):
             results.append(np.asarray(p["w"]))
         assert results[0].dtype == np.float64
         np.testing.assert_array_equal(results[0], results[1])
+
+
+INTEGER_VALUED = {
+    "linear": lambda v: rj.schedules.linear_schedule(v(0), v(2), 4),
+    "warmup_cosine": lambda v: rj.schedules.warmup_cosine_decay_schedule(v(0), v(2), 2, 8, v(1)),
+    "exponential": lambda v: rj.schedules.exponential_decay(v(2), 4, 0.5, end_value=v(1)),
+    "cosine": lambda v: rj.schedules.cosine_decay_schedule(v(2), 4, alpha=v(0)),
+    "piecewise": lambda v: rj.schedules.piecewise_constant_schedule(v(2), {2: v(0)}),
+    "constant": lambda v: rj.schedules.constant_schedule(v(2)),
+}
+
+
+@pytest.mark.parametrize("kind", [np.uint8, jnp.uint8, np.int32])
+@pytest.mark.parametrize("name", list(INTEGER_VALUED))
+def test_integer_values_schedule_as_their_floats(name, kind):
+    # values of any real dtype are numbers; an unsigned 0 - 2 wrapped around to 254, and
+    # the warm-up of warmup_cosine_decay_schedule(uint8(0), uint8(2), ...) began at 256
+    as_float, as_integer = INTEGER_VALUED[name](float), INTEGER_VALUED[name](kind)
+    for count in range(10):
+        assert float(as_integer(count)) == float(as_float(count)), count

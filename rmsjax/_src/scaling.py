@@ -17,16 +17,6 @@ def _scale_leaf(g: jax.Array, factor: Any) -> jax.Array:
     return (jnp.asarray(factor, dtype) * g.astype(dtype)).astype(g.dtype)
 
 
-def _negatable(value: Any) -> Any:
-    """A learning rate as a number whose sign can be flipped: an integer NumPy or JAX
-    scalar as a float (``-1 * np.uint8(1)`` raises, ``-1 * jnp.uint8(1)`` wraps around to
-    255); any other value as it is."""
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        return value
-    return value.astype(jnp.float32) if isinstance(value, jax.Array) else float(value)
-
-
 def scale(step_size: float) -> base.GradientTransformation:
     """Multiplies every update by ``step_size``.
 
@@ -87,8 +77,8 @@ def scale_by_learning_rate(
         if callable(learning_rate):
             value = learning_rate(count)
             value = validate.scalar_schedule_value(f"{name}.update", "learning_rate", value)
-            return sign * _negatable(value)
-        return sign * _negatable(learning_rate)
+            return sign * validate.as_float(value)
+        return sign * validate.as_float(learning_rate)
 
     return fusion.rule_transformation(
         elementwise.counted_rule(

@@ -31,6 +31,18 @@ def concrete_value(value: Any) -> float | None:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def as_float(value: Any) -> Any:
+    """An integer NumPy or JAX scalar (traced too) as a float; any other value as it is.
+    Hyperparameters of any real dtype are numbers, but arithmetic keeps an integer's
+    dtype: ``-1 * np.uint8(2)`` raises, and ``jnp.uint8(0) - 2`` wraps around to 254."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.integer):
+        return value
+    if isinstance(value, jax.Array):
+        return value.astype(jax.numpy.float32)
+    return float(value)
+
+
 def _shown(value: Any) -> str:
     """``repr(value)``, but a concrete JAX scalar as its number and dtype (``1.5
     (float32 array)``, not ``Array(1.5, dtype=float32)``: inject_hyperparams hands its
