@@ -727,6 +727,48 @@ def run_grouped_shard_map() -> None:
         raise AssertionError("leaves sharded apart were stacked in one block")
 
 
+def run_compile_once() -> None:
+    """On Auto axes a jitted step compiles once for parameters spelled without trailing
+    Nones, with init called as it is or jitted under state_shardings, for every state
+    format. (A jitted step spells an output as its first argument's first leaf where the
+    two have the same rank and layout, and without trailing Nones elsewhere: parameters
+    spelled P('data', None) make a second compilation, optax's steps too; see
+    docs/scale_out.md.)"""
+    mesh = make_mesh(AxisType.Auto)
+    makers = {
+        "rmsprop momentum": lambda: rj.rmsprop(1e-2, momentum=0.9),
+        "rmsprop int8": lambda: rj.rmsprop(1e-2, storage="int8"),
+        "adagrad bfloat16": lambda: rj.adagrad(1e-2, storage="bfloat16"),
+        "factored": lambda: rj.factored_rmsprop(1e-2),
+        "rowwise": lambda: rj.rowwise_adagrad(1e-2),
+        "apply_if_finite": lambda: rj.apply_if_finite(rj.rmsprop(1e-2), 3),
+    }
+    for spec in (P("model"), P("data"), P(None, "model"), P("data", "model"), P()):
+        sharding = NamedSharding(mesh, spec)
+        grads = jax.device_put(np.full((64, 512), 0.5, np.float32), sharding)
+        for name, make in makers.items():
+            for jit_init in (False, True):
+                tx = make()
+                params = jax.device_put(np.ones((64, 512), np.float32), sharding)
+                if jit_init:
+                    shardings = rj.state_shardings(tx, params)
+                    state = jax.jit(tx.init, out_shardings=shardings)(params)
+                else:
+                    state = tx.init(params)
+
+                def step(g, s, p, tx=tx):
+                    return rj.update_and_apply(tx, g, s, p)
+
+                jitted = jax.jit(step)
+                for _ in range(3):
+                    params, state = jitted(grads, state, params)
+                    jax.block_until_ready(params)
+                compiled = jitted._cache_size()
+                label = f"{spec}, {name}, {'jit(init)' if jit_init else 'init'}"
+                assert compiled == 1, f"{label}: compiled {compiled} times"
+    print("ok compile once")
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
     checks = {
@@ -741,6 +783,7 @@ if __name__ == "__main__":
         "zero1-factored": run_zero1_factored,
         "docs": run_docs,
         "grouped-shard-map": run_grouped_shard_map,
+        "compile-once": run_compile_once,
     }
     checks[sys.argv[1]]()
     print("all checks passed")

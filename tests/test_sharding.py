@@ -59,6 +59,11 @@ def test_state_laid_out_like_params_on_auto_mesh():
     assert out.count("ok shard_map:") == 4, out
 
 
+def test_a_step_compiles_once_whatever_the_parameters_spelling():
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "compile-once")
+    assert "ok compile once" in out
+
+
 def test_state_laid_out_like_params_on_explicit_mesh():
     out = run_on_8_devices("tests/_multidevice_sharding.py", "layout-explicit")
     assert out.count("ok layout: Explicit mesh") == 4, out
@@ -159,6 +164,22 @@ def test_bytes_per_device_counts_each_shard():
     held = rj.bytes_per_device(state)
     # nu and trace for 35 float32 parameters, and two int32 counts.
     assert list(held.values()) == [2 * 35 * 4 + 2 * 4]
+
+
+def test_state_shardings_refuses_parameters_on_two_meshes():
+    # the leaf on the second mesh was laid out as replicated on the first, silently
+    one = jax.make_mesh((1,), ("data",))
+    two = jax.make_mesh((1, 1), ("data", "model"))
+    params = {
+        "a": jax.device_put(jnp.ones(8), jax.sharding.NamedSharding(one, P("data"))),
+        "b": jax.device_put(jnp.ones(8), jax.sharding.NamedSharding(two, P("model"))),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.state_shardings: params must lie on one mesh; leaf \['a'\] lies on "
+        r"a mesh with axes \{'data': 1\}, leaf \['b'\] on one with axes",
+    ):
+        rj.state_shardings(rj.rmsprop(0.1), params)
 
 
 def test_state_shardings_needs_a_named_sharding():
@@ -290,3 +311,17 @@ def test_zero1_refuses_grouped_state_on_explicit_axes_and_takes_it_on_auto(make,
     got = step(params, sharded, params)[0]
     want = rj.update_and_apply(tx, params, state, params)[0]
     np.testing.assert_array_equal(got["a"], want["a"])
+
+
+def test_zero1_names_gradients_shaped_unlike_the_parameters():
+    # split like the parameters, they failed inside a tree_map with JAX's own message
+    mesh = jax.make_mesh((1,), ("data",))
+    params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    tx = rj.rmsprop(0.1)
+    state = rj.shard_state(tx.init(params), mesh, "data")
+    grads = {"w": jnp.ones((4, 2)), "bias": jnp.zeros(2)}
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.zero1_update_and_apply: grads must have the tree structure of params",
+    ):
+        rj.zero1_update_and_apply(tx, grads, state, params, mesh, "data")

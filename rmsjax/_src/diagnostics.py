@@ -112,8 +112,9 @@ def effective_step_sizes(
     ``clip_by_global_norm`` and ``clip`` are inactive there (a clipped step moves less),
     and optax's rules with a root of a second moment (``optax.adam``) report NaN where
     that moment is 0 (the root's derivative at 0). With a concrete ``eps > 0``, a
-    weight whose Adagrad sum is still 0 reports ``lr / sqrt(eps)`` (the step of any
-    small gradient), not 0.
+    weight whose Adagrad sum is still 0 reports ``lr / sqrt(eps)``, or ``lr / eps``
+    where ``eps`` is added outside the root (``rowwise_adagrad``, ``torch_adagrad``):
+    the step of any small gradient, not 0.
 
     Args:
       tx: the optimizer whose state ``state`` is; any rmsjax (or optax) transformation

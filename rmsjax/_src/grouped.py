@@ -77,8 +77,9 @@ def grouped(
     the numbers are the same as with ``tx``; the state holds one array per block of up to
     ``block_size`` same-shaped leaves instead of one per leaf (:class:`GroupedState`).
     On models with thousands of small leaves this makes the jitted step and its
-    compilation markedly cheaper (on 3000 leaves of 1k elements 0.53-0.80x optax's step
-    time and 0.20-0.38x its compile time on a 2-core CPU; see ``benchmarks/RESULTS.md``);
+    compilation markedly cheaper (on 3000 leaves of 1k elements 0.53-0.83x optax's step
+    time and 0.24-0.63x its compile time over four runs on a 2-core CPU; see
+    ``benchmarks/RESULTS.md``);
     for a few large leaves it changes nothing. Use it with :func:`update_and_apply` or
     :func:`make_train_step` to fuse the parameter update too. Blocks are made from the
     parameters ``init`` was given; a gradient may have another dtype than its parameter

@@ -217,12 +217,21 @@ def state_shardings(tx: Any, params: Any) -> Any:
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
     validate.check_transformation("state_shardings", "tx", tx)
-    mesh = None
-    for leaf in jax.tree.leaves(params):
+    mesh, first = None, ()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            mesh = sharding.mesh
-            break
+        if not isinstance(sharding, NamedSharding):
+            continue
+        if mesh is None:
+            mesh, first = sharding.mesh, path
+        elif sharding.mesh != mesh:
+            # (the leaves on the second mesh were laid out as replicated on the first)
+            raise ValueError(
+                "rmsjax.state_shardings: params must lie on one mesh; leaf "
+                f"{jax.tree_util.keystr(first)} lies on a mesh with axes {dict(mesh.shape)}, "
+                f"leaf {jax.tree_util.keystr(path)} on one with axes "
+                f"{dict(sharding.mesh.shape)}"
+            )
     if mesh is None:
         raise ValueError(
             "rmsjax.state_shardings: no parameter carries a NamedSharding; place the "

@@ -237,6 +237,12 @@ def zero1_update_and_apply(
     _check_mesh_axis("zero1_update_and_apply", mesh, axis)
     _check_not_grouped("zero1_update_and_apply", state, mesh, axis)
     _check_same_mesh("zero1_update_and_apply", mesh, state=state, params=params)
+    if jax.tree.structure(grads) != jax.tree.structure(params):
+        # (split like the parameters below, they failed with a bare tree_map error)
+        raise ValueError(
+            "rmsjax.zero1_update_and_apply: grads must have the tree structure of params."
+            f"\n  grads: {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
+        )
 
     split = _layout(params, mesh, axis)
     new_params, new_state = combine.update_and_apply(
