@@ -98,17 +98,20 @@ def _true_moment(x: Any) -> Any:
 
 
 def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
-    """A centered int8 state holds the variance ``nu - mu^2`` where optax holds ``nu``
-    (see rms._holds_variance): add ``mu^2`` on the way out, take it off on the way in."""
+    """A centered int8 or bfloat16 state holds the variance ``nu - mu^2`` where optax
+    holds ``nu`` (see storage.holds_variance): add ``mu^2`` on the way out, take it off
+    on the way in."""
     ours_nu = other.nu if to_optax else like.nu
 
+    def read(x):
+        return storage.dequantize(x) if _is_quantized(x) else jnp.asarray(x, jnp.float32)
+
     def convert(held, nu, mu):
-        if not _is_quantized(held):
+        if not storage.holds_variance(held):
             return nu
-        mu = storage.dequantize(mu) if _is_quantized(mu) else jnp.asarray(mu, jnp.float32)
         if to_optax:
-            return storage.dequantize(nu) + mu * mu
-        return jnp.maximum(jnp.asarray(nu, jnp.float32) - mu * mu, 0)
+            return read(nu) + read(mu) * read(mu)
+        return jnp.maximum(read(nu) - read(mu) * read(mu), 0)
 
     nu = jax.tree.map(convert, ours_nu, other.nu, other.mu, is_leaf=_is_quantized)
     return other._replace(nu=nu)

@@ -100,11 +100,12 @@ def scale_by_rms(
 
 def _holds_variance(slots: tuple) -> bool:
     """Whether a centered rule's first slot holds the variance ``w = nu - mu^2`` rather
-    than ``nu``: with int8 state. Rounding ``nu`` and ``mu`` separately would lose every
-    variance under the rounding error of ``nu`` (a block's small elements, whose
-    ``nu - mu^2`` then clamps to 0); ``w`` follows Welford's update
+    than ``nu``: with int8 or bfloat16 state. Rounding ``nu`` and ``mu`` separately would
+    lose every variance under the rounding error of ``nu`` (a block's small elements,
+    whose ``nu - mu^2`` then clamps to 0; with bfloat16 state, gradients whose mean is
+    large beside their spread); ``w`` follows Welford's update
     ``w' = d w + d (1 - d) (g - mu)^2``, which subtracts nothing."""
-    return len(slots) == 2 and isinstance(slots[0], storage_lib.QuantizedArray)
+    return len(slots) == 2 and storage_lib.holds_variance(slots[0])
 
 
 def rms_rule(

@@ -219,6 +219,13 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
     return rule._replace(from_state=from_state)
 
 
+def holds_variance(slot: Any) -> bool:
+    """Whether a centered rule keeps its variance ``nu - mu^2`` in this second-moment
+    slot, rather than ``nu``: an int8 or a bfloat16 one, whose rounding of ``nu`` would
+    otherwise swamp a variance that is a small part of it (see rms.py)."""
+    return isinstance(slot, QuantizedArray) or getattr(slot, "dtype", None) == jnp.bfloat16
+
+
 def slot_dtype(slot: Any) -> Any:
     """The dtype a slot keeps its values in (float32 for an int8 slot's scales)."""
     return jnp.float32 if isinstance(slot, QuantizedArray) else slot.dtype
