@@ -229,8 +229,12 @@ def test_inject_hyperparams_says_where_a_function_that_is_no_schedule_goes():
     # optax calls every callable argument with the count: adamw's mask function returned
     # False there and masked every parameter out of the weight decay, in silence
     mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    with pytest.raises(TypeError, match=r"got False \(bool\); a function that is no schedule "):
+    with pytest.raises(
+        TypeError, match=r"got False \(bool\); a function that is no schedule "
+    ) as refusal:
         rj.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.1, mask=mask)
+    # one traceback: the refusal was shown twice ("During handling of the above ...")
+    assert refusal.value.__suppress_context__ or refusal.value.__context__ is None
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     theirs = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=0.1, weight_decay=0.1, mask=mask
@@ -833,6 +837,26 @@ def test_a_bfloat16_parameter_s_own_state_cast_to_float32_steps_under_storage_fl
     cast = state[0]._replace(nu=jax.tree.map(lambda x: x.astype(jnp.float32), state[0].nu))
     _, new = tx.update(params, (cast, *state[1:]), params)
     assert new[0].nu["w"].dtype == jnp.float32
+
+
+def test_a_centered_bfloat16_state_is_refused_with_advice_that_keeps_its_variance():
+    # a centered bfloat16 state's nu holds nu - mu^2: cast as it is to float32, a
+    # float32 rule would read the variance as nu; the advice adds mu^2 back
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((64, 128))}
+    made, tx = (rj.rmsprop(1e-2, centered=True, storage=s) for s in ("bfloat16", "float32"))
+    state = made.init(params)
+    for _ in range(5):
+        g = {"w": jnp.asarray(rng.normal(size=(64, 128)) + 3.0, jnp.float32)}
+        state = made.update(g, state, params)[1]
+    with pytest.raises(TypeError, match=r"holds the variance nu - mu\^2, so cast nu \+ mu\*\*2"):
+        tx.update(g, state, params)
+    mu = state[0].mu["w"].astype(jnp.float32)
+    nu = state[0].nu["w"].astype(jnp.float32) + mu * mu
+    cast = state[0]._replace(nu={"w": nu}, mu={"w": mu})
+    got = tx.update(g, (cast, *state[1:]), params)[0]["w"]
+    want = made.update(g, state, params)[0]["w"]
+    np.testing.assert_allclose(got, want, rtol=0.02)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -168,7 +170,7 @@ def test_fuses_with_other_rules_and_update_and_apply():
     ],
 )
 def test_bad_hyperparameters(build, message):
-    with pytest.raises(ValueError, match=f"^{message}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build()
 
 

@@ -82,7 +82,9 @@ def apply_if_finite(
     non-finite fails visibly instead of silently freezing. optax looks at the gradients
     alone: once such a forced step has put NaN into ``inner``'s state, optax counts the
     next finite gradients as finite steps (and applies their NaN updates), while this
-    keeps counting them as bad steps, as their updates are not finite.
+    keeps counting them as bad steps, as their updates are not finite: from then on every
+    step is applied, a later non-finite gradient in a leaf still finite included (optax,
+    its count reset by the finite gradients, skips that one).
 
     Both outcomes are computed and one is selected with ``jnp.where`` (no ``lax.cond``),
     which keeps the step a single straight-line program that XLA fuses, vmaps and

@@ -62,11 +62,12 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
     return dtype
 
 
-def _refusal_as_given(build: Callable, values: dict) -> None:
-    """Raises the inner factory's refusal of ``values`` (the caller's own numbers), if it
-    refuses them; anything else it does is no concern here."""
+def _refusal_as_given(build: Callable, values: Callable[[], dict]) -> None:
+    """Raises the inner factory's refusal of ``values()`` (the caller's own numbers), or
+    their own refusal (a schedule's value), alone: no second traceback of the build
+    refused first. Anything else either does is no concern here."""
     try:
-        build(values)
+        build(values())
     except (TypeError, ValueError) as refusal:
         raise refusal from None
     except Exception:  # noqa: BLE001, S110  (a factory that needs arrays, say)
@@ -222,7 +223,8 @@ def inject_hyperparams(
                 # refused: again with the numbers as given, so that the message shows them
                 # as the caller wrote them (1 - 2**-25 is 1.0 in float32, and was shown so)
                 _refusal_as_given(
-                    build, {**values_at(zero, {}, fresh_states, jnp.float32, {}), **numeric}
+                    build,
+                    lambda: {**values_at(zero, {}, fresh_states, jnp.float32, {}), **numeric},
                 )
                 raise
         validate.check_transformation(where, "inner_factory's result", first)

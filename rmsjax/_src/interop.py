@@ -99,15 +99,15 @@ def _true_moment(x: Any) -> Any:
 
 def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
     """A centered int8 or bfloat16 state holds the variance ``nu - mu^2`` where optax
-    holds ``nu`` (see storage.holds_variance): add ``mu^2`` on the way out, take it off
-    on the way in."""
+    holds ``nu`` (see rms._holds_variance): add ``mu^2`` on the way out, take it off on
+    the way in."""
     ours_nu = other.nu if to_optax else like.nu
 
     def read(x):
         return storage.dequantize(x) if _is_quantized(x) else jnp.asarray(x, jnp.float32)
 
     def convert(held, nu, mu):
-        if not storage.holds_variance(held):
+        if not storage.coarse(held):
             return nu
         if to_optax:
             return read(nu) + read(mu) * read(mu)

@@ -17,7 +17,9 @@ class ScaleByRmsState(NamedTuple):
     Attributes:
       count: number of updates so far (int32 scalar, saturating).
       nu: the decaying average of squared gradients, one array per parameter (a
-        :class:`QuantizedArray` for large parameters with ``storage="int8"``).
+        :class:`QuantizedArray` for large parameters with ``storage="int8"``). A
+        centered rule with int8 or bfloat16 state keeps the variance ``nu - mu^2``
+        here instead (see :func:`rmsjax.to_optax_state`, which adds ``mu^2`` back).
       mu: the decaying average of gradients when ``centered=True``, else None.
     """
 
@@ -98,14 +100,14 @@ def scale_by_rms(
     )
 
 
-def _holds_variance(slots: tuple) -> bool:
+def _holds_variance(centered: bool, slots: tuple) -> bool:
     """Whether a centered rule's first slot holds the variance ``w = nu - mu^2`` rather
-    than ``nu``: with int8 or bfloat16 state. Rounding ``nu`` and ``mu`` separately would
-    lose every variance under the rounding error of ``nu`` (a block's small elements,
-    whose ``nu - mu^2`` then clamps to 0; with bfloat16 state, gradients whose mean is
-    large beside their spread); ``w`` follows Welford's update
+    than ``nu``: with int8 or bfloat16 state (:func:`storage.coarse`). Rounding ``nu`` and
+    ``mu`` separately would lose every variance under the rounding error of ``nu`` (a
+    block's small elements, whose ``nu - mu^2`` then clamps to 0; with bfloat16 state,
+    gradients whose mean is large beside their spread); ``w`` follows Welford's update
     ``w' = d w + d (1 - d) (g - mu)^2``, which subtracts nothing."""
-    return len(slots) == 2 and storage_lib.holds_variance(slots[0])
+    return centered and storage_lib.coarse(slots[0])
 
 
 def rms_rule(
@@ -162,7 +164,8 @@ def rms_rule(
         g_c = g.astype(dtype)
         # The moment in numerics' encoding: itself in range, scaled outside it, so that
         # no gradient's square overflows or underflows (see numerics.py).
-        if _holds_variance(slots):
+        variance = _holds_variance(centered, slots)
+        if variance:
             # w' = d w + d (1 - d) (g - mu)^2 = d w + 4 d (1 - d) ((g - mu) / 2)^2. The
             # half gap cannot overflow, but under 2^-126 it is no normal number (and
             # flushed to 0 on a CPU). Where such variances count (eps = 0: tiny mode),
@@ -203,19 +206,19 @@ def rms_rule(
                 return x / c
             return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
 
-        nu_hat = nu_scaled if correction is None else over(nu_scaled, correction.astype(dtype))
+        c = None if correction is None else correction.astype(dtype)
+        nu_hat = nu_scaled if c is None else over(nu_scaled, c)
         if centered:
             mu = moments.decaying_average(g_c, storage_lib.load(slots[1], dtype), decay)
             mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
             new_slots += (mu_slot,)
             mu_hat = mu * scale
-            if _holds_variance(slots):
+            if variance:
                 # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
-                if correction is not None:
-                    c = correction.astype(dtype)
+                if c is not None:
                     nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(over(mu_hat, c)) * (1 - c), 0)
             else:
-                mu_hat = mu_hat if correction is None else over(mu_hat, correction.astype(dtype))
+                mu_hat = mu_hat if c is None else over(mu_hat, c)
                 nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
         scaling = numerics.inverse_root(
             nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline

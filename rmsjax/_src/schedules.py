@@ -52,7 +52,7 @@ def linear_schedule(
     validate.check_finite(name, "end_value", end_value)
     validate.check_count(name, "transition_steps", transition_steps)
     validate.check_count(name, "transition_begin", transition_begin, minimum=0)
-    # (an unsigned init_value - end_value wraps around: 0 - 2 was 254)
+    # as floats: the difference of two unsigned values must not wrap around
     init_value, end_value = validate.as_float(init_value), validate.as_float(end_value)
 
     def schedule(count):

@@ -75,7 +75,9 @@ def make_train_step(
        pass ``donate=False``. Tied weights (one array at two places of ``params``)
        cannot be donated: XLA refuses to donate a buffer twice ("Attempt to donate the
        same buffer twice"); keep the weight once in ``params``, or pass
-       ``donate=False``.
+       ``donate=False``. Nor can an array passed both in ``params`` and in the batch
+       ("Attempt to use a buffer that was previously donated"): pass a copy as the
+       batch.
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> loss`` (a scalar), or ``-> (loss, aux)``

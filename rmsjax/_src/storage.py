@@ -194,6 +194,13 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
 
     def from_state(state: Any, none_tree: bool = False) -> Any:
         shared, trees = rule.from_state(state, none_tree)
+        centered = len(trees) > 1 and jax.tree.leaves(trees[1])
+        convert = (
+            f"a centered state's {field} holds the variance {field} - mu^2, so cast "
+            f"{field} + mu**2 to float32 (rj.to_optax_state computes it)"
+            if centered
+            else f"cast its {field} to float32"
+        )
         for slot in jax.tree.leaves(trees[0], is_leaf=lambda x: isinstance(x, QuantizedArray)):
             if isinstance(slot, QuantizedArray) and not counted:
                 raise TypeError(
@@ -212,17 +219,17 @@ def checking_moment_slots(rule: Any, field: str, storage: Any, counted: bool) ->
                     f"for bfloat16 parameters), and this optimizer has storage={storage!r}: "
                     "it would keep the moments in bfloat16, rounded to nearest, where "
                     "storage='bfloat16' rounds them without bias. Step the state with the "
-                    f"optimizer that made it, or cast its {field} to float32 for this one."
+                    f"optimizer that made it, or convert it for this one: {convert}."
                 )
         return shared, trees
 
     return rule._replace(from_state=from_state)
 
 
-def holds_variance(slot: Any) -> bool:
-    """Whether a centered rule keeps its variance ``nu - mu^2`` in this second-moment
-    slot, rather than ``nu``: an int8 or a bfloat16 one, whose rounding of ``nu`` would
-    otherwise swamp a variance that is a small part of it (see rms.py)."""
+def coarse(slot: Any) -> bool:
+    """Whether ``slot`` rounds what it holds to 8 or 16 bits (int8 codes, bfloat16): where
+    a centered rule keeps its variance ``nu - mu^2``, not ``nu``, whose rounding would
+    swamp a variance that is a small part of it (see rms.py)."""
     return isinstance(slot, QuantizedArray) or getattr(slot, "dtype", None) == jnp.bfloat16
 
 
@@ -331,14 +338,15 @@ def store(value: jax.Array, slot: Any) -> Any:
 
 def _within(value: jax.Array, dtype: Any) -> jax.Array:
     """A real ``value`` held at +-(the largest finite number of ``dtype``) where ``dtype``
-    has fewer exponent bits than ``value``: a float64 leaf's mean gradient of 1e40 in a
-    float32 slot was stored as inf, and the next step's variance ``nu - mu^2`` was -inf
-    or NaN. A no-op, bit for bit, on every value in range."""
+    has fewer exponent bits than ``value`` (a float64 leaf's mean gradient of 1e40 in a
+    float32 slot), so that the slot stays finite and a centered variance ``nu - mu^2``
+    read from it defined. A no-op, bit for bit, on every value in range."""
     if not jnp.issubdtype(value.dtype, jnp.floating):
         return value
     if jnp.finfo(dtype).maxexp >= jnp.finfo(value.dtype).maxexp:
-        # (bfloat16 slots of float32 values too: clamping them made a bfloat16 momentum
-        # step 1.3x slower, for the values within 0.4% of float32's largest number)
+        # (bfloat16 slots of float32 values too: the same exponent range; a clamp for
+        # the last 0.4% under float32's largest number costs a bfloat16 momentum step
+        # 1.3x its time)
         return value
     top = float(jnp.finfo(dtype).max)
     # (selects, not minimum and maximum: see numerics.finite_ceiling)
