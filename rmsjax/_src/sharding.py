@@ -244,9 +244,8 @@ def state_shardings(tx: Any, params: Any) -> Any:
     explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=axis_types)
 
     def abstract(leaf):
-        sharding = getattr(leaf, "sharding", None)
-        same_mesh = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
-        spec = sharding.spec if same_mesh and sharding is not None else PartitionSpec()
+        sharding = getattr(leaf, "sharding", None)  # on `mesh`, if a NamedSharding (above)
+        spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
         # (a Python number, which init takes, has no shape or dtype of its own)
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(explicit, spec))

@@ -8,7 +8,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_non_negative,
     check_rate,
     decoupled_decay,
     momentum_or_identity,
@@ -115,10 +114,10 @@ def keras_rmsprop(
     check_rate(function, "learning_rate", learning_rate)
     validate.check_decay(function, "rho", rho)
     validate.check_decay(function, "momentum", momentum)
-    check_non_negative(function, "epsilon", epsilon)
+    validate.check_non_negative(function, "epsilon", epsilon)
     validate.check_bool(function, "centered", centered)
     if weight_decay is not None:
-        check_non_negative(function, "weight_decay", weight_decay)
+        validate.check_non_negative(function, "weight_decay", weight_decay)
     return combine.named_chain(
         function,
         real_only(
@@ -215,10 +214,10 @@ def keras_adagrad(
     del name  # the peer's name for the optimizer: nothing to do here
     storage_lib.check_storage(function, storage)
     check_rate(function, "learning_rate", learning_rate)
-    check_non_negative(function, "initial_accumulator_value", initial_accumulator_value)
-    check_non_negative(function, "epsilon", epsilon)
+    validate.check_non_negative(function, "initial_accumulator_value", initial_accumulator_value)
+    validate.check_non_negative(function, "epsilon", epsilon)
     if weight_decay is not None:
-        check_non_negative(function, "weight_decay", weight_decay)
+        validate.check_non_negative(function, "weight_decay", weight_decay)
     return combine.named_chain(
         function,
         real_only(
@@ -238,8 +237,7 @@ def _positive_or_off(function: str, argument: str, value: Any) -> Any:
     """None for None or 0 (Keras clips nothing then); else a number > 0, or an error."""
     if _is_zero(value) or value is False:
         return None
-    validate.check_range(function, argument, value, 0.0, low_open=True)
-    validate.check_finite(function, argument, value)
+    validate.check_range(function, argument, value, 0.0, low_open=True)  # finite too
     return value
 
 

@@ -101,7 +101,6 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
     name = "compat.inverse_time_decay"
     validate.check_learning_rate(name, "learning_rate", learning_rate)
     validate.check_non_negative(name, "lr_decay", lr_decay)
-    validate.check_finite(name, "lr_decay", lr_decay)
 
     def schedule(count):
         rate = (
@@ -147,11 +146,6 @@ def named_rate(function: str, argument: str, rate: base.ScalarOrSchedule) -> Any
         return validate.scalar_schedule_value(f"{function}.update", argument, schedule(count))
 
     return checked
-
-
-def check_non_negative(function: str, argument: str, value: Any) -> None:
-    validate.check_non_negative(function, argument, value)
-    validate.check_finite(function, argument, value)
 
 
 def flip(maximize: bool) -> base.GradientTransformation:

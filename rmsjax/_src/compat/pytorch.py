@@ -6,7 +6,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_non_negative,
     check_rate,
     coupled_decay,
     flip,
@@ -101,8 +100,8 @@ def torch_rmsprop(
     storage_lib.check_storage(name, storage)
     check_rate(name, "lr", lr)
     validate.check_decay(name, "alpha", alpha)
-    check_non_negative(name, "eps", eps)
-    check_non_negative(name, "weight_decay", weight_decay)
+    validate.check_non_negative(name, "eps", eps)
+    validate.check_non_negative(name, "weight_decay", weight_decay)
     validate.check_decay(name, "momentum", momentum)
     validate.check_bool(name, "centered", centered)
     validate.check_bool(name, "maximize", maximize)
@@ -193,10 +192,10 @@ def torch_adagrad(
     name = "compat.torch_adagrad"
     storage_lib.check_storage(name, storage)
     check_rate(name, "lr", lr)
-    check_non_negative(name, "lr_decay", lr_decay)
-    check_non_negative(name, "weight_decay", weight_decay)
-    check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
-    check_non_negative(name, "eps", eps)
+    validate.check_non_negative(name, "lr_decay", lr_decay)
+    validate.check_non_negative(name, "weight_decay", weight_decay)
+    validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
+    validate.check_non_negative(name, "eps", eps)
     validate.check_bool(name, "maximize", maximize)
     check_how_to_run(name, foreach=foreach, differentiable=differentiable, fused=fused)
     lr = named_rate(name, "lr", lr)

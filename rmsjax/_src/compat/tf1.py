@@ -6,7 +6,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_non_negative,
     check_rate,
     momentum_or_identity,
     real_only,
@@ -84,7 +83,7 @@ def tf1_rmsprop(
     check_rate(function, "learning_rate", learning_rate)
     validate.check_decay(function, "decay", decay)
     validate.check_decay(function, "momentum", momentum)
-    check_non_negative(function, "epsilon", epsilon)
+    validate.check_non_negative(function, "epsilon", epsilon)
     validate.check_bool(function, "centered", centered)
     return combine.named_chain(
         function,
