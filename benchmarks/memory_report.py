@@ -211,12 +211,9 @@ def write_report(path, args, count, memory, speed, peak, quality, plotted, png_n
         "the float32 step does not do, so int8 state costs step time there; it has not "
         "been measured on an accelerator, where a step of this size is bound by memory "
         "traffic.",
-        "- Training differences between storage options are well inside the spread "
-        "between seeds (the min-max columns); the curves overlap. The halfway column of "
-        "RMSprop with momentum is dominated by short loss spikes around step 300 (see the "
-        "curves), which shift by a step or two between runs; the final losses agree.",
-        "- Rounding second moments to the nearest code instead of the unbiased rounding "
-        "used here left Adagrad's final loss 2.0% above float32 state in the same "
-        "benchmark (RMSprop: +0.2%).",
+        "- Read a difference between storage options against the spread between seeds "
+        "(the min-max columns) and the seed-by-seed column, whose seeds share batches and "
+        "initial parameters. docs/memory.md has what rounding second moments to nearest, "
+        "instead of without bias, costs on this benchmark.",
     ]
     results_file.write_section("memory", "\n".join(lines), path)

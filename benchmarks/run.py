@@ -21,7 +21,8 @@ Contenders: ``optax`` (``tx.update`` then ``optax.apply_updates``); ``rmsjax``
 ``rmsjax.grouped`` (the same inside ``rmsjax.grouped``: the state in blocks of
 same-shaped leaves); ``floor`` (``p - lr * g`` on every leaf and no state: the
 cheapest step a jitted function with per-leaf parameters and gradients can take, so
-``floor / optax`` bounds every ratio an optimizer can reach on this machine);
+``floor / optax`` bounds, to within the timing noise, every ratio an optimizer can
+reach on this machine);
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on CPU tensors) when torch is
 importable.
 

@@ -125,9 +125,8 @@ def write_results(
         "read; parameters and state written: 20 bytes per parameter for rmsprop and "
         "adagrad, 28 with momentum) over the median step time, as a fraction of the "
         "row's streaming bandwidth.",
-        "- The machine is shared: other processes ran during the measurement, so absolute "
-        "times move by 15-20% or more between runs; compare the ratios, which come from "
-        "one process with the contenders alternated.",
+        "- Absolute times on this kind of machine move by 15-20% or more between runs; "
+        "compare the ratios, which come from one process with the contenders alternated.",
     ]
     missing = sorted(
         {ALGORITHMS[r.algorithm]["label"] for r in rows if "torch-fused" not in r.step_ms}
@@ -143,9 +142,12 @@ def write_results(
             "`--no-torch` was given); install torch and rerun to add `torch-foreach` and "
             "`torch-fused`."
         )
+    if jax.default_backend() == "cpu":
+        lines.append(
+            "- GPU: not measured (JAX's backend was the CPU); the same command measures the "
+            "GPU when JAX's default backend is one."
+        )
     lines += [
-        "- GPU: not measured (no GPU was available for this run); the same command "
-        "measures the GPU when JAX's default backend is one.",
         "",
         "## Step and compile time",
         "",
@@ -175,10 +177,12 @@ def write_results(
         "`rmsjax` keeps one state array per parameter leaf (the layout every rmsjax "
         "transformation has by default); `rmsjax.grouped` wraps the same optimizer in "
         "`rj.grouped(...)`, which keeps the state in blocks of same-shaped leaves. Both "
-        "give optax's numbers bit for bit (tests/test_fusion.py). `floor` is no optimizer: "
-        "it steps every leaf by `p - lr * g` and keeps no state, in the same jitted, donated "
-        "call, so no optimizer taking and returning these per-leaf pytrees can be faster "
-        "here. docs/performance.md explains where the time goes.",
+        "give optax's numbers, bit for bit but for an ulp or two in a few kernels where XLA "
+        "contracts a product and a sum differently (tests/test_fusion.py, "
+        "docs/performance.md). `floor` is no optimizer: it steps every leaf by "
+        "`p - lr * g` and keeps no state, in the same jitted, donated call, so no optimizer "
+        "taking and returning these per-leaf pytrees can be faster here by more than the "
+        "timing noise. docs/performance.md explains where the time goes.",
         "",
     ]
     if os.path.abspath(path) == str(results_file.RESULTS):

@@ -113,7 +113,9 @@ def inject_hyperparams(
         schedules (the ``mask`` of :func:`add_decayed_weights`, say), which would
         otherwise be called with the step count.
       hyperparam_dtype: the dtype of real-valued hyperparameters in the state, a
-        floating dtype; None for float32 (float64 for float64 parameters).
+        floating dtype; None for float32 (float64 for float64 parameters). A
+        half-precision one rounds them as it stores them: in float16 an ``eps`` of 1e-8
+        is 0, in bfloat16 a decay of 0.9 is 0.8984.
 
     Returns:
       A function with ``inner_factory``'s signature that returns a
