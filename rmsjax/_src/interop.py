@@ -103,15 +103,11 @@ def _centered_moment(other: Any, like: Any, to_optax: bool) -> Any:
     the way in."""
     ours_nu = other.nu if to_optax else like.nu
 
-    def read(x):
-        return storage.dequantize(x) if _is_quantized(x) else jnp.asarray(x, jnp.float32)
-
     def convert(held, nu, mu):
         if not storage.coarse(held):
             return nu
-        if to_optax:
-            return read(nu) + read(mu) * read(mu)
-        return jnp.maximum(read(nu) - read(mu) * read(mu), 0)
+        nu, mu = storage.load(nu, jnp.float32), storage.load(mu, jnp.float32)
+        return nu + mu * mu if to_optax else jnp.maximum(nu - mu * mu, 0)
 
     nu = jax.tree.map(convert, ours_nu, other.nu, other.mu, is_leaf=_is_quantized)
     return other._replace(nu=nu)
