@@ -110,6 +110,19 @@ def _holds_variance(centered: bool, slots: tuple) -> bool:
     return centered and storage_lib.coarse(slots[0])
 
 
+class _Divider:
+    """``x / c``; where the step is computed inline (int8 state), ``x`` times ``1 / c``
+    (a scalar's, or a reciprocal computed inline)."""
+
+    def __init__(self, inline: bool):
+        self.inline = inline
+
+    def __call__(self, x, c):
+        if not self.inline:
+            return x / c
+        return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
+
+
 def rms_rule(
     decay: Any,
     eps: Any,
@@ -157,55 +170,76 @@ def rms_rule(
             return (nu,)
         return nu, storage_lib.init_slot(param, 0.0, storage, signed=True)
 
+    def second_moment(g_c, slots, count, dtype):
+        """The new second moment in numerics' encoding (itself in range, scaled outside
+        it, so that no gradient's square overflows or underflows; see numerics.py)."""
+        if not _holds_variance(centered, slots):
+            return moments.accumulate(
+                slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
+            )
+        # w' = d w + d (1 - d) (g - mu)^2 = d w + 4 d (1 - d) ((g - mu) / 2)^2. The half
+        # gap cannot overflow, but under 2^-126 it is no normal number (and flushed to 0
+        # on a CPU). Where such variances count (eps = 0: tiny mode), for operands under
+        # 2^-100 the gap is passed as it is and halved inside the square, after numerics
+        # has scaled it into range.
+        mu_old = storage_lib.load(slots[1], dtype)
+        gap, square = 0.5 * g_c - 0.5 * mu_old, None
+        if numerics.needs_tiny_mode(jnp.float32, concrete_eps, eps_in_sqrt):
+            small = (jnp.abs(g_c) < 2.0**-100) & (jnp.abs(mu_old) < 2.0**-100)
+            gap = jnp.where(small, g_c - mu_old, gap)
+
+            def square(x):
+                return jnp.where(small, 0.25 * (x * x), x * x)
+
+        return moments.accumulate(
+            slots[0],
+            gap,
+            combine_variance,
+            eps,
+            eps_in_sqrt,
+            dtype,
+            square=square,
+            read_back=read_back,
+            salt=count,
+        )
+
+    def zero_variance_scaling(nu_hat, scale, over):
+        """The scaling where a centered variance is 0 (a constant gradient, a decay of
+        0): eps alone, which counts as 0 above the range, so the step is g / sqrt(eps)
+        (g / eps with eps outside the root), unscaled: scaled, it was g / 0 = inf for a
+        gradient of 1e18. It does not depend on nu_hat: with eps = 0 its derivative
+        through nu_hat, 0 * inf, made every gradient through the step NaN, selected or
+        not. In range it is the same number, bit for bit."""
+        zero = 0 * jax.lax.stop_gradient(nu_hat)
+        if eps_in_sqrt:
+            unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline=over.inline)
+        else:
+            unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline=over.inline)
+        return over(unscaled, scale)
+
+    def times_gradient(scaling, g_scaled, g_c):
+        """scaling * g, where a zero gradient gives a zero update even if the scaling is
+        infinite (eps = 0 with a zero average), instead of 0 * inf = NaN."""
+        if not guard_zero:
+            return scaling * g_scaled
+        # Only there: at a zero gradient elsewhere the update's derivative stays the
+        # scaling. (The scaling is also kept out of the product there: 0 * inf in a
+        # branch not taken still makes every derivative through the step NaN.)
+        zero_step = (g_c == 0) & ~jnp.isfinite(scaling)
+        finite = jnp.where(zero_step, jnp.zeros_like(scaling), scaling)
+        return jnp.where(zero_step, g_c, finite * g_scaled)
+
     def update_leaf(g, slots, context, param):
         del param
         count, correction = context
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        # The moment in numerics' encoding: itself in range, scaled outside it, so that
-        # no gradient's square overflows or underflows (see numerics.py).
-        variance = _holds_variance(centered, slots)
-        if variance:
-            # w' = d w + d (1 - d) (g - mu)^2 = d w + 4 d (1 - d) ((g - mu) / 2)^2. The
-            # half gap cannot overflow, but under 2^-126 it is no normal number (and
-            # flushed to 0 on a CPU). Where such variances count (eps = 0: tiny mode),
-            # for operands under 2^-100 the gap is passed as it is and halved inside the
-            # square, after numerics has scaled it into range.
-            mu_old = storage_lib.load(slots[1], dtype)
-            gap, square = 0.5 * g_c - 0.5 * mu_old, None
-            if numerics.needs_tiny_mode(jnp.float32, concrete_eps, eps_in_sqrt):
-                small = (jnp.abs(g_c) < 2.0**-100) & (jnp.abs(mu_old) < 2.0**-100)
-                gap = jnp.where(small, g_c - mu_old, gap)
-
-                def square(x):
-                    return jnp.where(small, 0.25 * (x * x), x * x)
-
-            moment = moments.accumulate(
-                slots[0],
-                gap,
-                combine_variance,
-                eps,
-                eps_in_sqrt,
-                dtype,
-                square=square,
-                read_back=read_back,
-                salt=count,
-            )
-        else:
-            moment = moments.accumulate(
-                slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
-            )
+        moment = second_moment(g_c, slots, count, dtype)
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value
         # With int8 state the step is computed again in each kernel that encodes a
         # block (see numerics.inverse_root): no square root or division in it.
-        inline = moment.inline
-
-        def over(x, c):  # x / c; inline, times 1 / c (a scalar's, or computed inline)
-            if not inline:
-                return x / c
-            return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
-
+        over = _Divider(moment.inline)
         c = None if correction is None else correction.astype(dtype)
         nu_hat = nu_scaled if c is None else over(nu_scaled, c)
         if centered:
@@ -213,7 +247,7 @@ def rms_rule(
             mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
             new_slots += (mu_slot,)
             mu_hat = mu * scale
-            if variance:
+            if _holds_variance(centered, slots):
                 # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
                 if c is not None:
                     nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(over(mu_hat, c)) * (1 - c), 0)
@@ -224,29 +258,8 @@ def rms_rule(
             nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
         if centered:
-            # A zero variance (a constant gradient, a decay of 0) leaves eps alone,
-            # which counts as 0 above the range; the step is then g / sqrt(eps) (g / eps
-            # with eps outside the root), unscaled: scaled, it was g / 0 = inf for a
-            # gradient of 1e18. It does not depend on nu_hat: with eps = 0 its
-            # derivative through nu_hat, 0 * inf, made every gradient through the step
-            # NaN, selected or not. In range it is the same number, bit for bit.
-            zero = 0 * jax.lax.stop_gradient(nu_hat)
-            if eps_in_sqrt:
-                unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
-            else:
-                unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline)
-            scaling = jnp.where(nu_hat > 0, scaling, over(unscaled, scale))
-        if not guard_zero:
-            update = scaling * moment.scaled(g_c)
-        else:
-            # A zero gradient gives a zero update even where the scaling is infinite
-            # (eps=0 with a zero average), instead of 0 * inf = NaN. Only there: at a
-            # zero gradient elsewhere the update's derivative stays the scaling.
-            # (The scaling is also kept out of the product there: 0 * inf in a branch
-            # not taken still makes every derivative through the step NaN.)
-            zero_step = (g_c == 0) & ~jnp.isfinite(scaling)
-            finite = jnp.where(zero_step, jnp.zeros_like(scaling), scaling)
-            update = jnp.where(zero_step, g_c, finite * moment.scaled(g_c))
+            scaling = jnp.where(nu_hat > 0, scaling, zero_variance_scaling(nu_hat, scale, over))
+        update = times_gradient(scaling, moment.scaled(g_c), g_c)
         # in the dtype of optax's g / sqrt(nu + eps): the wider of the gradient's and the
         # state's (float32 updates for bfloat16 gradients of float32 parameters)
         out = storage_lib.update_dtype(g, slots, storage)
