@@ -129,9 +129,11 @@ def test_schedule_value_dtype_and_weak_type_are_optaxs(name, x64):
     with jax.enable_x64(x64):
         for kind, make in COUNT_KINDS.items():
             for count in COUNTS:
-                got, want = ours(make(count)), jnp.asarray(theirs(make(count)))
+                raw_got, raw_want = ours(make(count)), theirs(make(count))
                 where = f"{name} at {kind} count {count}"
-                assert isinstance(got, jax.Array), where
+                # an array where optax's is one (constant_schedule returns its value)
+                assert isinstance(raw_got, jax.Array) == isinstance(raw_want, jax.Array), where
+                got, want = jnp.asarray(raw_got), jnp.asarray(raw_want)
                 assert got.dtype == want.dtype, where
                 assert got.weak_type == want.weak_type, where
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=where)
@@ -173,3 +175,60 @@ def test_integer_values_schedule_as_their_floats(name, kind):
     as_float, as_integer = INTEGER_VALUED[name](float), INTEGER_VALUED[name](kind)
     for count in range(10):
         assert float(as_integer(count)) == float(as_float(count)), count
+
+
+TRACED_VALUES = {
+    # (schedule of a traced value v, the same schedule of a concrete v): every float
+    # argument, including the ones optax reads with Python's `if`
+    "constant": lambda v: S.constant_schedule(v),
+    "linear": lambda v: S.linear_schedule(v, 0.5 * v, 10, 2),
+    "exponential": lambda v: S.exponential_decay(v, 7, 0.5, 2, end_value=0.1 * v),
+    "exponential-rate": lambda v: S.exponential_decay(0.3, 7, v, end_value=0.1),
+    "cosine": lambda v: S.cosine_decay_schedule(v, 10, alpha=0.1 * v, exponent=1 + v),
+    "warmup-cosine": lambda v: S.warmup_cosine_decay_schedule(0.1 * v, v, 3, 10, 0.2 * v, 1 + v),
+    "warmup-cosine-zero-peak": lambda v: S.warmup_cosine_decay_schedule(0, v - 0.5, 3, 10, 0.1),
+    "piecewise": lambda v: S.piecewise_constant_schedule(v, {3: 0.5, 6: 2.0}),
+    "piecewise-scale": lambda v: S.piecewise_constant_schedule(0.1, {3: v}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACED_VALUES))
+def test_schedules_of_traced_values_work_under_jit_and_vmap(name):
+    # meta-learning and sweeps trace a schedule's values: constant_schedule and
+    # piecewise_constant_schedule raised ConcretizationTypeError on a traced value, and
+    # the rate of exponential_decay with end_value, warmup_cosine_decay_schedule's peak
+    # and a piecewise scale failed with a bare TracerBoolConversionError (as in optax)
+    make = TRACED_VALUES[name]
+    counts = jnp.arange(14)
+    values = np.array([0.5, 2.0], np.float32)  # a rate below and above 1 (a peak of 0)
+    traced = jax.jit(jax.vmap(lambda v: jax.vmap(make(v))(counts)))(values)
+    for v, row in zip(values, np.asarray(traced)):
+        concrete = jax.jit(jax.vmap(make(float(v))))(counts)
+        # (XLA folds the concrete values' arithmetic: an ulp or so apart)
+        np.testing.assert_allclose(row, concrete, rtol=1e-6, atol=1e-12)
+
+
+def test_constant_and_piecewise_schedules_return_optax_s_value_as_given():
+    # optax's constant_schedule(3) returns the int 3, and piecewise_constant_schedule
+    # without boundaries its init_value; rmsjax returned float32 arrays
+    assert S.constant_schedule(3)(7) == optax.constant_schedule(3)(7) == 3
+    assert isinstance(S.constant_schedule(3)(7), int)
+    assert isinstance(S.piecewise_constant_schedule(3)(2), int)
+    for count in (0, 5, jnp.int32(5)):
+        ours = S.piecewise_constant_schedule(0.3, {4: 0.5})(count)
+        theirs = optax.piecewise_constant_schedule(0.3, {4: 0.5})(count)
+        assert ours.dtype == theirs.dtype and ours.weak_type == theirs.weak_type
+        assert float(ours) == float(theirs)
+
+
+@pytest.mark.parametrize("end", [1e30, -1e30])
+def test_warmup_cosine_from_a_tiny_peak_to_a_huge_end_stays_finite(end):
+    # optax's alpha = end / peak overflows float32 and every value after the warm-up
+    # is NaN; the cosine between peak and end holds both ends exactly
+    schedule = S.warmup_cosine_decay_schedule(0.0, 1e-30, 1, 5, end_value=end)
+    assert np.isnan(float(optax.warmup_cosine_decay_schedule(0.0, 1e-30, 1, 5, end)(3)))
+    values = np.array([float(schedule(c)) for c in range(8)])
+    assert np.all(np.isfinite(values))
+    assert values[1] == np.float32(1e-30) and values[5] == values[7] == np.float32(end)
+    weights = [0.5 * (1 + math.cos(math.pi * (c - 1) / 4)) for c in (2, 3, 4)]
+    np.testing.assert_allclose(values[2:5], [end * (1 - w) for w in weights], rtol=1e-6)

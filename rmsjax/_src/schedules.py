@@ -34,7 +34,7 @@ def constant_schedule(value: float) -> base.Schedule:
     0.10000000149011612
     """
     validate.check_finite("schedules.constant_schedule", "value", value)
-    return lambda count: jnp.asarray(float(value))
+    return lambda count: value  # as optax: the value as given (traced, too)
 
 
 def linear_schedule(
@@ -95,11 +95,19 @@ def exponential_decay(
             exponent = jnp.floor(exponent)
         value = jnp.where(elapsed <= 0, init_value, init_value * jnp.power(decay_rate, exponent))
         if end_value is not None:
-            bound = jnp.maximum if decay_rate < 1 else jnp.minimum
-            value = bound(value, end_value)
+            value = _bounded(value, end_value, decay_rate)
         return jnp.asarray(value)
 
     return schedule
+
+
+def _bounded(value, end_value, decay_rate):
+    """``value`` held at ``end_value``: from below for a decay (``decay_rate < 1``), from
+    above for a growth; chosen in the step where the rate is traced."""
+    rate = validate.concrete_value(decay_rate)
+    if rate is not None:
+        return (jnp.maximum if rate < 1 else jnp.minimum)(value, end_value)
+    return jnp.where(decay_rate < 1, jnp.maximum(value, end_value), jnp.minimum(value, end_value))
 
 
 def cosine_decay_schedule(
@@ -129,6 +137,18 @@ def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: f
         done = jnp.minimum(count, float(decay_steps))
         cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
         return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha))
+
+    return schedule
+
+
+def _cosine_between(start: float, end: float, decay_steps: int, exponent: float):
+    """Half a cosine from ``start`` to ``end``, for an ``end / start`` beyond float32."""
+
+    def schedule(count):
+        done = jnp.minimum(_reachable(count), float(decay_steps))
+        cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
+        weight = cosine**exponent  # 1 at the start, 0 at the end: both exact
+        return jnp.asarray(start * weight + end * (1 - weight))
 
     return schedule
 
@@ -168,8 +188,16 @@ def warmup_cosine_decay_schedule(
         if warmup_steps
         else lambda count: init_value
     )
-    alpha = 0.0 if peak_value == 0 else end_value / peak_value
+    peak, end = validate.concrete_value(peak_value), validate.concrete_value(end_value)
+    if peak is not None:
+        alpha = 0.0 if peak == 0 else end_value / peak_value
+    else:  # traced: chosen in the step
+        alpha = jnp.where(peak_value == 0, 0.0, end_value / peak_value)
     cosine = _cosine_decay(peak_value, decay_steps - warmup_steps, alpha, exponent)
+    if peak and end is not None and abs(end / peak) > validate.FLOAT32_MAX:
+        # optax's alpha = end / peak is inf in float32 and its values NaN (1 - inf):
+        # from peak to end without the ratio
+        cosine = _cosine_between(peak_value, end_value, decay_steps - warmup_steps, exponent)
 
     def schedule(count):
         return jnp.where(count < warmup_steps, warmup(count), cosine(count - warmup_steps))
@@ -197,21 +225,23 @@ def piecewise_constant_schedule(
         validate.check_count(name, "a boundary", boundary, minimum=0)
         validate.check_range(name, f"the scale at boundary {boundary}", factor, 0.0)
     items = sorted(boundaries_and_scales.items())
-    value = float(init_value)
-    for boundary, factor in items:
+    value = validate.concrete_value(init_value)  # None where traced: not checked
+    traced = value is None or any(validate.concrete_value(f) is None for _, f in items)
+    for boundary, factor in items if not traced else ():
         # a value beyond float32 would be inf, and optax's arithmetic below NaN (0 * inf)
         value *= float(factor)
-        if abs(value) > float(jnp.finfo(jnp.float32).max):
+        if abs(value) > validate.FLOAT32_MAX:
             raise ValueError(
                 f"rmsjax.{name}: the value from boundary {boundary} on, {value!r}, must be "
                 "finite in float32 (at most 3.4028235e+38)"
             )
+    init_value = validate.as_float(init_value)
 
     def schedule(count):
         # optax's arithmetic, so that the value, its dtype and its weak type are optax's
         # for every count (an int32 array, a Python int, a float)
         count = _reachable(count)
-        value = jnp.asarray(float(init_value))
+        value = init_value
         for boundary, factor in items:
             before = jnp.maximum(0.0, jnp.sign(boundary - count))  # 1 before it, else 0
             value = value * before + (1 - before) * factor * value
