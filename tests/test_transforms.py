@@ -877,3 +877,53 @@ def test_a_none_in_a_mask_over_an_array_is_a_structure_error_as_in_optax():
     params = {"w": jnp.ones(3), "b": None}
     tx = rj.masked(rj.sgd(0.1), {"w": True, "b": None})
     assert tx.update(params, tx.init(params), params)[0]["b"] is None
+
+
+def test_accumulate_gradients_sums_half_precision_gradients_in_float32_by_default():
+    # optax.MultiSteps accumulates in float32 by default; rmsjax summed bfloat16
+    # gradients in bfloat16: 16 gradients near 1.027 averaged to 1.03125, not to the
+    # nearest bfloat16 of the mean (1.0234375), as MultiSteps gives
+    with jax.enable_x64(True):
+        params = {"w": jnp.ones(8, jnp.bfloat16), "x": jnp.ones(2, jnp.float64)}
+        grads = [
+            {"w": jnp.full(8, 1.0 + (i % 7) * 1e-2, jnp.bfloat16), "x": jnp.full(2, 0.1 * i)}
+            for i in range(16)
+        ]
+        results = []
+        for tx in (
+            rj.accumulate_gradients(rj.sgd(1.0), 16),
+            optax.MultiSteps(optax.sgd(1.0), 16),
+        ):
+            state = tx.init(params)
+            for g in grads:
+                updates, state = tx.update(g, state, params)
+            results.append(updates)
+        state = rj.accumulate_gradients(rj.sgd(1.0), 16).init(params)
+        # float32 for bfloat16 leaves; float64 kept (MultiSteps' float32 would narrow it)
+        assert state.accumulated["w"].dtype == jnp.float32
+        assert state.accumulated["x"].dtype == jnp.float64
+    exact = np.mean([float(g["w"][0]) for g in grads])
+    assert float(results[0]["w"][0]) == float(jnp.bfloat16(-exact)) == -1.0234375
+    np.testing.assert_array_equal(results[0]["w"], results[1]["w"])
+    np.testing.assert_allclose(results[0]["x"], -np.mean([0.1 * i for i in range(16)]), rtol=1e-15)
+
+
+def test_apply_if_finite_rereads_a_nan_schedule_until_the_errors_run_out():
+    # docs/training.md: a skipped step leaves the inner count, so a schedule that yields
+    # NaN at count 2 is read there again until max_consecutive_errors lets it through;
+    # optax checks only the gradients and applies the NaN step at once
+    def schedule(count):
+        return jnp.where(count == 2, jnp.nan, 0.1)
+
+    got = {}
+    for lib in (rj, optax):
+        tx = lib.apply_if_finite(lib.sgd(schedule), 3)
+        params = jnp.ones(2)
+        state = tx.init(params)
+        got[lib.__name__] = []
+        for _ in range(7):
+            updates, state = tx.update(jnp.ones(2), state, params)
+            got[lib.__name__].append(float(updates[0]))
+    lr = float(np.float32(0.1))
+    np.testing.assert_array_equal(got["rmsjax"], [-lr, -lr, -0.0, -0.0, -0.0, np.nan, -lr])
+    np.testing.assert_array_equal(got["optax"], [-lr, -lr, np.nan, -lr, -lr, -lr, -lr])

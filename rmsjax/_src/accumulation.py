@@ -52,9 +52,11 @@ def accumulate_gradients(
     Args:
       inner: the optimizer to step once per ``every_k`` calls.
       every_k: the number of micro-batches per step, an integer >= 1.
-      accumulator_dtype: dtype of the running sum; None keeps each parameter's dtype
-        (pass ``jnp.float32`` to accumulate bfloat16 gradients without rounding). A
-        sum beyond its largest finite number (65504 for float16) is held at that number.
+      accumulator_dtype: dtype of the running sum; None gives each parameter's dtype,
+        at least float32 (``MultiSteps``' float32 default, without narrowing float64
+        sums), so that bfloat16 gradients are summed without rounding; a narrower one
+        (``jnp.bfloat16``) halves the buffer. A sum beyond its largest finite number
+        (65504 for float16) is held at that number.
 
     Returns:
       A :class:`GradientTransformation` with state :class:`AccumulateGradientsState`.
@@ -85,7 +87,9 @@ def accumulate_gradients(
 
     def zeros_like(leaf):
         # zeros_like keeps a sharded parameter's layout for its accumulator
-        dtype = jnp.result_type(leaf) if accumulator_dtype is None else accumulator_dtype
+        if accumulator_dtype is None:  # at least float32, as optax.MultiSteps' default
+            return jnp.zeros_like(leaf, numerics.compute_dtype(jnp.result_type(leaf)))
+        dtype = accumulator_dtype
         return jnp.zeros_like(leaf, dtype)
 
     def init_fn(params):
