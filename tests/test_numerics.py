@@ -553,3 +553,27 @@ def test_inline_inverse_root_matches_the_plain_one(eps_in_sqrt, eps):
     assert np.array_equal(np.isinf(plain), np.isinf(inline))
     finite = np.isfinite(plain) & (plain >= np.float32(2.0**-125))
     assert np.all(ulps_apart(inline[finite], plain[finite]) <= 4)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-40, 1e-100])
+def test_rowwise_adagrad_on_tiny_float64_gradients_steps_as_float32_adagrad_state(scale):
+    # rowwise_adagrad keeps float32 row sums of float64 leaves: under float32's range
+    # (1e-38) its sum was stored as 0, so every step repeated the first (-1, -1, ...;
+    # the equations give -1/sqrt(t)); it now holds the sum as adagrad's float32 state
+    # does (docs/numerics.md: the first step exact, smaller ones after it, down to 0)
+    with jax.enable_x64(True):
+        params = jnp.zeros((3, 4), jnp.float64)
+        grads = jnp.full((3, 4), scale, jnp.float64).at[1].set(-scale)
+        rowwise = rj.rowwise_adagrad(1.0, eps=0.0)
+        elementwise = rj.adagrad(1.0, initial_accumulator_value=0.0, eps=0.0, storage="float32")
+        s1, s2 = rowwise.init(params), elementwise.init(params)
+        for t in range(1, 7):
+            u1, s1 = jax.jit(rowwise.update)(grads, s1, params)
+            u2, s2 = jax.jit(elementwise.update)(grads, s2, params)
+            np.testing.assert_allclose(np.asarray(u1), np.asarray(u2), rtol=1e-6)
+            want = -np.sign(np.asarray(grads)) / np.sqrt(t)
+            if scale > 1e-38:
+                np.testing.assert_allclose(np.asarray(u1), want, rtol=1e-6)
+            else:  # held at the floor: the first step exact, the later ones smaller
+                assert np.all(np.abs(np.asarray(u1)) <= np.abs(want) * (1 + 1e-6))
+                assert t > 1 or np.allclose(np.asarray(u1), want, rtol=1e-6)

@@ -142,7 +142,6 @@ def run(
     blocks = layout.blocks(updates)
     slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
     per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]
-    check_slots(rule, layout.name, updates, leaves, blocks, per_block)
     if params is None:
         # the tree None is its own parameters: nothing to apply an update to
         if rule.needs_params or (apply and updates is not None):
@@ -156,6 +155,9 @@ def run(
             params_like(rule.name, treedef, updates, params), f"rmsjax.{rule.name}.update", params
         )
         check_params(rule.name, updates, leaves, param_leaves, rule.needs_params, apply)
+    # after the parameters: an update unlike its parameter is the gradients' fault, and
+    # said so (a state's shape can be a placeholder's or a factor's, which confused)
+    check_slots(rule, layout.name, updates, leaves, blocks, per_block)
 
     new_shared, context = rule.step_shared(shared)
     step_leaf = leaf_stepper(rule, context, apply, leaves, in_turn_lib.worth_it(per_block))

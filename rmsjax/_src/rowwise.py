@@ -110,13 +110,13 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
         # The accumulator in numerics' encoding: itself in range, scaled outside it,
         # so that no gradient's square overflows or underflows (see numerics.py).
         moment = moments.accumulate(slots[0], g_c, add, eps, False, dtype, squares)
-        total, scale, value = moment.new, moment.scale, moment.value
+        scale, value = moment.scale, moment.value
         nonzero = jnp.any(g_c != 0, axis=-1) if rowwise else g_c != 0
         seen = moments.ever_nonzero(moment, nonzero, eps)
         scaling_ = jnp.where(seen, 1 / (numerics.sqrt(value) + moment.eps_linear), 0.0)
         if rowwise:
             scaling_, scale = scaling_[..., None], scale[..., None]
-        return (scaling_ * (g_c * scale)).astype(g.dtype), (total.astype(slots[0].dtype),)
+        return (scaling_ * (g_c * scale)).astype(g.dtype), (moment.stored,)
 
     def accumulator_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
         # one sum per row (the last axis reduced), or per element for a vector
