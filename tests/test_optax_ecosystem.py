@@ -201,6 +201,12 @@ def test_a_compiled_step_is_traced_once_per_tree_set_not_per_step():
             params, state = step(params, state, _grads(i))
     assert len(traces) == 2
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.03)
+    # docs/porting.md: a float32 array set with tree_set, or an item assignment, does not
+    state = optax.tree_utils.tree_set(state, learning_rate=jnp.float32(0.04))
+    params, state = step(params, state, _grads(0))
+    state.hyperparams["learning_rate"] = 0.05
+    params, state = step(params, state, _grads(1))
+    assert len(traces) == 2
 
 
 def test_int8_state_has_named_key_paths():

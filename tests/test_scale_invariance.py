@@ -445,3 +445,16 @@ def test_float16_moments_under_its_smallest_root_keep_the_step_finite():
             u = np.asarray(updates, np.float32)
             assert np.all(np.isfinite(u)) and np.all(u < 0)
             assert np.all(-u <= 0.1 / np.sqrt(0.9 * 0.1) * 1.01)
+
+
+@pytest.mark.parametrize("rule", ["rss", "rms", "rms centered", "rmsprop with momentum"])
+def test_float16_steps_follow_the_equations_over_its_whole_normal_range(rule):
+    # README: float16 gradients from its smallest normal number, 6.1e-5, to its largest,
+    # 65504, step as the equations say (with eps=0, the same step at every scale).
+    # Below 6.1e-5 (subnormal float16) they do not: numerics.md, "float16".
+    rng = np.random.default_rng(5)
+    size = (STEPS, *SHAPE)
+    magnitudes = np.exp(rng.uniform(np.log(6.2e-5), np.log(6.5e4), size))
+    grads = np.where(rng.random(size) < 0.5, -magnitudes, magnitudes)
+    grads[:, :2, :8] = 0.0
+    _assert_matches_reference(rule, 0.0, None, jnp.float16, 1.0, 0, grads)
