@@ -1094,3 +1094,50 @@ def test_a_chain_given_another_chains_state_names_what_it_got():
     reordered = rj.chain(rj.clip(1.0), rj.rmsprop(0.1)).init(params)
     with pytest.raises(TypeError, match=r"its part rmsprop \(state\[0\]\): .*, got EmptyState\."):
         rj.chain(rj.rmsprop(0.1), rj.clip(1.0)).update(params, reordered, params)
+
+
+@pytest.mark.parametrize(
+    "make, where",
+    [
+        (lambda: rj.sgd(0.1, 0.9, accumulator_dtype=jnp.float32), r"sgd\.init: its part trace"),
+        (lambda: rj.trace(0.9, accumulator_dtype=jnp.float32), r"trace\.init"),
+        (lambda: rj.ema(0.9, accumulator_dtype=jnp.bfloat16), r"ema\.init"),
+        (
+            lambda: rj.accumulate_gradients(rj.sgd(1.0), 2, accumulator_dtype=jnp.float32),
+            r"accumulate_gradients\.init",
+        ),
+    ],
+)
+def test_a_real_accumulator_dtype_for_complex_parameters_is_refused_at_init(make, where):
+    # The buffer would drop the imaginary part (optax's does, with a warning); the first
+    # step refused it as "a state made for real parameters. Initialise the optimizer
+    # with the complex parameters", which it had been; accumulate_gradients dropped it
+    params = {"a": jnp.array([1 + 2j, 3 - 1j], jnp.complex64), "b": jnp.ones(2)}
+    with pytest.raises(
+        TypeError,
+        match=rf"^rmsjax\.{where}.*accumulator_dtype must be a complex dtype or None for a "
+        r"parameter of dtype complex64 \(a real buffer would drop the imaginary part\), got "
+        r"(float32|bfloat16)$",
+    ):
+        make().init(params)
+    # a complex one steps; a real one for real leaves too
+    state = rj.sgd(0.1, 0.9, accumulator_dtype=jnp.complex64).init({"a": params["a"]})
+    assert state[0].trace["a"].dtype == jnp.complex64
+    assert (
+        rj.sgd(0.1, 0.9, accumulator_dtype=jnp.float32).init(params["b"])[0].trace.dtype
+        == jnp.float32
+    )
+
+
+def test_a_state_cast_by_tree_cast_is_refused_with_the_way_to_cast_it():
+    # docs/porting.md: optax's tree_cast casts rmsjax's step counts too
+    params = {"w": jnp.ones(3)}
+    tx = rj.rmsprop(0.1)
+    cast = optax.tree_utils.tree_cast(tx.init(params), jnp.bfloat16)
+    with pytest.raises(
+        TypeError,
+        match=r"count must be an integer scalar .*got an array of dtype bfloat16 "
+        r"\(optax\.tree_utils\.tree_cast casts counts too: cast only the floating leaves, "
+        r'or keep the state in bfloat16 with storage="bfloat16"\)$',
+    ):
+        tx.update(params, cast, params)

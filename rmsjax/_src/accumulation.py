@@ -89,8 +89,7 @@ def accumulate_gradients(
         # zeros_like keeps a sharded parameter's layout for its accumulator
         if accumulator_dtype is None:  # at least float32, as optax.MultiSteps' default
             return jnp.zeros_like(leaf, numerics.compute_dtype(jnp.result_type(leaf)))
-        dtype = accumulator_dtype
-        return jnp.zeros_like(leaf, dtype)
+        return jnp.zeros_like(leaf, validate.accumulator_dtype_for(name, leaf, accumulator_dtype))
 
     def init_fn(params):
         mini_step, gradient_step = sharding.init_shared_like(

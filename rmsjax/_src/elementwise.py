@@ -351,17 +351,21 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
     def split(flat: Sequence[Any]) -> list[Sequence[Any]]:
         return [flat[o : o + n] for o, n in zip(offsets, counts)]
 
-    def step_shared(shared):
-        stepped = []
-        for index, (r, s) in enumerate(zip(rules, shared)):
-            try:  # a schedule's value is checked here
-                stepped.append(r.step_shared(s))
+    def each(call):  # call(index, rule) for every rule, its errors named as the part's
+        results = []
+        for index, r in enumerate(rules):
+            try:  # (a schedule's value is checked in step_shared)
+                results.append(call(index, r))
             except (TypeError, ValueError) as error:
                 raise_in_part(name, first + index, r.name, error)
+        return results
+
+    def step_shared(shared):
+        stepped = each(lambda index, r: r.step_shared(shared[index]))
         return tuple(s for s, _ in stepped), tuple(c for _, c in stepped)
 
     def init_leaf(param):
-        return tuple(slot for r in rules for slot in r.init_leaf(param))
+        return tuple(slot for own in each(lambda _, r: r.init_leaf(param)) for slot in own)
 
     def update_leaf(g, slots, context, param):
         new_slots: list = []
@@ -375,12 +379,7 @@ def compose(rules: Sequence[LeafRule], name: str = "chain", first: int = 0) -> L
 
     def from_state(state, none_tree=False):
         expect_state_tuple(name, state, len(rules))
-        parts = []
-        for index, (r, s) in enumerate(zip(rules, state)):
-            try:
-                parts.append(r.from_state(s, none_tree))
-            except (TypeError, ValueError) as error:
-                raise_in_part(name, first + index, r.name, error)
+        parts = each(lambda index, r: r.from_state(state[index], none_tree))
         return tuple(p[0] for p in parts), tuple(t for p in parts for t in p[1])
 
     return LeafRule(

@@ -25,10 +25,6 @@ class EmaState(NamedTuple):
     ema: base.Updates
 
 
-def _slot_dtype(param: Any, accumulator_dtype: Any) -> Any:
-    return jnp.result_type(param) if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
-
-
 def trace(
     decay: float,
     nesterov: bool = False,
@@ -79,7 +75,11 @@ def trace(
     def init_leaf(param):
         if storage is not None:
             return (storage_lib.init_slot(param, 0.0, storage, signed=True),)
-        return (jnp.zeros(jnp.shape(param), _slot_dtype(param, accumulator_dtype)),)
+        return (
+            jnp.zeros(
+                jnp.shape(param), validate.accumulator_dtype_for("trace", param, accumulator_dtype)
+            ),
+        )
 
     def update_leaf(g, slots, context, param):
         del context, param
@@ -145,7 +145,11 @@ def ema(
         return count, numerics.bias_correction_factor(decay, count) if debias else None
 
     def init_leaf(param):
-        return (jnp.zeros(jnp.shape(param), _slot_dtype(param, accumulator_dtype)),)
+        return (
+            jnp.zeros(
+                jnp.shape(param), validate.accumulator_dtype_for("ema", param, accumulator_dtype)
+            ),
+        )
 
     def update_leaf(g, slots, correction, param):
         del param

@@ -251,6 +251,22 @@ def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
         _fail(function, argument, allowed, dtype)
 
 
+def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> Any:
+    """The dtype of a buffer for ``param``: ``accumulator_dtype``, or None's default
+    (the parameter's). A real one for a complex parameter is refused at init, naming the
+    argument: the buffer would drop the imaginary part (optax's does, with a warning)."""
+    if accumulator_dtype is None:
+        return jax.numpy.result_type(param)
+    dtype = jax.numpy.dtype(accumulator_dtype)
+    if jax.numpy.iscomplexobj(param) and not jax.numpy.issubdtype(dtype, np.complexfloating):
+        raise TypeError(
+            f"rmsjax.{function}.init: accumulator_dtype must be a complex dtype or None "
+            f"for a parameter of dtype {jax.numpy.result_type(param)} (a real buffer would "
+            f"drop the imaginary part), got {dtype}"
+        )
+    return dtype
+
+
 def scalar_schedule_value(function: str, argument: str, value: Any, hint: str = "") -> Any:
     """A schedule's value, checked at trace time to be a scalar: a schedule that returns
     an array would otherwise be broadcast over each leaf, or fail inside the step, and a
@@ -361,9 +377,15 @@ def check_step_count(name: str, count: Any) -> None:
         integer = jax.numpy.issubdtype(dtype, jax.numpy.integer)
     if not integer:
         held = f"an array of dtype {dtype}" if dtype is not None else f"{count!r}"
+        hint = ""
+        if dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            hint = (
+                " (optax.tree_utils.tree_cast casts counts too: cast only the floating "
+                'leaves, or keep the state in bfloat16 with storage="bfloat16")'
+            )
         raise TypeError(
             f"rmsjax.{name}.update: the state's count must be an integer scalar (int32, "
-            f"as init makes it), got {held}"
+            f"as init makes it), got {held}{hint}"
         )
     if np.shape(count) != ():
         raise ValueError(
