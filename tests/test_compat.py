@@ -1325,3 +1325,78 @@ def test_keras_ema_overwrite_refusal_gives_keras_training_run(source):
         np.testing.assert_allclose(params, keras_params, rtol=1e-5, atol=1e-6)
     # without the overwrite the run is Keras' plain one, far from this
     assert np.max(np.abs(stored["keras_trajectory"][-1] - stored["keras_overwritten"][-1])) > 1e-3
+
+
+def _foreign_scalar(value, module="tensorflow"):
+    """A one-element tensor of another framework, as rmsjax sees one: NumPy reads it as a
+    number (``__array__``), JAX's arithmetic does not; ``module`` is its type's module."""
+
+    class Tensor:
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(value, dtype)
+
+        def numel(self):
+            return 1
+
+        def item(self):
+            return value
+
+        def __repr__(self):
+            return f"tensor({value})"
+
+    Tensor.__module__ = module
+    return Tensor()
+
+
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda v: rj.rmsprop(v), "learning_rate"),
+        (lambda v: rj.compat.torch_rmsprop(momentum=v), "momentum"),
+        (lambda v: rj.compat.keras_adagrad(learning_rate=v), "learning_rate"),
+        (lambda v: rj.trace(v), "decay"),
+    ],
+)
+def test_another_frameworks_scalar_is_refused_where_the_optimizer_is_built(make, argument):
+    # A torch tensor lr passed the range check (NumPy reads it as a number), then the
+    # first step failed inside JAX: "Cannot interpret 'torch.float32' as a data type"
+    with pytest.raises(
+        TypeError, match=rf"{argument} must be a real number.*\(float\({argument}\) converts a"
+    ):
+        make(_foreign_scalar(0.5))
+
+
+def test_torch_presets_read_a_one_element_tensor_lr_as_torch_does():
+    # torch documents lr (float, Tensor); the presets read it once, as a float
+    params, grads = jnp.array([1.0, -2.0]), jnp.array([0.5, 3.0])
+    for make in (
+        lambda lr: rj.compat.torch_rmsprop(lr=lr, momentum=0.5),
+        lambda lr: rj.compat.torch_adagrad(lr=lr, lr_decay=0.1),
+    ):
+        want = make(0.25).update(grads, make(0.25).init(params), params)[0]
+        tx = make(_foreign_scalar(0.25, module="torch"))
+        np.testing.assert_array_equal(tx.update(grads, tx.init(params), params)[0], want)
+    with pytest.raises(ValueError, match=r"torch_rmsprop: lr must be >= 0, got -1.0$"):
+        rj.compat.torch_rmsprop(lr=_foreign_scalar(-1.0, module="torch"))
+
+
+def test_a_live_torch_tensor_lr_steps_as_torch():
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    theirs = torch.optim.RMSprop([p], lr=torch.tensor(0.01), momentum=0.9)
+    tx = rj.compat.torch_rmsprop(lr=torch.tensor(0.01), momentum=0.9)
+    params = jnp.array([1.0, -2.0])
+    state = tx.init(params)
+    for step in range(5):
+        grads = np.array([0.5, -3.0], np.float32) * (step + 1)
+        p.grad = torch.tensor(grads)
+        theirs.step()
+        updates, state = tx.update(jnp.asarray(grads), state, params)
+        params = rj.apply_updates(params, updates)
+    np.testing.assert_allclose(params, p.detach().numpy(), rtol=1e-6)
+
+
+def test_a_keras_preset_name_cannot_hold_a_slash_as_in_keras():
+    with pytest.raises(ValueError, match=r"keras_rmsprop: name must be a string without '/'"):
+        rj.compat.keras_rmsprop(name="a/b")
+    rj.compat.tf1_rmsprop(0.1, name="a/b")  # TF1's names are scopes: '/' allowed

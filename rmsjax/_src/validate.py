@@ -82,6 +82,10 @@ def read_number(function: str, argument: str, value: Any, *, schedule: bool = Fa
         _wrong_type(function, argument, allowed, value)
     if value is None or isinstance(value, (bool, np.bool_, str, bytes, list, tuple, dict)):
         _wrong_type(function, argument, allowed, value)
+    if not isinstance(value, (int, float, np.generic, np.ndarray, jax.Array)):
+        # a torch or TensorFlow tensor reads as a number here, but not inside the step
+        kind = type(value).__name__
+        _wrong_type(function, argument, f"{allowed} (float({argument}) converts a {kind})", value)
     if isinstance(value, int):  # beyond int64 NumPy would make it an object array
         try:
             return float(value)

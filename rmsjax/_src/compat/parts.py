@@ -135,6 +135,16 @@ def check_rate(function: str, argument: str, value: Any) -> None:
     validate.check_learning_rate(function, argument, value)
 
 
+def tensor_rate(value: Any) -> Any:
+    """torch documents ``lr (float, Tensor)``: a one-element torch tensor is read as its
+    float, once, where the preset is built (a tensor changed in place later is not
+    followed: change the rate with a schedule or ``inject_hyperparams``)."""
+    if type(value).__module__ == "torch" and callable(getattr(value, "numel", None)):
+        if value.numel() == 1:
+            return float(value.item())
+    return value
+
+
 def named_rate(function: str, argument: str, rate: base.ScalarOrSchedule) -> Any:
     """``rate``, a schedule wrapped so that a wrong value names the preset's update and
     its own argument (torch's ``lr``), not the learning_rate of the part it feeds."""
@@ -206,6 +216,10 @@ def check_how_to_run(function: str, **options: Any) -> None:
             raise TypeError(
                 f"rmsjax.{function}: {argument} must be {allowed}, got {value!r} "
                 f"({type(value).__name__})"
+            )
+        if argument == "name" and function.startswith("compat.keras") and "/" in (value or ""):
+            raise ValueError(  # Keras' own rule: a name cannot hold '/'
+                f"rmsjax.{function}: name must be a string without '/', got {value!r}"
             )
 
 

@@ -14,6 +14,7 @@ from rmsjax._src.compat.parts import (
     momentum_or_identity,
     named_rate,
     real_only,
+    tensor_rate,
 )
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -54,7 +55,8 @@ def torch_rmsprop(
     given arguments hold an :class:`EmptyState`.
 
     Args:
-      lr: learning rate >= 0, or a schedule of the step count (0, 1, 2, ...): what a
+      lr: learning rate >= 0 (a one-element torch tensor is read as its float, once),
+        or a schedule of the step count (0, 1, 2, ...): what a
         ``torch.optim.lr_scheduler`` stepped once per optimizer step gives.
       alpha: decay of the squared-gradient average, in [0, 1).
       eps: added to the root, outside it, >= 0.
@@ -98,6 +100,7 @@ def torch_rmsprop(
     """
     name = "compat.torch_rmsprop"
     storage_lib.check_storage(name, storage)
+    lr = tensor_rate(lr)
     check_rate(name, "lr", lr)
     validate.check_decay(name, "alpha", alpha)
     validate.check_non_negative(name, "eps", eps)
@@ -149,7 +152,8 @@ def torch_adagrad(
     ``lr_decay`` is 0).
 
     Args:
-      lr: learning rate >= 0, or a schedule of the step count (0, 1, 2, ...): what a
+      lr: learning rate >= 0 (a one-element torch tensor is read as its float, once),
+        or a schedule of the step count (0, 1, 2, ...): what a
         ``torch.optim.lr_scheduler`` stepped once per optimizer step gives; torch
         applies ``lr_decay`` on top of it, and so does this preset.
       lr_decay: >= 0, see the equation.
@@ -191,6 +195,7 @@ def torch_adagrad(
     """
     name = "compat.torch_adagrad"
     storage_lib.check_storage(name, storage)
+    lr = tensor_rate(lr)
     check_rate(name, "lr", lr)
     validate.check_non_negative(name, "lr_decay", lr_decay)
     validate.check_non_negative(name, "weight_decay", weight_decay)
