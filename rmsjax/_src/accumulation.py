@@ -7,7 +7,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, sharding, tree_checks, validate
+from rmsjax._src import (
+    base,
+    elementwise,
+    fusion,
+    numerics,
+    sharding,
+    step_checks,
+    tree_checks,
+    validate,
+)
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -89,7 +98,8 @@ def accumulate_gradients(
         # zeros_like keeps a sharded parameter's layout for its accumulator
         if accumulator_dtype is None:  # at least float32, as optax.MultiSteps' default
             return jnp.zeros_like(leaf, numerics.compute_dtype(jnp.result_type(leaf)))
-        return jnp.zeros_like(leaf, validate.accumulator_dtype_for(name, leaf, accumulator_dtype))
+        dtype = step_checks.accumulator_dtype_for(name, leaf, accumulator_dtype)
+        return jnp.zeros_like(leaf, dtype)
 
     def init_fn(params):
         mini_step, gradient_step = sharding.init_shared_like(

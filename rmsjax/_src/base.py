@@ -18,8 +18,9 @@ Updates = Any
 """A pytree of gradients or updates with the structure of the parameters."""
 OptState = Any
 """A pytree holding an optimizer's state."""
-Schedule = Callable[[jax.Array], jax.Array]
-"""A function from the step count (an int32 scalar) to a scalar value."""
+Schedule = Callable[[Any], Any]
+"""A function from the step count (an int32 scalar) to a scalar value (a JAX scalar or
+a Python number: ``constant_schedule`` returns its value as given, as optax's)."""
 ScalarOrSchedule = float | jax.Array | Schedule
 """A constant (python float or scalar array) or a schedule."""
 Storage = Literal["float32", "bfloat16", "int8"]

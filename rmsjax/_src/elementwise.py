@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import jax
 
-from rmsjax._src import base, numerics, validate
+from rmsjax._src import base, numerics, step_checks
 
 Slots = tuple  # the per-leaf state of a rule: a tuple of arrays (or small pytrees)
 
@@ -161,7 +161,7 @@ def declared_rule(
                 "options (another storage, say)."
             )
         if shared_field == "count":
-            validate.check_step_count(name, shared)
+            step_checks.check_step_count(name, shared)
         return shared, trees
 
     return LeafRule(
@@ -322,7 +322,7 @@ def counted_rule(
 
     def from_state(state, none_tree=False):
         expect_state(name, state, state_type)
-        validate.check_step_count(name, state.count)
+        step_checks.check_step_count(name, state.count)
         return state.count, ()
 
     return LeafRule(

@@ -18,6 +18,7 @@ from rmsjax._src import (
     fusion,
     numerics,
     sharding,
+    step_checks,
     tree_checks,
     validate,
 )
@@ -205,11 +206,11 @@ def inject_hyperparams(
             for key, schedule in schedules.items():
                 # (optax calls a mask function with the count too, and masks nothing)
                 hint = f"; a function that is no schedule goes in static_args=({key!r},)"
-                value = validate.scalar_schedule_value(where, key, schedule(count), hint)
+                value = step_checks.scalar_schedule_value(where, key, schedule(count), hint)
                 values[key] = cast(key, value, dtype)
             for key, schedule in stateful.items():
                 value = schedule(schedule_states[key], **extra)
-                values[key] = cast(key, validate.scalar_schedule_value(where, key, value), dtype)
+                values[key] = cast(key, step_checks.scalar_schedule_value(where, key, value), dtype)
             return values
 
         def build(values):

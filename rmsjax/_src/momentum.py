@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
+from rmsjax._src import base, elementwise, fusion, moments, numerics, step_checks, validate
 from rmsjax._src import storage as storage_lib
 
 
@@ -23,6 +23,11 @@ class EmaState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's
     ema: base.Updates
+
+
+def _zero_buffer(name: str, param: Any, accumulator_dtype: Any) -> jax.Array:
+    dtype = step_checks.accumulator_dtype_for(name, param, accumulator_dtype)
+    return jnp.zeros(jnp.shape(param), dtype)
 
 
 def trace(
@@ -75,11 +80,7 @@ def trace(
     def init_leaf(param):
         if storage is not None:
             return (storage_lib.init_slot(param, 0.0, storage, signed=True),)
-        return (
-            jnp.zeros(
-                jnp.shape(param), validate.accumulator_dtype_for("trace", param, accumulator_dtype)
-            ),
-        )
+        return (_zero_buffer("trace", param, accumulator_dtype),)
 
     def update_leaf(g, slots, context, param):
         del context, param
@@ -145,11 +146,7 @@ def ema(
         return count, numerics.bias_correction_factor(decay, count) if debias else None
 
     def init_leaf(param):
-        return (
-            jnp.zeros(
-                jnp.shape(param), validate.accumulator_dtype_for("ema", param, accumulator_dtype)
-            ),
-        )
+        return (_zero_buffer("ema", param, accumulator_dtype),)
 
     def update_leaf(g, slots, correction, param):
         del param

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, elementwise, fusion, numerics, validate
+from rmsjax._src import base, elementwise, fusion, numerics, step_checks, validate
 
 
 def _scale_leaf(g: jax.Array, factor: Any) -> jax.Array:
@@ -76,7 +76,7 @@ def scale_by_learning_rate(
     def factor_at(count):
         if callable(learning_rate):
             value = learning_rate(count)
-            value = validate.scalar_schedule_value(f"{name}.update", "learning_rate", value)
+            value = step_checks.scalar_schedule_value(f"{name}.update", "learning_rate", value)
             return sign * validate.as_float(value)
         return sign * validate.as_float(learning_rate)
 

@@ -189,6 +189,7 @@ def warmup_cosine_decay_schedule(
         else lambda count: init_value
     )
     peak, end = validate.concrete_value(peak_value), validate.concrete_value(end_value)
+    alpha: Any
     if peak is not None:
         alpha = 0.0 if peak == 0 else end_value / peak_value
     else:  # traced: chosen in the step
@@ -225,8 +226,9 @@ def piecewise_constant_schedule(
         validate.check_count(name, "a boundary", boundary, minimum=0)
         validate.check_range(name, f"the scale at boundary {boundary}", factor, 0.0)
     items = sorted(boundaries_and_scales.items())
-    value = validate.concrete_value(init_value)  # None where traced: not checked
-    traced = value is None or any(validate.concrete_value(f) is None for _, f in items)
+    start = validate.concrete_value(init_value)  # None where traced: not checked
+    traced = start is None or any(validate.concrete_value(f) is None for _, f in items)
+    value = 0.0 if start is None else start
     for boundary, factor in items if not traced else ():
         # a value beyond float32 would be inf, and optax's arithmetic below NaN (0 * inf)
         value *= float(factor)
@@ -241,7 +243,7 @@ def piecewise_constant_schedule(
         # optax's arithmetic, so that the value, its dtype and its weak type are optax's
         # for every count (an int32 array, a Python int, a float)
         count = _reachable(count)
-        value = init_value
+        value: Any = init_value
         for boundary, factor in items:
             before = jnp.maximum(0.0, jnp.sign(boundary - count))  # 1 before it, else 0
             value = value * before + (1 - before) * factor * value

@@ -9,7 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, elementwise, fusion, momentum, numerics, scaling, validate
+from rmsjax._src import (
+    base,
+    elementwise,
+    fusion,
+    momentum,
+    numerics,
+    scaling,
+    step_checks,
+    validate,
+)
 from rmsjax._src import weight_decay as weight_decay_lib
 
 # ------------------------------------------------------------------------ small parts
@@ -58,7 +67,9 @@ def decoupled_weight_decay(
 
     def factor_at(count):
         rate = (
-            validate.scalar_schedule_value(f"{name}.update", "learning_rate", learning_rate(count))
+            step_checks.scalar_schedule_value(
+                f"{name}.update", "learning_rate", learning_rate(count)
+            )
             if callable(learning_rate)
             else learning_rate
         )
@@ -104,7 +115,7 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
 
     def schedule(count):
         rate = (
-            validate.scalar_schedule_value(name, "learning_rate", learning_rate(count))
+            step_checks.scalar_schedule_value(name, "learning_rate", learning_rate(count))
             if callable(learning_rate)
             else learning_rate
         )
@@ -153,7 +164,7 @@ def named_rate(function: str, argument: str, rate: base.ScalarOrSchedule) -> Any
     schedule = rate
 
     def checked(count: Any) -> Any:
-        return validate.scalar_schedule_value(f"{function}.update", argument, schedule(count))
+        return step_checks.scalar_schedule_value(f"{function}.update", argument, schedule(count))
 
     return checked
 
