@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import rmsjax as rj
-from rmsjax._src import in_turn, storage
+from rmsjax._src import in_turn, quantization, storage
 from tests import reference, trees
 
 # ------------------------------------------------------------------ NumPy reference
@@ -100,7 +100,7 @@ def decades_apart(rng, shape, low, high, signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_tables_match_their_description(signed):
-    table = storage.SIGNED_TABLE if signed else storage.NONNEGATIVE_TABLE
+    table = quantization.SIGNED_TABLE if signed else quantization.NONNEGATIVE_TABLE
     np.testing.assert_array_equal(table, reference_table(signed))
     assert table.size == 255
     assert np.all(np.diff(table) > 0)

@@ -21,7 +21,6 @@ class MomentStep(NamedTuple):
 
     Attributes:
       stored: the new moment in the slot's format.
-      new: the new moment in the encoding (as the slot holds it, when read back).
       scale: a power of two per element (1 for a moment held as itself).
       value: the true moment times ``scale**2``, in range.
       eps_squared: ``eps * scale**2``, to add to ``value`` under the root.
@@ -35,7 +34,6 @@ class MomentStep(NamedTuple):
     """
 
     stored: Any
-    new: jax.Array
     scale: jax.Array
     value: jax.Array
     eps_squared: Any
@@ -74,7 +72,7 @@ def accumulate(
     if jnp.iscomplexobj(g):
         new = combine(numerics.abs_sq(g), storage_lib.load(slot, dtype))
         new = numerics.finite_ceiling(new, slot)
-        return MomentStep(storage_lib.store(new, slot), new, jnp.ones((), dtype), new, eps, eps)
+        return MomentStep(storage_lib.store(new, slot), jnp.ones((), dtype), new, eps, eps)
     slot_dtype = storage_lib.slot_dtype(slot)
     concrete_eps = validate.concrete_value(eps)
     tiny = numerics.needs_tiny_mode(slot_dtype, concrete_eps, eps_in_sqrt)
@@ -85,7 +83,7 @@ def accumulate(
     scale, value, eps_squared, eps_linear = numerics.moment_operands(
         new, slot_dtype, tiny, concrete_eps if tiny else eps
     )
-    return MomentStep(stored, new, scale, value, eps_squared, eps_linear, inline)
+    return MomentStep(stored, scale, value, eps_squared, eps_linear, inline)
 
 
 def decaying_average(new: jax.Array, old: jax.Array, decay: Any) -> jax.Array:

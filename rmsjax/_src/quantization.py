@@ -156,7 +156,7 @@ def _dithered_magnitude(y: jax.Array, u: jax.Array) -> jax.Array:
     return m + up.astype(jnp.int32)
 
 
-def _exponent(x: jax.Array) -> jax.Array:
+def exponent_field(x: jax.Array) -> jax.Array:
     """The biased exponent field of float32 ``x`` (0 for zeros and subnormals, 255 for
     inf and NaN)."""
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
@@ -269,22 +269,22 @@ def quantize(x: Any, *, signed: bool) -> QuantizedArray:
     x = jnp.asarray(x, jnp.float32)
     blocks = to_blocks(x)
     if signed:
-        values, exponents = blocks, _exponent(blocks)
+        values, exponents = blocks, exponent_field(blocks)
     else:
         blocks = jnp.maximum(blocks, 0.0)
-        values, exponents = jnp.sqrt(blocks), _root_exponent(blocks)
+        values, exponents = jnp.sqrt(blocks), root_exponent_field(blocks)
     top = block_top(exponents)
     scale = _power_of_two(top - 127)  # 0 for a block of zeros, inf for 255
     return encode_blocks(values, blocks, top, scale, x.shape, signed)
 
 
-def _root_exponent(x: jax.Array) -> jax.Array:
+def root_exponent_field(x: jax.Array) -> jax.Array:
     """The exponent field of ``sqrt(x)`` for ``x >= 0`` (or more, for subnormals), from
     ``x``'s own: no square root. A square root halves the unbiased exponent (rounding
     down); inf and NaN keep 255, and zero gives 0, so that a block's zeros do not raise
     its scale above roots stored as they are (the tiny encoding's, far below
     ``sqrt`` of the smallest normal)."""
-    e = _exponent(x)
+    e = exponent_field(x)
     root = jnp.where(e == 255, 255, jnp.right_shift(jnp.maximum(e, 1) + 127, 1))
     return jnp.where(x == 0, 0, root)
 
@@ -352,7 +352,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     """
     validate.check_instance("dequantize", "q", q, QuantizedArray, "a QuantizedArray")
     check_consistent("dequantize", q)
-    values = _decoded(q)
+    values = decoded_blocks(q)
     if not q.signed:
         # a root rounded up to 2^64 (the top code of float32's largest numbers) squares
         # to float32's largest; a negative scale holds moments beyond float32
@@ -387,7 +387,7 @@ def check_consistent(function: str, q: QuantizedArray, what: Any = "q") -> None:
         )
 
 
-def _decoded(q: QuantizedArray) -> jax.Array:
+def decoded_blocks(q: QuantizedArray) -> jax.Array:
     """Each code's value times its block's scale, in blocks (the root, for a
     non-negative array)."""
     codes = q.codes.astype(jnp.int32)

@@ -110,17 +110,12 @@ def _holds_variance(centered: bool, slots: tuple) -> bool:
     return centered and storage_lib.coarse(slots[0])
 
 
-class _Divider:
+def _divide(x: jax.Array, c: Any, inline: bool) -> jax.Array:
     """``x / c``; where the step is computed inline (int8 state), ``x`` times ``1 / c``
     (a scalar's, or a reciprocal computed inline)."""
-
-    def __init__(self, inline: bool):
-        self.inline = inline
-
-    def __call__(self, x, c):
-        if not self.inline:
-            return x / c
-        return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
+    if not inline:
+        return x / c
+    return x * (1 / c if jnp.ndim(c) == 0 else numerics.reciprocal_inline(c))
 
 
 def rms_rule(
@@ -170,10 +165,11 @@ def rms_rule(
             return (nu,)
         return nu, storage_lib.init_slot(param, 0.0, storage, signed=True)
 
-    def second_moment(g_c, slots, count, dtype):
+    def second_moment(g_c, slots, count, dtype, variance):
         """The new second moment in numerics' encoding (itself in range, scaled outside
-        it, so that no gradient's square overflows or underflows; see numerics.py)."""
-        if not _holds_variance(centered, slots):
+        it, so that no gradient's square overflows or underflows; see numerics.py): of
+        ``nu``, or with ``variance`` of ``w`` (see _holds_variance)."""
+        if not variance:
             return moments.accumulate(
                 slots[0], g_c, combine, eps, eps_in_sqrt, dtype, read_back=read_back, salt=count
             )
@@ -203,7 +199,7 @@ def rms_rule(
             salt=count,
         )
 
-    def zero_variance_scaling(nu_hat, scale, over):
+    def zero_variance_scaling(nu_hat, scale, inline):
         """The scaling where a centered variance is 0 (a constant gradient, a decay of
         0): eps alone, which counts as 0 above the range, so the step is g / sqrt(eps)
         (g / eps with eps outside the root), unscaled: scaled, it was g / 0 = inf for a
@@ -212,10 +208,10 @@ def rms_rule(
         not. In range it is the same number, bit for bit."""
         zero = 0 * jax.lax.stop_gradient(nu_hat)
         if eps_in_sqrt:
-            unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline=over.inline)
+            unscaled = numerics.inverse_root(eps + zero, 0, 0, True, inline)
         else:
-            unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline=over.inline)
-        return over(unscaled, scale)
+            unscaled = numerics.inverse_root(zero, 0, eps + zero, False, inline)
+        return _divide(unscaled, scale, inline)
 
     def times_gradient(scaling, g_scaled, g_c):
         """scaling * g, where a zero gradient gives a zero update even if the scaling is
@@ -234,31 +230,33 @@ def rms_rule(
         count, correction = context
         dtype = numerics.compute_dtype(g.dtype)
         g_c = g.astype(dtype)
-        moment = second_moment(g_c, slots, count, dtype)
+        variance = _holds_variance(centered, slots)
+        moment = second_moment(g_c, slots, count, dtype, variance)
         new_slots: tuple = (moment.stored,)
         scale, nu_scaled = moment.scale, moment.value
         # With int8 state the step is computed again in each kernel that encodes a
         # block (see numerics.inverse_root): no square root or division in it.
-        over = _Divider(moment.inline)
+        inline = moment.inline
         c = None if correction is None else correction.astype(dtype)
-        nu_hat = nu_scaled if c is None else over(nu_scaled, c)
+        nu_hat = nu_scaled if c is None else _divide(nu_scaled, c, inline)
         if centered:
             mu = moments.decaying_average(g_c, storage_lib.load(slots[1], dtype), decay)
             mu_slot, mu = storage_lib.keep(mu, slots[1], read_back)
             new_slots += (mu_slot,)
             mu_hat = mu * scale
-            if _holds_variance(centered, slots):
+            if variance:
                 # nu/c - (mu/c)^2 with nu = w + mu^2 is w/c - mu^2 (1 - c) / c^2
                 if c is not None:
-                    nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(over(mu_hat, c)) * (1 - c), 0)
+                    mu_c = _divide(mu_hat, c, inline)
+                    nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_c) * (1 - c), 0)
             else:
-                mu_hat = mu_hat if c is None else over(mu_hat, c)
+                mu_hat = mu_hat if c is None else _divide(mu_hat, c, inline)
                 nu_hat = jnp.maximum(nu_hat - numerics.abs_sq(mu_hat), 0)
         scaling = numerics.inverse_root(
             nu_hat, moment.eps_squared, moment.eps_linear, eps_in_sqrt, moment.inline
         )
         if centered:
-            scaling = jnp.where(nu_hat > 0, scaling, zero_variance_scaling(nu_hat, scale, over))
+            scaling = jnp.where(nu_hat > 0, scaling, zero_variance_scaling(nu_hat, scale, inline))
         update = times_gradient(scaling, moment.scaled(g_c), g_c)
         # in the dtype of optax's g / sqrt(nu + eps): the wider of the gradient's and the
         # state's (float32 updates for bfloat16 gradients of float32 parameters)

@@ -35,25 +35,22 @@ import numpy as np
 
 from rmsjax._src import base, numerics
 from rmsjax._src.block_layout import from_blocks, to_blocks
-from rmsjax._src.quantization import (  # noqa: F401  (re-exported)
-    _FLOAT32_MAX,
-    NONNEGATIVE_TABLE,
-    SIGNED_TABLE,
+from rmsjax._src.quantization import (  # noqa: F401  (QuantizedArray, (de)quantize: re-exported)
     QuantizedArray,
-    _decoded,
-    _exponent,
-    _root_exponent,
     block_top,
+    decoded_blocks,
     dequantize,
     encode_blocks,
+    exponent_field,
     quantize,
+    root_exponent_field,
 )
-from rmsjax._src.rounding import dither, round_bfloat16  # noqa: F401  (re-exported)
+from rmsjax._src.rounding import round_bfloat16
 
 STORAGE_OPTIONS = (None, *typing.get_args(base.Storage))
 """The accepted values of the ``storage`` option."""
 
-_LARGEST_ROOT = np.sqrt(_FLOAT32_MAX)
+_LARGEST_ROOT = np.sqrt(np.float32(np.finfo(np.float32).max))
 
 _BYTE_OFFSET = 12
 """How far :func:`store_moment` shifts its roots' exponent fields down to fit a byte."""
@@ -71,7 +68,7 @@ def load_moment(slot: Any, dtype: Any, tiny: bool) -> jax.Array:
     if not isinstance(slot, QuantizedArray):
         return slot.astype(dtype)
     limits = numerics.moment_range(jnp.float32)
-    root = from_blocks(_decoded(slot), slot.shape)
+    root = from_blocks(decoded_blocks(slot), slot.shape)
     huge = root > np.float32(limits.high**0.5)
     root_down = numerics.shift_bits(root, -limits.shift, floor=-45)  # no underflow below
     # (a block beyond float32, with a negative scale, holds -root / 2^shift: the
@@ -108,7 +105,7 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     """A second moment in the encoding, in the format of ``slot``: int8 codes rounded
     without bias; with ``unbiased`` a bfloat16 slot too (:func:`round_bfloat16`), others
     to nearest. ``salt`` (the rule's step count, when it keeps one) varies the rounding
-    from step to step (see :func:`dither`)."""
+    from step to step (see :func:`rounding.dither`)."""
     if not isinstance(slot, QuantizedArray):
         if value.dtype == jnp.float64 and jnp.finfo(slot.dtype).nexp == 8:
             # a float64 leaf's tiny root under float32's normal range would be flushed to
@@ -140,10 +137,10 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     # the encoding holds, has a root beyond float32. A byte holds them shifted down by
     # _BYTE_OFFSET (255 marks a NaN), so a block whose roots are all under
     # 2^-114 takes a scale of 2^-114 instead of its own.
-    exponents = _root_exponent(jnp.abs(blocks))
+    exponents = root_exponent_field(jnp.abs(blocks))
     nonfinite = jnp.isnan(blocks)
     exponents = jnp.where(huge, exponents + limits.shift, exponents)
-    exponents = jnp.where(tiny, _exponent(blocks), exponents)
+    exponents = jnp.where(tiny, exponent_field(blocks), exponents)
     shifted = jnp.clip(exponents - _BYTE_OFFSET, 1, 254)
     top = block_top(jnp.where(nonfinite, 255, jnp.where(exponents == 0, 0, shifted)))
     holds_nan = top == 255

@@ -8,7 +8,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_rate,
     decoupled_decay,
     momentum_or_identity,
     real_only,
@@ -111,7 +110,7 @@ def keras_rmsprop(
     )
     del name  # the peer's name for the optimizer: nothing to do here
     storage_lib.check_storage(function, storage)
-    check_rate(function, "learning_rate", learning_rate)
+    validate.check_learning_rate(function, "learning_rate", learning_rate)
     validate.check_decay(function, "rho", rho)
     validate.check_decay(function, "momentum", momentum)
     validate.check_non_negative(function, "epsilon", epsilon)
@@ -213,7 +212,7 @@ def keras_adagrad(
     )
     del name  # the peer's name for the optimizer: nothing to do here
     storage_lib.check_storage(function, storage)
-    check_rate(function, "learning_rate", learning_rate)
+    validate.check_learning_rate(function, "learning_rate", learning_rate)
     validate.check_non_negative(function, "initial_accumulator_value", initial_accumulator_value)
     validate.check_non_negative(function, "epsilon", epsilon)
     if weight_decay is not None:

@@ -61,8 +61,7 @@ def decoupled_weight_decay(
       Loshchilov and Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
     """
     name = "compat.decoupled_weight_decay"
-    validate.check_non_negative(name, "weight_decay", weight_decay)
-    validate.check_finite(name, "weight_decay", weight_decay)
+    validate.check_non_negative(name, "weight_decay", weight_decay)  # finite in float32 too
     validate.check_learning_rate(name, "learning_rate", learning_rate)
 
     def factor_at(count):
@@ -142,10 +141,6 @@ def is_zero(value: Any) -> bool:
     return number is not None and number == 0
 
 
-def check_rate(function: str, argument: str, value: Any) -> None:
-    validate.check_learning_rate(function, argument, value)
-
-
 def tensor_rate(value: Any) -> Any:
     """torch documents ``lr (float, Tensor)``: a one-element torch tensor is read as its
     float, once, where the preset is built (a tensor changed in place later is not
@@ -180,7 +175,7 @@ def coupled_decay(value: float) -> base.GradientTransformation:
 
 
 def decoupled_decay(value: float | None, learning_rate: Any) -> base.GradientTransformation:
-    if value is None or is_zero(value):
+    if value is None or is_zero(value):  # (None spelled out for the type checker)
         return fusion.identity()
     return decoupled_weight_decay(value, learning_rate)
 

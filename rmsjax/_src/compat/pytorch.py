@@ -6,7 +6,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_rate,
     coupled_decay,
     flip,
     inverse_time_decay,
@@ -101,7 +100,7 @@ def torch_rmsprop(
     name = "compat.torch_rmsprop"
     storage_lib.check_storage(name, storage)
     lr = tensor_rate(lr)
-    check_rate(name, "lr", lr)
+    validate.check_learning_rate(name, "lr", lr)
     validate.check_decay(name, "alpha", alpha)
     validate.check_non_negative(name, "eps", eps)
     validate.check_non_negative(name, "weight_decay", weight_decay)
@@ -196,7 +195,7 @@ def torch_adagrad(
     name = "compat.torch_adagrad"
     storage_lib.check_storage(name, storage)
     lr = tensor_rate(lr)
-    check_rate(name, "lr", lr)
+    validate.check_learning_rate(name, "lr", lr)
     validate.check_non_negative(name, "lr_decay", lr_decay)
     validate.check_non_negative(name, "weight_decay", weight_decay)
     validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)

@@ -6,7 +6,6 @@ from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
     check_how_to_run,
-    check_rate,
     momentum_or_identity,
     real_only,
 )
@@ -80,7 +79,7 @@ def tf1_rmsprop(
     check_how_to_run(function, use_locking=use_locking, name=name)
     del name  # the peer's name for the optimizer: nothing to do here
     storage_lib.check_storage(function, storage)
-    check_rate(function, "learning_rate", learning_rate)
+    validate.check_learning_rate(function, "learning_rate", learning_rate)
     validate.check_decay(function, "decay", decay)
     validate.check_decay(function, "momentum", momentum)
     validate.check_non_negative(function, "epsilon", epsilon)
@@ -152,7 +151,7 @@ def tf1_adagrad(
     check_how_to_run(function, use_locking=use_locking, name=name)
     del name  # the peer's name for the optimizer: nothing to do here
     storage_lib.check_storage(function, storage)
-    check_rate(function, "learning_rate", learning_rate)
+    validate.check_learning_rate(function, "learning_rate", learning_rate)
     validate.check_range(
         function, "initial_accumulator_value", initial_accumulator_value, 0.0, low_open=True
     )
