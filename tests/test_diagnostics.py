@@ -278,3 +278,30 @@ def test_step_sizes_around_accumulation_measure_the_next_call():
     np.testing.assert_array_equal(rj.effective_step_sizes(tx, state, params)["w"], 0.0)
     inside = rj.effective_step_sizes(inner, state[1].inner_state, params)
     np.testing.assert_array_equal(inside["w"], want["w"])
+
+
+def test_summaries_of_leaves_reduced_together_are_each_leaf_s_own():
+    # leaves of one shape and dtype are stacked and reduced together (four reductions
+    # per shape, not per leaf): each summary must still be its own leaf's
+    rng = np.random.default_rng(0)
+    params = {
+        "same": [jnp.zeros((5, 7)) for _ in range(4)],
+        "other": jnp.zeros(11),
+        "half": [jnp.zeros((5, 7), jnp.bfloat16) for _ in range(2)],
+        "none": None,
+    }
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    tx = rj.rmsprop(1e-2, momentum=0.5)
+    _, state = tx.update(grads, tx.init(params), params)
+    sizes = rj.effective_step_sizes(tx, state, params)
+    summary = jax.jit(lambda s: rj.step_size_summary(tx, s, params))(state)
+    assert summary["none"] is None
+    for got, s in zip(
+        jax.tree.leaves(summary, is_leaf=lambda x: isinstance(x, rj.StepSizeSummary)),
+        jax.tree.leaves(sizes),
+    ):
+        s = np.asarray(s, np.float64)
+        np.testing.assert_allclose(got.min, s.min(), rtol=1e-6)
+        np.testing.assert_allclose(got.max, s.max(), rtol=1e-6)
+        np.testing.assert_allclose(got.mean, s.mean(), rtol=1e-5)
+        np.testing.assert_allclose(got.geometric_mean, np.exp(np.log(s).mean()), rtol=1e-5)

@@ -1141,3 +1141,19 @@ def test_a_state_cast_by_tree_cast_is_refused_with_the_way_to_cast_it():
         r'or keep the state in bfloat16 with storage="bfloat16"\)$',
     ):
         tx.update(params, cast, params)
+
+
+@pytest.mark.parametrize("function", ["group_state", "ungroup_state"])
+def test_group_state_with_another_optimizer_s_state_names_itself(function):
+    # the refusal named rmsjax.rmsprop.update, which the user never called
+    params = [jnp.ones(3), jnp.ones(3)]
+    tx = rj.grouped(rj.rmsprop(0.01, momentum=0.9))
+    other = rj.adagrad(0.1).init(params)
+    if function == "ungroup_state":
+        other = rj.grouped(rj.adagrad(0.1)).init(params)
+    with pytest.raises(
+        TypeError,
+        match=rf"^rmsjax\.{function}: its tx rmsprop: expected the tuple of 3 states that "
+        r"init returned, got a tuple of 2 \(ScaleByRssState, ScaleByLearningRateState\)",
+    ):
+        getattr(rj, function)(tx, other, params)

@@ -333,7 +333,9 @@ def ungroup_state(
     """
     name = "ungroup_state"
     rule, layout = _layout_of(name, tx)
-    shared, slot_trees = rule.from_state(_inner_of(name, state, params))
+    inner = _inner_of(name, state, params)
+    with elementwise.naming_wrapper(name, None, role="tx"):  # a state of another optimizer
+        shared, slot_trees = rule.from_state(inner)
     leaves, treedef = jax.tree.flatten(params)
     blocks = layout.blocks(_made_for(name, state, params))
     per_leaf_trees = []
@@ -368,7 +370,8 @@ def group_state(
     rule, layout = _layout_of(name, tx)
     if isinstance(state, GroupedState):
         raise TypeError(f"rmsjax.{name}: state is a GroupedState already; pass a per-leaf state.")
-    shared, slot_trees = rule.from_state(state)
+    with elementwise.naming_wrapper(name, None, role="tx"):  # a state of another optimizer
+        shared, slot_trees = rule.from_state(state)
     blocks = layout.blocks(params)
     treedef = jax.tree.structure(params)
     param_leaves = jax.tree.leaves(params)
