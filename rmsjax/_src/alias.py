@@ -7,7 +7,6 @@ from typing import Any
 
 from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import momentum as momentum_lib
-from rmsjax._src import storage as storage_lib
 
 
 def sgd(
@@ -108,17 +107,10 @@ def rmsprop(
     """
     name = "rmsprop"
     validate.check_learning_rate(name, "learning_rate", learning_rate)
-    validate.check_decay(name, "decay", decay)
-    validate.check_non_negative(name, "eps", eps)
-    validate.check_non_negative(name, "initial_scale", initial_scale)
-    for flag, value in [
-        ("eps_in_sqrt", eps_in_sqrt),
-        ("centered", centered),
-        ("nesterov", nesterov),
-        ("bias_correction", bias_correction),
-    ]:
-        validate.check_bool(name, flag, value)
-    storage_lib.check_storage(name, storage)
+    rms.check_arguments(
+        name, decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered, storage
+    )
+    validate.check_bool(name, "nesterov", nesterov)
     return combine.named_chain(
         name,
         rms.scale_by_rms(
@@ -173,9 +165,7 @@ def adagrad(
     """
     name = "adagrad"
     validate.check_learning_rate(name, "learning_rate", learning_rate)
-    validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
-    validate.check_non_negative(name, "eps", eps)
-    storage_lib.check_storage(name, storage)
+    rss.check_arguments(name, initial_accumulator_value, eps, True, storage)
     return combine.named_chain(
         name,
         rss.scale_by_rss(initial_accumulator_value, eps, storage=storage),

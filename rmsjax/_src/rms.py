@@ -84,20 +84,36 @@ def scale_by_rms(
       Hinton, Neural Networks for Machine Learning, lecture 6e (2012);
       Graves, Generating Sequences With Recurrent Neural Networks, arXiv:1308.0850.
     """
-    name = "scale_by_rms"
-    validate.check_decay(name, "decay", decay)
-    validate.check_non_negative(name, "eps", eps)
-    validate.check_non_negative(name, "initial_scale", initial_scale)
+    check_arguments(
+        "scale_by_rms", decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered, storage
+    )
+    return fusion.rule_transformation(
+        rms_rule(decay, eps, eps_in_sqrt, initial_scale, bias_correction, centered, storage)
+    )
+
+
+def check_arguments(
+    function: str,
+    decay: Any,
+    eps: Any,
+    initial_scale: Any,
+    eps_in_sqrt: Any,
+    bias_correction: Any,
+    centered: Any,
+    storage: Any,
+) -> None:
+    """The checks of :func:`scale_by_rms`' arguments, made by it and by the aliases built
+    on it (their errors name ``function``, the one the user called)."""
+    validate.check_decay(function, "decay", decay)
+    validate.check_non_negative(function, "eps", eps)
+    validate.check_non_negative(function, "initial_scale", initial_scale)
     for flag, value in [
         ("eps_in_sqrt", eps_in_sqrt),
         ("bias_correction", bias_correction),
         ("centered", centered),
     ]:
-        validate.check_bool(name, flag, value)
-    storage_lib.check_storage(name, storage)
-    return fusion.rule_transformation(
-        rms_rule(decay, eps, eps_in_sqrt, initial_scale, bias_correction, centered, storage)
-    )
+        validate.check_bool(function, flag, value)
+    storage_lib.check_storage(function, storage)
 
 
 def _holds_variance(centered: bool, slots: tuple) -> bool:

@@ -75,14 +75,21 @@ def scale_by_rss(
       Duchi, Hazan and Singer, Adaptive Subgradient Methods for Online Learning and
       Stochastic Optimization, JMLR 12 (2011).
     """
-    name = "scale_by_rss"
-    validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
-    validate.check_non_negative(name, "eps", eps)
-    validate.check_bool(name, "eps_in_sqrt", eps_in_sqrt)
-    storage_lib.check_storage(name, storage)
+    check_arguments("scale_by_rss", initial_accumulator_value, eps, eps_in_sqrt, storage)
     return fusion.rule_transformation(
         rss_rule(initial_accumulator_value, eps, eps_in_sqrt, storage)
     )
+
+
+def check_arguments(
+    function: str, initial_accumulator_value: Any, eps: Any, eps_in_sqrt: Any, storage: Any
+) -> None:
+    """The checks of :func:`scale_by_rss`' arguments, made by it and by :func:`adagrad`
+    (whose errors name ``function``, the one the user called)."""
+    validate.check_non_negative(function, "initial_accumulator_value", initial_accumulator_value)
+    validate.check_non_negative(function, "eps", eps)
+    validate.check_bool(function, "eps_in_sqrt", eps_in_sqrt)
+    storage_lib.check_storage(function, storage)
 
 
 def _add(square, total):  # Adagrad's sum, in the order optax computes it
