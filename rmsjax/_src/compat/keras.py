@@ -228,13 +228,16 @@ def keras_adagrad(
     )
 
 
-def _is_zero(value: Any) -> bool:
+def _off(value: Any) -> bool:
+    """Whether a Keras option is off: None, or a concrete 0 (not True, which reads as 1).
+    (Unlike ``parts.is_zero``, a concrete JAX array counts by its value: these options
+    decide the preset's structure, and are never injected.)"""
     return value is None or (validate.concrete_value(value) == 0 and value is not True)
 
 
 def _positive_or_off(function: str, argument: str, value: Any) -> Any:
     """None for None or 0 (Keras clips nothing then); else a number > 0, or an error."""
-    if _is_zero(value) or value is False:
+    if _off(value) or value is False:
         return None
     validate.check_range(function, argument, value, 0.0, low_open=True)  # finite too
     return value
@@ -266,7 +269,7 @@ def _check_base_options(
             ("global_clipnorm", global_clipnorm),
         )
     )
-    if not _is_zero(gradient_accumulation_steps):
+    if not _off(gradient_accumulation_steps):
         validate.check_count(
             function, "gradient_accumulation_steps", gradient_accumulation_steps, 2
         )
