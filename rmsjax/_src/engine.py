@@ -109,7 +109,7 @@ def init(rule: LeafRule, layout: Layout, params: base.Params) -> Any:
     """``rule``'s state for ``params``, in ``layout``."""
     leaves, treedef = jax.tree.flatten(params)
     leaves = as_arrays(leaves, f"rmsjax.{rule.name}.init", params)
-    check_inexact(rule, "init", params, leaves)
+    check_inexact(rule.name, "init", params, leaves, rule.complex_refusal)
     per_block = [
         # A leaf alone: laid out like its parameter (see sharding.py). Stacked leaves
         # (single-device only, as grouped() documents): the rule under vmap.
@@ -138,7 +138,7 @@ def run(
     shared, slot_trees = rule.from_state(state, none_tree=updates is None)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = as_arrays(leaves, f"rmsjax.{rule.name}.update", updates)
-    check_inexact(rule, "update", updates, leaves)
+    check_inexact(rule.name, "update", updates, leaves, rule.complex_refusal)
     blocks = layout.blocks(updates)
     slot_lists = [layout.unpack(rule.name, treedef, t, len(blocks)) for t in slot_trees]
     per_block = [tuple(s[b] for s in slot_lists) for b in range(len(blocks))]

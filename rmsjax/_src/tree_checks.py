@@ -40,16 +40,17 @@ def as_arrays(leaves: Sequence[Any], where: str = "", tree: Any = None) -> list:
     return arrays
 
 
-def check_inexact(rule: LeafRule, where: str, tree: Any, leaves: list) -> None:
-    """Raises a TypeError unless every leaf is floating point (or complex, where the rule
-    takes complex leaves), naming the first leaf that is not."""
-    name = rule.name
+def check_inexact(
+    name: str, where: str, tree: Any, leaves: list, complex_refusal: str | None = None
+) -> None:
+    """Raises a TypeError unless every leaf is floating point (or complex, unless a
+    ``complex_refusal`` says why not), naming the first leaf that is not."""
     for i, leaf in enumerate(leaves):
         dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.complexfloating) and rule.complex_refusal is not None:
+        if jnp.issubdtype(dtype, jnp.complexfloating) and complex_refusal is not None:
             raise TypeError(
                 f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
-                f"this transformation takes real leaves only ({rule.complex_refusal}). "
+                f"this transformation takes real leaves only ({complex_refusal}). "
                 "Split the leaf into its real and imaginary parts."
             )
         if is_eight_bit_float(dtype):
