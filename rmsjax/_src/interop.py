@@ -57,9 +57,9 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
         _is_array_like(value) or isinstance(value, (int, float, storage.QuantizedArray))
     ):
         _fail(function, path, f"expected an array, got {type(value).__name__}")
-    if isinstance(value, storage.QuantizedArray):
+    if _is_quantized(value):
         value = storage.dequantize(value)
-    if isinstance(like, storage.QuantizedArray):
+    if _is_quantized(like):
         value = jnp.asarray(value, jnp.float32)
         if like.signed:
             return storage.quantize(value, signed=True)
@@ -143,7 +143,7 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
             f"rmsjax.{function}: at {path}: a GroupedState (from rj.grouped) keeps its "
             f"leaves in blocks, which optax does not: {how}."
         )
-    if isinstance(like, storage.QuantizedArray) or _is_array_like(like):
+    if _is_quantized(like) or _is_array_like(like):
         return _convert_leaf(function, path, like, other)
     if base.is_namedtuple(like):
         if not base.is_namedtuple(other):
@@ -211,10 +211,8 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
             for i, (t, o) in enumerate(zip(like, other))
         )
     # Any other pytree node of the parameters' tree (a flax or equinox container, say).
-    like_leaves, treedef = jax.tree.flatten(
-        like, is_leaf=lambda x: isinstance(x, storage.QuantizedArray)
-    )
-    other_leaves = jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, storage.QuantizedArray))
+    like_leaves, treedef = jax.tree.flatten(like, is_leaf=_is_quantized)
+    other_leaves = jax.tree.leaves(other, is_leaf=_is_quantized)
     if len(other_leaves) != len(like_leaves):
         _fail(function, path, f"expected {len(like_leaves)} arrays, got {len(other_leaves)}")
     return treedef.unflatten(
