@@ -221,7 +221,9 @@ def zero1_update_and_apply(
 
     Returns:
       ``(new_params, new_state)``, as :func:`update_and_apply` returns them, the
-      parameters in their input layout.
+      parameters in their input layout where it can be read (Explicit axes, or
+      concrete arrays); on Auto axes under ``jit`` pass ``out_shardings`` for them
+      (docs/scale_out.md, "Known limits").
 
     >>> import jax, jax.numpy as jnp, rmsjax as rj
     >>> mesh = jax.make_mesh((1,), ("data",))
