@@ -203,3 +203,29 @@ def test_a_grouped_state_converts_through_its_per_leaf_state():
     regrouped = rj.group_state(grouped, back, params)
     chex.assert_trees_all_equal(regrouped.inner[0].nu, state[1].inner[0].nu)
     chex.assert_trees_all_equal(regrouped.inner[2].trace, state[1].inner[2].trace)
+
+
+def test_state_layouts_do_not_change_with_flags_or_a_schedule():
+    # README: each rule's state is one NamedTuple whose fields do not change with the
+    # flags (mu is None unless centered), and scale_by_learning_rate keeps a count for a
+    # float as for a schedule, so switching one for the other keeps checkpoints valid
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    schedule = rj.schedules.linear_schedule(0.1, 0.01, 10)
+    assert jax.tree.structure(rj.scale_by_learning_rate(0.1).init(params)) == (
+        jax.tree.structure(rj.scale_by_learning_rate(schedule).init(params))
+    )
+    assert jax.tree.structure(rj.rmsprop(0.1).init(params)) == (
+        jax.tree.structure(rj.rmsprop(schedule).init(params))
+    )
+    for flags in (
+        {},
+        {"eps_in_sqrt": False},
+        {"bias_correction": True},
+        {"initial_scale": 1.0, "decay": 0.5},
+    ):
+        state = rj.scale_by_rms(**flags).init(params)
+        assert type(state) is rj.ScaleByRmsState and state._fields == ("count", "nu", "mu")
+        assert state.mu is None and state.count.dtype == jnp.int32
+        assert jax.tree.structure(state) == jax.tree.structure(rj.scale_by_rms().init(params))
+    centered = rj.scale_by_rms(centered=True).init(params)
+    assert jax.tree.structure(centered.mu) == jax.tree.structure(params)

@@ -246,6 +246,17 @@ STEPS = {
         rj.scale_by_learning_rate(rj.schedules.cosine_decay_schedule(0.1, 10)),
         rj.ema(0.9),
     ),
+    # README: no step contains a cond, wrappers and presets included
+    "apply_if_finite": lambda: rj.apply_if_finite(rj.rmsprop(0.1, momentum=0.9), 3),
+    "masked": lambda: rj.masked(rj.adagrad(0.1), {"w": True, "b": False, "s": True}),
+    "inject_hyperparams": lambda: rj.inject_hyperparams(rj.rmsprop)(0.1, momentum=0.9),
+    "grouped": lambda: rj.grouped(rj.rmsprop(0.1, momentum=0.9, storage="int8")),
+    "torch_rmsprop": lambda: rj.compat.torch_rmsprop(0.1, momentum=0.9, weight_decay=0.1),
+    "torch_adagrad": lambda: rj.compat.torch_adagrad(0.1, lr_decay=0.1),
+    "keras_rmsprop": lambda: rj.compat.keras_rmsprop(0.1, centered=True, weight_decay=0.1),
+    "keras_adagrad": lambda: rj.compat.keras_adagrad(0.1),
+    "tf1_rmsprop": lambda: rj.compat.tf1_rmsprop(0.1, momentum=0.9, centered=True),
+    "tf1_adagrad": lambda: rj.compat.tf1_adagrad(0.1),
 }
 
 

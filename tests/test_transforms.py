@@ -151,6 +151,11 @@ def test_global_norm_and_clipping_hold_at_every_scale(scale, dtype):
         np.testing.assert_allclose(norm, exact, rtol=1e-6)
     else:
         assert norm == np.inf
+    if dtype == jnp.float32 and scale >= 1e20:  # README's "Relation to optax" row
+        theirs, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+        optax_norm = optax.tree.norm if hasattr(optax, "tree") else optax.global_norm
+        assert float(optax_norm(grads)) == np.inf
+        assert not any(np.any(np.asarray(t)) for t in jax.tree.leaves(theirs))
     for max_norm in [1.0, exact * 2]:
         tx = rj.clip_by_global_norm(min(max_norm, 1e38))
         ours, _ = jax.jit(tx.update)(grads, tx.init(None))
