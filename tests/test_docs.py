@@ -33,7 +33,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-GUIDES = sorted(DOCS.glob("*.md"))
+GUIDES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 PIECE = re.compile(
     r"<!--\s*(?P<kind>no-run-page|no-run|test):(?P<body>.*?)-->"
     r"|^(?P<indent> *)```python[^\n]*\n(?P<code>.*?)^(?P=indent)```",
