@@ -252,6 +252,18 @@ def test_site_documents_every_public_name(site):
     assert set(public_api.public_names()) - inventory_names(site) == set()
 
 
+@pytest.mark.slow
+def test_equations_reach_the_pages_with_mathjax_served_from_the_site(site):
+    # README: "equations rendered". The browser check below needs Chromium, which CI
+    # lacks; this one reads the built HTML: the docstrings' math is marked up for
+    # MathJax, and MathJax is loaded from the site itself (no CDN)
+    page = (site / "api" / "optimizers.html").read_text()
+    assert page.count('class="math notranslate nohighlight"') >= 3
+    scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page, re.I)
+    assert scripts and not any(src.startswith(("http:", "https:", "//")) for src in scripts)
+    assert all((site / "api" / src).resolve().is_file() for src in scripts), scripts
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
