@@ -1157,3 +1157,19 @@ def test_group_state_with_another_optimizer_s_state_names_itself(function):
         r"init returned, got a tuple of 2 \(ScaleByRssState, ScaleByLearningRateState\)",
     ):
         getattr(rj, function)(tx, other, params)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, float("inf")])
+def test_clip_by_global_norm_refuses_integer_gradients(max_norm):
+    # an integer leaf was clipped, then truncated: ones of norm sqrt(3) came out 0 (and
+    # with max_norm=inf it went through unchecked)
+    tx = rj.clip_by_global_norm(max_norm)
+    grads = {"a": jnp.ones(3, jnp.int32), "b": jnp.ones(2)}
+    with pytest.raises(
+        TypeError, match=r"^rmsjax\.clip_by_global_norm\.update: leaf \['a'\] has dtype int32"
+    ):
+        tx.update(grads, tx.init(grads))
+    complex_grads = {"z": jnp.ones(3, jnp.complex64)}
+    updates, _ = tx.update(complex_grads, tx.init(complex_grads))
+    want = 1 / np.sqrt(3) if max_norm == 1.0 else 1.0
+    np.testing.assert_allclose(np.asarray(updates["z"]), want, rtol=1e-6)

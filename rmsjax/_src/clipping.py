@@ -142,7 +142,11 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        tree_checks.refuse_eight_bit_floats(f"{name}.update", updates)
+        # float or complex leaves (not 8-bit floats): an integer gradient was clipped,
+        # then truncated (ones of a norm over max_norm came out 0), or let through with
+        # max_norm=inf
+        leaves = [jnp.asarray(g) for g in jax.tree.leaves(updates)]
+        tree_checks.check_inexact(name, "update", updates, leaves)
         if not clips:
             # (also where the norm passes float32's maximum: optax's updates are NaN)
             return jax.tree.map(jnp.asarray, updates), state
