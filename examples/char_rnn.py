@@ -145,12 +145,19 @@ COLORS = {"sgd": "tab:red", "adagrad": "tab:green", "rmsprop": "tab:blue"}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/char_rnn"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/char_rnn"),
+        help="folder for its pictures (default out/char_rnn)",
+    )
     args = parser.parse_args(argv)
-    steps = args.steps or (10 if args.quick else 600)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    steps = (10 if args.quick else 600) if args.steps is None else args.steps
     hidden, batch, length = (32, 8, 16) if args.quick else (128, 32, 48)
     began = time.perf_counter()
 

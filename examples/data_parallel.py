@@ -51,8 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if DEVICES % args.processes:
-        parser.error(f"--processes must divide {DEVICES}, got {args.processes}")
+    if args.processes < 1 or DEVICES % args.processes:
+        parser.error(f"--processes must be at least 1 and divide {DEVICES}, got {args.processes}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     return args
 
 
@@ -124,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
     if jax.device_count() != DEVICES:
         print(f"need {DEVICES} devices, found {jax.devices()}", file=sys.stderr)
         return 2
-    steps = args.steps or (6 if args.quick else 200)
+    steps = (6 if args.quick else 200) if args.steps is None else args.steps
     batch = 64
 
     # The problem: identical on every process (the same seed), made into global arrays.

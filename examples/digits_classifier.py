@@ -157,12 +157,19 @@ def plot(plt, histories, path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default 30)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/digits_classifier"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/digits_classifier"),
+        help="folder for its pictures (default out/digits_classifier)",
+    )
     args = parser.parse_args(argv)
-    epochs = args.epochs or (2 if args.quick else 30)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    epochs = (2 if args.quick else 30) if args.epochs is None else args.epochs
     began = time.perf_counter()
 
     train_set, test_set = load_digits()

@@ -57,9 +57,14 @@ def make_step(tx: rj.GradientTransformation):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/equinox_mlp"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/equinox_mlp"),
+        help="folder for its pictures (default out/equinox_mlp)",
+    )
     args = parser.parse_args(argv)
     steps = 30 if args.quick else 2000
     began = time.perf_counter()

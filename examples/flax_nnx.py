@@ -86,9 +86,14 @@ def learning_rate(optimizer: nnx.Optimizer) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/flax_nnx"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/flax_nnx"),
+        help="folder for its pictures (default out/flax_nnx)",
+    )
     args = parser.parse_args(argv)
     steps = 30 if args.quick else 2000
     began = time.perf_counter()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
+import sys
 import time
 
 import jax
@@ -101,9 +102,14 @@ def trees_bit_identical(a, b) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/orbax_checkpoint"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/orbax_checkpoint"),
+        help="folder for its pictures (default out/orbax_checkpoint)",
+    )
     args = parser.parse_args(argv)
     steps = 20 if args.quick else 400
     half = steps // 2
@@ -215,4 +221,4 @@ def plot(plt, straight, resumed, differences, half, identical, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["identical"] else 1)  # a resumed run that differs is a failure

@@ -209,7 +209,7 @@ def plot_losses(plt, all_results, all_problems, path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("out/quickstart"), help="output folder"

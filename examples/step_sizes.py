@@ -91,9 +91,14 @@ def train(tx, x, y, steps, batch, seed=0):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/step_sizes"))
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("out/step_sizes"),
+        help="folder for its pictures (default out/step_sizes)",
+    )
     args = parser.parse_args(argv)
     began = time.perf_counter()
 
