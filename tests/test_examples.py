@@ -285,3 +285,22 @@ def test_equinox_filtered_model_keeps_state_only_for_arrays():
     arrays = jax.tree.leaves(eqx.filter(model, eqx.is_array))
     sums = jax.tree.leaves(state[0].sum_of_squares)
     assert [a.shape for a in arrays] == [s.shape for s in sums]
+
+
+@pytest.mark.parametrize(
+    "name, argv",
+    [
+        ("char_rnn", ["--steps", "0"]),
+        ("digits_classifier", ["--epochs", "-1"]),
+        ("data_parallel", ["--processes", "0"]),
+        ("data_parallel", ["--steps", "-2"]),
+    ],
+)
+def test_examples_refuse_counts_below_one(name, argv, capsys):
+    # --steps 0 ran the default, --epochs -1 and --processes 0 ended in tracebacks
+    module = load(name)
+    parse = module.parse_args if name == "data_parallel" else module.main
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
