@@ -25,7 +25,7 @@ CALLS = {
     "scale_by_rms": rj.scale_by_rms,
     "scale_by_rss": rj.scale_by_rss,
     "trace": rj.trace,
-    "ema": rj.ema,
+    "ema": lambda **kw: rj.ema(**{"decay": 0.9, **kw}),
     "scale": rj.scale,
     "scale_by_learning_rate": rj.scale_by_learning_rate,
     "add_decayed_weights": rj.add_decayed_weights,
@@ -44,6 +44,20 @@ CALLS = {
     "apply_if_finite": lambda **kw: rj.apply_if_finite(rj.sgd(0.1), **kw),
     "factored_rmsprop": lambda **kw: rj.factored_rmsprop(**{"learning_rate": 0.1, **kw}),
     "scale_by_factored_rmsprop": rj.scale_by_factored_rmsprop,
+    "rowwise_adagrad": lambda **kw: rj.rowwise_adagrad(**{"learning_rate": 0.1, **kw}),
+    "scale_by_rowwise_rss": rj.scale_by_rowwise_rss,
+    "schedules.warmup_cosine_decay_schedule": lambda **kw: (
+        rj.schedules.warmup_cosine_decay_schedule(
+            **{"init_value": 0.0, "peak_value": 1.0, "warmup_steps": 2, "decay_steps": 10, **kw}
+        )
+    ),
+    "schedules.constant_schedule": rj.schedules.constant_schedule,
+    "compat.decoupled_weight_decay": lambda **kw: rj.compat.decoupled_weight_decay(
+        **{"weight_decay": 0.1, "learning_rate": 0.1, **kw}
+    ),
+    "compat.inverse_time_decay": lambda **kw: rj.compat.inverse_time_decay(
+        **{"learning_rate": 0.1, "lr_decay": 0.1, **kw}
+    ),
     "grouped": lambda **kw: rj.grouped(rj.rmsprop(0.1), **kw),
     "auto_block_size": rj.auto_block_size,
     "compat.torch_rmsprop": rj.compat.torch_rmsprop,

@@ -504,3 +504,49 @@ def test_diagnostics_name_themselves_before_the_optimizer_s_error():
     for function in [rj.effective_step_sizes, rj.step_size_summary]:
         with pytest.raises(TypeError, match=rf"^rmsjax.{function.__name__}: its tx rmsprop: "):
             function(rj.rmsprop(0.1), other, params)
+
+
+INTEGER_HYPERPARAMETERS = {
+    # (constructor of one value v, a value where the integer's dtype would wrap/overflow)
+    "rmsprop eps": (lambda v: rj.rmsprop(0.1, eps=v), 2**32),
+    "rmsprop lr": (lambda v: rj.rmsprop(v * 1e-12), 2**40),
+    "adagrad eps": (lambda v: rj.adagrad(0.1, eps=v), 2**32),
+    "add_decayed_weights": (lambda v: rj.add_decayed_weights(v * 1e-12), 2**40),
+    "clip_by_global_norm": (lambda v: rj.clip_by_global_norm(v), 2**32),
+    "scale": (lambda v: rj.scale(v * 1e-12), 2**40),
+    "rowwise eps": (lambda v: rj.rowwise_adagrad(0.1, eps=v), 2**32),
+    "factored eps": (lambda v: rj.factored_rmsprop(0.1, eps=v), 2**32),
+    "torch weight_decay": (lambda v: rj.compat.torch_rmsprop(weight_decay=v * 1e-12), 2**40),
+    "torch lr_decay": (lambda v: rj.compat.torch_adagrad(lr_decay=v * 1e-12), 2**40),
+    "keras epsilon": (lambda v: rj.compat.keras_rmsprop(epsilon=v), 2**32),
+    "exponential init": (lambda v: rj.sgd(rj.schedules.exponential_decay(v, 3, 0.5)), 2**32),
+    "cosine init": (lambda v: rj.sgd(rj.schedules.cosine_decay_schedule(v, 3)), 2**32),
+    "cosine exponent": (lambda v: rj.sgd(rj.schedules.cosine_decay_schedule(1.0, 9, 0.0, v)), 200),
+    "warmup peak": (lambda v: rj.sgd(rj.schedules.warmup_cosine_decay_schedule(0, v, 1, 5)), 2**32),
+}
+
+
+@pytest.mark.parametrize("kind", ["python int", "int64", "uint64", "uint8"])
+@pytest.mark.parametrize("name", list(INTEGER_HYPERPARAMETERS))
+def test_integer_hyperparameters_step_as_their_floats(name, kind):
+    # validation.md: a Python integer of any size (within float32) and a NumPy or JAX
+    # scalar of any real dtype is a number. Python ints beyond int32 raised an
+    # OverflowError in the first step; NumPy int64 2**32 was 0 under jit (eps 0: NaN),
+    # 2**31 negative; a uint8 exponent of 200 gave NaN under jit
+    make, big = INTEGER_HYPERPARAMETERS[name]
+    if kind == "uint8":
+        big = 200 if big == 200 else 255
+    value = {"python int": int, "int64": np.int64, "uint64": np.uint64, "uint8": np.uint8}[kind](
+        big
+    )
+    params = {"w": jnp.array([[1.0, -2.0, 0.0], [3.0, 0.5, -1.0]])}
+    grads = {"w": jnp.array([[0.5, 0.0, -4.0], [1.0, -2.0, 3.0]])}
+    results = []
+    for v in (value, float(big)):
+        tx = make(v)
+        state, step = tx.init(params), jax.jit(tx.update)
+        for _ in range(3):
+            updates, state = step(grads, state, params)
+        results.append(np.asarray(updates["w"]))
+    assert np.all(np.isfinite(results[0])), results[0]
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6)

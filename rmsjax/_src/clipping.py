@@ -139,6 +139,7 @@ def clip_by_global_norm(max_norm: float) -> base.GradientTransformation:
         validate.check_range(name, "max_norm", max_norm, 0.0, low_open=True)
         validate.check_finite(name, "max_norm", max_norm)
         validate.check_normal(name, "max_norm", max_norm)
+    max_norm = validate.as_float(max_norm)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra

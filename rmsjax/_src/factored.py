@@ -96,6 +96,7 @@ def scale_by_factored_rmsprop(
     validate.check_decay(name, "decay", decay)
     validate.check_non_negative(name, "eps", eps)
     validate.check_count(name, "min_dim_size_to_factor", min_dim_size_to_factor)
+    decay, eps = validate.as_float(decay), validate.as_float(eps)
     return fusion.rule_transformation(factored_rms_rule(decay, eps, min_dim_size_to_factor))
 
 

@@ -75,6 +75,7 @@ def trace(
             f"accumulator_dtype={accumulator_dtype!r} and storage={storage!r}; pass one of them."
         )
 
+    decay = validate.as_float(decay)
     read_back = storage_lib.reads_back(storage)
 
     def init_leaf(param):
@@ -140,6 +141,7 @@ def ema(
     validate.check_decay("ema", "decay", decay)
     validate.check_bool("ema", "debias", debias)
     validate.check_float_dtype("ema", "accumulator_dtype", accumulator_dtype)
+    decay = validate.as_float(decay)
 
     def step_shared(count):
         count = numerics.safe_increment(count)

@@ -87,6 +87,7 @@ def scale_by_rms(
     check_arguments(
         "scale_by_rms", decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered, storage
     )
+    decay, eps, initial_scale = (validate.as_float(v) for v in (decay, eps, initial_scale))
     return fusion.rule_transformation(
         rms_rule(decay, eps, eps_in_sqrt, initial_scale, bias_correction, centered, storage)
     )

@@ -76,6 +76,7 @@ def scale_by_rowwise_rss(
     name = "scale_by_rowwise_rss"
     validate.check_non_negative(name, "initial_accumulator_value", initial_accumulator_value)
     validate.check_non_negative(name, "eps", eps)
+    initial_accumulator_value, eps = map(validate.as_float, (initial_accumulator_value, eps))
     return fusion.rule_transformation(rowwise_rss_rule(initial_accumulator_value, eps))
 
 

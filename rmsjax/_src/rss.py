@@ -76,6 +76,7 @@ def scale_by_rss(
       Stochastic Optimization, JMLR 12 (2011).
     """
     check_arguments("scale_by_rss", initial_accumulator_value, eps, eps_in_sqrt, storage)
+    initial_accumulator_value, eps = map(validate.as_float, (initial_accumulator_value, eps))
     return fusion.rule_transformation(
         rss_rule(initial_accumulator_value, eps, eps_in_sqrt, storage)
     )

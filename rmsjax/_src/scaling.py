@@ -31,6 +31,7 @@ def scale(step_size: float) -> base.GradientTransformation:
     Array([-0.5, -0.5], dtype=float32)
     """
     validate.check_finite("scale", "step_size", step_size)
+    step_size = validate.as_float(step_size)
 
     rule = elementwise.stateless_rule("scale", lambda g, param: _scale_leaf(g, step_size))
     return fusion.rule_transformation(rule)

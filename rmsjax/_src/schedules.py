@@ -87,6 +87,9 @@ def exponential_decay(
     validate.check_bool(name, "staircase", staircase)
     if end_value is not None:
         validate.check_finite(name, "end_value", end_value)
+    # as floats: an integer's arithmetic wraps or overflows in int32
+    init_value, decay_rate = validate.as_float(init_value), validate.as_float(decay_rate)
+    end_value = validate.as_float(end_value)
 
     def schedule(count):
         elapsed = count - transition_begin
@@ -125,7 +128,19 @@ def cosine_decay_schedule(
     validate.check_count(name, "decay_steps", decay_steps)
     validate.check_range(name, "alpha", alpha, 0.0, 1.0)
     validate.check_range(name, "exponent", exponent, 0.0, low_open=True)
-    return _cosine_decay(init_value, decay_steps, alpha, exponent)
+    init_value, alpha = validate.as_float(init_value), validate.as_float(alpha)
+    return _cosine_decay(init_value, decay_steps, alpha, _exponent(exponent))
+
+
+def _exponent(exponent: Any) -> Any:
+    """A power's exponent: a Python int up to 100 as it is (``x ** 4`` is an integer
+    power, as in optax, bit for bit); any other integer as a float. (A NumPy
+    ``uint8(200)`` wrapped under ``jit``; and XLA distributes an integer power over the
+    product ``0.5 * (1 + cos)``: from 128 on, ``0.5 ** e`` is 0 and ``2 ** e`` inf, so
+    ``cosine ** 200`` was NaN under ``jit``, in optax too.)"""
+    if isinstance(exponent, int) and abs(exponent) <= 100:
+        return exponent
+    return validate.as_float(exponent)
 
 
 def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: float):
@@ -182,6 +197,10 @@ def warmup_cosine_decay_schedule(
             f"rmsjax.{name}: decay_steps must be > warmup_steps ({warmup_steps}), "
             f"got {decay_steps!r}"
         )
+    init_value, peak_value, end_value = (
+        validate.as_float(v) for v in (init_value, peak_value, end_value)
+    )
+    exponent = _exponent(exponent)
     # with no warm-up optax holds init_value before step 0
     warmup: Callable[[Any], Any] = (
         linear_schedule(init_value, peak_value, warmup_steps)
@@ -237,7 +256,8 @@ def piecewise_constant_schedule(
                 f"rmsjax.{name}: the value from boundary {boundary} on, {value!r}, must be "
                 "finite in float32 (at most 3.4028235e+38)"
             )
-    init_value = validate.as_float(init_value)
+    if items:  # (without boundaries the value as given, as optax's)
+        init_value = validate.as_float(init_value)
 
     def schedule(count):
         # optax's arithmetic, so that the value, its dtype and its weak type are optax's

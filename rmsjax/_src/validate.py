@@ -32,9 +32,14 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def as_float(value: Any) -> Any:
-    """An integer NumPy or JAX scalar (traced too) as a float; any other value as it is.
-    Hyperparameters of any real dtype are numbers, but arithmetic keeps an integer's
-    dtype: ``-1 * np.uint8(2)`` raises, and ``jnp.uint8(0) - 2`` wraps around to 254."""
+    """An integer (Python, NumPy or JAX, traced too) as a float; any other value as it
+    is. Hyperparameters of any real dtype are numbers, but arithmetic keeps an integer's
+    dtype: ``-1 * np.uint8(2)`` raises, ``jnp.uint8(0) - 2`` wraps around to 254, a
+    NumPy int64 of 2**32 is 0 under ``jit`` (int32), and a Python int beyond int32
+    raises an OverflowError inside the step. Call it after the checks (which refuse
+    integers beyond float32)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     dtype = getattr(value, "dtype", None)
     if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.integer):
         return value

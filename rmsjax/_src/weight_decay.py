@@ -55,6 +55,7 @@ def add_decayed_weights(
         )
     validate.check_non_negative(name, "weight_decay", weight_decay)
     validate.check_finite(name, "weight_decay", weight_decay)
+    weight_decay = validate.as_float(weight_decay)
 
     def update_leaf(g, param):
         dtype = numerics.compute_dtype(g.dtype)

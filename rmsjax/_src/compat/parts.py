@@ -63,6 +63,7 @@ def decoupled_weight_decay(
     name = "compat.decoupled_weight_decay"
     validate.check_non_negative(name, "weight_decay", weight_decay)  # finite in float32 too
     validate.check_learning_rate(name, "learning_rate", learning_rate)
+    weight_decay, learning_rate = validate.as_float(weight_decay), validate.as_float(learning_rate)
 
     def factor_at(count):
         rate = (
@@ -72,7 +73,7 @@ def decoupled_weight_decay(
             if callable(learning_rate)
             else learning_rate
         )
-        return rate * weight_decay
+        return validate.as_float(rate) * weight_decay
 
     def update_leaf(g, factor, param):
         dtype = numerics.compute_dtype(g.dtype)
@@ -111,6 +112,7 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
     name = "compat.inverse_time_decay"
     validate.check_learning_rate(name, "learning_rate", learning_rate)
     validate.check_non_negative(name, "lr_decay", lr_decay)
+    learning_rate, lr_decay = validate.as_float(learning_rate), validate.as_float(lr_decay)
 
     def schedule(count):
         rate = (
@@ -119,7 +121,8 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
             else learning_rate
         )
         # the default float: float32, or float64 with x64 on (where torch runs float64)
-        return rate / (1 + jnp.asarray(count, jnp.result_type(float)) * lr_decay)
+        count = jnp.asarray(count, jnp.result_type(float))
+        return validate.as_float(rate) / (1 + count * lr_decay)
 
     return schedule
 
