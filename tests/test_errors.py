@@ -755,8 +755,14 @@ def test_hyperparameters_take_every_real_scalar_optax_takes():
         assert bool(jnp.isfinite(tx.update(p, tx.init(p), p)[0]["w"]).all())
     rj.rmsprop(2**100)  # 1.3e30: finite in float32
     for huge in (2**200, 2**2000):  # beyond float32 (and float64): refused as such
-        with pytest.raises(ValueError, match=r"^rmsjax\.rmsprop: learning_rate must be"):
+        with pytest.raises(
+            ValueError,
+            match=r"^rmsjax\.rmsprop: learning_rate must be finite in float32 \(at most",
+        ):
             rj.rmsprop(huge)
+    # and stepped: a Python int beyond int32 raised an OverflowError in the first step
+    tx = rj.rmsprop(2**40, eps=2**31)
+    assert bool(jnp.isfinite(tx.update(p, tx.init(p), p)[0]["w"]).all())
 
 
 def test_a_leaf_that_is_not_an_array_is_named():

@@ -94,8 +94,9 @@ def read_number(function: str, argument: str, value: Any, *, schedule: bool = Fa
     if isinstance(value, int):  # beyond int64 NumPy would make it an object array
         try:
             return float(value)
-        except OverflowError:  # beyond float64: the range checks say "finite"
-            return math.inf
+        except OverflowError:  # beyond float64 (it is no infinity: say so)
+            pass
+        _fail(function, argument, f"finite in float32 (at most {FLOAT32_MAX:.8g})", value)
     try:
         array = np.asarray(value)
     except Exception:  # not something numpy can read (an abstract value, say)
