@@ -75,11 +75,7 @@ def scale_by_learning_rate(
     sign = -1 if flip_sign else 1
 
     def factor_at(count):
-        if callable(learning_rate):
-            value = learning_rate(count)
-            value = step_checks.scalar_schedule_value(f"{name}.update", "learning_rate", value)
-            return sign * validate.as_float(value)
-        return sign * validate.as_float(learning_rate)
+        return sign * step_checks.rate_at(f"{name}.update", "learning_rate", learning_rate, count)
 
     return fusion.rule_transformation(
         elementwise.counted_rule(

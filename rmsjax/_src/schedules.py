@@ -143,14 +143,19 @@ def _exponent(exponent: Any) -> Any:
     return validate.as_float(exponent)
 
 
+def _half_cosine(count: Any, decay_steps: int) -> Any:
+    """``(1 + cos(pi * t / decay_steps)) / 2`` at ``t = min(count, decay_steps)``: from 1
+    down to 0. The order of operations follows optax's, so both give the same float32
+    values."""
+    done = jnp.minimum(_reachable(count), float(decay_steps))
+    return 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
+
+
 def _cosine_decay(init_value: float, decay_steps: int, alpha: float, exponent: float):
     """:func:`cosine_decay_schedule` without its checks (the caller made them)."""
 
     def schedule(count):
-        # The order of operations follows optax's, so both give the same float32 values.
-        count = _reachable(count)
-        done = jnp.minimum(count, float(decay_steps))
-        cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
+        cosine = _half_cosine(count, decay_steps)
         return jnp.asarray(init_value * ((1 - alpha) * cosine**exponent + alpha))
 
     return schedule
@@ -160,9 +165,8 @@ def _cosine_between(start: float, end: float, decay_steps: int, exponent: float)
     """Half a cosine from ``start`` to ``end``, for an ``end / start`` beyond float32."""
 
     def schedule(count):
-        done = jnp.minimum(_reachable(count), float(decay_steps))
-        cosine = 0.5 * (1 + jnp.cos(math.pi * done / decay_steps))
-        weight = cosine**exponent  # 1 at the start, 0 at the end: both exact
+        # 1 at the start, 0 at the end: both exact
+        weight = _half_cosine(count, decay_steps) ** exponent
         return jnp.asarray(start * weight + end * (1 - weight))
 
     return schedule

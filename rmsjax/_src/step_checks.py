@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmsjax._src.validate import INT32_MAX
+from rmsjax._src.validate import INT32_MAX, as_float
 
 
 def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> Any:
@@ -26,6 +26,14 @@ def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> 
             f"drop the imaginary part), got {dtype}"
         )
     return dtype
+
+
+def rate_at(function: str, argument: str, rate: Any, count: Any) -> Any:
+    """A constant ``rate``, or a schedule's value at ``count`` (checked by
+    :func:`scalar_schedule_value`), as a float: what a learning rate is at a step."""
+    if callable(rate):
+        rate = scalar_schedule_value(function, argument, rate(count))
+    return as_float(rate)
 
 
 def scalar_schedule_value(function: str, argument: str, value: Any, hint: str = "") -> Any:

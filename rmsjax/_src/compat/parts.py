@@ -66,14 +66,8 @@ def decoupled_weight_decay(
     weight_decay, learning_rate = validate.as_float(weight_decay), validate.as_float(learning_rate)
 
     def factor_at(count):
-        rate = (
-            step_checks.scalar_schedule_value(
-                f"{name}.update", "learning_rate", learning_rate(count)
-            )
-            if callable(learning_rate)
-            else learning_rate
-        )
-        return validate.as_float(rate) * weight_decay
+        rate = step_checks.rate_at(f"{name}.update", "learning_rate", learning_rate, count)
+        return rate * weight_decay
 
     def update_leaf(g, factor, param):
         dtype = numerics.compute_dtype(g.dtype)
@@ -115,14 +109,10 @@ def inverse_time_decay(learning_rate: base.ScalarOrSchedule, lr_decay: float) ->
     learning_rate, lr_decay = validate.as_float(learning_rate), validate.as_float(lr_decay)
 
     def schedule(count):
-        rate = (
-            step_checks.scalar_schedule_value(name, "learning_rate", learning_rate(count))
-            if callable(learning_rate)
-            else learning_rate
-        )
+        rate = step_checks.rate_at(name, "learning_rate", learning_rate, count)
         # the default float: float32, or float64 with x64 on (where torch runs float64)
         count = jnp.asarray(count, jnp.result_type(float))
-        return validate.as_float(rate) / (1 + count * lr_decay)
+        return rate / (1 + count * lr_decay)
 
     return schedule
 
