@@ -566,6 +566,61 @@ def test_inject_hyperparams_names_the_factory_on_a_wrong_argument():
         rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, lr=0.1)
 
 
+def _first_line_of_error(call):
+    with pytest.raises(ValueError) as error:
+        call()
+    return str(error.value).splitlines()[0]
+
+
+def test_structure_errors_name_the_first_key_path_where_the_trees_differ():
+    # a model of many leaves prints two long PyTreeDefs; the message says where they part
+    params = {"enc": {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, "dec": [jnp.ones(2), jnp.ones(2)]}
+    grads = {"enc": {"w": jnp.ones((4, 3)), "bias": jnp.ones(3)}, "dec": [jnp.ones(2), jnp.ones(2)]}
+    short = {"enc": {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, "dec": [jnp.ones(2)]}
+    holed = {"enc": {"w": jnp.ones((4, 3)), "b": None}, "dec": [jnp.ones(2), jnp.ones(2)]}
+
+    def keys(has_b, has_bias):
+        return ("at ['enc']: ", f"['b'] only in the {has_b}", f"['bias'] only in the {has_bias}")
+
+    tx, grouped = rj.rmsprop(0.1), rj.grouped(rj.rmsprop(0.1))
+    state, grouped_state = tx.init(params), grouped.init(params)
+    cases = [
+        (lambda: tx.update(grads, state, params), keys("state", "updates")),
+        (lambda: tx.update(short, state, params), "at ['dec']: [1] only in the state"),
+        (
+            lambda: tx.update(holed, state, params),
+            "at ['enc']['b']: None in the updates, a leaf of shape (3,) in the state",
+        ),
+        (lambda: rj.apply_updates(params, grads), keys("params", "updates")),
+        (
+            lambda: grouped.update(grads, grouped_state, params),
+            keys("parameters", "updates"),
+        ),
+        (
+            lambda: rj.ungroup_state(grouped, grouped_state, short),
+            "at ['dec']: [1] only in the parameters",
+        ),
+        (
+            lambda: rj.group_state(grouped, tx.init(short), params),
+            "at ['dec']: [1] only in the params",
+        ),
+        (
+            lambda: rj.masked(tx, {"enc": True, "dec": (True, False)}).init(params),
+            "at ['dec']: a tuple in the mask, a list in the parameters",
+        ),
+        (
+            lambda: rj.accumulate_gradients(tx, 2).update(
+                short, rj.accumulate_gradients(tx, 2).init(params)
+            ),
+            "at ['dec']: [1] only in the state",
+        ),
+    ]
+    for call, where in cases:
+        line = _first_line_of_error(call)
+        for part in (where,) if isinstance(where, str) else where:
+            assert part in line, (part, line)
+
+
 def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4), "frozen": None}
     with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the"):

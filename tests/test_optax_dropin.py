@@ -199,6 +199,35 @@ def test_masked_with_a_mismatched_mask_names_itself_and_both_trees():
     assert "'other'" in str(error.value) and "'b'" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [
+        {"w": 1, "b": 0},
+        {"w": np.int64(1), "b": np.int32(0)},
+        {"w": jnp.array(1), "b": jnp.array(0, jnp.int8)},
+        lambda tree: jax.tree.map(lambda x: int(x.ndim > 1), tree),
+    ],
+    ids=["int", "numpy-int", "jax-int", "function"],
+)
+def test_masks_of_zeros_and_ones_mask_as_optax_does(mask):
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.3, -0.2])}
+    grads = jax.tree.map(lambda x: jnp.cos(x) + 0.1, params)
+    ours, theirs = rj.masked(rj.rmsprop(1e-2), mask), optax.masked(optax.rmsprop(1e-2), mask)
+    state, reference = ours.init(params), theirs.init(params)
+    for _ in range(3):
+        updates, state = ours.update(grads, state, params)
+        expected, reference = theirs.update(grads, reference, params)
+        chex.assert_trees_all_equal(updates, expected)
+    np.testing.assert_array_equal(updates["b"], grads["b"])  # 0: passed through
+
+
+@pytest.mark.parametrize("leaf", [2, -1, 1.0, "yes"])
+def test_a_mask_leaf_other_than_a_bool_zero_or_one_is_refused(leaf):
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(TypeError, match=r"^rmsjax\.masked: the mask must hold True or False"):
+        rj.masked(rj.sgd(0.1), {"w": leaf, "b": True}).init(params)
+
+
 def test_mask_compatible_extra_args_masks_extras_shaped_like_the_updates():
     seen = {}
 

@@ -259,10 +259,18 @@ def _inner_of(function: str, state: Any, tree: Any) -> Any:
         )
         raise ValueError(
             f"rmsjax.{function}: the tree structure of the {what} differs from that of the "
-            f"parameters the state was made for.\n  {what}: {base.structure_of(tree)}\n  state: "
+            "parameters the state was made for; "
+            f"{_difference(state.structure.treedef, tree, what)}."
+            f"\n  {what}: {base.structure_of(tree)}\n  state: "
             f"{state.structure.treedef}\n{hint}"
         )
     return state.inner
+
+
+def _difference(treedef: Any, tree: Any, what: str) -> str:
+    made_for = treedef.unflatten([0] * treedef.num_leaves)
+    held = base.held_values(tree)
+    return base.first_difference(made_for, held, ("parameters", what)) or "they differ"
 
 
 def _blocks_mismatch(function: str, held: Any, blocks: tuple, params: Any) -> ValueError:
@@ -382,7 +390,9 @@ def group_state(
         except (ValueError, TypeError):
             raise ValueError(
                 f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "
-                f"not that of params ({treedef}). Pass the parameters the state was made for."
+                f"not that of params ({treedef}); "
+                f"{base.first_difference(params, tree, ('params', 'state'))}. Pass the "
+                "parameters the state was made for."
             ) from None
         for index, (slot, param) in enumerate(zip(leaves, param_leaves)):
             where = tree_checks.path_of(params, index)

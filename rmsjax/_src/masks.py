@@ -53,9 +53,14 @@ def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree
             )
         if np.shape(m) == () and np.asarray(m).dtype == bool:
             return bool(m)
+        # 0 and 1 as False and True, as optax reads them (a mask made with int(...)
+        # or from an integer array); any other number is more likely a mistake
+        if isinstance(m, (int, np.integer, np.ndarray, jax.Array)) and np.shape(m) == ():
+            if np.issubdtype(np.asarray(m).dtype, np.integer) and int(m) in (0, 1):
+                return bool(m)
         raise TypeError(
-            f"rmsjax.{function}: the mask must hold True or False at each leaf, got "
-            f"{type(m).__name__} {m!r}"
+            f"rmsjax.{function}: the mask must hold True or False (or 0 or 1) at each "
+            f"leaf, got {type(m).__name__} {m!r}"
         )
 
     return jax.tree.map(check, mask_tree)
@@ -74,7 +79,8 @@ def _map_over_mask(function: str, what: str, fn: Callable, mask_tree: Any, *tree
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{function}: the mask's tree structure must be the {what}' (or a prefix "
-            f"of it).\n  mask: {jax.tree.structure(mask_tree)}\n  {what}: "
+            f"of it); {base.first_difference(mask_tree, trees[0], ('mask', what), prefix=True)}."
+            f"\n  mask: {jax.tree.structure(mask_tree)}\n  {what}: "
             f"{jax.tree.structure(trees[0], is_leaf=base.is_none)}"
         ) from error
 

@@ -132,10 +132,17 @@ def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
-            f"that of the {what}.\n  updates: {treedef}\n  {what}: "
+            f"that of the {what}; {_difference(treedef, tree, ('updates', what))}."
+            f"\n  updates: {treedef}\n  {what}: "
             f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
             "same structure as the gradients."
         ) from error
+
+
+def _difference(treedef: Any, tree: Any, names: tuple[str, str]) -> str:
+    """Where ``tree`` departs from ``treedef`` (:func:`base.first_difference`)."""
+    expected = treedef.unflatten([0] * treedef.num_leaves)
+    return base.first_difference(expected, tree, names) or "they differ below a leaf"
 
 
 def leaves_up_to(treedef: Any, tree: Any) -> list:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import combine, factored, grouped, validate
+from rmsjax._src import base, combine, factored, grouped, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
@@ -242,7 +242,8 @@ def zero1_update_and_apply(
     if jax.tree.structure(grads) != jax.tree.structure(params):
         # (split like the parameters below, they failed with a bare tree_map error)
         raise ValueError(
-            "rmsjax.zero1_update_and_apply: grads must have the tree structure of params."
+            "rmsjax.zero1_update_and_apply: grads must have the tree structure of params; "
+            f"{base.first_difference(params, grads, ('params', 'grads'))}."
             f"\n  grads: {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
         )
 
