@@ -194,6 +194,21 @@ def test_centered_zero_variance_steps_by_g_over_root_eps_up_to_float32_s_maximum
             assert float(jnp.max(jnp.abs(u))) < 0.07, storage
 
 
+@pytest.mark.parametrize("storage", [None, "float32", "bfloat16", "int8"])
+def test_centered_decay_zero_steps_by_g_over_root_eps_with_every_storage(storage):
+    # decay 0: mu = g and nu = g^2, so the variance is 0 at every step and the update is
+    # -lr * g / sqrt(eps). bfloat16 state keeps the variance itself, whose update weighs
+    # the gap's square by 4 d (1 - d) = 0; a square beyond float32 (a gradient over
+    # 1.8e19) made that 0 * inf = NaN, and the NaN stayed in the state
+    g = np.array([-1e30, 1e20, 1.0, 0.0, -3e-20, 2e19], np.float32)
+    tx = rj.rmsprop(0.01, decay=0.0, centered=True, storage=storage)
+    state, update = tx.init(jnp.zeros(6)), jax.jit(tx.update)
+    for sign in (1.0, -1.0, 1.0):
+        u, state = update(jnp.asarray(sign * g), state)
+        np.testing.assert_allclose(np.asarray(u, np.float64), -0.01 * sign * g / 1e-4, rtol=1e-6)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+
 def test_centered_variance_never_negative_under_constant_gradients():
     tx = rj.rmsprop(1.0, centered=True, eps=0.0, eps_in_sqrt=False, bias_correction=True)
     params = {"w": jnp.zeros(1000)}

@@ -154,20 +154,21 @@ def rms_rule(
 
     concrete_decay = validate.concrete_value(decay)
 
-    def decayed(old):
-        # decay * old, and 0 with a decay of 0: an old moment beyond float32 reads as
-        # inf in the ordinary formula, and 0 * inf would make the new moment NaN
+    def weighted(weight, x):
+        # weight * x for a weight that is 0 with a decay of 0, and then 0: an operand
+        # beyond float32 (an old moment, a centered gap's square) reads as inf in the
+        # ordinary formula, and 0 * inf would make the new moment NaN
         if concrete_decay == 0:
-            return jnp.zeros_like(old)
+            return jnp.zeros_like(x)
         if concrete_decay is not None:
-            return decay * old
-        return jnp.where(decay == 0, jnp.zeros_like(old), decay * old)
+            return weight * x
+        return jnp.where(decay == 0, jnp.zeros_like(x), weight * x)
 
     def combine(square, old):  # optax's formula, in the order optax computes it
-        return (1 - decay) * square + decayed(old)
+        return (1 - decay) * square + weighted(decay, old)
 
     def combine_variance(half_gap_square, old):  # see _holds_variance
-        return decayed(old) + (4 * decay * (1 - decay)) * half_gap_square
+        return weighted(decay, old) + weighted(4 * decay * (1 - decay), half_gap_square)
 
     def step_shared(count):
         count = numerics.safe_increment(count)
