@@ -550,3 +550,82 @@ def test_integer_hyperparameters_step_as_their_floats(name, kind):
         results.append(np.asarray(updates["w"]))
     assert np.all(np.isfinite(results[0])), results[0]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+
+
+def _traced_steps(make, value, params, steps=4):
+    """The updates of ``steps`` steps of ``make(value)`` with ``value`` traced."""
+
+    def run(value):
+        tx = make(value)
+        state = tx.init(params)
+        for i in range(steps):
+            updates, state = tx.update(jnp.cos(params) * (1 + i) + 0.1, state, params)
+        return updates
+
+    return np.asarray(jax.jit(run)(value))
+
+
+TRACED_OUT_OF_RANGE = {
+    "rmsprop decay": (
+        lambda d: rj.rmsprop(0.1, decay=d),
+        lambda d: optax.rmsprop(0.1, decay=d),
+        1.5,
+    ),
+    "centered decay": (
+        lambda d: rj.rmsprop(0.1, decay=d, centered=True),
+        lambda d: optax.rmsprop(0.1, decay=d, centered=True),
+        1.5,
+    ),
+    "bfloat16 decay": (lambda d: rj.rmsprop(0.1, decay=d, storage="bfloat16"), None, 1.5),
+    "int8 decay": (lambda d: rj.rmsprop(0.1, decay=d, storage="int8"), None, 1.5),
+    "torch alpha": (lambda a: rj.compat.torch_rmsprop(0.1, alpha=a), None, 1.5),
+    "initial_scale": (
+        lambda v: rj.rmsprop(0.1, initial_scale=v),
+        lambda v: optax.rmsprop(0.1, initial_scale=v),
+        -10.0,
+    ),
+    "adagrad initial value": (
+        lambda v: rj.adagrad(0.1, initial_accumulator_value=v),
+        None,  # optax steps by 0 while the sum is negative, then goes on
+        -10.0,
+    ),
+    "rowwise initial value": (
+        lambda v: rj.rowwise_adagrad(0.1, initial_accumulator_value=v),
+        None,
+        -1.0,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "make, peer, value", TRACED_OUT_OF_RANGE.values(), ids=TRACED_OUT_OF_RANGE.keys()
+)
+def test_a_traced_hyperparameter_out_of_range_shows_as_nan_not_a_frozen_step(make, peer, value):
+    # A traced value is not checked (validation.md). Out of range it made a negative
+    # second moment, which the encoding of moments beyond float32 read as one held
+    # scaled: steps of 1e-24, a weight frozen in silence, where optax's are NaN.
+    params = jnp.linspace(-1.0, 1.0, 300).reshape(30, 10)
+    updates = _traced_steps(make, value, params)
+    assert np.isnan(updates).any()
+    assert not ((np.abs(updates) < 1e-20) & (updates != 0)).any()  # no frozen element
+    if peer is not None:  # optax's first step is NaN too, somewhere
+        assert np.isnan(_traced_steps(peer, value, params, steps=1)).any()
+    # in range (0.5 for each of these) the traced value steps as the constant one does
+    tx = make(0.5)
+    state = tx.init(params)
+    for i in range(4):
+        expected, state = tx.update(jnp.cos(params) * (1 + i) + 0.1, state, params)
+    np.testing.assert_allclose(_traced_steps(make, 0.5, params), expected, rtol=1e-6)
+
+
+def test_a_decay_set_out_of_range_in_an_injected_state_shows_as_nan_under_jit():
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.3, -0.2])}
+    grads = jax.tree.map(lambda x: jnp.cos(x) + 0.1, params)
+    for module in (rj, optax):
+        tx = module.inject_hyperparams(module.rmsprop)(learning_rate=0.1)
+        state = tx.init(params)
+        state.hyperparams["decay"] = 1.5  # a number: the range is checked by an eager step
+        step = jax.jit(tx.update)
+        for _ in range(3):
+            updates, state = step(grads, state, params)
+        assert all(bool(jnp.isnan(u).all()) for u in jax.tree.leaves(updates)), module

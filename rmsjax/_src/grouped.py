@@ -260,17 +260,11 @@ def _inner_of(function: str, state: Any, tree: Any) -> Any:
         raise ValueError(
             f"rmsjax.{function}: the tree structure of the {what} differs from that of the "
             "parameters the state was made for; "
-            f"{_difference(state.structure.treedef, tree, what)}."
+            f"{tree_checks.difference(state.structure.treedef, tree, ('parameters', what))}."
             f"\n  {what}: {base.structure_of(tree)}\n  state: "
             f"{state.structure.treedef}\n{hint}"
         )
     return state.inner
-
-
-def _difference(treedef: Any, tree: Any, what: str) -> str:
-    made_for = treedef.unflatten([0] * treedef.num_leaves)
-    held = base.held_values(tree)
-    return base.first_difference(made_for, held, ("parameters", what)) or "they differ"
 
 
 def _blocks_mismatch(function: str, held: Any, blocks: tuple, params: Any) -> ValueError:

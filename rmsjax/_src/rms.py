@@ -165,10 +165,21 @@ def rms_rule(
         return jnp.where(decay == 0, jnp.zeros_like(x), weight * x)
 
     def combine(square, old):  # optax's formula, in the order optax computes it
-        return (1 - decay) * square + weighted(decay, old)
+        return negative_as_nan((1 - decay) * square + weighted(decay, old))
+
+    def negative_as_nan(moment):
+        # A traced decay is unchecked (validation.md): outside [0, 1] it can make the
+        # moment negative, which optax's square root turns into NaN steps, while the
+        # encoding would read it as a moment held scaled (steps of 1e-24, a frozen
+        # weight). A checked decay never gives one, and its program is unchanged.
+        if concrete_decay is not None:
+            return moment
+        return jnp.where(moment < 0, jnp.full_like(moment, jnp.nan), moment)
 
     def combine_variance(half_gap_square, old):  # see _holds_variance
-        return weighted(decay, old) + weighted(4 * decay * (1 - decay), half_gap_square)
+        return negative_as_nan(
+            weighted(decay, old) + weighted(4 * decay * (1 - decay), half_gap_square)
+        )
 
     def step_shared(count):
         count = numerics.safe_increment(count)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from rmsjax._src import base, combine, elementwise, fusion, moments, numerics, scaling, validate
+from rmsjax._src import storage as storage_lib
 
 
 class ScaleByRowwiseRssState(NamedTuple):
@@ -89,7 +90,7 @@ def rowwise_rss_rule(initial_accumulator_value: Any, eps: Any) -> elementwise.Le
 
     def init_leaf(param):
         shape = accumulator_shape(tuple(jnp.shape(param)))
-        return (jnp.full(shape, initial_accumulator_value, jnp.float32),)
+        return (jnp.full(shape, storage_lib.moment_fill(initial_accumulator_value), jnp.float32),)
 
     def update_leaf(g, slots, context, param):
         del context, param

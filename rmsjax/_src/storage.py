@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, numerics
+from rmsjax._src import base, numerics, validate
 from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (QuantizedArray, (de)quantize: re-exported)
     QuantizedArray,
@@ -281,10 +281,21 @@ def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bo
     # jnp.full of a 0-d array of the dtype is that array: a copy, so that the state
     # never holds the caller's array (a donated step would delete it) nor one buffer
     # twice (inject_hyperparams' initial_scale and a scalar parameter's second moment)
+    fill = fill if signed else moment_fill(fill)
     full = jnp.array(jnp.full(shape, fill, dtype), copy=shape == ())
     if storage == "int8" and math.prod(shape) >= MIN_QUANTIZED_SIZE:
         return quantize(full, signed=signed)
     return full
+
+
+def moment_fill(fill: Any) -> Any:
+    """The initial value of a second moment: ``fill``, or NaN where a traced ``fill``
+    (unchecked, validation.md) is negative. Below 0 it would read as a moment held
+    scaled (numerics.py) and step by 1e-24, a weight frozen in silence, where optax's
+    square root gives NaN. A concrete ``fill`` has been checked: it is returned as is."""
+    if validate.concrete_value(fill) is not None:
+        return fill
+    return jnp.where(fill >= 0, fill, jnp.nan)
 
 
 def load(slot: Any, dtype: Any) -> jax.Array:

@@ -132,17 +132,19 @@ def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"rmsjax.{rule_name}.update: the tree structure of the updates differs from "
-            f"that of the {what}; {_difference(treedef, tree, ('updates', what))}."
+            f"that of the {what}; {difference(treedef, tree, ('updates', what))}."
             f"\n  updates: {treedef}\n  {what}: "
             f"{jax.tree.structure(tree)}\nInitialise the optimizer with parameters of the "
             "same structure as the gradients."
         ) from error
 
 
-def _difference(treedef: Any, tree: Any, names: tuple[str, str]) -> str:
-    """Where ``tree`` departs from ``treedef`` (:func:`base.first_difference`)."""
+def difference(treedef: Any, tree: Any, names: tuple[str, str]) -> str:
+    """Where ``tree`` (a framework's variables read as what they hold) departs from
+    ``treedef`` (:func:`base.first_difference`)."""
     expected = treedef.unflatten([0] * treedef.num_leaves)
-    return base.first_difference(expected, tree, names) or "they differ below a leaf"
+    found = base.first_difference(expected, base.held_values(tree), names)
+    return found or "they differ below a leaf"
 
 
 def leaves_up_to(treedef: Any, tree: Any) -> list:
