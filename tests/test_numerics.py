@@ -200,9 +200,10 @@ def test_centered_decay_zero_steps_by_g_over_root_eps_with_every_storage(storage
     # -lr * g / sqrt(eps). bfloat16 state keeps the variance itself, whose update weighs
     # the gap's square by 4 d (1 - d) = 0; a square beyond float32 (a gradient over
     # 1.8e19) made that 0 * inf = NaN, and the NaN stayed in the state
-    g = np.array([-1e30, 1e20, 1.0, 0.0, -3e-20, 2e19], np.float32)
+    # (4096 elements: int8 state quantizes leaves of 4096 or more)
+    g = np.tile(np.array([-1e30, 1e20, 1.0, 0.0, -3e-20, 2e19, 7.0, -0.5], np.float32), 512)
     tx = rj.rmsprop(0.01, decay=0.0, centered=True, storage=storage)
-    state, update = tx.init(jnp.zeros(6)), jax.jit(tx.update)
+    state, update = tx.init(jnp.zeros(g.shape)), jax.jit(tx.update)
     for sign in (1.0, -1.0, 1.0):
         u, state = update(jnp.asarray(sign * g), state)
         np.testing.assert_allclose(np.asarray(u, np.float64), -0.01 * sign * g / 1e-4, rtol=1e-6)
