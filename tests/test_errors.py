@@ -621,6 +621,14 @@ def test_structure_errors_name_the_first_key_path_where_the_trees_differ():
             assert part in line, (part, line)
 
 
+def test_a_leaf_at_the_root_is_named_root_not_left_blank():
+    tx = rj.rmsprop(1e-3)
+    with pytest.raises(TypeError, match=r"params leaf <root> has dtype int32"):
+        rj.effective_step_sizes(tx, tx.init(jnp.ones(3)), jnp.arange(3))
+    with pytest.raises(ValueError, match=r"the update at <root> has shape \(2,\)"):
+        rj.apply_updates(jnp.ones(3), jnp.ones(2))
+
+
 def test_apply_updates_refuses_updates_that_do_not_fit_the_parameters():
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4), "frozen": None}
     with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure of the"):

@@ -152,6 +152,14 @@ def test_state_shapes_and_bytes():
         assert nbytes == 4 * (n + m) + 4 and nbytes / (n * m) <= 4 * (n + m + 1) / (n * m)
 
 
+def test_float64_parameters_keep_float64_state_as_documented():
+    with jax.enable_x64(True):
+        params = {"w": jnp.zeros((40, 40), jnp.float64), "b": jnp.zeros(3, jnp.float64)}
+        state = rj.scale_by_factored_rmsprop(min_dim_size_to_factor=8).init(params)
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(state))
+        assert sum(x["w"].nbytes for x in state) == 8 * (40 + 40) + 8
+
+
 def test_rank_one_squares_give_rmsprop_exactly():
     # When g*g is an outer product the factored estimate is exact: same as scale_by_rms.
     rng = np.random.default_rng(2)

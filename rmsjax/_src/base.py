@@ -179,17 +179,17 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     out = []
     for (path, p), u in zip(paths_and_params, flat_updates, strict=True):
         if p is not None:
-            locate = functools.partial(jax.tree_util.keystr, path)
+            locate = functools.partial(key_path, path)
             check_float_parameter("apply_updates", locate, p, u)
         if p is not None and u is None:  # None is an empty subtree: the trees differ
             raise ValueError(
-                f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} is None and "
+                f"rmsjax.apply_updates: the update at {key_path(path)} is None and "
                 f"its parameter an array of shape {jnp.shape(p)}; a leaf left out of the "
                 "updates must be None in the parameters too."
             )
         if p is not None and not _broadcasts_to(jnp.shape(u), jnp.shape(p)):
             raise ValueError(
-                f"rmsjax.apply_updates: the update at {jax.tree_util.keystr(path)} has shape "
+                f"rmsjax.apply_updates: the update at {key_path(path)} has shape "
                 f"{jnp.shape(u)}, which does not fit its parameter's shape {jnp.shape(p)}"
             )
         out.append(None if p is None else apply_leaf(p, u))
@@ -236,16 +236,20 @@ def _array_dtype(where: str, locate: Callable[[], str], param: Any) -> Any:
         ) from None
 
 
+def key_path(path: tuple, root: str = "<root>") -> str:
+    """A key path as jax prints it (``['w'][0]``), and ``root`` for the tree itself."""
+    return jax.tree_util.keystr(path) or root
+
+
 def check_float_leaves(function: str, params: Any, why: str) -> None:
     """Raises ``TypeError: rmsjax.{function}: params leaf {path} has dtype {dtype};
     {why}`` for the first leaf of ``params`` that is not floating point (or complex),
     and names a leaf that is no array as :func:`check_float_parameter` does."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = _array_dtype(function, functools.partial(jax.tree_util.keystr, path), leaf)
+        dtype = _array_dtype(function, functools.partial(key_path, path), leaf)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"rmsjax.{function}: params leaf {jax.tree_util.keystr(path)} has dtype "
-                f"{dtype}; {why}"
+                f"rmsjax.{function}: params leaf {key_path(path)} has dtype {dtype}; {why}"
             )
 
 
@@ -349,7 +353,7 @@ def first_difference(
         return f"a leaf of shape {tuple(jnp.shape(x))}" if hasattr(x, "shape") else "a leaf"
 
     def walk(a: Any, b: Any, path: tuple) -> str:
-        where = f"at {jax.tree_util.keystr(path) or 'the root'}: "
+        where = f"at {key_path(path, root='the root')}: "
         both = f"{where}{what(a)} in the {names[0]}, {what(b)} in the {names[1]}"
         if prefix and is_leaf(a):
             return ""

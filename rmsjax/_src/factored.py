@@ -12,8 +12,8 @@ from rmsjax._src import momentum as momentum_lib
 
 
 class ScaleByFactoredRmsState(NamedTuple):
-    """State of :func:`scale_by_factored_rmsprop`; float32, one entry of each field per
-    parameter.
+    """State of :func:`scale_by_factored_rmsprop`; float32 (float64 for float64
+    parameters), one entry of each field per parameter.
 
     Attributes:
       nu_row: for a factored parameter of shape ``(..., n, m)``, the decaying average of
@@ -22,7 +22,7 @@ class ScaleByFactoredRmsState(NamedTuple):
       nu: for a parameter that is not factored (a scalar, a vector, a small matrix),
         the full decaying average of squared gradients; else a placeholder.
 
-    A placeholder is a float32 scalar, not an empty array (checkpointers such as orbax
+    A placeholder is a scalar of the state's dtype, not an empty array (checkpointers such as orbax
     refuse to save arrays of size zero), and it holds the leaf's scale exponent ``E``:
     the moments are kept in units of :math:`4^E`. ``E`` is 0 (the moments are
     themselves) unless the gradients leave float32's comfortable range, above about

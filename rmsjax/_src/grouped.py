@@ -5,9 +5,10 @@ state array is one more buffer handed to and returned from the compiled step, an
 more kernel. :func:`grouped` keeps the optimizer state in blocks instead: leaves of the
 same shape and dtype are stacked, up to ``block_size`` at a time, and each block's state
 is one array. The rule is the same per-leaf function, run under ``jax.vmap`` on the
-block, so the numbers are those of the per-leaf chain, bit for bit, for every
-elementwise rule. Parameters and updates keep the user's tree; only the state changes
-layout. See ``docs/performance.md`` for the measurements behind the defaults.
+block, so the numbers are those of the per-leaf chain, bit for bit but for an ulp or
+two per step where XLA contracts a multiply-add in one kernel only (see ``grouped``).
+Parameters and updates keep the user's tree; only the state changes layout. See
+``docs/performance.md`` for the measurements behind the defaults.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def grouped(
     no wrapper: ``masked``, ``inject_hyperparams`` and ``accumulate_gradients`` go around
     ``grouped`` (``inject_hyperparams(lambda learning_rate:
     grouped(rmsprop(learning_rate)))(learning_rate=1e-3)``). Updates, parameters and
-    the numbers are the same as with ``tx``; the state holds one array per block of up to
+    the numbers are the same as with ``tx`` (bit for bit but for an ulp or two per step
+    in a few kernels, ``grouped(adagrad)`` on leaves of 2-8 elements among them, see
+    docs/performance.md); the state holds one array per block of up to
     ``block_size`` same-shaped leaves instead of one per leaf (:class:`GroupedState`).
     On models with thousands of small leaves this makes the jitted step and its
     compilation markedly cheaper (on 3000 leaves of 1k elements 0.53-0.83x optax's step
@@ -319,8 +322,9 @@ def ungroup_state(
 ) -> base.OptState:
     """The per-leaf state of the transformation ``tx`` wraps, from ``tx``'s grouped state.
 
-    The result is what the ungrouped transformation would hold after the same steps, bit
-    for bit, so it can be inspected per leaf, saved, or used to resume without grouping.
+    The result is the grouped state's values laid out per leaf: what the ungrouped
+    transformation holds after the same steps (but for the ulps its kernels may round
+    apart, see :func:`grouped`), to inspect per leaf, save, or resume without grouping.
 
     Args:
       tx: the transformation returned by :func:`grouped`.

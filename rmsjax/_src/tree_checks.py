@@ -121,7 +121,7 @@ def refuse_eight_bit_floats(function: str, tree: Any) -> None:
 def path_of(tree: Any, index: int) -> str:
     """The key path of leaf ``index`` of ``tree``, as jax prints it."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return jax.tree_util.keystr(paths[index][0]) or "<root>"
+    return base.key_path(paths[index][0])
 
 
 def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:

@@ -67,7 +67,7 @@ def _check_same_mesh(function: str, mesh: Any, **trees: Any) -> None:
                 continue
             raise ValueError(
                 f"rmsjax.{function}: mesh has axes {want}, but {argument} leaf "
-                f"{jax.tree_util.keystr(path) or '<root>'} lies on a mesh with axes "
+                f"{base.key_path(path)} lies on a mesh with axes "
                 f"{dict(sharding.mesh.shape)}; pass the mesh the {argument} was placed on "
                 "(for the state, the one given to rj.shard_state)."
             )
@@ -155,7 +155,7 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     _check_not_grouped("shard_state", state, mesh, axis)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if callable(leaf) or isinstance(leaf, (str, bytes)):  # JAX's error named no one
-            where = jax.tree_util.keystr(path) or "<root>"
+            where = base.key_path(path)
             hint = " (a GradientTransformation? pass tx.init(params))" if callable(leaf) else ""
             raise TypeError(
                 "rmsjax.shard_state: state must be a tree of arrays, got "
@@ -176,7 +176,7 @@ def _check_not_grouped(function: str, state: Any, mesh: Mesh, axis: str) -> None
         if is_grouped(node):
             raise ValueError(
                 f"rmsjax.{function}: the state holds a GroupedState (rj.grouped) at "
-                f"{jax.tree_util.keystr(path) or '<root>'}, whose blocks stack leaves and "
+                f"{base.key_path(path)}, whose blocks stack leaves and "
                 f"cannot be split over the Explicit axis {axis!r}. Shard the per-leaf "
                 "optimizer's state (rj.ungroup_state converts a grouped one), or use a "
                 "mesh with Auto axes."
