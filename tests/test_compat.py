@@ -1182,6 +1182,14 @@ def test_keras_options_keras_reads_as_off_or_refuses_are_checked_before_the_advi
         with pytest.raises(error, match="gradient_accumulation_steps must be an integer >= 2"):
             make(0.01, gradient_accumulation_steps=steps)
     make(0.01, gradient_accumulation_steps=0)  # Keras accumulates nothing at 0
+    # a loss scale of 1 divides the gradients by 1: the preset's own numbers
+    params, g = jnp.linspace(-1.0, 1.0, 6), jnp.cos(jnp.arange(6.0))
+    for factor in (1.0, 1, np.float32(1.0)):
+        scaled, plain = make(0.01, loss_scale_factor=factor), make(0.01)
+        chex.assert_trees_all_equal(
+            scaled.update(g, scaled.init(params), params),
+            plain.update(g, plain.init(params), params),
+        )
 
 
 @pytest.mark.parametrize("schedule", [False, True])
@@ -1400,3 +1408,30 @@ def test_a_keras_preset_name_cannot_hold_a_slash_as_in_keras():
     with pytest.raises(ValueError, match=r"keras_rmsprop: name must be a string without '/'"):
         rj.compat.keras_rmsprop(name="a/b")
     rj.compat.tf1_rmsprop(0.1, name="a/b")  # TF1's names are scopes: '/' allowed
+
+
+@pytest.mark.parametrize("preset, eps", [("torch_rmsprop", "eps"), ("keras_rmsprop", "epsilon")])
+def test_rmsprop_presets_with_eps_zero_step_a_never_moved_element_by_zero(preset, eps):
+    # 0 / sqrt(0): the peers' NaN (porting.md, "NaN where the peer has one"), a 0 here
+    g = jnp.array([0.0, 1.0, 0.0, 2.0])
+    params = jnp.ones(4)
+    tx = getattr(compat, preset)(0.01, **{eps: 0.0})
+    updates, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_array_equal(updates[::2], [0.0, 0.0])
+    assert bool(jnp.isfinite(updates).all()) and bool((updates[1::2] < 0).all())
+    live_peer_available(preset)
+    if preset.startswith("torch"):
+        import torch
+
+        p = torch.ones(4, requires_grad=True)
+        opt = torch.optim.RMSprop([p], lr=0.01, eps=0.0)
+        p.grad = torch.tensor(np.asarray(g))
+        opt.step()
+        theirs = p.detach().numpy()
+    else:
+        import keras
+
+        variable = keras.Variable(np.ones(4, np.float32))
+        keras.optimizers.RMSprop(0.01, epsilon=0.0).apply_gradients([(g, variable)])
+        theirs = np.asarray(variable.value)
+    assert np.isnan(theirs[::2]).all()

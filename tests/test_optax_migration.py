@@ -229,3 +229,20 @@ def test_state_layouts_do_not_change_with_flags_or_a_schedule():
         assert jax.tree.structure(state) == jax.tree.structure(rj.scale_by_rms().init(params))
     centered = rj.scale_by_rms(centered=True).init(params)
     assert jax.tree.structure(centered.mu) == jax.tree.structure(params)
+
+
+def test_an_nnx_optimizer_migrates_through_its_own_opt_state_and_an_nnx_state_is_refused():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    theirs = nnx.Optimizer(model, optax.rmsprop(1e-2, momentum=0.9), wrt=nnx.Param)
+    ours = nnx.Optimizer(model, rj.rmsprop(1e-2, momentum=0.9), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    theirs.update(model, grads)
+    ours.opt_state = rj.from_optax_state(theirs.opt_state, like=ours.opt_state)
+    chex.assert_trees_all_equal(ours.opt_state[0].nu, theirs.opt_state[0].nu)
+    for function, state, like in [
+        (rj.from_optax_state, nnx.state(theirs)["opt_state"], nnx.state(ours)["opt_state"]),
+        (rj.to_optax_state, nnx.state(ours)["opt_state"], nnx.state(theirs)["opt_state"]),
+    ]:
+        with pytest.raises(TypeError, match=rf"^rmsjax\.{function.__name__}: .* is an nnx\.State"):
+            function(state, like=like)

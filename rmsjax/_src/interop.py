@@ -251,7 +251,24 @@ def from_optax_state(optax_state: base.OptState, like: base.OptState) -> base.Op
     >>> type(state[0]).__name__, state[0].nu
     ('ScaleByRmsState', Array([0.1, 0.1, 0.1], dtype=float32))
     """
+    _refuse_nnx_state("from_optax_state", optax_state=optax_state, like=like)
     return _walk("from_optax_state", "state", like, optax_state, False, None)
+
+
+def _refuse_nnx_state(function: str, **trees: Any) -> None:
+    """A TypeError for an ``nnx.State`` (``nnx.state(optimizer)['opt_state']``, what an
+    nnx checkpoint holds): its tuples and NamedTuples are dicts of positions, so no field
+    can be matched; the optimizer's own ``opt_state`` keeps them."""
+    for argument, tree in trees.items():
+        kind = type(tree)
+        if kind.__name__ == "State" and kind.__module__.startswith("flax.nnx"):
+            raise TypeError(
+                f"rmsjax.{function}: {argument} is an nnx.State "
+                "(nnx.state(optimizer)['opt_state']), whose tuples are dicts; pass the "
+                "nnx.Optimizer's own opt_state (restore a checkpoint into an nnx.Optimizer "
+                "of the library that saved it first): new.opt_state = "
+                f"rj.{function}(old.opt_state, like=new.opt_state)."
+            )
 
 
 def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
@@ -275,4 +292,5 @@ def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
     >>> opt_state[0].sum_of_squares
     Array([1.1, 1.1, 1.1], dtype=float32)
     """
+    _refuse_nnx_state("to_optax_state", state=state, like=like)
     return _walk("to_optax_state", "state", like, state, True, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rmsjax._src import base, combine, rms, rss, scaling, validate
 from rmsjax._src import storage as storage_lib
 from rmsjax._src.compat.parts import (
@@ -269,6 +271,11 @@ def _check_base_options(
             ("global_clipnorm", global_clipnorm),
         )
     )
+    # a factor of 1 scales nothing: off, as None is (a bool is no factor)
+    if isinstance(loss_scale_factor, (int, float, np.integer, np.floating)) and not isinstance(
+        loss_scale_factor, bool
+    ):
+        loss_scale_factor = None if loss_scale_factor == 1 else loss_scale_factor
     if not _off(gradient_accumulation_steps):
         validate.check_count(
             function, "gradient_accumulation_steps", gradient_accumulation_steps, 2
