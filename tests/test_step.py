@@ -168,3 +168,64 @@ def test_a_fresh_state_holds_no_buffer_twice_nor_the_caller_s(make):
     params, state, value = step(params, state, jnp.ones(3))
     assert np.isfinite(float(value))
     assert float(ACCUMULATOR) == np.float32(0.1)  # the caller's array is still there
+
+
+def test_eager_grad_through_donated_steps_learns_a_learning_rate_as_optax_does():
+    # jax.grad (not jitted) through three steps of RMSprop with momentum: the tracers
+    # hold the buffers a donation deletes ("Array has been deleted" at the third step)
+    import optax
+
+    x = jnp.ones((4, 3))
+
+    def quadratic(params, x):
+        return jnp.mean((x @ params["w"]) ** 2)
+
+    def meta(module, step_with):
+        tx = module.inject_hyperparams(module.rmsprop)(learning_rate=0.01, momentum=0.9)
+        step = step_with(tx)
+
+        def loss_after_three_steps(rate):
+            params = {"w": jnp.ones((3, 2))}
+            state = tx.init(params)
+            state.hyperparams["learning_rate"] = rate
+            for _ in range(3):
+                params, state = step(tx, params, state)
+            return quadratic(params, x)
+
+        return jax.grad(loss_after_three_steps)(0.01)
+
+    def ours(tx):
+        step = rj.make_train_step(quadratic, tx)
+        return lambda tx, params, state: step(params, state, x)[:2]
+
+    def theirs(tx):
+        def step(tx, params, state):
+            grads = jax.grad(quadratic)(params, x)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return step
+
+    np.testing.assert_allclose(meta(rj, ours), meta(optax, theirs), rtol=1e-6)
+
+
+def test_a_donated_array_passed_again_is_named():
+    tx = rj.rmsprop(0.1, momentum=0.9)
+    step = rj.make_train_step(loss_fn, tx)
+    params = model_params()
+    state = tx.init(params)
+    x, y = next(batches(1))
+    new_params, new_state, _ = step(params, state, x, y)
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.make_train_step: params\['hidden'\]\['b'\] was deleted"
+    ):
+        step(params, new_state, x, y)
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.make_train_step: state\[0\]\.count was deleted"
+    ):
+        step(new_params, state, x, y)
+    # the step keeps the jitted function's methods (memory analysis, shapes)
+    compiled = step.lower(new_params, new_state, x, y).compile()
+    assert compiled.memory_analysis() is not None
+    shapes = step.eval_shape(new_params, new_state, x, y)
+    assert jax.tree.map(jnp.shape, shapes[0]) == jax.tree.map(jnp.shape, new_params)

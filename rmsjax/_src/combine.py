@@ -151,7 +151,9 @@ def update_and_apply(
         updates, state = tx.update(updates, state, params, **extra)
         params = rj.apply_updates(params, updates)
 
-    but for an elementwise chain (every alias in rmsjax) each leaf's optimizer step and
+    (but for an ulp where XLA contracts a multiply-add in one program and not in the
+    other: ``apply_if_finite`` on a ``(4, 3)`` leaf, see docs/porting.md). For an
+    elementwise chain (every alias in rmsjax) each leaf's optimizer step and
     parameter update is one piece of code, which compiles faster and, with donated
     buffers, writes each parameter in place.
 

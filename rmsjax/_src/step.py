@@ -77,7 +77,14 @@ def make_train_step(
        same buffer twice"); keep the weight once in ``params``, or pass
        ``donate=False``. Nor can an array passed both in ``params`` and in the batch
        ("Attempt to use a buffer that was previously donated"): pass a copy as the
-       batch.
+       batch. Called under a transformation (``jax.grad`` through a few steps to
+       learn a learning rate, ``vmap``, an outer ``jit``) the step donates nothing:
+       the transformation still holds the buffers.
+
+    ``tx.update`` is called with the gradients, the state and the parameters only. For
+    a part that reads an extra argument (``optax.contrib.reduce_on_plateau``'s
+    ``value``), write the step with :func:`update_and_apply`:
+    ``update_and_apply(tx, grads, state, params, value=loss)``.
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> loss`` (a scalar), or ``-> (loss, aux)``
@@ -89,7 +96,8 @@ def make_train_step(
       donate: donate ``params`` and ``state`` (the default; see the warning).
 
     Returns:
-      The jitted step function. It compiles once per set of argument shapes and dtypes.
+      The jitted step function (with ``lower``, ``trace`` and ``eval_shape``). It
+      compiles once per set of argument shapes and dtypes.
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> def loss_fn(params, x, y):
@@ -143,4 +151,36 @@ def make_train_step(
         params, state = combine.update_and_apply(tx, grads, state, params)
         return params, state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    if not donate:
+        return jax.jit(step)
+    return _donating(name, step)
+
+
+def _donating(name: str, step: Callable[..., tuple]) -> Callable[..., tuple]:
+    """``step`` jitted with its parameters and state donated, except under a
+    transformation (an eager ``jax.grad`` through a few steps, ``vmap``, an outer
+    ``jit``), whose tracers hold buffers a donation would delete; a deleted array
+    passed in is named. It keeps the jitted function's ``lower``, ``trace`` and
+    ``eval_shape``."""
+    donated, kept = jax.jit(step, donate_argnums=(0, 1)), jax.jit(step)
+
+    def donating_step(params, state, *batch):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, state))):
+            return kept(params, state, *batch)
+        try:
+            return donated(params, state, *batch)
+        except (ValueError, RuntimeError) as error:  # XLA's names an argument's index
+            for what, tree in (("params", params), ("state", state)):
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+                    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+                        raise ValueError(
+                            f"rmsjax.{name}: {what}{jax.tree_util.keystr(path)} was "
+                            "deleted: an earlier call donated it. Continue with what the "
+                            "last step returned (params, state, loss = step(params, "
+                            "state, ...)), or pass donate=False."
+                        ) from error
+            raise
+
+    for attribute in ("lower", "trace", "eval_shape"):
+        setattr(donating_step, attribute, getattr(donated, attribute))
+    return donating_step
