@@ -56,6 +56,15 @@ def test_an_overflowing_inner_rule_is_caught():
     np.testing.assert_array_equal(np.asarray(updates, np.float32), [-0.0, -0.0])
 
 
+def test_a_skipped_step_leaves_a_negative_zero_parameter_as_it_was():
+    # porting.md: optax's skipped updates are +0.0, which turn a -0.0 parameter into +0.0
+    params = jnp.array([-0.0, 1.0, -2.5])
+    tx = rj.apply_if_finite(rj.rmsprop(0.1), 3)
+    updates, _ = tx.update(jnp.array([1.0, jnp.nan, 2.0]), tx.init(params), params)
+    after = np.asarray(rj.apply_updates(params, updates))
+    np.testing.assert_array_equal(after.view(np.uint32), np.asarray(params).view(np.uint32))
+
+
 def _rowwise(grads):
     return rowwise_reference(grads, 0.0, 1e-10)[0]
 
