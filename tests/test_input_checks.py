@@ -629,3 +629,24 @@ def test_a_decay_set_out_of_range_in_an_injected_state_shows_as_nan_under_jit():
         for _ in range(3):
             updates, state = step(grads, state, params)
         assert all(bool(jnp.isnan(u).all()) for u in jax.tree.leaves(updates)), module
+
+
+def test_a_hyperparameter_the_state_s_dtype_rounds_to_zero_is_refused_where_given():
+    params = jnp.ones(3)
+    half = rj.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.float16)
+    with pytest.raises(
+        ValueError, match=r"^rmsjax\.inject_hyperparams\(rmsprop\)\.init: eps=1e-08 is 0"
+    ):
+        half(learning_rate=0.1).init(params)  # optax stores eps = 0 and runs with it
+    state = half(learning_rate=0.1, eps=1e-3).init(params)
+    with pytest.raises(
+        ValueError, match=r"state.hyperparams\['learning_rate'\] is kept in float16"
+    ):
+        state.hyperparams["learning_rate"] = 1e-9
+    assert float(state.hyperparams["learning_rate"]) == np.float16(0.1)  # unchanged
+    state.hyperparams["learning_rate"] = 0.0  # a 0 given is a 0
+    tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = 1e-30  # float32 holds it
+    with pytest.raises(ValueError, match=r"kept in float32, where 1e-46 is 0"):
+        state.hyperparams["learning_rate"] = 1e-46

@@ -68,7 +68,14 @@ class Hyperparams(dict):
             # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
             # from now on, as in optax, not truncated to 0 (one more trace of the step)
             dtype = value.dtype if _is_floating_array(value) else jnp.float32
-        super().__setitem__(key, jnp.array(value, dtype, copy=True))
+        kept = jnp.array(value, dtype, copy=True)
+        if np.shape(old) == () and float(kept) == 0 and validate.concrete_value(value) != 0:
+            raise ValueError(
+                f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] is kept in "
+                f"{jnp.dtype(dtype).name}, where {value!r} is 0; pass a wider "
+                "hyperparam_dtype to inject_hyperparams, or a value the dtype holds"
+            )
+        super().__setitem__(key, kept)
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
