@@ -4,9 +4,7 @@ section of ``RESULTS.md`` (state bytes, step time, training quality)."""
 from __future__ import annotations
 
 import datetime
-import platform
 
-import jax
 import numpy as np
 import results_file
 from memory_options import options
@@ -107,11 +105,10 @@ def write_report(path, args, count, memory, speed, peak, quality, plotted, png_n
     lines = [
         "# Optimizer state memory: storage options, row-wise and factored state",
         "",
-        f"Measured {datetime.date.today().isoformat()} with `python benchmarks/memory.py"
-        + (" --quick" if args.quick else "")
-        + f"` on {platform.machine()} ({jax.devices()[0].platform}, "
-        f"{jax.device_count()} device(s)), jax {jax.__version__}, "
-        f"{platform.python_implementation()} {platform.python_version()}.",
+        f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC with "
+        "`python benchmarks/memory.py" + (" --quick" if args.quick else "") + "`.",
+        "",
+        *results_file.machine_lines(),
         "",
         "## State bytes per parameter",
         "",

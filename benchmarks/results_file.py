@@ -3,7 +3,11 @@ own section (between HTML comment markers) and leaves the others as they are."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import platform
+import subprocess
+from importlib import metadata
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 TITLE = """# Benchmark results
@@ -30,3 +34,51 @@ def write_section(name: str, markdown: str, path: pathlib.Path = RESULTS) -> Non
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def machine_lines() -> list[str]:
+    """Two markdown bullets: the machine (CPU model, cores, memory, JAX backend) and the
+    software (Python, the packages' versions, rmsjax's version and commit), so that a
+    section says where and with what its figures were measured."""
+    import jax
+
+    import rmsjax as rj
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                cpu,
+            )
+    except OSError:
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as handle:
+            memory = f", {int(handle.readline().split()[1]) / 2**20:.0f} GiB memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    versions = []
+    for package in ("jax", "jaxlib", "optax", "numpy", "torch"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=RESULTS.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return [
+        f"- Machine: {cpu}, {os.cpu_count()} CPU cores{memory}; "
+        f"JAX backend `{jax.default_backend()}` ({devices}).",
+        f"- Python {platform.python_version()}; {', '.join(versions)}; rmsjax "
+        f"{rj.__version__} (commit {commit}).",
+    ]

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import pathlib
-import platform
 import re
 import statistics
 import time
@@ -167,14 +166,15 @@ def main(argv: list[str] | None = None) -> str:
         rows.append((name, total, full, zero1, collectives(hlo_r), collectives(hlo_z), times))
         print(f"{name:<32} {full:>12,d} {zero1:>12,d}  {full / zero1:5.2f}x")
 
-    today = datetime.date.today().isoformat()
+    today = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     faster = sum(times["zero1"] < times["replicated"] for *_, times in rows)
     lines = [
         "# Optimizer-state memory per device: replicated vs ZeRO-1",
         "",
-        f"Measured {today} with `python benchmarks/sharding.py` on {platform.machine()} "
-        f"CPU ({os.cpu_count()} cores) with 8 host devices "
-        f"(`--xla_force_host_platform_device_count=8`), jax {jax.__version__}.",
+        f"Measured {today} UTC with `python benchmarks/sharding.py`, 8 host devices "
+        "(`--xla_force_host_platform_device_count=8`).",
+        "",
+        *results_file.machine_lines(),
         "",
         f"Parameters: a transformer-shaped tree, width {width}, {layers} layers, vocabulary "
         f"{vocab}: {count:,d} float32 parameters ({count * 4:,d} B), replicated over the "

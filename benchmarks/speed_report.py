@@ -5,49 +5,20 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import statistics
-from importlib import metadata
 
 import jax
 import numpy as np
 import results_file
 from speed_contenders import ALGORITHMS, FLOOR
-from speed_measure import Row
+from speed_measure import TORCH_EVERY, Row
 from speed_tables import kernel_traffic, table, targets
-
-import rmsjax as rj
 
 
 def machine_lines(rows: list[Row], stream_elements: int) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        with open("/proc/meminfo") as handle:
-            kib = int(handle.readline().split()[1])
-            memory = f", {kib / 2**20:.0f} GiB memory"
-    except (OSError, ValueError, IndexError):
-        pass
-    versions = []
-    for package in ("jax", "jaxlib", "optax", "numpy", "torch"):
-        try:
-            versions.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     speeds = [row.stream_gbs for row in rows]
     return [
-        f"- Machine: {cpu}, {os.cpu_count()} CPU cores{memory}; "
-        f"JAX backend `{jax.default_backend()}` ({devices}).",
-        f"- Python {platform.python_version()}; {', '.join(versions)}; rmsjax {rj.__version__}.",
+        *results_file.machine_lines(),
         f"- Streaming bandwidth (donated `a * s + b`, {stream_elements / 2**20:.0f}M float32, "
         "12 bytes per element, timed in every row in turn with the contenders): median "
         f"**{statistics.median(speeds):.1f} GB/s** over the rows, from {min(speeds):.1f} to "
@@ -117,8 +88,10 @@ def write_results(
         "(the file is rewritten by each full run).",
         "",
         *machine_lines(rows, stream_elements),
-        f"- Steps: median of {rounds} single calls per contender, the contenders called in "
-        "turn in a rotating order; parameters and state donated; the gradients fixed. "
+        f"- Steps: median of {rounds} single calls per contender (torch, a slow reference, "
+        f"in one round of {TORCH_EVERY}: {rounds // TORCH_EVERY} calls), the contenders "
+        "called in turn in a rotating order; parameters and state donated; the gradients "
+        "fixed. "
         f"Compile: median of {compile_repeats} (trace + lower + XLA compile of a fresh "
         "function after `jax.clear_caches()`).",
         "- Bandwidth: bytes the step must move (float32 parameters, gradients and state "
