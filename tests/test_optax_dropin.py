@@ -609,3 +609,19 @@ def test_a_learning_rate_of_one_before_momentum_gives_optax_bits_under_jit(make)
             updates.append(np.asarray(u["w"]))
         trajectories.append(np.stack(updates))
     np.testing.assert_array_equal(trajectories[0], trajectories[1])
+
+
+def test_clip_by_global_norm_on_a_mixed_precision_tree_clips_by_the_true_norm():
+    # porting.md: optax squares a float16 leaf in float16, where 300^2 overflows: its
+    # norm is inf and every update of the tree, the float32 leaf's too, is 0
+    grads = {"w": jnp.array([0.5, -1.0, 2.0]), "h": jnp.array([300.0, 1.0], jnp.float16)}
+    flat = np.concatenate([np.asarray(g, np.float64) for g in jax.tree.leaves(grads)])
+    norm = np.sqrt(np.sum(flat**2))
+    ours = jax.jit(rj.clip_by_global_norm(1.0).update)(grads, rj.EmptyState())[0]
+    theirs = jax.jit(optax.clip_by_global_norm(1.0).update)(grads, optax.EmptyState())[0]
+    np.testing.assert_allclose(float(rj.global_norm(grads)), norm, rtol=1e-6)
+    np.testing.assert_allclose(ours["w"], np.asarray(grads["w"], np.float64) / norm, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ours["h"], np.float64), [300.0 / norm, 1.0 / norm], rtol=1e-3
+    )
+    np.testing.assert_array_equal(theirs["w"], 0.0)

@@ -81,7 +81,7 @@ def grouped(
     ``block_size`` same-shaped leaves instead of one per leaf (:class:`GroupedState`).
     On models with thousands of small leaves this makes the jitted step and its
     compilation markedly cheaper (on 3000 leaves of 1k elements 0.53-0.83x optax's step
-    time and 0.24-0.63x its compile time over four runs on a 2-core CPU; see
+    time and 0.24-0.65x its compile time over five runs on a 2-core CPU; see
     ``benchmarks/RESULTS.md``);
     for a few large leaves it changes nothing. Use it with :func:`update_and_apply` or
     :func:`make_train_step` to fuse the parameter update too. Blocks are made from the
