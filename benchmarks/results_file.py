@@ -65,14 +65,17 @@ def machine_lines() -> list[str]:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=RESULTS.parent,
-            capture_output=True,
-            text=True,
-            check=True,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True, check=True
         ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        # (a run from an edited checkout measured code no commit holds)
+        if git("status", "--porcelain", "--untracked-files=no", "--", "rmsjax", "benchmarks"):
+            commit += ", with uncommitted changes to rmsjax/ or benchmarks/"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             rows,
             all_names,
             stream_elements,
-            "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
             rounds,
             compile_repeats,
             with_torch,

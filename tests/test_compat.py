@@ -1184,7 +1184,7 @@ def test_keras_options_keras_reads_as_off_or_refuses_are_checked_before_the_advi
     make(0.01, gradient_accumulation_steps=0)  # Keras accumulates nothing at 0
     # a loss scale of 1 divides the gradients by 1: the preset's own numbers
     params, g = jnp.linspace(-1.0, 1.0, 6), jnp.cos(jnp.arange(6.0))
-    for factor in (1.0, 1, np.float32(1.0)):
+    for factor in (1.0, 1, np.float32(1.0), np.array(1.0), jnp.array(1.0)):
         scaled, plain = make(0.01, loss_scale_factor=factor), make(0.01)
         chex.assert_trees_all_equal(
             scaled.update(g, scaled.init(params), params),

@@ -1256,3 +1256,21 @@ def test_clip_by_global_norm_refuses_integer_gradients(max_norm):
     updates, _ = tx.update(complex_grads, tx.init(complex_grads))
     want = 1 / np.sqrt(3) if max_norm == 1.0 else 1.0
     np.testing.assert_allclose(np.asarray(updates["z"]), want, rtol=1e-6)
+
+
+def test_a_structure_error_survives_static_fields_that_hold_arrays():
+    # equinox static fields may hold arrays, whose == gives no single answer: the
+    # message building raised NumPy's broadcast error instead of the structure error
+    import equinox as eqx
+
+    class Tagged(eqx.Module):
+        w: jax.Array
+        tag: np.ndarray = eqx.field(static=True)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # equinox warns of an array in a static field
+        params, updates = Tagged(jnp.ones(3), np.arange(3)), Tagged(jnp.ones(3), np.arange(4))
+    with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure .* static"):
+        rj.apply_updates(params, updates)

@@ -618,10 +618,8 @@ def test_clip_by_global_norm_on_a_mixed_precision_tree_clips_by_the_true_norm():
     flat = np.concatenate([np.asarray(g, np.float64) for g in jax.tree.leaves(grads)])
     norm = np.sqrt(np.sum(flat**2))
     ours = jax.jit(rj.clip_by_global_norm(1.0).update)(grads, rj.EmptyState())[0]
-    theirs = jax.jit(optax.clip_by_global_norm(1.0).update)(grads, optax.EmptyState())[0]
     np.testing.assert_allclose(float(rj.global_norm(grads)), norm, rtol=1e-6)
     np.testing.assert_allclose(ours["w"], np.asarray(grads["w"], np.float64) / norm, rtol=1e-6)
     np.testing.assert_allclose(
         np.asarray(ours["h"], np.float64), [300.0 / norm, 1.0 / norm], rtol=1e-3
     )
-    np.testing.assert_array_equal(theirs["w"], 0.0)

@@ -229,3 +229,34 @@ def test_a_donated_array_passed_again_is_named():
     assert compiled.memory_analysis() is not None
     shapes = step.eval_shape(new_params, new_state, x, y)
     assert jax.tree.map(jnp.shape, shapes[0]) == jax.tree.map(jnp.shape, new_params)
+
+
+def test_under_a_transformation_of_the_batch_the_step_donates_nothing():
+    # grad with respect to the batch, vmap over it: params and state are concrete, yet
+    # the transformation holds them (the backward pass, the batched call)
+    tx = rj.rmsprop(0.1, momentum=0.9)
+    step = rj.make_train_step(loss_fn, tx)
+    params = model_params()
+    state = tx.init(params)
+    x, y = next(batches(1))
+    jax.grad(lambda x: step(params, state, x, y)[2])(x)
+    xs, ys = jnp.stack([x, x + 1.0]), jnp.stack([y, y])
+    losses = jax.vmap(step, in_axes=(None, None, 0, 0))(params, state, xs, ys)[2]
+    assert losses.shape == (2,)
+    leaves = jax.tree.leaves((params, state))
+    assert not any(leaf.is_deleted() for leaf in leaves)
+    step(params, state, x, y)  # at the top level it donates
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+
+
+def test_jax_s_top_level_test_answers_as_the_step_reads_it():
+    # step.py asks a private JAX function whether a call is traced; pin its answers
+    from rmsjax._src import step as step_module
+
+    seen = []
+    assert step_module._is_top_level is not None
+    assert not step_module._under_transformation(1.0)
+    jax.grad(lambda v: seen.append(step_module._under_transformation()) or v)(1.0)
+    jax.vmap(lambda v: seen.append(step_module._under_transformation()) or v)(jnp.ones(2))
+    jax.jit(lambda v: seen.append(step_module._under_transformation()) or v)(1.0)
+    assert seen == [True, True, True]

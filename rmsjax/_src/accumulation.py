@@ -15,6 +15,7 @@ from rmsjax._src import (
     sharding,
     step_checks,
     tree_checks,
+    tree_paths,
     validate,
 )
 
@@ -202,7 +203,7 @@ def _like_accumulated(name: str, updates: Any, accumulated: Any) -> Any:
     for (path, g), acc in zip(paths, held):
         if jnp.shape(g) != jnp.shape(acc):
             raise ValueError(
-                f"rmsjax.{name}.update: the update at {base.key_path(path)} "
+                f"rmsjax.{name}.update: the update at {tree_paths.key_path(path)} "
                 f"has shape {jnp.shape(g)} but the state holds {jnp.shape(acc)}. Initialise the "
                 "optimizer with parameters of the gradients' shapes."
             )

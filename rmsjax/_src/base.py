@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from rmsjax._src import validate
+from rmsjax._src.tree_paths import held_values, key_path, tree_difference
 
 Params = Any
 """A pytree of parameters (arrays, or None for leaves that are not trained)."""
@@ -92,14 +93,6 @@ def is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
-def is_variable(x: Any) -> bool:
-    """Whether ``x`` is a framework's variable, a pytree node around one array that
-    carries metadata (flax nnx's ``Param``: it has ``get_value`` and ``get_metadata``).
-    Gradients and parameters reach an optimizer with such nodes or without them
-    (``nnx.Optimizer`` builds the state from the first and steps it with the second)."""
-    return callable(getattr(x, "get_value", None)) and callable(getattr(x, "get_metadata", None))
-
-
 def accepts_extra(function: Callable) -> bool:
     """Whether ``function`` takes keyword extras (a ``**kwargs`` parameter)."""
     try:
@@ -172,7 +165,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     except (ValueError, TypeError):
         raise ValueError(
             "rmsjax.apply_updates: the tree structure of the updates differs from that of "
-            f"the parameters; {first_difference(params, updates) or 'a leaf holds a tree'}."
+            f"the parameters; {tree_difference(params, updates)}."
             f"\n  updates: {jax.tree.structure(updates)}\n  params: {treedef}"
         ) from None
     paths_and_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
@@ -234,11 +227,6 @@ def _array_dtype(where: str, locate: Callable[[], str], param: Any) -> Any:
             f"({type(param).__name__}), not an array. Leave it out of the trained tree "
             "(None in the parameters and the updates: eqx.filter(model, eqx.is_array))."
         ) from None
-
-
-def key_path(path: tuple, root: str = "<root>") -> str:
-    """A key path as jax prints it (``['w'][0]``), and ``root`` for the tree itself."""
-    return jax.tree_util.keystr(path) or root
 
 
 def check_float_leaves(function: str, params: Any, why: str) -> None:
@@ -321,64 +309,3 @@ def structure_of(tree: Any) -> Any:
     the ``MaskedNode`` a ``masked`` wrapper put in its place (``nnx.Optimizer`` builds
     the state from variables and steps it with plain arrays)."""
     return jax.tree.structure(held_values(tree))
-
-
-def held_values(tree: Any) -> Any:
-    """``tree`` with each framework variable (:func:`is_variable`) replaced by what it
-    holds: an ``nnx.Optimizer``'s state and ``nnx.state(model)`` hold variables."""
-    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
-
-
-def first_difference(
-    expected: Any, got: Any, names: tuple[str, str] = ("params", "updates"), *, prefix=False
-) -> str:
-    """Where ``got``'s tree structure first departs from ``expected``'s, as a phrase
-    naming the key path and what each side holds there (``names`` says what the trees
-    are), or "" where none is found. With ``prefix``, a leaf of ``expected`` stands for
-    any subtree of ``got`` (a mask over the parameters); None is an empty subtree.
-
-    >>> first_difference({"w": 1.0, "b": 2.0}, {"w": 1.0})
-    "at the root: ['b'] only in the params"
-    """
-
-    def node(x: Any) -> Any:  # x's own node: its children taken as leaves
-        return jax.tree.structure(x, is_leaf=lambda y: y is not x)
-
-    def is_leaf(x: Any) -> bool:
-        return jax.tree.structure(x) == jax.tree.structure(0)  # (not None, {} or ())
-
-    def what(x: Any) -> str:
-        if x is None or not is_leaf(x):
-            return repr(x) if x is None else f"a {type(x).__name__}"
-        return f"a leaf of shape {tuple(jnp.shape(x))}" if hasattr(x, "shape") else "a leaf"
-
-    def walk(a: Any, b: Any, path: tuple) -> str:
-        where = f"at {key_path(path, root='the root')}: "
-        both = f"{where}{what(a)} in the {names[0]}, {what(b)} in the {names[1]}"
-        if prefix and is_leaf(a):
-            return ""
-        if is_leaf(a) or is_leaf(b) or a is None or b is None:
-            return "" if (a is None, is_leaf(a)) == (b is None, is_leaf(b)) else both
-        if type(a) is not type(b):
-            return both
-        kids_a, kids_b = (
-            jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y, x=x: y is not x)[0]
-            for x in (a, b)
-        )
-        keys_a, keys_b = ([jax.tree_util.keystr(k) for k, _ in kids] for kids in (kids_a, kids_b))
-        if keys_a != keys_b:
-            only_a = [k for k in keys_a if k not in keys_b]
-            only_b = [k for k in keys_b if k not in keys_a]
-            sides = [
-                f"{', '.join(o)} only in the {n}" for n, o in zip(names, (only_a, only_b)) if o
-            ]
-            return where + ("; ".join(sides) or "the same keys in another order")
-        if node(a).node_data() != node(b).node_data():
-            return f"{where}{what(a)} with other static fields in the {names[1]}"
-        for (key, x), (_, y) in zip(kids_a, kids_b):
-            found = walk(x, y, path + key)
-            if found:
-                return found
-        return ""
-
-    return walk(expected, got, ())

@@ -17,6 +17,7 @@ from rmsjax._src import (
     rms,
     rss,
     storage,
+    tree_paths,
 )
 
 
@@ -147,7 +148,7 @@ def _step_sizes(
             f"rmsjax.{name}: tx must be the optimizer (a GradientTransformation), got "
             f"{type(tx).__name__}; call it as {name}(tx, state, params)."
         )
-    state, params = base.held_values(state), base.held_values(params)
+    state, params = tree_paths.held_values(state), tree_paths.held_values(params)
     if params is None:
         zeros = _moment_shapes(name, state)
     else:

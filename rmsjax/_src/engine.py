@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, quantization, sharding, storage
+from rmsjax._src import base, quantization, sharding, storage, tree_paths
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 from rmsjax._src.tree_checks import (
@@ -65,7 +65,7 @@ def _each_leaf_alone(tree: Any) -> Blocks:
 
 def _pack_per_leaf(treedef: Any, per_leaf: list) -> Any:
     """Each leaf's slot where the leaf is, in the parameters' tree. An int8 slot takes
-    the place of a framework's variable around its parameter (:func:`base.is_variable`)
+    the place of a framework's variable around its parameter (:func:`tree_paths.is_variable`)
     instead of going inside it: its codes and scales do not have the parameter's shape,
     and flax's ``nnx.Optimizer``, which keeps a variable per array of the state, would
     store them as a mapping inside the variable after its first step."""
@@ -76,9 +76,9 @@ def _pack_per_leaf(treedef: Any, per_leaf: list) -> Any:
     def unwrap(x):
         inside = jax.tree.leaves(x, is_leaf=lambda y: isinstance(y, quantization.QuantizedArray))
         held = len(inside) == 1 and isinstance(inside[0], quantization.QuantizedArray)
-        return inside[0] if base.is_variable(x) and held else x
+        return inside[0] if tree_paths.is_variable(x) and held else x
 
-    return jax.tree.map(unwrap, tree, is_leaf=base.is_variable)
+    return jax.tree.map(unwrap, tree, is_leaf=tree_paths.is_variable)
 
 
 def _unpack_per_leaf(rule_name: str, treedef: Any, tree: Any, count: int) -> list:
@@ -89,10 +89,10 @@ def _unpack_per_leaf(rule_name: str, treedef: Any, tree: Any, count: int) -> lis
         return leaves_up_to(treedef, tree)
     except (ValueError, TypeError):
         pass
-    held = jax.tree.structure(base.held_values(treedef.unflatten(range(count))))
+    held = jax.tree.structure(tree_paths.held_values(treedef.unflatten(range(count))))
     if held != treedef:
         try:
-            return leaves_up_to(held, base.held_values(tree))
+            return leaves_up_to(held, tree_paths.held_values(tree))
         except (ValueError, TypeError):
             pass
     return flatten_like(rule_name, "state", treedef, tree)

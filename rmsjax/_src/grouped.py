@@ -389,7 +389,7 @@ def group_state(
             raise ValueError(
                 f"rmsjax.{name}: the state's tree structure ({jax.tree.structure(tree)}) is "
                 f"not that of params ({treedef}); "
-                f"{base.first_difference(params, tree, ('params', 'state'))}. Pass the "
+                f"{tree_checks.difference(treedef, tree, ('params', 'state'))}. Pass the "
                 "parameters the state was made for."
             ) from None
         for index, (slot, param) in enumerate(zip(leaves, param_leaves)):

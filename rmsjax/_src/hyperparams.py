@@ -27,6 +27,7 @@ from rmsjax._src.hyperparams_state import (
     InjectHyperparamsState,
     fits_int32,
     is_integer,
+    refuse_flushed,
 )
 
 
@@ -244,7 +245,8 @@ def inject_hyperparams(
             count, values, schedule_states = sharding.init_shared_like(
                 fresh, jax.tree.leaves(params)
             )
-            _refuse_flushed(where, numeric, values, dtype)
+            for key, given in numeric.items():  # (the stored values may be traced)
+                refuse_flushed(f"{where}.init", key, given, jnp.result_type(values[key]))
             with elementwise.naming_wrapper(where, "init"):
                 inner_state = build(dict(values)).init(params)
             return InjectHyperparamsState(count, values, schedule_states, inner_state)
@@ -286,17 +288,3 @@ def inject_hyperparams(
         return fusion.stepped_wrapper(where, init_fn, step, fuses)
 
     return wrapped
-
-
-def _refuse_flushed(where: str, given: dict, stored: Any, dtype: Any) -> None:
-    """A ValueError for a hyperparameter that is not 0 but is stored as 0 in the state's
-    dtype (``eps=1e-8`` in float16): the optimizer would run with another algorithm's
-    value, in silence. (One that overflows is refused by the inner optimizer's checks.)"""
-    for key, value in given.items():
-        kept = validate.concrete_value(stored[key])
-        if kept == 0 and validate.concrete_value(value) not in (None, 0.0):
-            raise ValueError(
-                f"rmsjax.{where}.init: {key}={value!r} is 0 in the state's "
-                f"{jnp.dtype(dtype).name} (hyperparam_dtype); pass a wider hyperparam_dtype "
-                "(float32, the default), or a value the dtype holds"
-            )

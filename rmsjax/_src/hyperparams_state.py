@@ -68,14 +68,8 @@ class Hyperparams(dict):
             # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
             # from now on, as in optax, not truncated to 0 (one more trace of the step)
             dtype = value.dtype if _is_floating_array(value) else jnp.float32
-        kept = jnp.array(value, dtype, copy=True)
-        if np.shape(old) == () and float(kept) == 0 and validate.concrete_value(value) != 0:
-            raise ValueError(
-                f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] is kept in "
-                f"{jnp.dtype(dtype).name}, where {value!r} is 0; pass a wider "
-                "hyperparam_dtype to inject_hyperparams, or a value the dtype holds"
-            )
-        super().__setitem__(key, kept)
+        refuse_flushed("inject_hyperparams", f"state.hyperparams[{key!r}]", value, dtype)
+        super().__setitem__(key, jnp.array(value, dtype, copy=True))
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As ``dict.update``, each entry set as ``hyperparams[key] = value`` is; nothing
@@ -157,6 +151,22 @@ jax.tree_util.register_pytree_with_keys(
     _unflatten_state,
     flatten_func=lambda state: (_state_children(state), None),
 )
+
+
+def refuse_flushed(function: str, label: str, value: Any, dtype: Any) -> None:
+    """A ValueError where ``value``, a number that is not 0, is 0 in ``dtype`` (1e-8 in
+    float16): kept in a state of that dtype, a hyperparameter would be another in
+    silence (``eps=0``). Decided on the host from the number given, so under ``jit``
+    too."""
+    given = validate.concrete_value(value)
+    if given in (None, 0.0) or not jnp.issubdtype(dtype, jnp.floating):
+        return
+    if float(np.asarray(given).astype(jnp.dtype(dtype))) == 0:
+        raise ValueError(
+            f"rmsjax.{function}: {label} is {value!r}, which is 0 in {jnp.dtype(dtype).name} "
+            "(the state's hyperparam_dtype); pass a wider hyperparam_dtype (float32, the "
+            "default), or a value the dtype holds"
+        )
 
 
 def is_integer(value: Any) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmsjax._src import base
+from rmsjax._src import base, tree_paths
 
 Mask = Any
 """A pytree of python bools with the parameters' structure (or a prefix of it), or a
@@ -59,8 +59,8 @@ def resolve_mask(function: str, mask: Mask | Callable[[base.Params], Mask], tree
             if np.issubdtype(np.asarray(m).dtype, np.integer) and int(m) in (0, 1):
                 return bool(m)
         raise TypeError(
-            f"rmsjax.{function}: the mask must hold True or False (or 0 or 1) at each "
-            f"leaf, got {type(m).__name__} {m!r}"
+            f"rmsjax.{function}: the mask must hold True or False (or the integers 0 and "
+            f"1) at each leaf, got {type(m).__name__} {m!r}"
         )
 
     return jax.tree.map(check, mask_tree)
@@ -77,9 +77,10 @@ def _map_over_mask(function: str, what: str, fn: Callable, mask_tree: Any, *tree
     try:
         return jax.tree.map(guarded, mask_tree, *trees, is_leaf=base.is_none)
     except (ValueError, TypeError) as error:
+        where = tree_paths.tree_difference(mask_tree, trees[0], ("mask", what), prefix=True)
         raise ValueError(
             f"rmsjax.{function}: the mask's tree structure must be the {what}' (or a prefix "
-            f"of it); {base.first_difference(mask_tree, trees[0], ('mask', what), prefix=True)}."
+            f"of it); {where}."
             f"\n  mask: {jax.tree.structure(mask_tree)}\n  {what}: "
             f"{jax.tree.structure(trees[0], is_leaf=base.is_none)}"
         ) from error

@@ -155,14 +155,15 @@ def rms_rule(
     concrete_decay = validate.concrete_value(decay)
 
     def weighted(weight, x):
-        # weight * x for a weight that is 0 with a decay of 0, and then 0: an operand
-        # beyond float32 (an old moment, a centered gap's square) reads as inf in the
-        # ordinary formula, and 0 * inf would make the new moment NaN
-        if concrete_decay == 0:
+        # weight * x, and 0 where the weight is 0 (the old moment's at a decay of 0, the
+        # centered gap's at 0 or 1): an operand beyond float32 (an old moment, a gap's
+        # square) reads as inf in the ordinary formula, and 0 * inf is NaN
+        concrete = validate.concrete_value(weight)
+        if concrete == 0:
             return jnp.zeros_like(x)
-        if concrete_decay is not None:
+        if concrete is not None:
             return weight * x
-        return jnp.where(decay == 0, jnp.zeros_like(x), weight * x)
+        return jnp.where(weight == 0, jnp.zeros_like(x), weight * x)
 
     def combine(square, old):  # optax's formula, in the order optax computes it
         return negative_as_nan((1 - decay) * square + weighted(decay, old))

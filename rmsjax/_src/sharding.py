@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import base, validate
 from rmsjax._src import specs as spec_lib
+from rmsjax._src import tree_paths, validate
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -228,8 +228,8 @@ def state_shardings(tx: Any, params: Any) -> Any:
             # (the leaves on the second mesh were laid out as replicated on the first)
             raise ValueError(
                 "rmsjax.state_shardings: params must lie on one mesh; leaf "
-                f"{base.key_path(first)} lies on a mesh with axes {dict(mesh.shape)}, "
-                f"leaf {base.key_path(path)} on one with axes "
+                f"{tree_paths.key_path(first)} lies on a mesh with axes {dict(mesh.shape)}, "
+                f"leaf {tree_paths.key_path(path)} on one with axes "
                 f"{dict(sharding.mesh.shape)}"
             )
     if mesh is None:

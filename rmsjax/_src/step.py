@@ -156,6 +156,24 @@ def make_train_step(
     return _donating(name, step)
 
 
+def _under_transformation(*args: Any) -> bool:
+    """Whether the call is traced by a transformation (``grad``, ``vmap``, an outer
+    ``jit``), even where none of ``args`` is a tracer (``grad`` with respect to the batch,
+    a tracer ``loss_fn`` closes over): JAX's own test, one call. A JAX without it is
+    asked of the arguments instead."""
+    if _is_top_level is not None:
+        return not _is_top_level()
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+
+
+try:  # (private: tests/test_step.py checks that it still answers as used here)
+    from jax._src.core import trace_ctx as _trace_ctx
+
+    _is_top_level: Callable[[], bool] | None = _trace_ctx.is_top_level
+except (ImportError, AttributeError):  # pragma: no cover
+    _is_top_level = None
+
+
 def _donating(name: str, step: Callable[..., tuple]) -> Callable[..., tuple]:
     """``step`` jitted with its parameters and state donated, except under a
     transformation (an eager ``jax.grad`` through a few steps, ``vmap``, an outer
@@ -165,7 +183,7 @@ def _donating(name: str, step: Callable[..., tuple]) -> Callable[..., tuple]:
     donated, kept = jax.jit(step, donate_argnums=(0, 1)), jax.jit(step)
 
     def donating_step(params, state, *batch):
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, state))):
+        if _under_transformation(params, state, batch):
             return kept(params, state, *batch)
         try:
             return donated(params, state, *batch)

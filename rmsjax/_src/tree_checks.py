@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, block_layout, quantization
+from rmsjax._src import base, block_layout, quantization, tree_paths
 from rmsjax._src.elementwise import LeafRule
 
 
@@ -121,7 +121,7 @@ def refuse_eight_bit_floats(function: str, tree: Any) -> None:
 def path_of(tree: Any, index: int) -> str:
     """The key path of leaf ``index`` of ``tree``, as jax prints it."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return base.key_path(paths[index][0])
+    return tree_paths.key_path(paths[index][0])
 
 
 def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
@@ -140,11 +140,12 @@ def flatten_like(rule_name: str, what: str, treedef: Any, tree: Any) -> list:
 
 
 def difference(treedef: Any, tree: Any, names: tuple[str, str]) -> str:
-    """Where ``tree`` (a framework's variables read as what they hold) departs from
-    ``treedef`` (:func:`base.first_difference`)."""
-    expected = treedef.unflatten([0] * treedef.num_leaves)
-    found = base.first_difference(expected, base.held_values(tree), names)
-    return found or "they differ below a leaf"
+    """Where ``tree`` departs from ``treedef`` (:func:`tree_paths.tree_difference`)."""
+    try:  # (a node's unflatten may check its children)
+        expected = treedef.unflatten([0] * treedef.num_leaves)
+    except Exception:
+        return tree_paths.NO_DIFFERENCE_FOUND
+    return tree_paths.tree_difference(expected, tree, names)
 
 
 def leaves_up_to(treedef: Any, tree: Any) -> list:

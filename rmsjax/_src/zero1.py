@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import base, combine, factored, grouped, validate
+from rmsjax._src import combine, factored, grouped, tree_paths, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
@@ -67,7 +67,7 @@ def _check_same_mesh(function: str, mesh: Any, **trees: Any) -> None:
                 continue
             raise ValueError(
                 f"rmsjax.{function}: mesh has axes {want}, but {argument} leaf "
-                f"{base.key_path(path)} lies on a mesh with axes "
+                f"{tree_paths.key_path(path)} lies on a mesh with axes "
                 f"{dict(sharding.mesh.shape)}; pass the mesh the {argument} was placed on "
                 "(for the state, the one given to rj.shard_state)."
             )
@@ -155,7 +155,7 @@ def shard_state(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     _check_not_grouped("shard_state", state, mesh, axis)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if callable(leaf) or isinstance(leaf, (str, bytes)):  # JAX's error named no one
-            where = base.key_path(path)
+            where = tree_paths.key_path(path)
             hint = " (a GradientTransformation? pass tx.init(params))" if callable(leaf) else ""
             raise TypeError(
                 "rmsjax.shard_state: state must be a tree of arrays, got "
@@ -176,7 +176,7 @@ def _check_not_grouped(function: str, state: Any, mesh: Mesh, axis: str) -> None
         if is_grouped(node):
             raise ValueError(
                 f"rmsjax.{function}: the state holds a GroupedState (rj.grouped) at "
-                f"{base.key_path(path)}, whose blocks stack leaves and "
+                f"{tree_paths.key_path(path)}, whose blocks stack leaves and "
                 f"cannot be split over the Explicit axis {axis!r}. Shard the per-leaf "
                 "optimizer's state (rj.ungroup_state converts a grouped one), or use a "
                 "mesh with Auto axes."
@@ -243,7 +243,7 @@ def zero1_update_and_apply(
         # (split like the parameters below, they failed with a bare tree_map error)
         raise ValueError(
             "rmsjax.zero1_update_and_apply: grads must have the tree structure of params; "
-            f"{base.first_difference(params, grads, ('params', 'grads'))}."
+            f"{tree_paths.tree_difference(params, grads, ('params', 'grads'))}."
             f"\n  grads: {jax.tree.structure(grads)}\n  params: {jax.tree.structure(params)}"
         )
 

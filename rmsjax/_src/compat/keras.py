@@ -272,10 +272,9 @@ def _check_base_options(
         )
     )
     # a factor of 1 scales nothing: off, as None is (a bool is no factor)
-    if isinstance(loss_scale_factor, (int, float, np.integer, np.floating)) and not isinstance(
-        loss_scale_factor, bool
-    ):
-        loss_scale_factor = None if loss_scale_factor == 1 else loss_scale_factor
+    if not isinstance(loss_scale_factor, (bool, np.bool_)):
+        if validate.concrete_value(loss_scale_factor) == 1:
+            loss_scale_factor = None
     if not _off(gradient_accumulation_steps):
         validate.check_count(
             function, "gradient_accumulation_steps", gradient_accumulation_steps, 2
