@@ -932,3 +932,30 @@ def test_apply_if_finite_rereads_a_nan_schedule_until_the_errors_run_out():
     lr = float(np.float32(0.1))
     np.testing.assert_array_equal(got["rmsjax"], [-lr, -lr, -0.0, -0.0, -0.0, np.nan, -lr])
     np.testing.assert_array_equal(got["optax"], [-lr, -lr, np.nan, -lr, -lr, -lr, -lr])
+
+
+def test_accumulate_gradients_resumed_with_a_smaller_every_k_steps_rather_than_never():
+    # a state of every_k=4 after three micro-batches, stepped with every_k=2 under jit:
+    # its count (3) was past the new last micro-step (1), so == never held again
+    four, two = rj.accumulate_gradients(rj.sgd(1.0), 4), rj.accumulate_gradients(rj.sgd(1.0), 2)
+    state = four.init(jnp.zeros(1))
+    for _ in range(3):
+        _, state = four.update(jnp.array([1.0]), state)
+    step = jax.jit(two.update)
+    stepped = []
+    for _ in range(4):
+        updates, state = step(jnp.array([1.0]), state)
+        stepped.append(bool(updates[0] != 0))
+    assert stepped == [True, False, True, False]
+    assert int(state.gradient_step) == 2
+
+
+def test_accumulate_gradients_says_when_it_stepped_as_has_updated_does():
+    tx = rj.accumulate_gradients(rj.sgd(1.0), 2)
+    theirs = optax.MultiSteps(optax.sgd(1.0), 2)
+    state, reference = tx.init(jnp.zeros(2)), theirs.init(jnp.zeros(2))
+    for _ in range(4):
+        stepped = bool((state.mini_step == 0) & (state.gradient_step > 0))
+        assert stepped == bool(theirs.has_updated(reference))
+        _, state = tx.update(jnp.ones(2), state)
+        _, reference = theirs.update(jnp.ones(2), reference)

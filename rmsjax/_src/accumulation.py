@@ -25,8 +25,9 @@ class AccumulateGradientsState(NamedTuple):
 
     Attributes:
       mini_step: micro-batches accumulated since the last optimizer step, in
-        ``[0, every_k)`` (int32); 0 right after a step, so ``mini_step == 0`` tells that
-        the last call updated the parameters.
+        ``[0, every_k)`` (int32); 0 right after a step, so ``(mini_step == 0) &
+        (gradient_step > 0)`` tells that the last call updated the parameters (optax's
+        ``MultiSteps.has_updated``).
       gradient_step: optimizer steps taken so far (int32, saturating).
       accumulated: the sum of the gradients of the current micro-batches divided by
         ``2**m``, the power of two at or above ``every_k`` (so that it cannot overflow
@@ -70,6 +71,14 @@ def accumulate_gradients(
 
     Returns:
       A :class:`GradientTransformation` with state :class:`AccumulateGradientsState`.
+      A state saved at a cycle's end (``mini_step == 0``) goes on with any ``every_k``.
+      One saved mid-cycle holds a sum in units of its own ``every_k``'s power of two:
+      resume it with the same ``every_k``. (With another, the cycle in progress steps
+      when its count reaches the new ``every_k - 1``, or at once where it is past it,
+      and its mean is off by the ratio of the two powers of two where they differ;
+      ``MultiSteps`` keeps a running mean, which any ``every_k`` reads. The state's
+      values are not read at run time to refuse it: that would cost a transfer to the
+      host each step.)
 
     >>> import jax.numpy as jnp, rmsjax as rj
     >>> tx = rj.accumulate_gradients(rj.sgd(1.0), every_k=2)
@@ -139,7 +148,8 @@ def accumulate_gradients(
             return total.astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)
-        last = state.mini_step == every_k - 1
+        # (>=: a state of a larger every_k, traced, steps at once rather than never)
+        last = state.mini_step >= every_k - 1
 
         def step(_):
             def mean(acc, g):

@@ -152,7 +152,9 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
             return like
         ours, theirs = (other, like) if to_optax else (like, other)
         if not base.optax_counterpart(type(ours).__name__, type(theirs).__name__):
-            _fail(function, path, f"a {type(other).__name__} cannot become a {type(like).__name__}")
+            _fail(
+                function, path, f"a {type(other).__name__} cannot become {_a(type(like).__name__)}"
+            )
         centered = type(ours).__name__ == "ScaleByRmsState" and ours.mu is not None
         if centered and {"nu", "mu"} <= set(other._fields):
             other = _centered_moment(other, like, to_optax)
@@ -294,3 +296,8 @@ def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
     """
     _refuse_nnx_state("to_optax_state", state=state, like=like)
     return _walk("to_optax_state", "state", like, state, True, None)
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article (an AccumulateGradientsState, a TraceState)."""
+    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
