@@ -305,3 +305,35 @@ def test_summaries_of_leaves_reduced_together_are_each_leaf_s_own():
         np.testing.assert_allclose(got.max, s.max(), rtol=1e-6)
         np.testing.assert_allclose(got.mean, s.mean(), rtol=1e-5)
         np.testing.assert_allclose(got.geometric_mean, np.exp(np.log(s).mean()), rtol=1e-5)
+
+
+def test_the_mean_of_tiny_step_sizes_in_a_large_leaf_is_their_mean_not_their_min():
+    # moments held above 2^100 give step sizes near 1e-33; scaled by a fixed 2^-20 for a
+    # leaf of 2^20 elements they fell under float32's normal range and summed to 0
+    n = 2**20
+    params = {"w": jnp.zeros(n)}
+    tx = rj.rmsprop(1e-3)
+    grads = {"w": jnp.where(jnp.arange(n) % 2 == 0, 1e30, 3e30).astype(jnp.float32)}
+    _, state = tx.update(grads, tx.init(params), params)
+    sizes = np.asarray(rj.effective_step_sizes(tx, state, params)["w"], np.float64)
+    summary = rj.step_size_summary(tx, state, params)["w"]
+    np.testing.assert_allclose(float(summary.mean), sizes.mean(), rtol=1e-5)
+    assert float(summary.mean) > 1.5 * float(summary.min)
+
+
+def test_with_coupled_weight_decay_in_front_the_step_size_is_the_derivative_at_the_decay():
+    # training.md: the rule after add_decayed_weights sees weight_decay * param at a zero
+    # gradient, so the figure is the derivative there, not lr / sqrt(decay * nu + eps)
+    lr, rho, eps, wd = 0.01, 0.9, 1e-3, 0.5
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)), jnp.float32)}
+    tx = rj.chain(rj.add_decayed_weights(wd), rj.rmsprop(lr, decay=rho, eps=eps))
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    nu = np.asarray(state[1][0].nu["w"], np.float64)
+    decayed = wd * np.asarray(params["w"], np.float64)
+    kept = rho * nu + eps
+    expected = lr * kept / (kept + (1 - rho) * decayed**2) ** 1.5
+    sizes = np.asarray(rj.effective_step_sizes(tx, state, params)["w"], np.float64)
+    np.testing.assert_allclose(sizes, expected, rtol=1e-5)
+    assert (sizes < lr / np.sqrt(kept)).all()

@@ -342,7 +342,9 @@ def test_a_wrapper_s_errors_name_the_wrapper_then_its_inner_transformation(wrap,
     with pytest.raises(ValueError, match=rf"^rmsjax.{name}.update: {says}.*\(4, 3\)"):
         step(transposed)
     integer = {"w": jnp.ones((3, 4), jnp.int32), "b": jnp.ones(4, jnp.int32)}
-    with pytest.raises(TypeError, match=rf"^rmsjax.{name}.update: its inner .*dtype int32"):
+    # masked checks every gradient itself: those it leaves out pass on unchanged
+    says = "leaf \\['b'\\] has " if name == "masked" else "its inner .*"
+    with pytest.raises(TypeError, match=rf"^rmsjax.{name}.update: {says}dtype int32"):
         step(integer)
     with pytest.raises(TypeError, match=rf"^rmsjax.{name}.init: its inner .*rmsprop: .*int32"):
         make(rj.rmsprop(0.1)).init(integer)
@@ -579,6 +581,11 @@ TRACED_OUT_OF_RANGE = {
     "bfloat16 decay": (lambda d: rj.rmsprop(0.1, decay=d, storage="bfloat16"), None, 1.5),
     "int8 decay": (lambda d: rj.rmsprop(0.1, decay=d, storage="int8"), None, 1.5),
     "torch alpha": (lambda a: rj.compat.torch_rmsprop(0.1, alpha=a), None, 1.5),
+    "factored decay": (
+        lambda d: rj.factored_rmsprop(0.1, decay=d, min_dim_size_to_factor=2),
+        None,
+        1.5,
+    ),
     "initial_scale": (
         lambda v: rj.rmsprop(0.1, initial_scale=v),
         lambda v: optax.rmsprop(0.1, initial_scale=v),
@@ -648,3 +655,76 @@ def test_a_hyperparameter_the_state_s_dtype_rounds_to_zero_is_refused_where_give
     state.hyperparams["learning_rate"] = 1e-30  # float32 holds it
     with pytest.raises(ValueError, match=r"is 1e-46, which is 0 in float32"):
         state.hyperparams["learning_rate"] = 1e-46
+
+
+def test_masked_and_apply_updates_refuse_gradients_no_rule_would_take():
+    # a leaf masked out passes its gradient on: an integer one was added to its
+    # parameter, an 8-bit float one passed through; apply_updates raised JAX's
+    # TypePromotionError, naming no leaf
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    tx = rj.masked(rj.rmsprop(0.1), {"w": True, "b": False})
+    state = tx.init(params)
+    for dtype in (jnp.int32, jnp.float8_e4m3fn):
+        grads = {"w": jnp.ones(3), "b": jnp.ones(2, dtype)}
+        for call in (tx.update, lambda g, s, p: rj.update_and_apply(tx, g, s, p)):
+            with pytest.raises(TypeError, match=r"^rmsjax\.masked\.update: leaf \['b'\] has dtype"):
+                call(grads, state, params)
+    with pytest.raises(
+        TypeError, match=r"^rmsjax\.apply_updates: the update at \['w'\] has dtype float8"
+    ):
+        rj.apply_updates({"w": jnp.ones(3)}, {"w": jnp.ones(3, jnp.float8_e5m2)})
+
+
+def test_weight_decay_of_a_complex_parameter_keeps_its_imaginary_part():
+    import optax
+
+    params = {"w": jnp.array([1j, 2j], jnp.complex64)}
+    grads = {"w": jnp.ones(2)}
+    ours = rj.add_decayed_weights(0.1).update(grads, rj.EmptyState(), params)[0]
+    theirs = optax.add_decayed_weights(0.1).update(grads, optax.EmptyState(), params)[0]
+    chex.assert_trees_all_equal(ours, theirs)
+
+
+def test_a_complex_accumulator_for_a_real_parameter_is_refused_at_init():
+    params = {"w": jnp.ones(2)}
+    for tx in (
+        rj.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.complex64),
+        rj.ema(0.9, accumulator_dtype=jnp.complex64),
+        rj.accumulate_gradients(rj.sgd(0.1), 2, accumulator_dtype=jnp.complex64),
+    ):
+        with pytest.raises(TypeError, match=r"accumulator_dtype must be a real dtype or None"):
+            tx.init(params)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (True, TypeError),
+        (1e-46, ValueError),
+        ("0.1", TypeError),
+        (None, TypeError),
+        (0.1 + 1j, TypeError),
+    ],
+)
+def test_hyperparams_replaced_by_a_plain_dict_are_checked_as_set_ones_are(value, error):
+    # state._replace(hyperparams={...}) skipped every check: True stepped as a rate of 1
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.ones(3)}
+    tx = rj.inject_hyperparams(rj.rmsprop)(0.1)
+    state = tx.init(params)
+    bad = state._replace(hyperparams={**state.hyperparams, "learning_rate": value})
+    with pytest.raises(
+        error, match=r"^rmsjax\.inject_hyperparams: state\.hyperparams\['learning_rate'\]"
+    ):
+        tx.update(grads, bad, params)
+    missing = state._replace(hyperparams={k: v for k, v in state.hyperparams.items() if k != "eps"})
+    with pytest.raises(KeyError, match=r"state.hyperparams lacks \['eps'\]"):
+        tx.update(grads, missing, params)
+    good = state._replace(hyperparams={**state.hyperparams, "learning_rate": 0.05})
+    expected = tx.update(grads, state._replace(hyperparams=_with_rate(state, 0.05)), params)[0]
+    chex.assert_trees_all_close(tx.update(grads, good, params)[0], expected)
+
+
+def _with_rate(state, rate):
+    hyperparams = rj.Hyperparams(state.hyperparams)
+    hyperparams["learning_rate"] = rate
+    return hyperparams

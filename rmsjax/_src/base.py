@@ -205,15 +205,28 @@ def check_float_parameter(
             "to it would be truncated. Leave it out of the trained tree (None in the "
             "parameters and the updates) or cast it to a float dtype."
         )
-    if update is None or jnp.issubdtype(dtype, jnp.complexfloating):
+    update_dtype = None if update is None else jnp.result_type(update)
+    for what, kind in (("parameter", dtype), ("update", update_dtype)):
+        if kind is not None and is_eight_bit_float(kind):
+            # (JAX's own TypePromotionError named neither the leaf nor this function)
+            raise TypeError(
+                f"rmsjax.{where}: the {what} at {locate()} has dtype {kind}; rmsjax does not "
+                "take 8-bit float leaves. Keep the parameters and their updates in bfloat16 "
+                f"or float32, and cast them to {kind} for the forward pass."
+            )
+    if update_dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
         return
-    update_dtype = jnp.result_type(update)
     if jnp.issubdtype(update_dtype, jnp.complexfloating):
         raise TypeError(
             f"rmsjax.{where}: the update at {locate()} has dtype {update_dtype} and its "
             f"parameter {dtype}; adding it would drop its imaginary part. Take the real "
             "part of the gradients (jnp.real) if that is meant, or make the parameter complex."
         )
+
+
+def is_eight_bit_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is one of JAX's 8-bit floats, which rmsjax refuses."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 2
 
 
 def _array_dtype(where: str, locate: Callable[[], str], param: Any) -> Any:

@@ -14,6 +14,7 @@ from rmsjax._src import (
     grouped,
     hyperparams_state,
     moments,
+    numerics,
     rms,
     rss,
     storage,
@@ -111,6 +112,12 @@ def effective_step_sizes(
 
     Measured at a zero gradient, it leaves out what depends on the gradients' size:
     ``clip_by_global_norm`` and ``clip`` are inactive there (a clipped step moves less),
+    unless a part before them makes their input non-zero: coupled weight decay
+    (``add_decayed_weights``, a torch preset's ``weight_decay``) hands the rule after it
+    ``weight_decay * params``, not 0, so the figure is the derivative at that point,
+    smaller than the formulas above where ``|weight_decay * param|`` is not small
+    against the moment's root (and, with a clip it activates, the sum of a row of the
+    step's Jacobian, not its diagonal); decoupled decay leaves it as above,
     and optax's rules with a root of a second moment (``optax.adam``) report NaN where
     that moment is 0 (the root's derivative at 0). With a concrete ``eps > 0``, a
     weight whose Adagrad sum is still 0 reports ``lr / sqrt(eps)``, or ``lr / eps``
@@ -197,13 +204,19 @@ def _summaries(leaves: list) -> list:
                 out[i] = StepSizeSummary(nothing, nothing, nothing, nothing)
             continue
         stacked = jax.lax.optimization_barrier(jnp.stack([leaves[i].reshape(-1) for i in indices]))
-        # The sum is of the sizes over 2^k >= their number, so step sizes near float32's
-        # maximum (eps=0 and gradients of 1e-38) do not sum past it; it rounds as the
-        # plain sum does wherever that is finite. The means stay within [min, max]:
-        # of equal sizes near float32's maximum, either can round past them.
-        unit = float(2 ** (size - 1).bit_length())
+        # The sum is of the sizes over the power of two that brings the largest under 1:
+        # step sizes near float32's maximum (eps=0 and gradients of 1e-38) do not sum
+        # past it, nor do tiny ones (moments above 2^100) fall under its normal range
+        # (a fixed unit of 2^20 flushed sizes under 1e-32 to 0, and the mean was the
+        # min); it rounds as the plain sum does wherever that is finite. The means stay
+        # within [min, max]: of equal sizes near float32's maximum, either can round past.
         low, top = jnp.min(stacked, axis=1), jnp.max(stacked, axis=1)
-        mean = jnp.clip(jnp.sum(stacked * (1 / unit), axis=1) / size * unit, low, top)
+        # (behind a barrier, XLA cannot fold the quotient and the product into nothing)
+        unit = jax.lax.optimization_barrier(
+            jnp.ldexp(jnp.ones_like(top), numerics.binary_exponent(top))
+        )
+        mean = jnp.sum(stacked / unit[:, None], axis=1) / size * unit
+        mean = jnp.clip(mean, low, top)
         geometric = jnp.clip(jnp.exp(jnp.sum(jnp.log(stacked), axis=1) / size), low, top)
         for row, i in enumerate(indices):
             out[i] = StepSizeSummary(low[row], mean[row], geometric[row], top[row])

@@ -19,7 +19,6 @@ from rmsjax._src import (
     numerics,
     sharding,
     step_checks,
-    tree_checks,
     validate,
 )
 from rmsjax._src.hyperparams_state import (
@@ -57,7 +56,7 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
         if isinstance(leaf, (str, bytes)) or callable(leaf):
             continue  # no array: the inner optimizer names it (result_type read 'abc' as a dtype)
         leaf_dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(leaf_dtype, jnp.inexact) and not tree_checks.is_eight_bit_float(
+        if jnp.issubdtype(leaf_dtype, jnp.inexact) and not base.is_eight_bit_float(
             leaf_dtype
         ):  # (an 8-bit float leaf: the inner optimizer refuses it by name)
             dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
@@ -261,6 +260,17 @@ def inject_hyperparams(
                     f"hyperparameters are {sorted(set(numeric) | set(schedules) | set(stateful))}"
                 )
             dtype = _float_dtype(updates, hyperparam_dtype)
+            if not isinstance(state.hyperparams, Hyperparams):
+                # a plain dict (state._replace(hyperparams={...})): the checks of
+                # state.hyperparams[key] = value, made on a checked copy
+                missing = sorted(set(numeric) - set(state.hyperparams))
+                if missing:
+                    raise KeyError(
+                        f"rmsjax.{where}.update: state.hyperparams lacks {missing}, which "
+                        f"this optimizer injects; its hyperparameters are {sorted(numeric)}"
+                    )
+                checked = Hyperparams({key: cast(key, numeric[key], dtype) for key in numeric})
+                checked.update({key: state.hyperparams[key] for key in numeric})
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             # with apply, the inner optimizer's fused step, when it has one

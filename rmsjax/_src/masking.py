@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax
 
-from rmsjax._src import base, combine, elementwise, fusion, validate
+from rmsjax._src import base, combine, elementwise, fusion, tree_checks, validate
 from rmsjax._src.masks import Mask, merge, resolve_mask, select
 
 
@@ -72,6 +72,10 @@ def masked(
 
     def step(updates, state, params, extra, apply):
         elementwise.expect_state(name, state, MaskedState)
+        # every gradient, masked out or not: one left out passes on unchanged, and an
+        # integer one was added to its parameter (8-bit floats: see tree_checks)
+        leaves = [jax.numpy.asarray(g) for g in jax.tree.leaves(updates)]
+        tree_checks.check_inexact(name, "update", updates, leaves)
         if not jax.tree.leaves(updates) and not jax.tree.leaves(params):
             # nothing to mask, as in init: the inner state was made on the tree as it is
             with elementwise.naming_wrapper(name, "update"):

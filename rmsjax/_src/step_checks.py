@@ -19,11 +19,17 @@ def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> 
     if accumulator_dtype is None:
         return jax.numpy.result_type(param)
     dtype = jax.numpy.dtype(accumulator_dtype)
-    if jax.numpy.iscomplexobj(param) and not jax.numpy.issubdtype(dtype, np.complexfloating):
+    complex_param = jax.numpy.iscomplexobj(param)
+    if complex_param != jax.numpy.issubdtype(dtype, np.complexfloating):
+        why = (
+            "a real buffer would drop the imaginary part"
+            if complex_param
+            else "a complex buffer would make its updates complex"
+        )
         raise TypeError(
-            f"rmsjax.{function}.init: accumulator_dtype must be a complex dtype or None "
-            f"for a parameter of dtype {jax.numpy.result_type(param)} (a real buffer would "
-            f"drop the imaginary part), got {dtype}"
+            f"rmsjax.{function}.init: accumulator_dtype must be a "
+            f"{'complex' if complex_param else 'real'} dtype or None for a parameter of "
+            f"dtype {jax.numpy.result_type(param)} ({why}), got {dtype}"
         )
     return dtype
 

@@ -53,7 +53,7 @@ def check_inexact(
                 f"this transformation takes real leaves only ({complex_refusal}). "
                 "Split the leaf into its real and imaginary parts."
             )
-        if is_eight_bit_float(dtype):
+        if base.is_eight_bit_float(dtype):
             raise _eight_bit_float(f"{name}.{where}", path_of(tree, i), dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
@@ -95,11 +95,6 @@ def check_params(
             )
 
 
-def is_eight_bit_float(dtype: Any) -> bool:
-    """Whether ``dtype`` is one of JAX's 8-bit floats, which rmsjax refuses."""
-    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 2
-
-
 def _eight_bit_float(function: str, path: str, dtype: Any) -> TypeError:
     return TypeError(
         f"rmsjax.{function}: leaf {path} has dtype {dtype}; rmsjax does not take 8-bit "
@@ -114,7 +109,7 @@ def refuse_eight_bit_floats(function: str, tree: Any) -> None:
     for what takes a whole tree (``rmsjax.function``) rather than a rule's leaves."""
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and is_eight_bit_float(dtype):
+        if dtype is not None and base.is_eight_bit_float(dtype):
             raise _eight_bit_float(function, path_of(tree, i), dtype)
 
 

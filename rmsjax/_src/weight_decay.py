@@ -58,8 +58,10 @@ def add_decayed_weights(
     weight_decay = validate.as_float(weight_decay)
 
     def update_leaf(g, param):
-        dtype = numerics.compute_dtype(g.dtype)
         out = jnp.result_type(g, param)  # as optax's g + weight_decay * param
+        # (in the wider of the two: a complex parameter's decay kept its real part alone
+        # where the gradient was real)
+        dtype = numerics.compute_dtype(out)
         return (g.astype(dtype) + weight_decay * param.astype(dtype)).astype(out)
 
     rule = elementwise.stateless_rule(name, update_leaf, needs_params=True)
