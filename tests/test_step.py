@@ -41,6 +41,13 @@ def copy(tree):
 OPTIMIZERS = registry.cases("step")
 
 
+def _donating_step():
+    """A donating step of RMSprop with momentum, fresh parameters, state and a batch."""
+    tx = rj.rmsprop(0.01, momentum=0.9)
+    params = model_params()
+    return rj.make_train_step(loss_fn, tx), params, tx.init(params), next(batches(1))
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_equals_the_hand_written_step(name):
     tx = OPTIMIZERS[name].make(rj)
@@ -67,11 +74,7 @@ def test_step_equals_the_hand_written_step(name):
 
 
 def test_params_and_state_are_donated():
-    tx = rj.rmsprop(0.01, momentum=0.9)
-    step = rj.make_train_step(loss_fn, tx)
-    params = model_params()
-    state = tx.init(params)
-    x, y = next(batches(1))
+    step, params, state, (x, y) = _donating_step()
     new_params, new_state, _ = step(params, state, x, y)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
@@ -210,11 +213,7 @@ def test_eager_grad_through_donated_steps_learns_a_learning_rate_as_optax_does()
 
 
 def test_a_donated_array_passed_again_is_named():
-    tx = rj.rmsprop(0.1, momentum=0.9)
-    step = rj.make_train_step(loss_fn, tx)
-    params = model_params()
-    state = tx.init(params)
-    x, y = next(batches(1))
+    step, params, state, (x, y) = _donating_step()
     new_params, new_state, _ = step(params, state, x, y)
     with pytest.raises(
         ValueError, match=r"^rmsjax\.make_train_step: params\['hidden'\]\['b'\] was deleted"
@@ -234,11 +233,7 @@ def test_a_donated_array_passed_again_is_named():
 def test_under_a_transformation_of_the_batch_the_step_donates_nothing():
     # grad with respect to the batch, vmap over it: params and state are concrete, yet
     # the transformation holds them (the backward pass, the batched call)
-    tx = rj.rmsprop(0.1, momentum=0.9)
-    step = rj.make_train_step(loss_fn, tx)
-    params = model_params()
-    state = tx.init(params)
-    x, y = next(batches(1))
+    step, params, state, (x, y) = _donating_step()
     jax.grad(lambda x: step(params, state, x, y)[2])(x)
     xs, ys = jnp.stack([x, x + 1.0]), jnp.stack([y, y])
     losses = jax.vmap(step, in_axes=(None, None, 0, 0))(params, state, xs, ys)[2]
