@@ -1271,3 +1271,31 @@ def test_a_structure_error_survives_static_fields_that_hold_arrays():
     params, updates = Tagged(jnp.ones(3), np.arange(3)), Tagged(jnp.ones(3), np.arange(4))
     with pytest.raises(ValueError, match=r"^rmsjax\.apply_updates: the tree structure .* static"):
         rj.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize(
+    "build, says",
+    [
+        (
+            lambda: rj.rmsprop(0.1, centered=1),
+            r"^rmsjax\.rmsprop: centered must be True or False, got 1 \(int\)",
+        ),
+        (
+            lambda: rj.sgd(0.1, momentum=0.9, nesterov=0),
+            r"^rmsjax\.sgd: nesterov must be True or False, got 0",
+        ),
+        (
+            lambda: rj.clip_by_global_norm(0),
+            r"^rmsjax\.clip_by_global_norm: max_norm must be > 0, got 0",
+        ),
+        (lambda: rj.rmsprop(jnp.array([0.5])), r"^rmsjax\.rmsprop: learning_rate must be a scalar"),
+        (
+            lambda: rj.apply_if_finite(rj.sgd(0.1), 2.0),
+            r"max_consecutive_errors must be an integer",
+        ),
+    ],
+)
+def test_optax_idioms_porting_md_lists_as_refused_are_refused(build, says):
+    # porting.md, "What still differs": each is accepted by optax
+    with pytest.raises((TypeError, ValueError), match=says):
+        build()
