@@ -209,11 +209,7 @@ def check_float_parameter(
     for what, kind in (("parameter", dtype), ("update", update_dtype)):
         if kind is not None and is_eight_bit_float(kind):
             # (JAX's own TypePromotionError named neither the leaf nor this function)
-            raise TypeError(
-                f"rmsjax.{where}: the {what} at {locate()} has dtype {kind}; rmsjax does not "
-                "take 8-bit float leaves. Keep the parameters and their updates in bfloat16 "
-                f"or float32, and cast them to {kind} for the forward pass."
-            )
+            raise eight_bit_float_error(where, f"the {what} at {locate()}", kind)
     if update_dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
         return
     if jnp.issubdtype(update_dtype, jnp.complexfloating):
@@ -227,6 +223,16 @@ def check_float_parameter(
 def is_eight_bit_float(dtype: Any) -> bool:
     """Whether ``dtype`` is one of JAX's 8-bit floats, which rmsjax refuses."""
     return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 2
+
+
+def eight_bit_float_error(function: str, subject: str, dtype: Any) -> TypeError:
+    """The refusal of an 8-bit float leaf: ``subject`` names it (``leaf ['w']``)."""
+    return TypeError(
+        f"rmsjax.{function}: {subject} has dtype {dtype}; rmsjax does not take 8-bit float "
+        "leaves (JAX does not promote them to the float32 most rules compute in). Keep the "
+        f"trained parameters and their gradients in bfloat16 or float32, and cast them to "
+        f"{dtype} for the forward pass."
+    )
 
 
 def _array_dtype(where: str, locate: Callable[[], str], param: Any) -> Any:

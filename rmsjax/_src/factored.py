@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from rmsjax._src import base, combine, elementwise, fusion, numerics, scaling, validate
 from rmsjax._src import momentum as momentum_lib
+from rmsjax._src.step_checks import nan_where_negative
 
 
 class ScaleByFactoredRmsState(NamedTuple):
@@ -184,13 +185,6 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
         shape = tuple(jnp.shape(param))
         return tuple(jnp.zeros(slot.shape_for(shape), dtype) for slot in declared)
 
-    def negative_as_nan(moment):
-        # a traced decay is unchecked (validation.md): above 1 it makes the averages
-        # negative, and steps of finite, wrong size followed; NaN shows the mistake
-        if validate.concrete_value(decay) is not None:
-            return moment
-        return jnp.where(moment < 0, jnp.full_like(moment, jnp.nan), moment)
-
     def update_leaf(g, slots, context, param):
         del context, param
         shape = tuple(jnp.shape(g))
@@ -217,7 +211,7 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
             row = decay * moments[0] + (1 - decay) * _mean(squares, axis=-1)
             col = decay * moments[1] + (1 - decay) * _mean(squares, axis=-2)
             row, col = numerics.finite_ceiling(row), numerics.finite_ceiling(col)
-            row, col = negative_as_nan(row), negative_as_nan(col)
+            row, col = nan_where_negative(row, decay), nan_where_negative(col, decay)
             row_mean = _mean(row, axis=-1, keepdims=True)
             # (a matrix whose averages are all 0 in units of 4^E, beside one that holds
             # an outlier, has an estimate of 0, not 0 / 0: its elements step as below)
@@ -226,7 +220,7 @@ def factored_rms_rule(decay: Any, eps: Any, min_dim_size_to_factor: int) -> elem
             new_slots = (row, col, new_exponent)
         else:
             nu_hat = numerics.finite_ceiling(decay * moments[0] + (1 - decay) * squares)
-            nu_hat = negative_as_nan(nu_hat)
+            nu_hat = nan_where_negative(nu_hat, decay)
             new_slots = (new_exponent, slots[1], nu_hat)
         # a zero gradient gives a zero update, also where nu_hat is 0 (eps = 0); the
         # root is not taken there, or 0 * inf in the branch not taken would make every

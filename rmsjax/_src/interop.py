@@ -153,7 +153,9 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
         ours, theirs = (other, like) if to_optax else (like, other)
         if not base.optax_counterpart(type(ours).__name__, type(theirs).__name__):
             _fail(
-                function, path, f"a {type(other).__name__} cannot become {_a(type(like).__name__)}"
+                function,
+                path,
+                f"{_a(type(other).__name__)} cannot become {_a(type(like).__name__)}",
             )
         centered = type(ours).__name__ == "ScaleByRmsState" and ours.mu is not None
         if centered and {"nu", "mu"} <= set(other._fields):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from rmsjax._src import base, elementwise, fusion, moments, numerics, validate
 from rmsjax._src import storage as storage_lib
+from rmsjax._src.step_checks import nan_where_negative
 
 
 class ScaleByRmsState(NamedTuple):
@@ -152,8 +153,6 @@ def rms_rule(
     guard_zero = concrete_eps is None or not concrete_eps >= validate.SMALLEST_NORMAL
     read_back = storage_lib.reads_back(storage)
 
-    concrete_decay = validate.concrete_value(decay)
-
     def weighted(weight, x):
         # weight * x, and 0 where the weight is 0 (the old moment's at a decay of 0, the
         # centered gap's at 0 or 1): an operand beyond float32 (an old moment, a gap's
@@ -166,21 +165,11 @@ def rms_rule(
         return jnp.where(weight == 0, jnp.zeros_like(x), weight * x)
 
     def combine(square, old):  # optax's formula, in the order optax computes it
-        return negative_as_nan((1 - decay) * square + weighted(decay, old))
-
-    def negative_as_nan(moment):
-        # A traced decay is unchecked (validation.md): outside [0, 1] it can make the
-        # moment negative, which optax's square root turns into NaN steps, while the
-        # encoding would read it as a moment held scaled (steps of 1e-24, a frozen
-        # weight). A checked decay never gives one, and its program is unchanged.
-        if concrete_decay is not None:
-            return moment
-        return jnp.where(moment < 0, jnp.full_like(moment, jnp.nan), moment)
+        return nan_where_negative((1 - decay) * square + weighted(decay, old), decay)
 
     def combine_variance(half_gap_square, old):  # see _holds_variance
-        return negative_as_nan(
-            weighted(decay, old) + weighted(4 * decay * (1 - decay), half_gap_square)
-        )
+        variance = weighted(decay, old) + weighted(4 * decay * (1 - decay), half_gap_square)
+        return nan_where_negative(variance, decay)
 
     def step_shared(count):
         count = numerics.safe_increment(count)

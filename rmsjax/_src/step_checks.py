@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmsjax._src.validate import INT32_MAX, as_float
+from rmsjax._src.validate import INT32_MAX, as_float, concrete_value
 
 
 def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> Any:
@@ -106,3 +106,15 @@ def check_step_count(name: str, count: Any) -> None:
             f"rmsjax.{name}.update: the state's count must be in [0, 2**31 - 1] (int32), "
             f"got {count}"
         )
+
+
+def nan_where_negative(moment: Any, hyperparameter: Any) -> Any:
+    """``moment``, NaN where it is negative, when ``hyperparameter`` (a decay, an initial
+    value) is traced and so unchecked (validation.md): out of range it makes a second
+    moment negative, which the encoding of moments beyond float32 would read as one held
+    scaled (steps of 1e-24, a weight frozen in silence) and a factored average would step
+    by finite, wrong amounts, where optax's square root shows NaN. A checked value never
+    gives one: ``moment`` is returned as it is, and the step's program is unchanged."""
+    if concrete_value(hyperparameter) is not None:
+        return moment
+    return jax.numpy.where(moment < 0, jax.numpy.full_like(moment, jax.numpy.nan), moment)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, numerics, validate
+from rmsjax._src import base, numerics
 from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (QuantizedArray, (de)quantize: re-exported)
     QuantizedArray,
@@ -46,6 +46,7 @@ from rmsjax._src.quantization import (  # noqa: F401  (QuantizedArray, (de)quant
     root_exponent_field,
 )
 from rmsjax._src.rounding import round_bfloat16
+from rmsjax._src.step_checks import nan_where_negative
 
 STORAGE_OPTIONS = (None, *typing.get_args(base.Storage))
 """The accepted values of the ``storage`` option."""
@@ -289,13 +290,9 @@ def init_slot(param: Any, fill: Any, storage: base.Storage | None, *, signed: bo
 
 
 def moment_fill(fill: Any) -> Any:
-    """The initial value of a second moment: ``fill``, or NaN where a traced ``fill``
-    (unchecked, validation.md) is negative. Below 0 it would read as a moment held
-    scaled (numerics.py) and step by 1e-24, a weight frozen in silence, where optax's
-    square root gives NaN. A concrete ``fill`` has been checked: it is returned as is."""
-    if validate.concrete_value(fill) is not None:
-        return fill
-    return jnp.where(fill >= 0, fill, jnp.nan)
+    """The initial value of a second moment: ``fill``, NaN where a traced one is
+    negative (:func:`step_checks.nan_where_negative`)."""
+    return nan_where_negative(fill, fill)
 
 
 def load(slot: Any, dtype: Any) -> jax.Array:

@@ -54,7 +54,7 @@ def check_inexact(
                 "Split the leaf into its real and imaginary parts."
             )
         if base.is_eight_bit_float(dtype):
-            raise _eight_bit_float(f"{name}.{where}", path_of(tree, i), dtype)
+            raise base.eight_bit_float_error(f"{name}.{where}", f"leaf {path_of(tree, i)}", dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"rmsjax.{name}.{where}: leaf {path_of(tree, i)} has dtype {dtype}; "
@@ -95,22 +95,13 @@ def check_params(
             )
 
 
-def _eight_bit_float(function: str, path: str, dtype: Any) -> TypeError:
-    return TypeError(
-        f"rmsjax.{function}: leaf {path} has dtype {dtype}; rmsjax does not take 8-bit "
-        "float leaves (JAX does not promote them to the float32 most rules compute in). "
-        "Keep the trained parameters and their gradients in bfloat16 or float32, and cast "
-        f"them to {dtype} for the forward pass."
-    )
-
-
 def refuse_eight_bit_floats(function: str, tree: Any) -> None:
     """The TypeError of :func:`check_inexact` for the first 8-bit float leaf of ``tree``,
     for what takes a whole tree (``rmsjax.function``) rather than a rule's leaves."""
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and base.is_eight_bit_float(dtype):
-            raise _eight_bit_float(function, path_of(tree, i), dtype)
+            raise base.eight_bit_float_error(function, f"leaf {path_of(tree, i)}", dtype)
 
 
 def path_of(tree: Any, index: int) -> str:
