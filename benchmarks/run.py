@@ -19,10 +19,11 @@ parameters and the optimizer state donated, and measures:
 Contenders: ``optax`` (``tx.update`` then ``optax.apply_updates``); ``rmsjax``
 (the fused chain with ``rmsjax.update_and_apply``, per-leaf state);
 ``rmsjax.grouped`` (the same inside ``rmsjax.grouped``: the state in blocks of
-same-shaped leaves); ``floor`` (``p - lr * g`` on every leaf and no state: the
-cheapest step a jitted function with per-leaf parameters and gradients can take, so
-``floor / optax`` bounds, to within the timing noise, every ratio an optimizer can
-reach on this machine);
+same-shaped leaves); ``stacked`` (the same blocks with optax's arithmetic and nothing
+else of rmsjax: what the grouped layout itself costs); ``floor`` (``p - lr * g`` on
+every leaf and no state: the cheapest step a jitted function with per-leaf parameters
+and gradients can take, so ``floor / optax`` bounds, to within the timing noise, every
+ratio an optimizer can reach on this machine);
 ``torch-foreach`` and ``torch-fused`` (``torch.optim`` on CPU tensors) when torch is
 importable.
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import rmsjax as rj
@@ -29,6 +30,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "adagrad": {"reads": 3, "writes": 2, "kernel_arrays": 7, "label": "adagrad"},
 }
 FLOOR = "floor"  # the stateless `p - lr * g` step: no optimizer can do with less
+STACKED = "stacked"  # grouped's layout with textbook arithmetic and nothing else
 LEARNING_RATE = 1e-3
 
 
@@ -96,8 +98,53 @@ def jax_contenders(algorithm: str, block_size: int | None = None) -> list[Conten
         Contender("optax", optax_make),
         Contender("rmsjax", rmsjax_make(False)),
         Contender("rmsjax.grouped", rmsjax_make(True)),
+        Contender(STACKED, lambda: stacked_step(algorithm, block_size)),
         Contender(FLOOR, floor_make),
     ]
+
+
+def stacked_step(algorithm: str, block_size: int | None) -> tuple[Callable, Callable]:
+    """``rj.grouped``'s layout with nothing else of rmsjax: the same blocks of stacked
+    same-shaped leaves (``rj.leaf_blocks``), optax's arithmetic on each block, each row
+    added to its parameter, and none of rmsjax's range handling, checks or ordering of
+    the blocks. What the layout itself costs, so that a figure between it and
+    ``rmsjax.grouped`` is rmsjax's own work. Not an optimizer to use: a moment past
+    float32's range is lost here, as in optax."""
+    decay, eps = 0.9, 1e-8
+    momentum = algorithm == "rmsprop_momentum"
+
+    def blocks(tree):
+        return rj.leaf_blocks(tree, block_size=block_size)
+
+    def init(params):
+        leaves = jax.tree.leaves(params)
+        first = 0.1 if algorithm == "adagrad" else 0.0  # optax's initial values
+        moments = tuple(
+            jnp.full((len(b), *leaves[b[0]].shape), first, leaves[b[0]].dtype)
+            for b in blocks(params)
+        )
+        return (moments, jax.tree.map(jnp.zeros_like, moments)) if momentum else (moments,)
+
+    def step(params, state, grads):
+        leaves, treedef = jax.tree.flatten(params)
+        gs = jax.tree.leaves(grads)
+        new_params, new_state = list(leaves), [[] for _ in state]
+        for k, block in enumerate(blocks(params)):
+            g = jnp.stack([gs[i] for i in block])
+            if algorithm == "adagrad":
+                nu = state[0][k] + g * g
+            else:
+                nu = (1 - decay) * g * g + decay * state[0][k]
+            u = g * jax.lax.rsqrt(nu + eps)
+            new_state[0].append(nu)
+            if momentum:
+                u = 0.9 * state[1][k] + u
+                new_state[1].append(u)
+            for row, i in enumerate(block):
+                new_params[i] = leaves[i] - LEARNING_RATE * u[row]
+        return treedef.unflatten(new_params), tuple(tuple(s) for s in new_state)
+
+    return step, init
 
 
 def torch_available() -> bool:

@@ -10,9 +10,9 @@ import statistics
 import jax
 import numpy as np
 import results_file
-from speed_contenders import ALGORITHMS, FLOOR
+from speed_contenders import ALGORITHMS, FLOOR, STACKED
 from speed_measure import TORCH_EVERY, Row
-from speed_tables import kernel_traffic, table, targets
+from speed_tables import kernel_traffic, layout_cost, table, targets
 
 
 def machine_lines(rows: list[Row], stream_elements: int) -> list[str]:
@@ -39,6 +39,7 @@ def plot(rows: list[Row], names: list[str], path: str) -> None:
         "rmsjax": "s--",
         "rmsjax.grouped": "D-",
         FLOOR: "k:",
+        STACKED: "x:",
         "torch-foreach": "^:",
         "torch-fused": "v:",
     }
@@ -137,6 +138,7 @@ def write_results(
         "",
         *targets(rows, "rmsjax"),
         "",
+        *layout_cost(rows),
         "*Best possible here*, an estimate from the same run: on one leaf, the share of "
         "the streaming bandwidth the step reaches if its compiled kernels run at the "
         "streaming rate (XLA CPU writes each output with its own kernel, see above); on "
@@ -155,7 +157,9 @@ def write_results(
         "docs/performance.md). `floor` is no optimizer: it steps every leaf by "
         "`p - lr * g` and keeps no state, in the same jitted, donated call, so no optimizer "
         "taking and returning these per-leaf pytrees can be faster here by more than the "
-        "timing noise. docs/performance.md explains where the time goes.",
+        "timing noise. `stacked` is no optimizer to use either: `rmsjax.grouped`'s blocks "
+        "with optax's arithmetic and nothing else (a moment past float32's range is lost, "
+        "as in optax). docs/performance.md explains where the time goes.",
         "",
     ]
     if os.path.abspath(path) == str(results_file.RESULTS):

@@ -5,7 +5,7 @@ CPU's kernels move."""
 from __future__ import annotations
 
 import jax
-from speed_contenders import ALGORITHMS, FLOAT32_BYTES, FLOOR
+from speed_contenders import ALGORITHMS, FLOAT32_BYTES, FLOOR, STACKED
 from speed_measure import Row
 
 
@@ -101,6 +101,33 @@ def targets(rows: list[Row], contender: str) -> list[str]:
         f"| case ({contender}) | target | measured | best possible here (estimate) | |",
         "|---|---|---|---|---|",
         *lines,
+    ]
+
+
+def layout_cost(rows: list[Row]) -> list[str]:
+    """For rows of many leaves: ``rmsjax.grouped`` beside ``stacked``, the same blocks
+    with optax's arithmetic and nothing else, as ratios to optax."""
+    lines = []
+    for row in rows:
+        names = ("rmsjax.grouped", STACKED, FLOOR, "optax")
+        if row.count < 1000 or any(n not in row.compile_s for n in names):
+            continue
+        cells = [
+            f"{name} {fmt_ratio(row.compile_s[name], row.compile_s['optax'])} "
+            f"({fmt_ratio(row.step_ms[name], row.step_ms['optax'])} step)"
+            for name in names[:3]
+        ]
+        lines.append(f"- {ALGORITHMS[row.algorithm]['label']}, {row.shape}: {', '.join(cells)}.")
+    if not lines:
+        return []
+    return [
+        "Compile time against optax's on many leaves: `rmsjax.grouped`; `stacked`, the same "
+        "blocks with optax's arithmetic and nothing else (none of rmsjax's range handling, "
+        "checks or ordering of the blocks), which is what the layout itself costs; and the "
+        "`floor` (step-time ratios in brackets):",
+        "",
+        *lines,
+        "",
     ]
 
 
