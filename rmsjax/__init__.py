@@ -167,6 +167,19 @@ def __getattr__(name: str) -> object:
             "takes it), or use rmsjax.scale_by_factored_rmsprop, RMSprop's constant decay "
             "with the last two axes factored (docs/porting.md)"
         )
+    # optax keeps its schedules at its top level, rmsjax in rmsjax.schedules: a ported
+    # script's optax.linear_schedule(...) is told where they are
+    if name in schedules.__all__:
+        raise AttributeError(
+            f"module 'rmsjax' has no attribute {name!r}: rmsjax's schedules are in "
+            f"rmsjax.schedules (rmsjax.schedules.{name})"
+        )
+    if name.endswith(("_schedule", "_schedules")):
+        raise AttributeError(
+            f"module 'rmsjax' has no attribute {name!r}: rmsjax's schedules are in "
+            f"rmsjax.schedules ({', '.join(schedules.__all__)}); any function of the step "
+            f"count is a schedule, so optax.{name}(...) can be passed as it is"
+        )
     raise AttributeError(f"module 'rmsjax' has no attribute {name!r}")
 
 

@@ -724,6 +724,80 @@ def test_hyperparams_replaced_by_a_plain_dict_are_checked_as_set_ones_are(value,
     chex.assert_trees_all_close(tx.update(grads, good, params)[0], expected)
 
 
+@pytest.mark.parametrize(
+    "value, error, traced_too",
+    [
+        (True, TypeError, True),
+        (0.1 + 1j, TypeError, True),
+        (jnp.ones(3), ValueError, True),
+        (1e-46, ValueError, False),  # under jit a traced value: only its shape and dtype
+        ("0.1", TypeError, False),  # (jit itself refuses a string argument)
+        (None, TypeError, True),
+    ],
+)
+def test_hyperparams_set_by_optax_tree_set_are_checked_as_set_ones_are(value, error, traced_too):
+    # porting.md points optax users to tree_set, which rebuilds the dict and skipped every
+    # check: True stepped as a rate of 1, 1j as 0 under jit, a (3,) rate was broadcast
+    import optax.tree_utils as otu
+
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.ones(3)}
+    tx = rj.inject_hyperparams(rj.rmsprop)(0.1, momentum=0.9)
+    bad = otu.tree_set(tx.init(params), learning_rate=value)
+    says = r"^rmsjax\.inject_hyperparams: state\.hyperparams\['learning_rate'\]"
+    with pytest.raises(error, match=says):
+        tx.update(grads, bad, params)
+    if traced_too:
+        with pytest.raises(error, match=says):
+            jax.jit(tx.update)(grads, bad, params)
+    good = otu.tree_set(tx.init(params), learning_rate=0.05)
+    expected = tx.update(
+        grads, tx.init(params)._replace(hyperparams=_with_rate(good, 0.05)), params
+    )
+    chex.assert_trees_all_equal(jax.jit(tx.update)(grads, good, params), expected)
+
+
+def test_a_hyperparameter_the_state_s_dtype_cannot_hold_is_refused_where_given():
+    # 1e5 in float16 was stored as inf and stepped by -inf; at init the message showed
+    # the rounded inf, not the number given, and did not name hyperparam_dtype
+    params = jnp.ones(3)
+    half = rj.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.float16)
+    with pytest.raises(ValueError, match=r"\.init: learning_rate is 100000\.0, which is inf in "):
+        half(learning_rate=1e5, eps=1e-3).init(params)
+    state = half(learning_rate=0.1, eps=1e-3).init(params)
+    with pytest.raises(
+        ValueError, match=r"\['learning_rate'\] is 70000\.0, which is inf in float16"
+    ):
+        state.hyperparams["learning_rate"] = 7e4
+    assert float(state.hyperparams["learning_rate"]) == np.float16(0.1)  # unchanged
+    state.hyperparams["learning_rate"] = 6e4  # float16 holds it
+
+
+def test_inject_hyperparams_names_a_schedule_that_cannot_take_the_count():
+    for schedule in (lambda: 0.1, lambda count, other: 0.1, lambda *, count: 0.1):
+        with pytest.raises(
+            TypeError,
+            match=r"^rmsjax\.inject_hyperparams\(rmsprop\): learning_rate must be a number or "
+            r"a schedule, a function of the step count \(one argument\), got <lambda>\(.*"
+            r"a function that is no schedule goes in static_args=\('learning_rate',\)",
+        ):
+            rj.inject_hyperparams(rj.rmsprop)(learning_rate=schedule)
+
+
+def test_inject_hyperparams_checks_its_own_count():
+    # a float count was taken (the step handed back an int32 one, another structure);
+    # a vector of counts blamed the schedule
+    params = jnp.ones(3)
+    tx = rj.inject_hyperparams(rj.rmsprop)(rj.schedules.linear_schedule(0.1, 0.0, 10))
+    state = tx.init(params)
+    with pytest.raises(
+        TypeError,
+        match=r"^rmsjax\.inject_hyperparams\(rmsprop\)\.update: the state's count must be an int",
+    ):
+        tx.update(params, state._replace(count=jnp.float32(3.0)), params)
+    with pytest.raises(ValueError, match=r"count must be a scalar, got an array of shape \(2,\)"):
+        tx.update(params, state._replace(count=jnp.array([1, 2])), params)
+
+
 def _with_rate(state, rate):
     hyperparams = rj.Hyperparams(state.hyperparams)
     hyperparams["learning_rate"] = rate

@@ -449,6 +449,23 @@ def test_optax_scale_by_factored_rms_is_not_taken_for_rmsjax_factored_rmsprop():
         rj.scale_by_nothing  # noqa: B018
 
 
+def test_optax_s_top_level_schedules_are_pointed_to_rmsjax_schedules():
+    # optax keeps its schedules at its top level; a ported optax.linear_schedule(...) is
+    # told where rmsjax keeps them, and that optax's own can be passed
+    with pytest.raises(AttributeError, match=r"rmsjax\.schedules \(rmsjax\.schedules\.linear_"):
+        rj.linear_schedule  # noqa: B018
+    with pytest.raises(AttributeError, match=r"optax\.polynomial_schedule\(\.\.\.\) can be passed"):
+        rj.polynomial_schedule  # noqa: B018
+    params = {"w": jnp.ones(3)}
+    schedule = optax.polynomial_schedule(0.1, 0.01, 2.0, 5)
+    ours, theirs = rj.rmsprop(schedule), optax.rmsprop(schedule)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for _ in range(4):
+        u1, s1 = jax.jit(ours.update)(params, s1, params)
+        u2, s2 = jax.jit(theirs.update)(params, s2, params)
+    _assert_same_bits(u1, u2)
+
+
 def test_scale_by_learning_rate_of_none_scales_by_nothing_as_optax():
     g = {"w": jnp.array([2.0, -3.0])}
     for flip_sign in (True, False):

@@ -26,7 +26,7 @@ from rmsjax._src.hyperparams_state import (
     InjectHyperparamsState,
     fits_int32,
     is_integer,
-    refuse_flushed,
+    refuse_lost,
 )
 
 
@@ -187,6 +187,8 @@ def inject_hyperparams(
             elif _is_stateful_schedule(value):
                 stateful[key] = value
             elif callable(value):
+                hint = f"; a function that is no schedule goes in static_args=({key!r},)"
+                validate.check_schedule_signature(where, key, value, hint)
                 schedules[key] = value
             elif _is_numeric(value):
                 numeric[key] = value
@@ -199,7 +201,8 @@ def inject_hyperparams(
             # would delete it) nor one buffer twice (a donated step refuses it)
             if key in numeric and is_integer(numeric[key]) and fits_int32(value):
                 return jnp.array(value, jnp.int32, copy=True)
-            return jnp.array(value, dtype, copy=True)
+            with np.errstate(over="ignore"):  # (a value the dtype cannot hold is refused)
+                return jnp.array(value, dtype, copy=True)
 
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
@@ -245,7 +248,7 @@ def inject_hyperparams(
                 fresh, jax.tree.leaves(params)
             )
             for key, given in numeric.items():  # (the stored values may be traced)
-                refuse_flushed(f"{where}.init", key, given, jnp.result_type(values[key]))
+                refuse_lost(f"{where}.init", key, given, jnp.result_type(values[key]))
             with elementwise.naming_wrapper(where, "init"):
                 inner_state = build(dict(values)).init(params)
             return InjectHyperparamsState(count, values, schedule_states, inner_state)
@@ -260,17 +263,17 @@ def inject_hyperparams(
                     f"hyperparameters are {sorted(set(numeric) | set(schedules) | set(stateful))}"
                 )
             dtype = _float_dtype(updates, hyperparam_dtype)
-            if not isinstance(state.hyperparams, Hyperparams):
-                # a plain dict (state._replace(hyperparams={...})): the checks of
-                # state.hyperparams[key] = value, made on a checked copy
-                missing = sorted(set(numeric) - set(state.hyperparams))
-                if missing:
-                    raise KeyError(
-                        f"rmsjax.{where}.update: state.hyperparams lacks {missing}, which "
-                        f"this optimizer injects; its hyperparameters are {sorted(numeric)}"
-                    )
-                checked = Hyperparams({key: cast(key, numeric[key], dtype) for key in numeric})
-                checked.update({key: state.hyperparams[key] for key in numeric})
+            step_checks.check_step_count(where, state.count)
+            missing = sorted(set(numeric) - set(state.hyperparams))
+            if missing:
+                raise KeyError(
+                    f"rmsjax.{where}.update: state.hyperparams lacks {missing}, which "
+                    f"this optimizer injects; its hyperparameters are {sorted(numeric)}"
+                )
+            # the checks of state.hyperparams[key] = value, made on a checked copy: an
+            # entry set by optax.tree_utils.tree_set, or in a plain dict, skipped them
+            checked = Hyperparams({key: cast(key, numeric[key], dtype) for key in numeric})
+            checked.update({key: state.hyperparams[key] for key in numeric})
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             # with apply, the inner optimizer's fused step, when it has one

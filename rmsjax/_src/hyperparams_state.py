@@ -3,6 +3,7 @@ the ``hyperparams`` dict that checks every entry set in it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +56,13 @@ class Hyperparams(dict):
                 f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
                 f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
             )
-        if isinstance(old, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        if isinstance(value, jax.core.Tracer):
+            # its value is unknown until the step runs; its dtype is known now
+            if not _is_real(value.dtype):
+                raise TypeError(
+                    f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] must be a real "
+                    f"number (an integer or a float), got a traced value of dtype {value.dtype}"
+                )
             super().__setitem__(key, value)
             return
         if np.shape(old) == ():
@@ -68,7 +75,7 @@ class Hyperparams(dict):
             # an entry first given as a Python int (learning_rate=1) set to 0.01: a float
             # from now on, as in optax, not truncated to 0 (one more trace of the step)
             dtype = value.dtype if _is_floating_array(value) else jnp.float32
-        refuse_flushed("inject_hyperparams", f"state.hyperparams[{key!r}]", value, dtype)
+        refuse_lost("inject_hyperparams", f"state.hyperparams[{key!r}]", value, dtype)
         super().__setitem__(key, jnp.array(value, dtype, copy=True))
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -153,20 +160,29 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def refuse_flushed(function: str, label: str, value: Any, dtype: Any) -> None:
-    """A ValueError where ``value``, a number that is not 0, is 0 in ``dtype`` (1e-8 in
-    float16): kept in a state of that dtype, a hyperparameter would be another in
-    silence (``eps=0``). Decided on the host from the number given, so under ``jit``
-    too."""
+def refuse_lost(function: str, label: str, value: Any, dtype: Any) -> None:
+    """A ValueError where ``value``, a finite number that is not 0, is 0 or infinite in
+    ``dtype`` (1e-8 or 1e5 in float16): kept in a state of that dtype, a hyperparameter
+    would be another in silence (``eps=0``, an infinite learning rate). Decided on the
+    host from the number given, so under ``jit`` too, where it is not traced."""
     given = validate.concrete_value(value)
-    if given in (None, 0.0) or not jnp.issubdtype(dtype, jnp.floating):
+    if given in (None, 0.0) or not math.isfinite(given):
         return
-    if float(np.asarray(given).astype(jnp.dtype(dtype))) == 0:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return
+    with np.errstate(over="ignore"):  # (refused below, with the dtype named)
+        held = float(np.asarray(given).astype(jnp.dtype(dtype)))
+    if held == 0 or math.isinf(held):
         raise ValueError(
-            f"rmsjax.{function}: {label} is {value!r}, which is 0 in {jnp.dtype(dtype).name} "
-            "(the state's hyperparam_dtype); pass a wider hyperparam_dtype (float32, the "
-            "default), or a value the dtype holds"
+            f"rmsjax.{function}: {label} is {value!r}, which is {held:g} in "
+            f"{jnp.dtype(dtype).name} (the state's hyperparam_dtype); pass a wider "
+            "hyperparam_dtype (float32, the default), or a value the dtype holds"
         )
+
+
+def _is_real(dtype: Any) -> bool:
+    """An integer or floating dtype (not bool, not complex)."""
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 
 def is_integer(value: Any) -> bool:

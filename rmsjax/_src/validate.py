@@ -230,19 +230,27 @@ def check_learning_rate(function: str, argument: str, value: Any) -> None:
     """Learning rates: a finite number >= 0, or a schedule, a function of the step count
     (one that cannot take one argument failed inside the first step, unnamed)."""
     check_range(function, argument, value, 0.0, schedule=True)
-    if callable(value):
-        try:
-            signature = inspect.signature(value)
-        except (TypeError, ValueError):  # a builtin or an object without one: not checked
-            return
-        try:
-            signature.bind(0)
-        except TypeError:
-            name = getattr(value, "__name__", type(value).__name__)
-            raise TypeError(
-                f"rmsjax.{function}: {argument} must be a number or a schedule, a function "
-                f"of the step count (one argument), got {name}{signature}"
-            ) from None
+    check_schedule_signature(function, argument, value)
+
+
+def check_schedule_signature(function: str, argument: str, value: Any, hint: str = "") -> None:
+    """Raises a TypeError where a callable ``value`` cannot be called with one argument,
+    the step count (a function that cannot failed inside the first step, unnamed).
+    ``hint`` ends the message."""
+    if not callable(value):
+        return
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin or an object without one: not checked
+        return
+    try:
+        signature.bind(0)
+    except TypeError:
+        name = getattr(value, "__name__", type(value).__name__)
+        raise TypeError(
+            f"rmsjax.{function}: {argument} must be a number or a schedule, a function "
+            f"of the step count (one argument), got {name}{signature}{hint}"
+        ) from None
 
 
 def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
