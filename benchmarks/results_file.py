@@ -73,8 +73,10 @@ def machine_lines() -> list[str]:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        # (a run from an edited checkout measured code no commit holds)
-        if git("status", "--porcelain", "--untracked-files=no", "--", "rmsjax", "benchmarks"):
+        # (a run from an edited checkout measured code no commit holds; the results
+        # themselves, RESULTS.md and the plots a run writes before this, do not count)
+        code = ["rmsjax", "benchmarks", ":!benchmarks/*.md", ":!benchmarks/*.png"]
+        if git("status", "--porcelain", "--untracked-files=no", "--", *code):
             commit += ", with uncommitted changes to rmsjax/ or benchmarks/"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
