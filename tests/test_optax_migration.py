@@ -185,6 +185,91 @@ def test_a_state_of_another_optimizer_is_refused_with_its_place():
     assert state[0].sum_of_squares["frozen"] is None
 
 
+def test_nothing_of_the_state_is_dropped_or_changed_on_the_way_in_silence():
+    # porting.md: nothing is dropped on the way (but a step count the other library
+    # does not keep). Each of these converted without a word, losing or changing values
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    # a leaf `like`'s parameters lack: its moment was left out
+    more = dict(params, c=jnp.ones(4))
+    opt = optax.rmsprop(0.1)
+    s = opt.update(jax.tree.map(jnp.ones_like, more), opt.init(more))[1]
+    with pytest.raises(ValueError, match=r"at state\[0\]\.nu\['c'\]: `like` has no place"):
+        rj.from_optax_state(s, like=rj.rmsprop(0.1).init(params))
+    # a hyperparameter set in optax's state that rmsjax's keeps static: the run went on
+    # at the static value
+    injected = optax.inject_hyperparams(optax.rmsprop)(learning_rate=0.1, decay=0.9)
+    s = injected.init(params)
+    s.hyperparams["decay"] = jnp.asarray(0.5)
+    static = rj.inject_hyperparams(rj.rmsprop, static_args=("decay",))(0.1, decay=0.9)
+    with pytest.raises(ValueError, match=r"at state\.hyperparams\['decay'\]: `like` has no"):
+        rj.from_optax_state(s, like=static.init(params))
+    ours = rj.inject_hyperparams(rj.rmsprop)(0.1, decay=0.9)
+    converted = rj.from_optax_state(s, like=ours.init(params))
+    assert float(converted.hyperparams["decay"]) == 0.5
+    assert not converted.hyperparams["decay"].weak_type  # (a jitted step traced twice)
+    # an int8 template of another shape: quantized without a check
+    big, bigger = {"w": jnp.ones((64, 64))}, {"w": jnp.ones((64, 128))}
+    s = opt.update(jax.tree.map(jnp.ones_like, bigger), opt.init(bigger))[1]
+    with pytest.raises(ValueError, match=r"nu\['w'\]: expected shape \(64, 64\), got \(64, 128\)"):
+        rj.from_optax_state(s, like=rj.rmsprop(0.1, storage="int8").init(big))
+    # counts: 3.7 became 3, 3e9 the largest int32, -3 stepped on
+    scheduled = optax.rmsprop(optax.linear_schedule(0.1, 0.0, 10))
+    like = rj.rmsprop(rj.schedules.linear_schedule(0.1, 0.0, 10)).init(params)
+    s = scheduled.update(grads, scheduled.init(params))[1]
+    counted = [i for i, part in enumerate(s) if "count" in getattr(part, "_fields", ())][0]
+    for count, says in (
+        (3.7, "expected whole numbers"),
+        (3e9, r"expected int32 values in \[0, 2147483647\]"),
+        (-3, r"expected int32 values in \[0,"),
+    ):
+        bad = tuple(
+            p._replace(count=jnp.asarray(count)) if i == counted else p for i, p in enumerate(s)
+        )
+        with pytest.raises(ValueError, match=rf"\.count: {says}"):
+            rj.from_optax_state(bad, like=like)
+    good = tuple(p._replace(count=jnp.asarray(4.0)) if i == counted else p for i, p in enumerate(s))
+    assert int(jax.tree.leaves(rj.from_optax_state(good, like=like)[1])[0]) == 4
+    # a complex state for real parameters: the imaginary part was dropped
+    momentum = optax.sgd(0.1, momentum=0.9)
+    complex_params = {"w": jnp.ones(3, jnp.complex64)}
+    s = momentum.update({"w": jnp.full(3, 1 + 2j, jnp.complex64)}, momentum.init(complex_params))[1]
+    with pytest.raises(ValueError, match=r"trace\['w'\]: a complex64 value cannot become float32"):
+        rj.from_optax_state(s, like=rj.sgd(0.1, momentum=0.9).init({"w": jnp.ones(3)}))
+    # a float64 moment beyond float32 (a run with x64) became inf
+    s = opt.init({"w": jnp.ones(3)})
+    s = (s[0]._replace(nu={"w": np.full(3, 1e49)}), *s[1:])
+    with pytest.raises(ValueError, match=r"nu\['w'\]: .* beyond float32's largest"):
+        rj.from_optax_state(s, like=rj.rmsprop(0.1).init({"w": jnp.ones(3)}))
+
+
+def test_swapped_states_are_named_as_such():
+    # an AttributeError ('ScaleByRmsState' object has no attribute 'mu') named nothing
+    params = {"w": jnp.ones(3)}
+    ours, theirs = rj.rmsprop(0.1).init(params), optax.rmsprop(0.1).init(params)
+    with pytest.raises(
+        TypeError,
+        match=r"^rmsjax\.from_optax_state: the rmsjax state and the optax state are the "
+        r"other way round.*rj\.to_optax_state",
+    ):
+        rj.from_optax_state(ours, like=theirs)
+    with pytest.raises(
+        TypeError, match=r"^rmsjax\.to_optax_state: .*other way round.*rj\.from_optax_state"
+    ):
+        rj.to_optax_state(theirs, like=ours)
+
+
+def test_flax_restoring_a_float_checkpoint_into_int8_state_says_so():
+    serialization = pytest.importorskip("flax.serialization")
+    params = {"w": jnp.ones((64, 128))}
+    saved = serialization.to_bytes(rj.rmsprop(0.1).init(params))
+    target = rj.rmsprop(0.1, storage="int8").init(params)
+    with pytest.raises(
+        ValueError, match=r"the target holds int8 state .* where the saved state holds a"
+    ):
+        serialization.from_bytes(target, saved)
+
+
 def test_a_grouped_state_converts_through_its_per_leaf_state():
     params = {"a": jnp.ones(3), "b": jnp.linspace(0.0, 1.0, 3)}
     grouped = rj.grouped(rj.rmsprop(0.1, momentum=0.9))

@@ -39,6 +39,16 @@ def register(serialization: Any) -> None:
         return {"codes": to_state(q.codes), "scale": to_state(q.scale)}
 
     def quantized_from_state(target: quantization.QuantizedArray, state: dict) -> Any:
+        if not isinstance(state, dict) or set(state) != {"codes", "scale"}:
+            held = f"{type(state).__name__} of shape {getattr(state, 'shape', '?')}"
+            if isinstance(state, dict):
+                held = f"dict with keys {sorted(state)}"
+            raise ValueError(
+                "rmsjax: flax.serialization.from_state_dict: the target holds int8 state "
+                f"(a QuantizedArray of shape {target.shape}: codes and scales) where the "
+                f"saved state holds a {held}; restore into the state of an optimizer with "
+                "the storage option the checkpoint was saved with"
+            )
         codes = from_state(target.codes, state["codes"], "codes")
         scale = from_state(target.scale, state["scale"], "scale")
         return quantization.QuantizedArray(codes, scale, target.shape, target.signed)

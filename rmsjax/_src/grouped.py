@@ -35,12 +35,12 @@ class GroupedState(NamedTuple):
         it is, without the leading axis. Scalars such as step counts are unchanged.
         :func:`ungroup_state` turns it back into the per-leaf state.
       structure: the tree structure, leaf shapes and dtypes of the parameters it was
-        made for, held as static data (no array: nothing to save). Each step makes its
-        blocks from them and compares its gradients' structure and shapes with them:
-        blocks of same-shaped leaves cannot tell a renamed or reordered leaf apart, and
-        blocks made from the gradients would stack other leaves together where a
-        gradient's dtype is not its parameter's; either way one leaf's state would go to
-        another. None skips the checks.
+        made for, static data (nothing saved: a restored state takes its target's, so
+        restore against the parameters it was saved with). Each step makes its blocks
+        from them and checks its gradients' structure and shapes against them: blocks of
+        same-shaped leaves cannot tell a renamed or reordered leaf apart, and blocks made
+        from the gradients would stack other leaves together where a gradient's dtype is
+        not its parameter's; either way one leaf's state would go to another. None: no checks.
     """
 
     inner: Any

@@ -6,6 +6,7 @@ from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax._src import base, block_layout, numerics, storage, validate
 from rmsjax._src.grouped import GroupedState
@@ -59,6 +60,10 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
         _fail(function, path, f"expected an array, got {type(value).__name__}")
     if _is_quantized(value):
         value = storage.dequantize(value)
+    if tuple(np.shape(value)) != tuple(like.shape):  # (an int8 like's: the logical shape)
+        _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(np.shape(value))}")
+    _check_value_fits(function, path, like, value)
+    value = jnp.asarray(value)
     if _is_quantized(like):
         value = jnp.asarray(value, jnp.float32)
         if like.signed:
@@ -72,10 +77,58 @@ def _convert_leaf(function: str, path: str, like: Any, value: Any) -> Any:
         holds_nan = jnp.isnan(block_layout.to_blocks(value)).any(axis=-1)
         scale = jnp.where(holds_nan, jnp.float32(jnp.nan), q.scale)
         return storage.QuantizedArray(q.codes, scale, q.shape, q.signed)
-    value = jnp.asarray(value)
-    if tuple(value.shape) != tuple(like.shape):
-        _fail(function, path, f"expected shape {tuple(like.shape)}, got {tuple(value.shape)}")
-    return value if value.dtype == like.dtype else value.astype(like.dtype)
+    if value.dtype == like.dtype and not getattr(value, "weak_type", False):
+        return value
+    # (a weakly typed scalar, optax's hyperparameter set from a Python float, would trace
+    # a jitted step once more)
+    return value.astype(like.dtype)
+
+
+def _check_value_fits(function: str, path: str, like: Any, value: Any) -> None:
+    """Refuses a ``value`` that ``like``'s dtype would change in silence: a complex one
+    for a real slot (its imaginary part), a fractional, negative or too large count, a
+    finite number the slot's float dtype holds as inf (a float64 moment of 1e49). Read
+    before any conversion, with NumPy on the host for host values and by reductions on
+    the device for arrays (one bool comes back); a traced value is left to the dtype."""
+    target = jnp.dtype(jnp.float32) if _is_quantized(like) else jnp.dtype(like.dtype)
+    dtype = jnp.dtype(value.dtype if hasattr(value, "dtype") else np.result_type(value))
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
+        target, jnp.complexfloating
+    ):
+        _fail(
+            function,
+            path,
+            f"a {dtype} value cannot become {target}: its imaginary part would be lost",
+        )
+    if isinstance(value, jax.core.Tracer) or not getattr(value, "is_fully_addressable", True):
+        return
+    xp = jnp if isinstance(value, jax.Array) else np
+    held = xp.asarray(value)
+    if jnp.issubdtype(target, jnp.integer) and jnp.issubdtype(dtype, jnp.inexact):
+        if not bool(xp.all(xp.isfinite(held) & (held == xp.round(held)))):
+            _fail(function, path, f"expected whole numbers for {target}, got {_shown(held)}")
+    if jnp.issubdtype(target, jnp.integer) and held.size:
+        info = jnp.iinfo(target)
+        low = 0 if path.endswith(".count") else info.min
+        if float(xp.min(held)) < low or float(xp.max(held)) > info.max:
+            _fail(
+                function,
+                path,
+                f"expected {target} values in [{low}, {info.max}], got {_shown(held)}",
+            )
+    if jnp.issubdtype(target, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
+        top = float(jnp.finfo(target).max)
+        if float(jnp.finfo(dtype).max) > top and bool(
+            xp.any(xp.isfinite(held) & (xp.abs(held) > top))
+        ):
+            _fail(function, path, f"{_shown(held)} holds numbers beyond {target}'s largest")
+
+
+def _shown(held: Any) -> str:
+    if np.size(held) == 1:
+        return repr(np.asarray(held).item())
+    first = np.asarray(held.ravel()[:3]).tolist()
+    return f"an array of {held.dtype} (first elements {first})"
 
 
 def _zeros_like(like: Any) -> Any:
@@ -200,6 +253,13 @@ def _walk(function: str, path: str, like: Any, other: Any, to_optax: bool, paren
                 out[key] = type(template)(count=parent.count)
             else:
                 _fail(function, sub, "missing")
+        for key, value in other.items():
+            # optax's count of a plain schedule is rmsjax's step count; anything else
+            # `like` has no place for would be lost (a hyperparameter set in optax's
+            # state, the moment of a leaf `like`'s parameters lack)
+            kept_elsewhere = type(value).__name__ == "WrappedScheduleState"
+            if key not in like and not kept_elsewhere and jax.tree.leaves(value):
+                _fail(function, f"{path}[{key!r}]", "`like` has no place for it")
         return type(like)(out) if type(like) is not dict else out
     if isinstance(like, (tuple, list)):
         if not isinstance(other, (tuple, list)) or len(other) != len(like):
@@ -256,6 +316,7 @@ def from_optax_state(optax_state: base.OptState, like: base.OptState) -> base.Op
     ('ScaleByRmsState', Array([0.1, 0.1, 0.1], dtype=float32))
     """
     _refuse_nnx_state("from_optax_state", optax_state=optax_state, like=like)
+    _refuse_swapped("from_optax_state", like, optax_state, "to_optax_state")
     return _walk("from_optax_state", "state", like, optax_state, False, None)
 
 
@@ -273,6 +334,29 @@ def _refuse_nnx_state(function: str, **trees: Any) -> None:
                 "of the library that saved it first): new.opt_state = "
                 f"rj.{function}(old.opt_state, like=new.opt_state)."
             )
+
+
+def _libraries(tree: Any) -> set[str]:
+    """The libraries whose state types ``tree`` holds (its outermost NamedTuples)."""
+    nodes = jax.tree.leaves(tree, is_leaf=base.is_namedtuple)
+    return {type(n).__module__.split(".")[0] for n in nodes if base.is_namedtuple(n)}
+
+
+def _refuse_swapped(function: str, ours: Any, theirs: Any, inverse: str) -> None:
+    """A TypeError where rmsjax's state stands where optax's is expected and the
+    reverse (the arguments swapped, or the function of the other direction): the walk
+    matched the fields by name and failed on the first one only rmsjax keeps."""
+    if "rmsjax" in _libraries(theirs) and "optax" in _libraries(ours) - {"rmsjax"}:
+        raise TypeError(
+            f"rmsjax.{function}: the rmsjax state and the optax state are the other way "
+            f"round: {function} turns "
+            + (
+                "an optax state into the rmsjax state given as `like`"
+                if function == "from_optax_state"
+                else "an rmsjax state into the optax state given as `like`"
+            )
+            + f"; for the other direction use rj.{inverse}."
+        )
 
 
 def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
@@ -297,6 +381,7 @@ def to_optax_state(state: base.OptState, like: base.OptState) -> base.OptState:
     Array([1.1, 1.1, 1.1], dtype=float32)
     """
     _refuse_nnx_state("to_optax_state", state=state, like=like)
+    _refuse_swapped("to_optax_state", state, like, "from_optax_state")
     return _walk("to_optax_state", "state", like, state, True, None)
 
 
