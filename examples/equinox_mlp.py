@@ -1,14 +1,14 @@
 """rmsjax inside an equinox training loop.
 
 Equinox models are pytrees holding arrays and other things (activation functions,
-static sizes). ``eqx.filter(model, eqx.is_array)`` keeps the arrays and puts None
+static sizes). ``eqx.filter(model, eqx.is_inexact_array)`` keeps the float arrays, None
 elsewhere; rmsjax treats None leaves as "not trained" (no state, no update), so the
 optimizer is initialised and stepped on the filtered model directly::
 
     tx = rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(3e-4, momentum=0.9))
-    state = tx.init(eqx.filter(model, eqx.is_array))
+    state = tx.init(eqx.filter(model, eqx.is_inexact_array))
     ...
-    updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_array))
+    updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
     model = eqx.apply_updates(model, updates)
 
 This script fits ``eqx.nn.MLP`` to a noisy sine and writes ``equinox_fit.png``: the
@@ -50,7 +50,7 @@ def make_step(tx: rj.GradientTransformation):
     @eqx.filter_jit
     def step(model, state, x, y):
         loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y)
-        updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_array))
+        updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), state, loss
 
     return step
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, y = make_data()
     model = eqx.nn.MLP(1, 1, width_size=64, depth=2, activation=jnp.tanh, key=jax.random.key(0))
     tx = rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(3e-4, momentum=0.9))
-    state = tx.init(eqx.filter(model, eqx.is_array))
+    state = tx.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_step(tx)
 
     snapshots = {0: np.asarray(jax.vmap(model)(x))}
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(float(loss))
         if t in (steps // 20, steps // 4, steps):
             snapshots[t] = np.asarray(jax.vmap(model)(x))
-    print(f"loss after 1 step {losses[0]:.4f}, after {steps} steps {losses[-1]:.4f}")
+    print(f"loss at the start {losses[0]:.4f}, after {steps - 1} steps {losses[-1]:.4f}")
 
     try:
         import matplotlib

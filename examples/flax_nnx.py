@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(float(train_step(model, optimizer, x, y)))
         if step in (steps // 20, steps // 4, steps):
             snapshots[step] = np.asarray(model(x))
-    print(f"loss after 1 step {losses[0]:.4f}, after {steps} steps {losses[-1]:.4f}")
+    print(f"loss at the start {losses[0]:.4f}, after {steps - 1} steps {losses[-1]:.4f}")
     print(f"learning rate now {learning_rate(optimizer):.2e} (halved at step {steps // 2})")
     print(f"skipped non-finite steps: {int(optimizer.opt_state.total_notfinite[...])}")
 
