@@ -110,7 +110,8 @@ def stacked_step(algorithm: str, block_size: int | None) -> tuple[Callable, Call
     the blocks. What the layout itself costs, so that a figure between it and
     ``rmsjax.grouped`` is rmsjax's own work. Not an optimizer to use: a moment past
     float32's range is lost here, as in optax."""
-    decay, eps = 0.9, 1e-8
+    decay = 0.9
+    eps = 1e-7 if algorithm == "adagrad" else 1e-8  # optax's defaults
     momentum = algorithm == "rmsprop_momentum"
 
     def blocks(tree):
@@ -126,22 +127,26 @@ def stacked_step(algorithm: str, block_size: int | None) -> tuple[Callable, Call
         return (moments, jax.tree.map(jnp.zeros_like, moments)) if momentum else (moments,)
 
     def step(params, state, grads):
+        # optax's formulas in its order: scale_by_rms or scale_by_rss, then
+        # scale_by_learning_rate, then trace, then apply_updates
         leaves, treedef = jax.tree.flatten(params)
         gs = jax.tree.leaves(grads)
         new_params, new_state = list(leaves), [[] for _ in state]
         for k, block in enumerate(blocks(params)):
             g = jnp.stack([gs[i] for i in block])
             if algorithm == "adagrad":
-                nu = state[0][k] + g * g
+                nu = g * g + state[0][k]
+                u = jnp.where(nu > 0, jax.lax.rsqrt(nu + eps), 0.0) * g
             else:
-                nu = (1 - decay) * g * g + decay * state[0][k]
-            u = g * jax.lax.rsqrt(nu + eps)
+                nu = (1 - decay) * (g * g) + decay * state[0][k]
+                u = g * jax.lax.rsqrt(nu + eps)
             new_state[0].append(nu)
+            u = -LEARNING_RATE * u
             if momentum:
-                u = 0.9 * state[1][k] + u
+                u = u + 0.9 * state[1][k]
                 new_state[1].append(u)
             for row, i in enumerate(block):
-                new_params[i] = leaves[i] - LEARNING_RATE * u[row]
+                new_params[i] = leaves[i] + u[row]
         return treedef.unflatten(new_params), tuple(tuple(s) for s in new_state)
 
     return step, init

@@ -257,6 +257,13 @@ def test_swapped_states_are_named_as_such():
         TypeError, match=r"^rmsjax\.to_optax_state: .*other way round.*rj\.from_optax_state"
     ):
         rj.to_optax_state(theirs, like=ours)
+    # a chain of either library may hold the other's parts: converted as before
+    opt = optax.chain(rj.as_optax(rj.clip(1.0)), optax.rmsprop(0.1))
+    tx = rj.chain(optax.clip(1.0), rj.rmsprop(0.1))
+    converted = rj.from_optax_state(opt.init(params), like=tx.init(params))
+    assert jax.tree.structure(converted) == jax.tree.structure(tx.init(params))
+    back = rj.to_optax_state(converted, like=opt.init(params))
+    assert jax.tree.structure(back) == jax.tree.structure(opt.init(params))
 
 
 def test_flax_restoring_a_float_checkpoint_into_int8_state_says_so():

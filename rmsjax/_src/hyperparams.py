@@ -24,6 +24,7 @@ from rmsjax._src import (
 from rmsjax._src.hyperparams_state import (
     Hyperparams,
     InjectHyperparamsState,
+    check_entries,
     fits_int32,
     is_integer,
     refuse_lost,
@@ -61,6 +62,11 @@ def _float_dtype(tree: Any, hyperparam_dtype: Any) -> Any:
         ):  # (an 8-bit float leaf: the inner optimizer refuses it by name)
             dtype = jnp.promote_types(dtype, jnp.finfo(leaf_dtype).dtype)
     return dtype
+
+
+def _not_a_schedule(key: str) -> str:
+    """The end of a message about a callable argument that does not act as a schedule."""
+    return f"; a function that is no schedule goes in static_args=({key!r},)"
 
 
 def _refusal_as_given(build: Callable, values: Callable[[], dict]) -> None:
@@ -187,8 +193,7 @@ def inject_hyperparams(
             elif _is_stateful_schedule(value):
                 stateful[key] = value
             elif callable(value):
-                hint = f"; a function that is no schedule goes in static_args=({key!r},)"
-                validate.check_schedule_signature(where, key, value, hint)
+                validate.check_schedule_signature(where, key, value, _not_a_schedule(key))
                 schedules[key] = value
             elif _is_numeric(value):
                 numeric[key] = value
@@ -204,11 +209,16 @@ def inject_hyperparams(
             with np.errstate(over="ignore"):  # (a value the dtype cannot hold is refused)
                 return jnp.array(value, dtype, copy=True)
 
+        def template(key, dtype):
+            # an entry's shape and dtype, as cast gives it (for check_entries)
+            integer = is_integer(numeric[key]) and fits_int32(numeric[key])
+            return np.zeros((), np.int32 if integer else dtype)
+
         def values_at(count, stored, schedule_states, dtype, extra):
             values = {key: cast(key, value, dtype) for key, value in stored.items()}
             for key, schedule in schedules.items():
                 # (optax calls a mask function with the count too, and masks nothing)
-                hint = f"; a function that is no schedule goes in static_args=({key!r},)"
+                hint = _not_a_schedule(key)
                 value = step_checks.scalar_schedule_value(where, key, schedule(count), hint)
                 values[key] = cast(key, value, dtype)
             for key, schedule in stateful.items():
@@ -270,10 +280,7 @@ def inject_hyperparams(
                     f"rmsjax.{where}.update: state.hyperparams lacks {missing}, which "
                     f"this optimizer injects; its hyperparameters are {sorted(numeric)}"
                 )
-            # the checks of state.hyperparams[key] = value, made on a checked copy: an
-            # entry set by optax.tree_utils.tree_set, or in a plain dict, skipped them
-            checked = Hyperparams({key: cast(key, numeric[key], dtype) for key in numeric})
-            checked.update({key: state.hyperparams[key] for key in numeric})
+            check_entries(state.hyperparams, {key: template(key, dtype) for key in numeric})
             stored = {key: state.hyperparams[key] for key in numeric}
             values = values_at(state.count, stored, state.hyperparams_states, dtype, extra)
             # with apply, the inner optimizer's fused step, when it has one

@@ -51,20 +51,12 @@ class Hyperparams(dict):
                 f"its entries are {sorted(self)}"
             )
         old = super().__getitem__(key)
-        if np.shape(value) != np.shape(old):
-            raise ValueError(
-                f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
-                f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
-            )
         if isinstance(value, jax.core.Tracer):
-            # its value is unknown until the step runs; its dtype is known now
-            if not _is_real(value.dtype):
-                raise TypeError(
-                    f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] must be a real "
-                    f"number (an integer or a float), got a traced value of dtype {value.dtype}"
-                )
+            # its value is unknown until the step runs; its shape and dtype are known now
+            _check_array(key, value, old)
             super().__setitem__(key, value)
             return
+        _check_array(key, value, old)
         if np.shape(old) == ():
             # a real number, finite in float32 (a bool would be stored as 1.0, a decay
             # of True stepping by -1000 g); its range is checked where the step builds
@@ -160,6 +152,38 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
+def _check_array(key: str, value: Any, old: Any) -> None:
+    """The checks of an entry that need no value: its shape, and for an array its dtype
+    (real: a bool stepped as 1, a complex number as its real part)."""
+    if np.shape(value) != np.shape(old):
+        raise ValueError(
+            f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
+            f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
+        )
+    if isinstance(value, jax.Array) and not _is_real(value.dtype):
+        raise TypeError(
+            f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] must be a real "
+            f"number (an integer or a float), got an array of dtype {value.dtype}"
+        )
+
+
+def check_entries(entries: Any, templates: dict[str, Any]) -> None:
+    """The checks of ``state.hyperparams[key] = value`` on the entries a step reads, which
+    ``optax.tree_utils.tree_set`` (it rebuilds the dict) or a plain dict put there without
+    them. An array (a tracer under ``jit``) is checked by its shape and dtype alone, with
+    no read of its value; a host value (a Python or NumPy number, a string, None) in
+    full, against ``templates``, the entries' shapes and dtypes (``np.zeros((), dtype)``).
+    An array's value is checked where the step builds the optimizer from it (its range;
+    eagerly) or not at all (traced)."""
+    trial = Hyperparams(templates)  # (the dict constructor sets no entry through the checks)
+    for key in templates:
+        value = entries[key]
+        if isinstance(value, jax.Array):
+            _check_array(key, value, templates[key])
+        else:
+            trial[key] = value
+
+
 def refuse_lost(function: str, label: str, value: Any, dtype: Any) -> None:
     """A ValueError where ``value``, a finite number that is not 0, is 0 or infinite in
     ``dtype`` (1e-8 or 1e5 in float16): kept in a state of that dtype, a hyperparameter
@@ -174,7 +198,7 @@ def refuse_lost(function: str, label: str, value: Any, dtype: Any) -> None:
         held = float(np.asarray(given).astype(jnp.dtype(dtype)))
     if held == 0 or math.isinf(held):
         raise ValueError(
-            f"rmsjax.{function}: {label} is {value!r}, which is {held:g} in "
+            f"rmsjax.{function}: {label} is {given!r}, which is {held:g} in "
             f"{jnp.dtype(dtype).name} (the state's hyperparam_dtype); pass a wider "
             "hyperparam_dtype (float32, the default), or a value the dtype holds"
         )

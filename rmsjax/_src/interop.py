@@ -89,7 +89,9 @@ def _check_value_fits(function: str, path: str, like: Any, value: Any) -> None:
     for a real slot (its imaginary part), a fractional, negative or too large count, a
     finite number the slot's float dtype holds as inf (a float64 moment of 1e49). Read
     before any conversion, with NumPy on the host for host values and by reductions on
-    the device for arrays (one bool comes back); a traced value is left to the dtype."""
+    the device for arrays (one bool comes back); a traced value, and an array spanning
+    other processes' devices, are left to the dtype. A second moment beyond float32 for
+    int8 codes is held at float32's largest, as an overflowed optax sum is."""
     target = jnp.dtype(jnp.float32) if _is_quantized(like) else jnp.dtype(like.dtype)
     dtype = jnp.dtype(value.dtype if hasattr(value, "dtype") else np.result_type(value))
     if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
@@ -116,7 +118,12 @@ def _check_value_fits(function: str, path: str, like: Any, value: Any) -> None:
                 path,
                 f"expected {target} values in [{low}, {info.max}], got {_shown(held)}",
             )
-    if jnp.issubdtype(target, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
+    unsigned_codes = _is_quantized(like) and not like.signed  # (held at float32's largest)
+    if (
+        jnp.issubdtype(target, jnp.floating)
+        and jnp.issubdtype(dtype, jnp.floating)
+        and not unsigned_codes
+    ):
         top = float(jnp.finfo(target).max)
         if float(jnp.finfo(dtype).max) > top and bool(
             xp.any(xp.isfinite(held) & (xp.abs(held) > top))
@@ -346,7 +353,9 @@ def _refuse_swapped(function: str, ours: Any, theirs: Any, inverse: str) -> None
     """A TypeError where rmsjax's state stands where optax's is expected and the
     reverse (the arguments swapped, or the function of the other direction): the walk
     matched the fields by name and failed on the first one only rmsjax keeps."""
-    if "rmsjax" in _libraries(theirs) and "optax" in _libraries(ours) - {"rmsjax"}:
+    # (a state of either library may hold parts of the other: chains take both)
+    expected, given = _libraries(ours), _libraries(theirs)
+    if "rmsjax" in given and "optax" in expected and "rmsjax" not in expected:
         raise TypeError(
             f"rmsjax.{function}: the rmsjax state and the optax state are the other way "
             f"round: {function} turns "
