@@ -173,6 +173,24 @@ def test_centered_zero_variance_with_zero_eps_steps_by_an_infinity_not_a_nan():
         assert float(u[3]) == 0.0  # a zero gradient: a zero update, variance or not
 
 
+def test_centered_variance_rounded_to_zero_at_decay_one_half_needs_eps():
+    # docs/numerics.md: at decay 0.5 every product is exact, and after 24 steps of a
+    # constant gradient nu and mu^2 round to the same float32: the variance is exactly 0
+    # although the equations keep it positive. eps = 0 then steps by inf (as optax);
+    # eps > 0 by g / sqrt(eps), finite
+    for eps, last in ((0.0, -np.inf), (1e-8, -100.0)):
+        tx = rj.rmsprop(0.01, decay=0.5, eps=eps, centered=True)
+        state, update = tx.init(jnp.zeros(3)), jax.jit(tx.update)
+        steps = []
+        for _ in range(30):
+            u, state = update(jnp.ones(3), state)
+            steps.append(float(u[0]))
+        if eps == 0:  # the equations' 24th step, the last before the variance is 0
+            np.testing.assert_allclose(steps[23], -40.96, rtol=1e-6)
+        assert steps[24] == steps[29] == last
+        assert not np.isnan(steps).any()
+
+
 def test_centered_zero_variance_steps_by_g_over_root_eps_up_to_float32_s_maximum():
     # by the equations the variance is 0 at decay 0: the update before the learning rate
     # is g / sqrt(eps), inf past 3.4e38 * sqrt(eps) (docs/numerics.md, "Limits")
