@@ -160,7 +160,7 @@ def _check_array(key: str, value: Any, old: Any) -> None:
             f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] holds a value of "
             f"shape {np.shape(old)}, got one of shape {np.shape(value)}"
         )
-    if isinstance(value, jax.Array) and not _is_real(value.dtype):
+    if isinstance(value, jax.Array) and not validate.is_real_dtype(value.dtype):
         raise TypeError(
             f"rmsjax.inject_hyperparams: state.hyperparams[{key!r}] must be a real "
             f"number (an integer or a float), got an array of dtype {value.dtype}"
@@ -202,11 +202,6 @@ def refuse_lost(function: str, label: str, value: Any, dtype: Any) -> None:
             f"{jnp.dtype(dtype).name} (the state's hyperparam_dtype); pass a wider "
             "hyperparam_dtype (float32, the default), or a value the dtype holds"
         )
-
-
-def _is_real(dtype: Any) -> bool:
-    """An integer or floating dtype (not bool, not complex)."""
-    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 
 def is_integer(value: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmsjax._src.validate import INT32_MAX, as_float, concrete_value
+from rmsjax._src.validate import INT32_MAX, as_float, concrete_value, is_real_dtype
 
 
 def accumulator_dtype_for(function: str, param: Any, accumulator_dtype: Any) -> Any:
@@ -51,7 +51,7 @@ def scalar_schedule_value(function: str, argument: str, value: Any, hint: str = 
     if dtype is None:
         real = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
-        real = np.issubdtype(dtype, np.integer) or jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        real = is_real_dtype(dtype)
     if not real:
         kind = f"{value!r} ({type(value).__name__})"
         if dtype is not None:

@@ -48,6 +48,15 @@ def as_float(value: Any) -> Any:
     return float(value)
 
 
+def is_real_dtype(dtype: Any) -> bool:
+    """An integer or floating dtype: not bool (True stepped as 1), not complex (its
+    imaginary part would be dropped)."""
+    return bool(
+        jax.numpy.issubdtype(dtype, jax.numpy.integer)
+        or jax.numpy.issubdtype(dtype, jax.numpy.floating)
+    )
+
+
 def _shown(value: Any) -> str:
     """``repr(value)``, but a concrete JAX scalar as its number and dtype (``1.5
     (float32 array)``, not ``Array(1.5, dtype=float32)``: inject_hyperparams hands its
