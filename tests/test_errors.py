@@ -425,13 +425,36 @@ def _foreign_part(state, index, value=5):
             r"^rmsjax\.compat\.torch_rmsprop\.update: its part scale_by_learning_rate "
             r"\(state\[4\]\)",
         ),
+        (
+            # grouped runs its rule in another layout: its errors carry its own name
+            lambda: rj.chain(rj.clip_by_global_norm(1.0), rj.grouped(rj.rmsprop(0.1))),
+            lambda p: rj.chain(rj.clip_by_global_norm(1.0), rj.rmsprop(0.1)).init(p),
+            r"^rmsjax\.chain\.update: its part grouped \(state\[1\]\): expected the "
+            r"GroupedState that init returned, got tuple",
+        ),
     ],
-    ids=["rmsprop-centered", "adagrad", "chain", "nested", "torch-preset"],
+    ids=["rmsprop-centered", "adagrad", "chain", "nested", "torch-preset", "grouped-part"],
 )
 def test_a_part_at_fault_is_named_after_the_constructor_the_user_called(build, state_of, expected):
     params = jnp.ones(3)
     with pytest.raises(TypeError, match=expected):
         build().update(params, state_of(params), params)
+
+
+def test_a_grouped_part_names_the_chain_then_itself_for_a_gradient_of_another_shape():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    tx = rj.chain(rj.clip_by_global_norm(1.0), rj.grouped(rj.rmsprop(0.1)))
+    state = tx.init(params)
+    grads = {"w": jnp.ones((3, 4)), "b": jnp.ones(3)}
+    with pytest.raises(
+        ValueError,
+        match=r"^rmsjax\.chain\.update: its part grouped \(state\[1\]\): the update at "
+        r"\['w'\] has shape \(3, 4\)",
+    ):
+        tx.update(grads, state, params)
+    # a wrapper that grouped cannot hold is named, with where it goes instead
+    with pytest.raises(TypeError, match=r"holds rmsjax\.apply_if_finite\. .* wrap apply_if_finite"):
+        rj.grouped(rj.apply_if_finite(rj.rmsprop(0.1), 2))
 
 
 @pytest.mark.parametrize(

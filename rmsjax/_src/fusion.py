@@ -142,7 +142,10 @@ def name_of(tx: Any) -> str | None:
     update = _capabilities(tx)
     if update is None:
         return None
-    return update.rule.name if update.rule is not None else update.name
+    if update.rule is None:
+        return update.name
+    # a rule run in another layout is named by the wrapper that chose it (grouped)
+    return update.rule.name if update.layout is engine.PER_LEAF else update.layout.name
 
 
 def other_parts_of(tx: Any) -> str:

@@ -129,8 +129,8 @@ def grouped(
             "rmsjax.grouped: tx must be built only from elementwise rules (rmsprop, "
             "adagrad, sgd, scale_by_rms, trace, ...); this one holds "
             f"{fusion.other_parts_of(tx)}. Chain such parts outside: "
-            "chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3))); wrap masked, "
-            "inject_hyperparams and accumulate_gradients around grouped."
+            "chain(clip_by_global_norm(1.0), grouped(rmsprop(1e-3))); wrap apply_if_finite, "
+            "masked, inject_hyperparams and accumulate_gradients around grouped."
         )
     not_elementwise = [slot.field for slot in rule.slots if slot.axes is not None]
     if not_elementwise:
