@@ -1301,6 +1301,8 @@ def test_keras_clipnorm_refusal_composes_keras_per_variable_clip(source):
         live_peer_available("keras_rmsprop")
         stored.update(_peer_schedules("keras"))
     composed = str(refusal.value).split("compose ", 1)[1]
+    composed, imports = composed.split(", with ", 1)  # the names it needs are said
+    assert imports == "jax, jax.numpy as jnp and rmsjax as rj imported"
     assert composed.startswith("rj.chain(") and composed.endswith("compat.keras_rmsprop(...))")
     tx = eval(composed.replace("rmsjax.compat.keras_rmsprop(...)", "compat.keras_rmsprop(0.01)"))
     params = jnp.asarray(stored["params"])

@@ -290,7 +290,7 @@ def _check_base_options(
             "rj.chain(rj.GradientTransformation(lambda params: rj.EmptyState(), lambda g, "
             "state, params=None: (jax.tree.map(lambda x: x * "
             f"({clipnorm!r} / jnp.maximum(jnp.linalg.norm(x), {clipnorm!r})), g), state)), "
-            f"{preset})",
+            f"{preset}), with jax, jax.numpy as jnp and rmsjax as rj imported",
         ),
         ("clipvalue", clipvalue, f"compose rj.chain(rj.clip({clipvalue!r}), {preset})"),
         (
