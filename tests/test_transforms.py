@@ -753,6 +753,27 @@ def test_a_narrower_accumulator_saturates_instead_of_stepping_by_infinity(dtype,
     np.testing.assert_array_equal(np.asarray(updates)[:2], [-np.inf, np.inf])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, None])
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_gradients_at_float32s_largest_accumulate_to_a_finite_step(dtype, k):
+    # bfloat16 holds float32's largest / 2 as 2^127: two of them summed to inf in
+    # float32, and RMSprop stepped by -inf (the sum saturated only when it came out finite)
+    largest = np.finfo(np.float32).max
+    params = jnp.ones(3)
+    grads = jnp.array([largest, -largest, 1.0], jnp.float32)
+    rmsprop_step = -0.01 / np.sqrt(0.1) * np.sign(np.asarray(grads))
+    # sgd: the mean, within the accumulator's rounding (bfloat16's: 2^-8)
+    for inner, want, rtol in ((rj.rmsprop(0.01), rmsprop_step, 1e-6), (rj.sgd(1.0), None, 2**-7)):
+        tx = rj.accumulate_gradients(inner, k, accumulator_dtype=dtype)
+        state, step = tx.init(params), jax.jit(tx.update)
+        for _ in range(k):
+            updates, state = step(grads, state, params)
+            assert np.all(np.isfinite(np.asarray(updates)))
+            assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+        want = [-largest, largest, -1.0] if want is None else want
+        np.testing.assert_allclose(np.asarray(updates, np.float64), want, rtol=rtol)
+
+
 def test_accumulate_gradients_every_1_is_the_inner_optimizer():
     inner = rj.adagrad(0.1)
     tx = rj.accumulate_gradients(inner, every_k=1)

@@ -139,12 +139,16 @@ def accumulate_gradients(
 
         def add(acc, g):
             dtype = numerics.compute_dtype(jnp.result_type(acc, g))
-            total = acc.astype(dtype) + g.astype(dtype) * (1 / unit)
+            g = g.astype(dtype) * (1 / unit)
+            total = acc.astype(dtype) + g
+            # A sum of finite gradients saturates at the accumulator's largest number
+            # rather than turn into inf (which stepped by -inf): a narrower accumulator's
+            # (bfloat16's is under float32's, float16's is 65504), and float32's where
+            # rounding took the sum past it (bfloat16 holds float32's largest / 2 as
+            # 2^127, and two of them overflowed float32).
             top = float(jnp.finfo(acc.dtype).max)
-            if top < float(jnp.finfo(dtype).max):
-                # a narrower accumulator (bfloat16's largest is under float32's, float16's
-                # is 65504) saturates: a finite sum stored as inf stepped by -inf
-                total = jnp.where(jnp.isfinite(total), jnp.clip(total, -top, top), total)
+            finite = jnp.isfinite(acc) & jnp.isfinite(g)
+            total = jnp.where(finite, jnp.clip(total, -top, top), total)
             return total.astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)
