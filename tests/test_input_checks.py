@@ -653,8 +653,37 @@ def test_a_hyperparameter_the_state_s_dtype_rounds_to_zero_is_refused_where_give
     tx = rj.inject_hyperparams(rj.rmsprop)(learning_rate=0.1)
     state = tx.init(params)
     state.hyperparams["learning_rate"] = 1e-30  # float32 holds it
-    with pytest.raises(ValueError, match=r"is 1e-46, which is 0 in float32"):
+    # the advice fits the dtype: float32 is already the widest without x64
+    with pytest.raises(
+        ValueError,
+        match=r"is 1e-46, which is 0 in float32.*; pass a value the dtype holds \(or, with "
+        r"jax_enable_x64",
+    ):
         state.hyperparams["learning_rate"] = 1e-46
+    with pytest.raises(ValueError, match=r"; pass a wider hyperparam_dtype \(float32"):
+        state = half(learning_rate=0.1, eps=1e-3).init(params)
+        state.hyperparams["learning_rate"] = 1e-9
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (
+            lambda v: rj.compat.tf1_adagrad(0.1, initial_accumulator_value=v),
+            "initial_accumulator_value",
+        ),
+        (lambda v: rj.schedules.exponential_decay(0.1, 10, v), "decay_rate"),
+        (lambda v: rj.schedules.cosine_decay_schedule(0.1, 10, exponent=v), "exponent"),
+    ],
+)
+def test_a_bound_that_must_be_exceeded_is_exceeded_in_float32(build, argument):
+    # tf1_adagrad refused 0 (TF1 divides by the root of the sum) but took 1e-46, which
+    # is 0 in float32, the dtype the step computes in
+    build(1e-45)  # the smallest float32 number over 0
+    with pytest.raises(ValueError, match=rf"{argument} must be > 0 in float32.*got 1e-46$"):
+        build(1e-46)
+    with jax.enable_x64(True):  # where the step may compute in float64, 1e-46 is > 0
+        build(1e-46)
 
 
 def test_masked_and_apply_updates_refuse_gradients_no_rule_would_take():
@@ -802,3 +831,32 @@ def _with_rate(state, rate):
     hyperparams = rj.Hyperparams(state.hyperparams)
     hyperparams["learning_rate"] = rate
     return hyperparams
+
+
+def test_nesterov_with_a_momentum_of_zero_is_taken_as_optax_takes_it():
+    params, grads = jnp.array([1.0, -2.0]), jnp.array([0.3, -0.7])
+    ours, theirs = (
+        rj.rmsprop(0.1, momentum=0.0, nesterov=True),
+        optax.rmsprop(0.1, momentum=0.0, nesterov=True),
+    )
+    state, their_state = ours.init(params), theirs.init(params)
+    for _ in range(3):
+        updates, state = ours.update(grads, state, params)
+        expected, their_state = theirs.update(grads, their_state, params)
+        np.testing.assert_allclose(updates, expected, rtol=1e-6)
+
+
+def test_step_bounds_hold_in_float32_and_round_to_the_parameter_s_dtype():
+    # docs/numerics.md, "Bounded steps": the bound of the float32 step, rounded to a
+    # float16 parameter's dtype; a rate whose bound passes float32's largest is infinite
+    grads = jnp.array([3e4, 6e4, -1e3], jnp.float16)
+    updates, _ = rj.adagrad(0.01).update(grads, rj.adagrad(0.01).init(grads), grads)
+    assert updates.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(updates), np.float16(-0.01) * np.sign(grads))
+    assert float(np.float16(-0.01)) < -0.01  # 0.0100021: past the float32 bound
+    tx = rj.rmsprop(3.4e38)  # accepted: finite in float32
+    updates, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    np.testing.assert_array_equal(np.asarray(updates), -np.inf)  # 3.4e38 / sqrt(0.1)
+    tx = rj.rmsprop(1.07e38)  # under the bound: finite
+    updates, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    assert np.all(np.isfinite(np.asarray(updates)))

@@ -199,9 +199,16 @@ def refuse_lost(function: str, label: str, value: Any, dtype: Any) -> None:
     if held == 0 or math.isinf(held):
         raise ValueError(
             f"rmsjax.{function}: {label} is {given!r}, which is {held:g} in "
-            f"{jnp.dtype(dtype).name} (the state's hyperparam_dtype); pass a wider "
-            "hyperparam_dtype (float32, the default), or a value the dtype holds"
+            f"{jnp.dtype(dtype).name} (the state's hyperparam_dtype); pass "
+            f"{_held_by(dtype)}"
         )
+
+
+def _held_by(dtype: Any) -> str:
+    """What to pass instead of a value ``dtype`` loses (see :func:`refuse_lost`)."""
+    if jnp.finfo(dtype).bits < 32:
+        return "a wider hyperparam_dtype (float32, the default), or a value the dtype holds"
+    return "a value the dtype holds (or, with jax_enable_x64, hyperparam_dtype=jnp.float64)"
 
 
 def is_integer(value: Any) -> bool:

@@ -159,6 +159,10 @@ def check_range(
             allowed = f"a number {allowed} (not NaN)"
         _fail(function, argument, allowed, value)
     _check_representable(function, argument, number, value)
+    if low_open and not jax.config.read("jax_enable_x64") and float(np.float32(number)) == low:
+        # (1e-46 > 0, but float32 holds it as 0: the bound the step would meet)
+        allowed = describe_range(low, high, low_open, high_open)
+        _fail(function, argument, f"{allowed} in float32, the dtype the step computes in", value)
 
 
 def describe_range(
