@@ -187,6 +187,21 @@ def test_state_shardings_needs_a_named_sharding():
         rj.state_shardings(rj.adagrad(0.1), {"w": jnp.zeros(3)})
 
 
+def test_state_shardings_take_what_eval_shape_gives_on_explicit_axes():
+    # jax.eval_shape of parameters on a mesh with Explicit axes gives shardings over an
+    # AbstractMesh, which has no devices: JAX's "AbstractMesh does not implement devices"
+    explicit = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=explicit)
+    params = {"w": jax.device_put(jnp.zeros((4, 256)), jax.sharding.NamedSharding(mesh, P("data")))}
+    tx = rj.rmsprop(0.1, momentum=0.9, storage="int8")
+    with pytest.raises(ValueError, match=r"^rmsjax\.state_shardings: .*abstract mesh .*set_mesh"):
+        rj.state_shardings(tx, jax.eval_shape(lambda: params))
+    with jax.set_mesh(mesh):
+        got = rj.state_shardings(tx, jax.eval_shape(lambda: params))
+    assert got == rj.state_shardings(tx, params)
+    assert all(isinstance(s.mesh, jax.sharding.Mesh) for s in jax.tree.leaves(got))
+
+
 def test_state_shardings_match_init_on_one_device_mesh():
     mesh = jax.make_mesh((1,), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, P("data"))

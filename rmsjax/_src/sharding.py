@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental.shard_alike import shard_alike
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rmsjax._src import specs as spec_lib
 from rmsjax._src import tree_paths, validate
@@ -57,6 +57,24 @@ def _explicit_sharding(x: Any) -> NamedSharding | None:
     if AxisType.Explicit not in tuple(sharding.mesh.axis_types):
         return None
     return sharding
+
+
+def _concrete_mesh(mesh: Any) -> Mesh:
+    """``mesh``, or for the abstract mesh that ``jax.eval_shape`` puts in the shardings of
+    its results on Explicit axes, the mesh set with ``jax.set_mesh`` that it describes:
+    :func:`state_shardings` returns shardings a restore or ``out_shardings`` can use."""
+    if not isinstance(mesh, AbstractMesh):
+        return mesh
+    current = jax.sharding.get_mesh()
+    if not current.empty and current.abstract_mesh == mesh:
+        return current
+    raise ValueError(
+        "rmsjax.state_shardings: params carry shardings over an abstract mesh (axes "
+        f"{dict(mesh.shape)}), as jax.eval_shape gives them on a mesh with Explicit axes, "
+        "and no mesh it describes is set; call state_shardings inside "
+        "`with jax.set_mesh(mesh):`, or describe the parameters as "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))."
+    )
 
 
 def known_sharding(x: Any) -> NamedSharding | None:
@@ -238,6 +256,7 @@ def state_shardings(tx: Any, params: Any) -> Any:
             "parameters with jax.device_put(params, NamedSharding(mesh, spec)) or describe "
             "them as jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...))."
         )
+    mesh = _concrete_mesh(mesh)
     # Trace init on a copy of the mesh whose axes are Explicit: the shardings then travel
     # in the types, through rmsjax's rules and through rules written with *_like ops.
     axis_types = (AxisType.Explicit,) * len(mesh.axis_names)
