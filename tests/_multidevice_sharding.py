@@ -471,6 +471,12 @@ def run_zero1() -> None:
         (AxisType.Auto, "rmsprop momentum centered", rj.rmsprop(0.01, momentum=0.9, centered=True)),
         (AxisType.Auto, "adagrad int8", rj.adagrad(0.05, storage="int8")),
         (AxisType.Explicit, "rmsprop momentum", rj.rmsprop(0.01, momentum=0.9)),
+        # (the codes of a flat layout on Explicit axes: a ShardingTypeError once)
+        (
+            AxisType.Explicit,
+            "rmsprop momentum int8",
+            rj.rmsprop(0.01, momentum=0.9, storage="int8"),
+        ),
     ]
     for axis_type, name, tx in cases:
         mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))

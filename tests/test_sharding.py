@@ -69,15 +69,11 @@ def test_state_laid_out_like_params_on_explicit_mesh():
     assert out.count("ok layout: Explicit mesh") == 4, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a jitted int8 update on a mesh with Explicit axes fails in JAX's sharding-in-"
-    "types checks ('ShardingTypeError: select cases must have the same shardings', as "
-    "docs/scale_out.md says): the codes' block layout and the parameter's differ. Under "
-    "jit on Auto axes int8 state works (tested above).",
-)
 def test_int8_state_on_explicit_mesh():
-    run_on_8_devices("tests/_multidevice_sharding.py", "layout-explicit-int8")
+    # failed in JAX's sharding-in-types checks ("select cases must have the same
+    # shardings"; a reshape of a leaf split along its columns into blocks of whole rows)
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "layout-explicit-int8")
+    assert out.count("ok layout: Explicit mesh") == 1, out
 
 
 def test_factored_zero1_on_auto_and_explicit_meshes():
@@ -98,7 +94,7 @@ def test_jit_init_keeps_the_parameters_shardings_on_auto_mesh():
 
 def test_zero1_step_matches_one_device_with_an_eighth_of_the_state():
     out = run_on_8_devices("tests/_multidevice_sharding.py", "zero1")
-    assert out.count("ok zero1 step") == 3 and out.count("ok zero1 bytes") == 3, out
+    assert out.count("ok zero1 step") == 4 and out.count("ok zero1 bytes") == 4, out
 
 
 def test_grouped_steps_inside_shard_map_like_the_jitted_step():

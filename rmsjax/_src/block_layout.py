@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 BLOCK_SIZE = 256
 """Elements per quantization block (one float32 ``scale`` each)."""
@@ -57,12 +58,57 @@ def in_block_view() -> bool:
     return _BLOCK_VIEW.get()
 
 
+_LEAF: contextvars.ContextVar[tuple[tuple[int, ...], NamedSharding] | None] = (
+    contextvars.ContextVar("leaf", default=None)
+)
+
+
+def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """``x``'s sharding where its type carries one that splits it (a mesh with Explicit
+    axes), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not sharding.mesh.axis_names:
+        return None
+    if AxisType.Explicit not in tuple(sharding.mesh.axis_types):
+        return None
+    return sharding if any(entry is not None for entry in sharding.spec) else None
+
+
+@contextlib.contextmanager
+def stepping(leaf: jax.Array) -> Iterator[None]:
+    """While tracing the step of ``leaf``: where ``leaf``'s type carries its sharding (a
+    mesh with Explicit axes), an array of its shape read back from blocks of whole rows
+    (a flat layout, laid out by rows, see :func:`to_blocks`) is resharded to it, as the
+    step's arithmetic with the leaf's gradient needs; elsewhere, nothing."""
+    sharding = _explicit_sharding(leaf)
+    token = _LEAF.set(None if sharding is None else (tuple(leaf.shape), sharding))
+    try:
+        yield
+    finally:
+        _LEAF.reset(token)
+
+
+def _by_rows(x: jax.Array) -> jax.Array:
+    """``x``, split along its first axis only where a mesh with Explicit axes splits
+    others too: a block of whole rows holds the columns of every device, so the codes
+    keep the first axis's split alone (as ``init`` lays them out, see
+    :func:`~rmsjax._src.specs.derived_spec`), and the rows flatten into blocks as they
+    lie."""
+    sharding = _explicit_sharding(x)
+    if sharding is None or x.ndim < 2 or all(entry is None for entry in sharding.spec[1:]):
+        return x
+    spec = PartitionSpec(sharding.spec[0] if sharding.spec else None, *(None,) * (x.ndim - 1))
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+
+
 def to_blocks(x: jax.Array) -> jax.Array:
     """``x`` in the block layout of its codes: ``blocks_shape(x.shape)``, zero-padded."""
     if _BLOCK_VIEW.get():
         return x
     target = blocks_shape(x.shape)
-    flat = x.reshape(-1)
+    if len(target) == x.ndim + 1:  # the last axis cut into blocks: the others kept, so
+        return x.reshape(target)  # a sharded axis stays one on a mesh with Explicit axes
+    flat = _by_rows(x).reshape(-1)
     pad = math.prod(target) - flat.size
     if pad:
         flat = jnp.pad(flat, (0, pad))
@@ -75,6 +121,13 @@ def from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ``rj.grouped``) are kept: one array of ``shape`` for each."""
     if _BLOCK_VIEW.get():
         return blocks
-    lead = blocks.shape[: max(0, blocks.ndim - len(blocks_shape(shape)))]
+    layout = blocks_shape(shape)
+    lead = blocks.shape[: max(0, blocks.ndim - len(layout))]
+    if len(layout) == len(shape) + 1:  # the last axis cut into blocks (see to_blocks)
+        return blocks.reshape(*lead, *shape)
     flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
-    return flat.reshape(*lead, *shape)
+    out = flat.reshape(*lead, *shape)
+    leaf = _LEAF.get()
+    if leaf is not None and not lead and leaf[0] == tuple(shape):
+        out = jax.sharding.reshard(out, leaf[1])  # laid out by rows (_by_rows), as stored
+    return out

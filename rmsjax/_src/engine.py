@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rmsjax._src import base, quantization, sharding, storage, tree_paths
+from rmsjax._src import base, block_layout, quantization, sharding, storage, tree_paths
 from rmsjax._src import in_turn as in_turn_lib
 from rmsjax._src.elementwise import LeafRule
 from rmsjax._src.tree_checks import (
@@ -245,12 +245,13 @@ def leaf_stepper(
     in_turn = in_turn and traced
 
     def step(g, slots, param):
-        if in_turn and in_turn_lib.applies(rule, g, slots):
-            return in_turn_lib.step(rule, context, apply, g, slots, param)
-        if traced and in_turn_lib.padded(rule, g, slots):
-            return in_turn_lib.step(rule, context, apply, g, slots, param, ordered=False)
-        update, slots = rule.update_leaf(g, slots, context, param)
-        return (base.apply_leaf(param, update) if apply else update), slots
+        with block_layout.stepping(g):
+            if in_turn and in_turn_lib.applies(rule, g, slots):
+                return in_turn_lib.step(rule, context, apply, g, slots, param)
+            if traced and in_turn_lib.padded(rule, g, slots):
+                return in_turn_lib.step(rule, context, apply, g, slots, param, ordered=False)
+            update, slots = rule.update_leaf(g, slots, context, param)
+            return (base.apply_leaf(param, update) if apply else update), slots
 
     return jit_under_trace(step, leaves)
 

@@ -106,7 +106,8 @@ def _magnitude_value(m: jax.Array, signed: bool) -> jax.Array:
     """The value of magnitude ``m`` (int32), from its bits. Each segment's shift is a
     constant, selected by ``m``'s range (shifts by an array are not vectorized on a
     CPU)."""
-    bits = jnp.zeros(m.shape, jnp.int32)  # magnitude 0 stays 0
+    # (``*_like``: on a mesh with Explicit axes a select takes operands laid out alike)
+    bits = jnp.zeros_like(m, jnp.int32)  # magnitude 0 stays 0
     for seg in reversed(_SEGMENT[signed]):  # from the bottom: higher segments override
         bits = jnp.where(m >= seg.lowest, jnp.left_shift(m + seg.delta, seg.shift), bits)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
@@ -120,9 +121,9 @@ def _magnitudes_around(y: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array
     segments = _SEGMENT[signed]
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
     octave = 127 - jnp.right_shift(bits, 23)  # -1 for 2 itself
-    m = jnp.zeros(y.shape, jnp.int32)  # under the smallest non-zero value
-    mask = jnp.zeros(y.shape, jnp.int32)  # lo = 0
-    step = jnp.full(y.shape, _VALUES[signed][1:2].view(np.int32)[0])  # hi: the smallest
+    m = jnp.zeros_like(y, jnp.int32)  # under the smallest non-zero value
+    mask = jnp.zeros_like(y, jnp.int32)  # lo = 0
+    step = jnp.full_like(y, _VALUES[signed][1:2].view(np.int32)[0], jnp.int32)  # hi: the smallest
     bottom = sum(octaves for _, octaves in _SEGMENTS[signed])
     for seg in reversed(segments):  # from the bottom: higher segments override
         inside = octave < bottom
