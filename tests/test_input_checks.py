@@ -833,6 +833,16 @@ def _with_rate(state, rate):
     return hyperparams
 
 
+@pytest.mark.parametrize("option", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_keras_clipping_options_must_exceed_0_in_float32(option):
+    # (any value over 0 is refused with the composition to write instead; 1e-46 is 0,
+    # which Keras takes as no clipping, but float32 is not what the caller wrote)
+    with pytest.raises(ValueError, match=rf"{option} must be > 0 in float32.*got 1e-46$"):
+        rj.compat.keras_rmsprop(0.1, **{option: 1e-46})
+    with pytest.raises(ValueError, match=r"compose rj\.chain\("):
+        rj.compat.keras_rmsprop(0.1, **{option: 1e-45})
+
+
 def test_nesterov_with_a_momentum_of_zero_is_taken_as_optax_takes_it():
     params, grads = jnp.array([1.0, -2.0]), jnp.array([0.3, -0.7])
     ours, theirs = (

@@ -196,6 +196,10 @@ def test_state_shardings_take_what_eval_shape_gives_on_explicit_axes():
         got = rj.state_shardings(tx, jax.eval_shape(lambda: params))
     assert got == rj.state_shardings(tx, params)
     assert all(isinstance(s.mesh, jax.sharding.Mesh) for s in jax.tree.leaves(got))
+    # described and concrete leaves together: the concrete mesh is the one described
+    mixed = {"w": jax.eval_shape(lambda: params)["w"], "v": params["w"]}
+    got = rj.state_shardings(tx, mixed)
+    assert got[0].nu["w"] == got[0].nu["v"] == rj.state_shardings(tx, params)[0].nu["w"]
 
 
 def test_state_shardings_match_init_on_one_device_mesh():

@@ -833,3 +833,26 @@ def test_an_optax_nan_converted_to_int8_marks_its_block_as_a_step_would():
     updates = tx.update({"w": jnp.ones((16, 256))}, state, params)[0]["w"]
     assert bool(jnp.isnan(updates[2]).all())  # the whole block, as a NaN gradient gives
     assert bool(jnp.isfinite(updates[3]).all())
+
+
+@pytest.mark.parametrize("size", [4100, 5000, 8192])
+def test_an_int8_vector_of_any_length_steps_as_its_float32_state_does(size):
+    # a vector whose length is no multiple of 256 is read as padded flat blocks; a
+    # shortcut for last axes of whole blocks once took it too ("cannot reshape")
+    rng = np.random.default_rng(size)
+    params = {"v": jnp.asarray(rng.normal(size=size), jnp.float32)}
+    grads = [{"v": jnp.asarray(rng.normal(size=size), jnp.float32)} for _ in range(3)]
+    want = _displacement(rj.rmsprop(1e-2, momentum=0.9), [g["v"] for g in grads])
+    for tx in (
+        rj.rmsprop(1e-2, momentum=0.9, storage="int8"),
+        rj.grouped(rj.rmsprop(1e-2, momentum=0.9, storage="int8")),
+    ):
+        eager, jitted = (params, tx.init(params)), (params, tx.init(params))
+        step = jax.jit(lambda g, s, p, tx=tx: rj.update_and_apply(tx, g, s, p))
+        for g in grads:
+            eager = rj.update_and_apply(tx, g, eager[1], eager[0])
+            jitted = step(g, jitted[1], jitted[0])
+        for new_params, _ in (eager, jitted):  # (op by op, a last bit can move a code)
+            got = np.asarray(new_params["v"], np.float64) - np.asarray(params["v"], np.float64)
+            # 8-bit moments: a few percent of the displacement at most
+            assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))

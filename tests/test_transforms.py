@@ -774,6 +774,25 @@ def test_gradients_at_float32s_largest_accumulate_to_a_finite_step(dtype, k):
         np.testing.assert_allclose(np.asarray(updates, np.float64), want, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.complex64])
+def test_complex_gradients_accumulate_part_by_part(dtype):
+    # the saturation of finite sums clipped the complex sum whole: jnp.clip refuses it
+    largest = np.finfo(np.float32).max
+    params = jnp.ones(3, jnp.complex64)
+    grads = [
+        jnp.array([1 + 2j, largest + 1j, -largest * 1j], jnp.complex64),
+        jnp.array([3 - 1j, largest - 1j, -largest * 1j], jnp.complex64),
+        jnp.array([-1 + 0j, largest + 3j, -largest * 1j], jnp.complex64),
+    ]
+    tx = rj.accumulate_gradients(rj.sgd(1.0), 3, accumulator_dtype=dtype)
+    state, step = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(g, state, params)
+    assert updates.dtype == jnp.complex64
+    want = -np.mean(np.asarray(grads, np.complex128), axis=0)
+    np.testing.assert_allclose(np.asarray(updates, np.complex128), want, rtol=1e-6)
+
+
 def test_accumulate_gradients_every_1_is_the_inner_optimizer():
     inner = rj.adagrad(0.1)
     tx = rj.accumulate_gradients(inner, every_k=1)

@@ -146,9 +146,16 @@ def accumulate_gradients(
             # (bfloat16's is under float32's, float16's is 65504), and float32's where
             # rounding took the sum past it (bfloat16 holds float32's largest / 2 as
             # 2^127, and two of them overflowed float32).
-            top = float(jnp.finfo(acc.dtype).max)
+            top = float(jnp.finfo(acc.dtype).max)  # (a complex one's parts')
             finite = jnp.isfinite(acc) & jnp.isfinite(g)
-            total = jnp.where(finite, jnp.clip(total, -top, top), total)
+
+            def saturated(part):
+                return jnp.where(finite, jnp.clip(part, -top, top), part)
+
+            if jnp.iscomplexobj(total):
+                total = jax.lax.complex(saturated(total.real), saturated(total.imag))
+            else:
+                total = saturated(total)
             return total.astype(acc.dtype)
 
         accumulated = jax.tree.map(add, state.accumulated, updates)

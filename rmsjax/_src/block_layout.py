@@ -27,10 +27,16 @@ BLOCK_SIZE = 256
 """Elements per quantization block (one float32 ``scale`` each)."""
 
 
+def _cuts_last_axis(shape: tuple[int, ...]) -> bool:
+    """Whether the blocks of an array of ``shape`` cut its last axis and keep the others
+    (a last axis that is a multiple of 256), rather than read it as one flat vector."""
+    return bool(shape) and shape[-1] % BLOCK_SIZE == 0
+
+
 def blocks_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of the codes for an array of ``shape`` (see the module's notes)."""
     shape = tuple(shape)
-    if shape and shape[-1] % BLOCK_SIZE == 0:
+    if _cuts_last_axis(shape):
         return (*shape[:-1], shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     return (-(-math.prod(shape) // BLOCK_SIZE), BLOCK_SIZE)
 
@@ -63,15 +69,22 @@ _LEAF: contextvars.ContextVar[tuple[tuple[int, ...], NamedSharding] | None] = (
 )
 
 
-def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
-    """``x``'s sharding where its type carries one that splits it (a mesh with Explicit
-    axes), else None."""
+def explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """The sharding ``x``'s type carries on a mesh with Explicit axes, else None."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     if not isinstance(sharding, NamedSharding) or not sharding.mesh.axis_names:
         return None
     if AxisType.Explicit not in tuple(sharding.mesh.axis_types):
         return None
-    return sharding if any(entry is not None for entry in sharding.spec) else None
+    return sharding
+
+
+def _splitting(x: jax.Array) -> NamedSharding | None:
+    """:func:`explicit_sharding` where it splits ``x`` along some axis, else None."""
+    sharding = explicit_sharding(x)
+    if sharding is None or all(entry is None for entry in sharding.spec):
+        return None
+    return sharding
 
 
 @contextlib.contextmanager
@@ -80,7 +93,7 @@ def stepping(leaf: jax.Array) -> Iterator[None]:
     mesh with Explicit axes), an array of its shape read back from blocks of whole rows
     (a flat layout, laid out by rows, see :func:`to_blocks`) is resharded to it, as the
     step's arithmetic with the leaf's gradient needs; elsewhere, nothing."""
-    sharding = _explicit_sharding(leaf)
+    sharding = _splitting(leaf)
     token = _LEAF.set(None if sharding is None else (tuple(leaf.shape), sharding))
     try:
         yield
@@ -94,7 +107,7 @@ def _by_rows(x: jax.Array) -> jax.Array:
     keep the first axis's split alone (as ``init`` lays them out, see
     :func:`~rmsjax._src.specs.derived_spec`), and the rows flatten into blocks as they
     lie."""
-    sharding = _explicit_sharding(x)
+    sharding = _splitting(x)
     if sharding is None or x.ndim < 2 or all(entry is None for entry in sharding.spec[1:]):
         return x
     spec = PartitionSpec(sharding.spec[0] if sharding.spec else None, *(None,) * (x.ndim - 1))
@@ -106,8 +119,8 @@ def to_blocks(x: jax.Array) -> jax.Array:
     if _BLOCK_VIEW.get():
         return x
     target = blocks_shape(x.shape)
-    if len(target) == x.ndim + 1:  # the last axis cut into blocks: the others kept, so
-        return x.reshape(target)  # a sharded axis stays one on a mesh with Explicit axes
+    if _cuts_last_axis(x.shape):  # the other axes kept, so a sharded one stays one on a
+        return x.reshape(target)  # mesh with Explicit axes
     flat = _by_rows(x).reshape(-1)
     pad = math.prod(target) - flat.size
     if pad:
@@ -123,7 +136,7 @@ def from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return blocks
     layout = blocks_shape(shape)
     lead = blocks.shape[: max(0, blocks.ndim - len(layout))]
-    if len(layout) == len(shape) + 1:  # the last axis cut into blocks (see to_blocks)
+    if _cuts_last_axis(tuple(shape)):  # (see to_blocks)
         return blocks.reshape(*lead, *shape)
     flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
     out = flat.reshape(*lead, *shape)

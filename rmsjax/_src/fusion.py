@@ -48,7 +48,8 @@ class Update:
         transformation has one of its own (a wrapper around a rule, ``grouped``); None
         for a plain rule, whose fused step is the engine's, and where nothing fuses.
       name: the public constructor of a wrapper (``chain``, ``masked``...), for its repr;
-        a rule is named by its rule.
+        a rule is named by its rule, and in errors, when run in another layout, by
+        that layout's wrapper (``grouped``, see :func:`name_of`).
       other_parts: for a chain that is not one rule, its parts that are not elementwise
         rules, as (what, where): ``("masked", "[0]")`` for a state's ``state[0]``;
         ``grouped`` names them when it refuses the chain.

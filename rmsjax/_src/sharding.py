@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rmsjax._src import block_layout, tree_paths, validate
 from rmsjax._src import specs as spec_lib
-from rmsjax._src import tree_paths, validate
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -49,14 +49,15 @@ def _mesh_sharding(x: Any) -> NamedSharding | None:
 
 def _explicit_sharding(x: Any) -> NamedSharding | None:
     """The sharding in the type of a traced value on a mesh with Explicit axes, else None."""
-    if not _is_tracer(x):
-        return None
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if not isinstance(sharding, NamedSharding) or not sharding.mesh.axis_names:
-        return None
-    if AxisType.Explicit not in tuple(sharding.mesh.axis_types):
-        return None
-    return sharding
+    return block_layout.explicit_sharding(x) if _is_tracer(x) else None
+
+
+def _one_mesh(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one mesh, either of them perhaps as the abstract mesh
+    that describes it."""
+    if isinstance(a, AbstractMesh) or isinstance(b, AbstractMesh):
+        return getattr(a, "abstract_mesh", a) == getattr(b, "abstract_mesh", b)
+    return a == b
 
 
 def _concrete_mesh(mesh: Any) -> Mesh:
@@ -242,7 +243,10 @@ def state_shardings(tx: Any, params: Any) -> Any:
             continue
         if mesh is None:
             mesh, first = sharding.mesh, path
-        elif sharding.mesh != mesh:
+        elif _one_mesh(mesh, sharding.mesh):
+            # a concrete mesh stands for the abstract one (jax.eval_shape's) it has
+            mesh = mesh if isinstance(sharding.mesh, AbstractMesh) else sharding.mesh
+        else:
             # (the leaves on the second mesh were laid out as replicated on the first)
             raise ValueError(
                 "rmsjax.state_shardings: params must lie on one mesh; leaf "
