@@ -126,6 +126,23 @@ def test_grouped_state_gives_the_parameters_structure():
         rj.step_size_summary(grouped, run(grouped, grads))
 
 
+def test_a_masked_state_without_the_parameters_is_refused_not_half_read():
+    # the leaves the mask left out came back as MaskedNode() instead of step sizes
+    import optax
+
+    params = {"b": jnp.zeros(3), "w": jnp.zeros((2, 3))}
+    mask = {"b": False, "w": True}
+    for tx in (rj.masked(rj.rmsprop(0.01), mask), optax.masked(rj.rmsprop(0.01), mask)):
+        state = tx.init(params)
+        for function in (rj.effective_step_sizes, rj.step_size_summary):
+            with pytest.raises(ValueError, match=r": pass params .* its mask leaves out"):
+                function(tx, state)
+        # with them: a left-out leaf takes its gradient as it is, a step size of 1
+        sizes = rj.effective_step_sizes(tx, state, params)
+        np.testing.assert_array_equal(sizes["b"], np.ones(3, np.float32))
+        np.testing.assert_allclose(sizes["w"], 0.01 / np.sqrt(1e-8), rtol=1e-6)
+
+
 def test_summary_matches_numpy_and_is_jittable_without_retracing():
     grads = gradients(seed=4)
     tx = rj.rmsprop(1e-3)

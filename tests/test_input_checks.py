@@ -843,6 +843,25 @@ def test_keras_clipping_options_must_exceed_0_in_float32(option):
         rj.compat.keras_rmsprop(0.1, **{option: 1e-45})
 
 
+def test_a_weight_decay_mask_of_another_tree_is_refused_at_init_as_masked_s_is():
+    # it was refused only at the first update, though init checks the mask
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    for tx, function in (
+        (rj.add_decayed_weights(0.1, mask={"w": True}), "add_decayed_weights"),
+        (rj.masked(rj.sgd(0.1), {"w": True}), "masked"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"^rmsjax\.{function}: the mask's tree structure must be the parameters' "
+            r"\(or a prefix of it\); at the root: \['b'\] only in the parameters",
+        ):
+            tx.init(params)
+    tx = rj.add_decayed_weights(0.1, mask={"w": True, "b": False})
+    updates, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], 1.1)
+    np.testing.assert_allclose(updates["b"], 1.0)
+
+
 def test_nesterov_with_a_momentum_of_zero_is_taken_as_optax_takes_it():
     params, grads = jnp.array([1.0, -2.0]), jnp.array([0.3, -0.7])
     ours, theirs = (

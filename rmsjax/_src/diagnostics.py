@@ -81,11 +81,22 @@ def _moment_shapes(function: str, state: base.OptState) -> Any:
     moment = found[0]
     tree = moment.nu if isinstance(moment, rms.ScaleByRmsState) else moment.sum_of_squares
 
+    def masked_out(x: Any) -> bool:  # rmsjax's or optax's MaskedNode: no shape to read
+        return base.is_namedtuple(x) and type(x).__name__ == "MaskedNode"
+
     def zeros(slot: Any) -> jax.Array:
+        if masked_out(slot):
+            raise ValueError(
+                f"rmsjax.{function}: pass params (the parameters the optimizer updates): "
+                "the state keeps no moment for the leaves its mask leaves out, so their "
+                "shapes cannot be read from it."
+            )
         shape = slot.shape if isinstance(slot, storage.QuantizedArray) else jnp.shape(slot)
         return jnp.zeros(shape, jnp.float32)
 
-    return jax.tree.map(zeros, tree, is_leaf=lambda x: isinstance(x, storage.QuantizedArray))
+    return jax.tree.map(
+        zeros, tree, is_leaf=lambda x: isinstance(x, storage.QuantizedArray) or masked_out(x)
+    )
 
 
 def effective_step_sizes(

@@ -279,7 +279,8 @@ def check_float_dtype(function: str, argument: str, dtype: Any) -> None:
     except TypeError:
         _wrong_type(function, argument, allowed, dtype)
     if not jax.numpy.issubdtype(resolved, jax.numpy.inexact) or resolved.itemsize < 2:
-        _fail(function, argument, allowed, dtype)
+        # (shown by its name: jnp.int32 is a class whose repr names its module)
+        raise ValueError(f"rmsjax.{function}: {argument} must be {allowed}, got {resolved.name}")
 
 
 INT32_MAX = 2**31 - 1

@@ -69,8 +69,9 @@ def add_decayed_weights(
         return fusion.rule_transformation(rule)
 
     def init_fn(params):
-        if jax.tree.leaves(params):
-            masks.resolve_mask(name, mask, params)  # fail early on a malformed mask
+        if jax.tree.leaves(params):  # fail early on a malformed mask, or one of another tree
+            mask_tree = masks.resolve_mask(name, mask, params)
+            masks.select(mask_tree, params, function=name, what="parameters")
         return base.EmptyState()
 
     def update_fn(updates, state, params=None, **extra):
