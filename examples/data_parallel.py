@@ -46,7 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps")
     parser.add_argument("--processes", type=int, default=1, help="processes on localhost")
     parser.add_argument("--out", default=None, help="save the final parameters (.npz)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="with --processes 2: seconds each process may take to start and run",
+    )
     # Set by the launcher for each process it starts.
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)

@@ -19,7 +19,7 @@ Usage::
 
     python examples/digits_classifier.py [--quick] [--epochs N] [--out out/digits_classifier]
 
-Needs scikit-learn (``pip install rmsjax[examples]``).
+Needs scikit-learn (``pip install -e ".[examples]"`` in a checkout).
 """
 
 from __future__ import annotations
@@ -159,7 +159,9 @@ def plot(plt, histories, path):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 30)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs (default 30, or 2 with --quick)"
+    )
     parser.add_argument(
         "--out",
         type=pathlib.Path,

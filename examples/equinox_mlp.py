@@ -18,7 +18,7 @@ Usage::
 
     python examples/equinox_mlp.py [--quick] [--out out/equinox_mlp]
 
-Needs equinox (``pip install rmsjax[examples]``).
+Needs equinox (``pip install -e ".[examples]"`` in a checkout).
 """
 
 from __future__ import annotations

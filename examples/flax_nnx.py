@@ -18,7 +18,7 @@ Usage::
 
     python examples/flax_nnx.py [--quick] [--out out/flax_nnx]
 
-Needs flax (``pip install rmsjax[examples]``).
+Needs flax (``pip install -e ".[examples]"`` in a checkout).
 """
 
 from __future__ import annotations

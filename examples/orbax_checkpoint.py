@@ -20,7 +20,7 @@ Usage::
 
     python examples/orbax_checkpoint.py [--quick] [--out out/orbax_checkpoint]
 
-Needs orbax-checkpoint (``pip install rmsjax[examples]``).
+Needs orbax-checkpoint (``pip install -e ".[examples]"`` in a checkout).
 """
 
 from __future__ import annotations
