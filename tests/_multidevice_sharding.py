@@ -775,6 +775,60 @@ def run_compile_once() -> None:
     print("ok compile once")
 
 
+def run_int8_explicit_blocks() -> None:
+    """int8 state on an 8-way mesh with Explicit axes where a device's part of a leaf is
+    not whole blocks: a padded flat layout whose blocks the shards do not divide, a last
+    axis of 2 blocks split 8 ways, and ZeRO-1 of a leaf of 20 blocks (each failed in
+    JAX's sharding-in-types checks). Three steps equal one device's, and the state keeps
+    init's layout."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(5)
+    leaves = {
+        "padded": ((4104,), P("data")),  # 17 blocks
+        "rows": ((96, 50), P("data")),  # 19 blocks
+        "blocks_split": ((64, 512), P(None, "data")),  # 2 blocks a row, 8 parts
+        "replicated": ((100, 50), P()),  # 20 blocks: ZeRO-1 keeps them whole
+    }
+    host = {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in leaves.items()}
+    grads = [
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+        for _ in range(3)
+    ]
+    tx = rj.rmsprop(0.01, momentum=0.9, storage="int8")
+
+    def step(g, s, p):
+        return rj.update_and_apply(tx, g, s, p)
+
+    def zero1_step(g, s, p):
+        return rj.zero1_update_and_apply(tx, g, s, p, mesh, "data")
+
+    want_p, want_s = on_one_device(host), tx.init(on_one_device(host))
+    for g in grads:
+        want_p, want_s = jax.jit(step)(on_one_device(g), want_s, want_p)
+    for label, fn, zero1 in (("per-leaf", step, False), ("ZeRO-1", zero1_step, True)):
+
+        def placed(tree, zero1=zero1):
+            return {
+                k: jax.device_put(v, NamedSharding(mesh, P() if zero1 else leaves[k][1]))
+                for k, v in tree.items()
+            }
+
+        with jax.set_mesh(mesh):
+            params = placed(host)
+            state = tx.init(params)
+            if zero1:
+                state = rj.shard_state(state, mesh, "data")
+            layout = [x.sharding.spec for x in jax.tree.leaves(state)]
+            jitted = jax.jit(fn)
+            for g in grads:
+                params, state = jitted(placed(g), state, params)
+                jax.block_until_ready(params)
+        assert [x.sharding.spec for x in jax.tree.leaves(state)] == layout, label
+        assert_same(f"int8 blocks {label} params", params, want_p)
+        assert_same(f"int8 blocks {label} state", state, want_s)
+        print(f"ok int8 blocks: {label}")
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
     checks = {
@@ -790,6 +844,7 @@ if __name__ == "__main__":
         "docs": run_docs,
         "grouped-shard-map": run_grouped_shard_map,
         "compile-once": run_compile_once,
+        "int8-explicit-blocks": run_int8_explicit_blocks,
     }
     checks[sys.argv[1]]()
     print("all checks passed")

@@ -76,6 +76,11 @@ def test_int8_state_on_explicit_mesh():
     assert out.count("ok layout: Explicit mesh") == 1, out
 
 
+def test_int8_state_on_explicit_axes_where_a_device_holds_part_of_a_block():
+    out = run_on_8_devices("tests/_multidevice_sharding.py", "int8-explicit-blocks")
+    assert out.count("ok int8 blocks") == 2, out
+
+
 def test_factored_zero1_on_auto_and_explicit_meshes():
     out = run_on_8_devices("tests/_multidevice_sharding.py", "zero1-factored")
     assert out.count("ok zero1 factored") == 2, out

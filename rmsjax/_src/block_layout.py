@@ -101,6 +101,36 @@ def stepping(leaf: jax.Array) -> Iterator[None]:
         _LEAF.reset(token)
 
 
+def _shards(sharding: NamedSharding, entry: object) -> int:
+    """How many parts ``entry`` of ``sharding``'s spec splits an axis into."""
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(sharding.mesh.shape[name] for name in names if name is not None)
+
+
+def _entries(sharding: NamedSharding, ndim: int) -> list:
+    return [*sharding.spec, *(None,) * (ndim - len(sharding.spec))]
+
+
+def _resharded(x: jax.Array, sharding: NamedSharding, entries: list) -> jax.Array:
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec(*entries)))
+
+
+def laid_out_as(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` resharded as ``like`` where their types carry different layouts on a mesh
+    with Explicit axes (new codes as the old: a step returns the state as ``init`` laid
+    it out); elsewhere ``x`` itself."""
+    return _resharded_to(x, explicit_sharding(like))
+
+
+def _resharded_to(x: jax.Array, want: NamedSharding | None) -> jax.Array:
+    sharding = explicit_sharding(x)
+    if sharding is None or want is None:
+        return x
+    if _entries(sharding, x.ndim) == _entries(want, x.ndim):
+        return x
+    return jax.sharding.reshard(x, want)
+
+
 def _by_rows(x: jax.Array) -> jax.Array:
     """``x``, split along its first axis only where a mesh with Explicit axes splits
     others too: a block of whole rows holds the columns of every device, so the codes
@@ -119,9 +149,21 @@ def to_blocks(x: jax.Array) -> jax.Array:
     if _BLOCK_VIEW.get():
         return x
     target = blocks_shape(x.shape)
-    if _cuts_last_axis(x.shape):  # the other axes kept, so a sharded one stays one on a
-        return x.reshape(target)  # mesh with Explicit axes
-    flat = _by_rows(x).reshape(-1)
+    # On a mesh with Explicit axes a reshape keeps a split axis split only where its
+    # parts fall on whole blocks; elsewhere the axis is gathered first (and the codes
+    # laid out as init lays them out by the caller, see laid_out_as).
+    sharding = _splitting(x)
+    if _cuts_last_axis(x.shape):  # the other axes kept, so a sharded one stays one
+        if sharding is not None:
+            entries = _entries(sharding, x.ndim)
+            if (x.shape[-1] // BLOCK_SIZE) % _shards(sharding, entries[-1]):
+                x = _resharded(x, sharding, [*entries[:-1], None])
+        return x.reshape(target)
+    x = _by_rows(x)
+    sharding = _splitting(x)
+    if sharding is not None and target[0] % _shards(sharding, _entries(sharding, x.ndim)[0]):
+        x = _resharded(x, sharding, [])
+    flat = x.reshape(-1)
     pad = math.prod(target) - flat.size
     if pad:
         flat = jnp.pad(flat, (0, pad))
@@ -136,11 +178,22 @@ def from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return blocks
     layout = blocks_shape(shape)
     lead = blocks.shape[: max(0, blocks.ndim - len(layout))]
-    if _cuts_last_axis(tuple(shape)):  # (see to_blocks)
-        return blocks.reshape(*lead, *shape)
-    flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
-    out = flat.reshape(*lead, *shape)
+    sharding = _splitting(blocks)
+    if sharding is not None and not lead:  # (see to_blocks: whole blocks on each part)
+        entries = _entries(sharding, blocks.ndim)
+        if _cuts_last_axis(tuple(shape)):
+            if entries[-1] is not None:
+                blocks = _resharded(blocks, sharding, [*entries[:-1], None])
+        else:
+            parts = _shards(sharding, entries[0])
+            if entries[1] is not None or math.prod(shape) % parts or shape[0] % parts:
+                blocks = _resharded(blocks, sharding, [])
+    if _cuts_last_axis(tuple(shape)):
+        out = blocks.reshape(*lead, *shape)
+    else:
+        flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
+        out = flat.reshape(*lead, *shape)
     leaf = _LEAF.get()
     if leaf is not None and not lead and leaf[0] == tuple(shape):
-        out = jax.sharding.reshard(out, leaf[1])  # laid out by rows (_by_rows), as stored
+        out = _resharded_to(out, leaf[1])  # as the step's arithmetic needs it
     return out

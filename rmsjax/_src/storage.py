@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsjax._src import base, numerics
+from rmsjax._src import base, block_layout, numerics
 from rmsjax._src.block_layout import from_blocks, to_blocks
 from rmsjax._src.quantization import (  # noqa: F401  (QuantizedArray, (de)quantize: re-exported)
     QuantizedArray,
@@ -158,7 +158,7 @@ def store_moment(value: jax.Array, slot: Any, unbiased: bool = False, salt: Any 
     # would stop moving without a sign
     scale = jnp.where(holds_nan, np.float32(np.nan), scale)
     values = jnp.where(beyond[..., None], jnp.where(huge, huge_root, 0.0), root)
-    return encode_blocks(values, blocks, top, scale, value.shape, False, salt)
+    return _laid_out_as(encode_blocks(values, blocks, top, scale, value.shape, False, salt), slot)
 
 
 def keep_moment(
@@ -337,8 +337,19 @@ def store(value: jax.Array, slot: Any) -> Any:
     """``value`` in the format of ``slot`` (same dtype, or requantized), held within the
     slot's finite range (see :func:`_within`)."""
     if isinstance(slot, QuantizedArray):
-        return slot if _kept(slot) else quantize(_within(value, jnp.float32), signed=slot.signed)
+        if _kept(slot):
+            return slot
+        return _laid_out_as(quantize(_within(value, jnp.float32), signed=slot.signed), slot)
     return _within(value, slot.dtype).astype(slot.dtype)
+
+
+def _laid_out_as(new: QuantizedArray, slot: QuantizedArray) -> QuantizedArray:
+    """``new``'s codes and scales laid out as ``slot``'s, where a mesh with Explicit axes
+    carries layouts in the types (elsewhere unchanged): each step returns the state as
+    ``init`` laid it out."""
+    codes = block_layout.laid_out_as(new.codes, slot.codes)
+    scale = block_layout.laid_out_as(new.scale, slot.scale)
+    return QuantizedArray(codes, scale, new.shape, new.signed)
 
 
 def _within(value: jax.Array, dtype: Any) -> jax.Array:

@@ -18,14 +18,19 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsjax._src import combine, factored, grouped, tree_paths, validate
+from rmsjax._src import combine, factored, grouped, storage, tree_paths, validate
 from rmsjax._src import specs as spec_lib
 from rmsjax._src.sharding import known_sharding
 
 # ---------------------------------------------------------------------------- ZeRO-1
 
 
-def _zero1_spec(mesh: Mesh, leaf: Any, axis: str, split: bool = True) -> PartitionSpec:
+def _zero1_spec(
+    mesh: Mesh, leaf: Any, axis: str, split: bool = True, in_block: bool = False
+) -> PartitionSpec:
+    """``leaf``'s layout under ZeRO-1: split over ``axis`` along its first dimension that
+    the axis divides (int8 codes, ``in_block``: never the last, the 256 codes of one
+    block, whose scale one device must compute from all of them)."""
     shape = tuple(getattr(leaf, "shape", ()))
     current = known_sharding(leaf)
     if isinstance(current, NamedSharding) and tuple(current.mesh.axis_names) == tuple(
@@ -38,7 +43,7 @@ def _zero1_spec(mesh: Mesh, leaf: Any, axis: str, split: bool = True) -> Partiti
     if axis in used or not split:
         return PartitionSpec(*entries)
     size = mesh.shape[axis]
-    for dim, length in enumerate(shape):
+    for dim, length in enumerate(shape[:-1] if in_block else shape):
         if entries[dim] is None and length % size == 0 and length >= size:
             entries[dim] = axis
             break
@@ -78,6 +83,9 @@ def _layout(state: Any, mesh: Mesh, axis: str) -> Any:
         return NamedSharding(mesh, _zero1_spec(mesh, leaf, axis, split))
 
     def node(x: Any) -> Any:
+        if isinstance(x, storage.QuantizedArray):
+            codes = NamedSharding(mesh, _zero1_spec(mesh, x.codes, axis, in_block=True))
+            return storage.QuantizedArray(codes, place(x.scale), x.shape, x.signed)
         if not isinstance(x, factored.ScaleByFactoredRmsState):
             return place(x)
         # A factored moment is the outer product of its row and column statistics: split
@@ -90,7 +98,9 @@ def _layout(state: Any, mesh: Mesh, axis: str) -> Any:
         )
 
     return jax.tree.map(
-        node, state, is_leaf=lambda x: isinstance(x, factored.ScaleByFactoredRmsState)
+        node,
+        state,
+        is_leaf=lambda x: isinstance(x, (factored.ScaleByFactoredRmsState, storage.QuantizedArray)),
     )
 
 
@@ -98,11 +108,13 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     """Shardings that split optimizer state over the data-parallel axis (ZeRO stage 1).
 
     Each array leaf is split along its first dimension whose length the size of ``axis``
-    divides (and that is not already sharded); other mesh axes a leaf is already sharded
-    over (tensor parallelism) are kept. Leaves with no such dimension, and scalars such as
-    step counts, are replicated. Any divisible dimension gives each device exactly ``1/N``;
-    the first one keeps state that is a reshape of its parameter (int8 blocks, row
-    statistics) split like the parameter, so the step needs no reshuffling. With
+    divides (and that is not already sharded; for int8 codes, not the last, the 256
+    codes of one block, whose scale needs all of them); other mesh axes a leaf is
+    already sharded over (tensor parallelism) are kept. Leaves with no such dimension,
+    and scalars such as step counts, are replicated. Any divisible dimension gives each
+    device exactly ``1/N``; the first one keeps state that is a reshape of its parameter
+    (int8 blocks, row statistics) split like the parameter, so the step needs no
+    reshuffling. With
     parameters replicated over ``axis`` and the state laid out this way, each device keeps
     about ``1/N`` of the optimizer state and updates only its part; ``jit`` inserts the
     gather of the updated parameters (see :func:`zero1_update_and_apply`). One
