@@ -788,6 +788,8 @@ def run_int8_explicit_blocks() -> None:
         "rows": ((96, 50), P("data")),  # 19 blocks
         "blocks_split": ((64, 512), P(None, "data")),  # 2 blocks a row, 8 parts
         "replicated": ((100, 50), P()),  # 20 blocks: ZeRO-1 keeps them whole
+        "whole_padded": ((8, 1000), P("data")),  # 32 blocks, 4 a device (eager: a gather)
+        "large": ((4096, 512), P("data")),  # 2M: its slots are encoded in turn on one device
     }
     host = {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in leaves.items()}
     grads = [
@@ -827,6 +829,16 @@ def run_int8_explicit_blocks() -> None:
         assert_same(f"int8 blocks {label} params", params, want_p)
         assert_same(f"int8 blocks {label} state", state, want_s)
         print(f"ok int8 blocks: {label}")
+    # op by op (outside jit) too: the layout kept, the values finite
+    with jax.set_mesh(mesh):
+        params = {k: jax.device_put(v, NamedSharding(mesh, leaves[k][1])) for k, v in host.items()}
+        state = tx.init(params)
+        layout = [x.sharding.spec for x in jax.tree.leaves(state)]
+        g = {k: jax.device_put(v, NamedSharding(mesh, leaves[k][1])) for k, v in grads[0].items()}
+        params, state = step(g, state, params)
+    assert [x.sharding.spec for x in jax.tree.leaves(state)] == layout
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    print("ok int8 blocks: op by op")
 
 
 if __name__ == "__main__":

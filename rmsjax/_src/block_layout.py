@@ -79,7 +79,7 @@ def explicit_sharding(x: jax.Array) -> NamedSharding | None:
     return sharding
 
 
-def _splitting(x: jax.Array) -> NamedSharding | None:
+def splitting(x: jax.Array) -> NamedSharding | None:
     """:func:`explicit_sharding` where it splits ``x`` along some axis, else None."""
     sharding = explicit_sharding(x)
     if sharding is None or all(entry is None for entry in sharding.spec):
@@ -90,10 +90,10 @@ def _splitting(x: jax.Array) -> NamedSharding | None:
 @contextlib.contextmanager
 def stepping(leaf: jax.Array) -> Iterator[None]:
     """While tracing the step of ``leaf``: where ``leaf``'s type carries its sharding (a
-    mesh with Explicit axes), an array of its shape read back from blocks of whole rows
-    (a flat layout, laid out by rows, see :func:`to_blocks`) is resharded to it, as the
-    step's arithmetic with the leaf's gradient needs; elsewhere, nothing."""
-    sharding = _splitting(leaf)
+    mesh with Explicit axes), an array of its shape read back from its blocks in another
+    layout (see :func:`from_blocks`) is resharded to it, as the step's arithmetic with
+    the leaf's gradient needs; elsewhere, nothing."""
+    sharding = splitting(leaf)
     token = _LEAF.set(None if sharding is None else (tuple(leaf.shape), sharding))
     try:
         yield
@@ -137,11 +137,13 @@ def _by_rows(x: jax.Array) -> jax.Array:
     keep the first axis's split alone (as ``init`` lays them out, see
     :func:`~rmsjax._src.specs.derived_spec`), and the rows flatten into blocks as they
     lie."""
-    sharding = _splitting(x)
-    if sharding is None or x.ndim < 2 or all(entry is None for entry in sharding.spec[1:]):
+    sharding = splitting(x)
+    if sharding is None or x.ndim < 2:
         return x
-    spec = PartitionSpec(sharding.spec[0] if sharding.spec else None, *(None,) * (x.ndim - 1))
-    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+    first, *others = _entries(sharding, x.ndim)
+    if all(entry is None for entry in others):
+        return x
+    return _resharded(x, sharding, [first])
 
 
 def to_blocks(x: jax.Array) -> jax.Array:
@@ -150,17 +152,17 @@ def to_blocks(x: jax.Array) -> jax.Array:
         return x
     target = blocks_shape(x.shape)
     # On a mesh with Explicit axes a reshape keeps a split axis split only where its
-    # parts fall on whole blocks; elsewhere the axis is gathered first (and the codes
-    # laid out as init lays them out by the caller, see laid_out_as).
-    sharding = _splitting(x)
+    # parts are whole blocks; elsewhere the axis is gathered first (and the codes laid
+    # out as init lays them out by the caller, see laid_out_as).
     if _cuts_last_axis(x.shape):  # the other axes kept, so a sharded one stays one
+        sharding = splitting(x)
         if sharding is not None:
             entries = _entries(sharding, x.ndim)
             if (x.shape[-1] // BLOCK_SIZE) % _shards(sharding, entries[-1]):
                 x = _resharded(x, sharding, [*entries[:-1], None])
         return x.reshape(target)
     x = _by_rows(x)
-    sharding = _splitting(x)
+    sharding = splitting(x)
     if sharding is not None and target[0] % _shards(sharding, _entries(sharding, x.ndim)[0]):
         x = _resharded(x, sharding, [])
     flat = x.reshape(-1)
@@ -176,22 +178,21 @@ def from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ``rj.grouped``) are kept: one array of ``shape`` for each."""
     if _BLOCK_VIEW.get():
         return blocks
-    layout = blocks_shape(shape)
-    lead = blocks.shape[: max(0, blocks.ndim - len(layout))]
-    sharding = _splitting(blocks)
+    shape = tuple(shape)
+    cut = _cuts_last_axis(shape)
+    lead = blocks.shape[: max(0, blocks.ndim - len(blocks_shape(shape)))]
+    sharding = splitting(blocks)
     if sharding is not None and not lead:  # (see to_blocks: whole blocks on each part)
         entries = _entries(sharding, blocks.ndim)
-        if _cuts_last_axis(tuple(shape)):
-            if entries[-1] is not None:
-                blocks = _resharded(blocks, sharding, [*entries[:-1], None])
-        else:
-            parts = _shards(sharding, entries[0])
-            if entries[1] is not None or math.prod(shape) % parts or shape[0] % parts:
-                blocks = _resharded(blocks, sharding, [])
-    if _cuts_last_axis(tuple(shape)):
+        if cut and entries[-1] is not None:  # a block's parts on several devices
+            blocks = _resharded(blocks, sharding, [*entries[:-1], None])
+        elif not cut and (entries[1] is not None or shape[0] % _shards(sharding, entries[0])):
+            blocks = _resharded(blocks, sharding, [])
+    if cut:
         out = blocks.reshape(*lead, *shape)
     else:
-        flat = blocks.reshape(*lead, -1)[..., : math.prod(shape)]
+        # (a slice, not indexing, which on a sharded array outside jit is a gather)
+        flat = jax.lax.slice_in_dim(blocks.reshape(*lead, -1), 0, math.prod(shape), axis=-1)
         out = flat.reshape(*lead, *shape)
     leaf = _LEAF.get()
     if leaf is not None and not lead and leaf[0] == tuple(shape):

@@ -79,9 +79,10 @@ def worth_it(per_block: Sequence[Sequence[Any]]) -> bool:
 
 def applies(rule: LeafRule, g: Any, slots: Sequence[Any]) -> bool:
     """Whether this leaf's slots are encoded in turn: all int8, at least
-    :data:`MIN_SIZE` elements, and the rule does not read the parameter (which the
-    update has overwritten by then)."""
-    return _large_int8(slots) and not rule.needs_params
+    :data:`MIN_SIZE` elements, the rule does not read the parameter (which the update
+    has overwritten by then), and no mesh with Explicit axes splits the leaf (the order
+    hangs on one element of the update, which such a mesh does not hand out as it is)."""
+    return _large_int8(slots) and not rule.needs_params and block_layout.splitting(g) is None
 
 
 def applies_to_block(rule: LeafRule, slots: Sequence[Any]) -> bool:

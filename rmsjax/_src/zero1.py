@@ -29,8 +29,9 @@ def _zero1_spec(
     mesh: Mesh, leaf: Any, axis: str, split: bool = True, in_block: bool = False
 ) -> PartitionSpec:
     """``leaf``'s layout under ZeRO-1: split over ``axis`` along its first dimension that
-    the axis divides (int8 codes, ``in_block``: never the last, the 256 codes of one
-    block, whose scale one device must compute from all of them)."""
+    the axis divides (int8 codes, ``in_block``, on Explicit axes: never the last, the
+    256 codes of one block, whose scale needs all of them; on Auto axes the compiler
+    gathers a block's maximum, and splitting there keeps 1/N of the codes)."""
     shape = tuple(getattr(leaf, "shape", ()))
     current = known_sharding(leaf)
     if isinstance(current, NamedSharding) and tuple(current.mesh.axis_names) == tuple(
@@ -43,7 +44,8 @@ def _zero1_spec(
     if axis in used or not split:
         return PartitionSpec(*entries)
     size = mesh.shape[axis]
-    for dim, length in enumerate(shape[:-1] if in_block else shape):
+    explicit = mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Explicit
+    for dim, length in enumerate(shape[:-1] if in_block and explicit else shape):
         if entries[dim] is None and length % size == 0 and length >= size:
             entries[dim] = axis
             break
@@ -108,8 +110,8 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     """Shardings that split optimizer state over the data-parallel axis (ZeRO stage 1).
 
     Each array leaf is split along its first dimension whose length the size of ``axis``
-    divides (and that is not already sharded; for int8 codes, not the last, the 256
-    codes of one block, whose scale needs all of them); other mesh axes a leaf is
+    divides (and that is not already sharded; for int8 codes on Explicit axes, not the
+    last, the 256 codes of one block, whose scale needs all of them); other mesh axes a leaf is
     already sharded over (tensor parallelism) are kept. Leaves with no such dimension,
     and scalars such as step counts, are replicated. Any divisible dimension gives each
     device exactly ``1/N``; the first one keeps state that is a reshape of its parameter
